@@ -1,0 +1,16 @@
+"""lightning_clara: CLARA (Cumulative Learning Rate Adaptation) for PyTorch and PyTorch Lightning."""
+
+from lightning_clara.controller import CLARA
+
+__version__ = "0.1.0"
+
+__all__ = ["CLARA", "CLARACallback", "__version__"]
+
+
+def __getattr__(name: str) -> object:
+    # The callback imports Lightning; keep ``from lightning_clara import CLARA`` light.
+    if name == "CLARACallback":
+        from lightning_clara.callback import CLARACallback
+
+        return CLARACallback
+    raise AttributeError(f"module 'lightning_clara' has no attribute {name!r}")

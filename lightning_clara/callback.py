@@ -1,0 +1,198 @@
+"""``CLARACallback``: CLARA for every optimizer of a Lightning fit, logged to the trainer's loggers.
+
+Thin glue: the adaptation itself happens in :class:`~lightning_clara.CLARA`, attached to each
+optimizer's ``step()`` through torch's step hooks, so it runs exactly on real optimizer steps
+(gradient accumulation and GradScaler skips included) whatever the training loop looks like.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_clara.controller import CLARA, Scope, validate_options
+from lightning_clara.support import DirectionChoice
+
+__all__ = ["CLARACallback", "optimizer_names"]
+
+
+def optimizer_names(optimizers: Sequence[Optimizer]) -> list[list[str]]:
+    """Per optimizer, per param group, the name Lightning's ``LearningRateMonitor`` would use (without ``lr-``).
+
+    The optimizer's class name; ``-1``, ``-2`` ... for repeated classes; ``/pg1``, ``/pg2`` (or
+    the group's ``name``) when there are several groups, ``/name`` for a single named group.
+    """
+    seen: Counter[type] = Counter()
+    out = []
+    for optimizer in optimizers:
+        cls = type(optimizer)
+        seen[cls] += 1
+        base = cls.__name__ if seen[cls] == 1 else f"{cls.__name__}-{seen[cls] - 1}"
+        groups = optimizer.param_groups
+        if len(groups) == 1:
+            name = groups[0].get("name")
+            out.append([f"{base}/{name}" if name else base])
+        else:
+            out.append([f"{base}/{group.get('name', f'pg{j + 1}')}" for j, group in enumerate(groups)])
+    return out
+
+
+class CLARACallback(Callback):
+    """Adapt the learning rate of every optimizer in ``Trainer.fit`` with CLARA.
+
+    Keep your optimizer and scheduler: while an optimizer steps, its learning rate is
+    ``lr_scheduled * F``; ``F`` rises while successive steps agree and falls when they cancel.
+    Every ``log_every_n_steps`` the callback logs, per optimizer and param group,
+    ``clara/lr-{name}`` (the lr used), ``clara/ratio-{name}`` and ``clara/log_factor-{name}``
+    on the same step axis as ``LearningRateMonitor``.
+
+    Args:
+        c: path memory in (0, 1]; the path averages roughly the last ``1/c`` unit steps.
+        d: damping > 0; ``log F`` changes by ``d * (r - 1)`` per step.
+        scope: ``"optimizer"`` (one factor per optimizer) or ``"param_group"`` (one per group).
+        direction: ``"auto"``, ``"delta"`` or ``"state"``; see :class:`~lightning_clara.CLARA`.
+        min_factor: lower bound on F, or None.
+        max_factor: upper bound on F, or None.
+        min_lr: lower bound on the learning rate used, or None.
+        max_lr: upper bound on the learning rate used, or None.
+        log: log the dynamics to ``trainer.loggers``.
+    """
+
+    def __init__(
+        self,
+        *,
+        c: float = 0.2,
+        d: float = 1e-3,
+        scope: Scope = "optimizer",
+        direction: DirectionChoice = "auto",
+        min_factor: float | None = None,
+        max_factor: float | None = None,
+        min_lr: float | None = None,
+        max_lr: float | None = None,
+        log: bool = True,
+    ) -> None:
+        if not isinstance(log, bool):
+            raise TypeError(f"log must be a bool, got {type(log).__name__} {log!r}")
+        self._options: dict[str, Any] = {
+            "c": c,
+            "d": d,
+            "scope": scope,
+            "direction": direction,
+            "min_factor": min_factor,
+            "max_factor": max_factor,
+            "min_lr": min_lr,
+            "max_lr": max_lr,
+        }
+        validate_options(**self._options)
+        self.log = log
+        self.controllers: list[CLARA] = []
+        self.names: list[list[str]] = []
+        self._logged_steps: list[int] = []
+        self._restored: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ attach / detach
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        optimizers = list(trainer.optimizers)
+        if not optimizers:
+            raise ValueError("CLARACallback needs at least one optimizer; configure_optimizers returned none")
+        self._detach()
+        self.controllers = [CLARA(optimizer, **self._options) for optimizer in optimizers]
+        self.names = optimizer_names(optimizers)
+        self._logged_steps = [0] * len(self.controllers)
+        if self._restored is not None:
+            self._load_controllers(self._restored)
+            self._restored = None
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        # The adaptation runs in the optimizer's own step hooks; here we only make sure that an
+        # optimizer swapped in after fit start (e.g. by another callback) is not silently left out.
+        if getattr(optimizer, "_clara_controller", None) is None:
+            rank_zero_warn(
+                f"CLARACallback: optimizer {type(optimizer).__name__} was created after fit start; attaching CLARA now"
+            )
+            self.controllers.append(CLARA(optimizer, **self._options))
+            self.names = optimizer_names([c.optimizer for c in self.controllers])
+            self._logged_steps.append(0)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._detach()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._detach()
+
+    def _detach(self) -> None:
+        for controller in self.controllers:
+            controller.detach()
+
+    # ------------------------------------------------------------------ logging
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self.log or not trainer.loggers or not trainer._logger_connector.should_update_logs:
+            return
+        metrics = self.metrics(only_new=True)
+        if not metrics:
+            return
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    def metrics(self, *, only_new: bool = False) -> dict[str, float]:
+        """The current ``clara/*`` values of every optimizer and param group.
+
+        With ``only_new``, optimizers that did not step since the previous call are left out.
+        """
+        out: dict[str, float] = {}
+        for index, (controller, names) in enumerate(zip(self.controllers, self.names, strict=True)):
+            steps = controller.num_adapted_steps
+            if steps == 0 or (only_new and steps == self._logged_steps[index]):
+                continue
+            self._logged_steps[index] = steps
+            for name, lr, ratio, log_factor in zip(
+                names, controller.lr_used, controller.ratios, controller.log_factors, strict=True
+            ):
+                out[f"clara/lr-{name}"] = lr
+                out[f"clara/log_factor-{name}"] = log_factor
+                if ratio is not None:
+                    out[f"clara/ratio-{name}"] = ratio
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self._restored is not None and not self.controllers:
+            return dict(self._restored)
+        return {"controllers": [controller.state_dict() for controller in self.controllers], "names": self.names}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning restores callbacks before the optimizers exist (except for strategies that
+        # restore after setup): keep the state until on_fit_start attaches the controllers.
+        if self.controllers and all(c.attached for c in self.controllers):
+            self._load_controllers(state_dict)
+        else:
+            self._restored = dict(state_dict)
+
+    def _load_controllers(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("controllers", [])
+        if len(saved) != len(self.controllers):
+            raise ValueError(
+                f"checkpoint holds CLARA state for {len(saved)} optimizer(s), the model configures "
+                f"{len(self.controllers)}"
+            )
+        for controller, state in zip(self.controllers, saved, strict=True):
+            controller.load_state_dict(state)

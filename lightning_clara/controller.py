@@ -1,0 +1,459 @@
+"""``CLARA``: cumulative learning-rate adaptation for one torch optimizer, attached through its step hooks.
+
+Contract with the optimizer and any LR scheduler: while ``optimizer.step()`` runs,
+``param_groups[j]["lr"]`` holds the learning rate actually used, ``lr_base * F``; outside the
+step it holds ``lr_base`` again. A scheduler therefore only ever sees and sets ``lr_base``,
+and the learning rate used is ``lr_scheduled * F``. A step the optimizer never runs (a
+GradScaler skip, an accumulation micro-batch) fires no hook and changes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+
+from lightning_clara._validation import check_choice, check_in_range, check_optional_positive
+from lightning_clara.path import path_dtype_for, update_paths
+from lightning_clara.support import DirectionChoice, check_supported, reader_for, reference_for, reference_key
+
+__all__ = ["CLARA", "validate_options"]
+
+Scope = Literal["optimizer", "param_group"]
+_STATE_FORMAT = 1
+#: |log F| never exceeds this (F in [1e-26, 1e26]): F stays finite and non-zero whatever happens.
+LOG_FACTOR_LIMIT = 60.0
+
+
+def validate_options(
+    *,
+    c: Any = 0.2,
+    d: Any = 1e-3,
+    scope: Any = "optimizer",
+    direction: Any = "auto",
+    min_factor: Any = None,
+    max_factor: Any = None,
+    min_lr: Any = None,
+    max_lr: Any = None,
+    initial_factor: Any = 1.0,
+) -> dict[str, Any]:
+    """Check CLARA's options; raise ``TypeError``/``ValueError`` naming the argument and its range."""
+    options = {
+        "c": check_in_range("c", c, 0.0, 1.0, low_open=True),
+        "d": check_in_range("d", d, 0.0, math.inf, low_open=True, high_open=True),
+        "scope": check_choice("scope", scope, ("optimizer", "param_group")),
+        "direction": check_choice("direction", direction, ("auto", "delta", "state")),
+        "min_factor": check_optional_positive("min_factor", min_factor),
+        "max_factor": check_optional_positive("max_factor", max_factor),
+        "min_lr": check_optional_positive("min_lr", min_lr),
+        "max_lr": check_optional_positive("max_lr", max_lr),
+        "initial_factor": check_in_range(
+            "initial_factor", initial_factor, 0.0, math.inf, low_open=True, high_open=True
+        ),
+    }
+    for low, high in (("min_factor", "max_factor"), ("min_lr", "max_lr")):
+        if options[low] is not None and options[high] is not None and options[low] > options[high]:
+            raise ValueError(f"{low} ({options[low]}) must be <= {high} ({options[high]})")
+    return options
+
+
+@dataclass
+class _TensorState:
+    """What CLARA keeps per parameter tensor: its path and how often the path was updated."""
+
+    path: Tensor
+    count: int = 0
+
+
+@dataclass
+class _GroupReference:
+    key: tuple[Any, ...]
+    curves: dict[int, list[float]]
+
+
+class CLARA:
+    """Adapt the learning rates of ``optimizer`` with CLARA (arXiv 2508.05408).
+
+    Args:
+        optimizer: the optimizer to adapt; it keeps doing its own update.
+        c: path memory in (0, 1]; the path averages roughly the last ``1/c`` unit steps.
+        d: damping > 0; ``log F`` moves by ``d * (r - 1)`` per step.
+        scope: ``"optimizer"`` (one factor, the paper's choice) or ``"param_group"`` (one per group).
+        direction: ``"auto"`` (snapshot-free state reader where exact, else the delta),
+            ``"delta"`` (parameter snapshot; any optimizer) or ``"state"`` (force the state reader).
+        min_factor, max_factor: optional bounds on ``F`` (log F is clamped, so no wind-up).
+        min_lr, max_lr: optional bounds on the learning rate used, ``clip(lr_base * F)``.
+        initial_factor: ``F`` before the first step.
+
+    Example::
+
+        clara = CLARA(torch.optim.SGD(model.parameters(), lr=1e-3))
+        for x, y in data:
+            loss = loss_fn(model(x), y)
+            optimizer.zero_grad(); loss.backward(); optimizer.step()   # lr adapts inside step()
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        c: float = 0.2,
+        d: float = 1e-3,
+        scope: Scope = "optimizer",
+        direction: DirectionChoice = "auto",
+        min_factor: float | None = None,
+        max_factor: float | None = None,
+        min_lr: float | None = None,
+        max_lr: float | None = None,
+        initial_factor: float = 1.0,
+    ) -> None:
+        check_supported(optimizer)
+        options = validate_options(
+            c=c,
+            d=d,
+            scope=scope,
+            direction=direction,
+            min_factor=min_factor,
+            max_factor=max_factor,
+            min_lr=min_lr,
+            max_lr=max_lr,
+            initial_factor=initial_factor,
+        )
+        self.c: float = options["c"]
+        self.d: float = options["d"]
+        self.scope: Scope = options["scope"]
+        self.direction: DirectionChoice = options["direction"]
+        self.min_factor: float | None = options["min_factor"]
+        self.max_factor: float | None = options["max_factor"]
+        self.min_lr: float | None = options["min_lr"]
+        self.max_lr: float | None = options["max_lr"]
+        initial: float = options["initial_factor"]
+        if getattr(optimizer, "_clara_controller", None) is not None:
+            raise RuntimeError("this optimizer already has a CLARA controller attached; detach() it first")
+
+        self.optimizer = optimizer
+        self._reader = reader_for(optimizer, self.direction)
+        self._log_factors: list[float] = []
+        self._initial_log_factor = self._clamp_log_factor(math.log(initial))
+        self._ratios: list[float | None] = []
+        self._tensors: dict[Tensor, _TensorState] = {}
+        self._references: list[_GroupReference | None] = []
+        self._bases: list[Any] | None = None
+        self._lr_used: list[float] = []
+        self._adapted_steps = 0
+        self._skipped_steps = 0
+        self._sync_scopes()
+        for j in range(len(optimizer.param_groups)):
+            self._group_reference(j)
+        self._handles: list[RemovableHandle] = [
+            optimizer.register_step_pre_hook(self._before_step),
+            optimizer.register_step_post_hook(self._after_step),
+        ]
+        optimizer._clara_controller = self  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------------ public read-only state
+    @property
+    def lr_factor(self) -> float:
+        """The factor F (of the first param group's scope; see :attr:`lr_factors` for per-group scope)."""
+        self._sync_scopes()
+        return math.exp(self._log_factors[0])
+
+    @property
+    def lr_factors(self) -> list[float]:
+        """F for every param group (equal across groups with ``scope="optimizer"``)."""
+        self._sync_scopes()
+        return [math.exp(self._log_factors[self._scope_of(j)]) for j in range(len(self.optimizer.param_groups))]
+
+    @property
+    def log_factors(self) -> list[float]:
+        """log F for every param group."""
+        self._sync_scopes()
+        return [self._log_factors[self._scope_of(j)] for j in range(len(self.optimizer.param_groups))]
+
+    @property
+    def ratio(self) -> float | None:
+        """The last ratio r of the first group's scope (``None`` before the first adapted step)."""
+        self._sync_scopes()
+        return self._ratios[0]
+
+    @property
+    def ratios(self) -> list[float | None]:
+        """The last ratio r for every param group."""
+        self._sync_scopes()
+        return [self._ratios[self._scope_of(j)] for j in range(len(self.optimizer.param_groups))]
+
+    @property
+    def lr_used(self) -> list[float]:
+        """The learning rate each param group used in the last step (``lr_base * F`` before that)."""
+        if self._bases is not None:
+            return list(self._lr_used)
+        return [self._lr_for(j, group["lr"]) for j, group in enumerate(self.optimizer.param_groups)]
+
+    @property
+    def num_adapted_steps(self) -> int:
+        """Optimizer steps that updated at least one path (and so the factor)."""
+        return self._adapted_steps
+
+    @property
+    def num_skipped_steps(self) -> int:
+        """Steps in which some tensor's step was NaN/inf; those tensors were left out and their paths reset."""
+        return self._skipped_steps
+
+    @property
+    def reader_name(self) -> str:
+        """The direction reader in use (``"state"`` or ``"delta"``)."""
+        return self._reader.name
+
+    @property
+    def attached(self) -> bool:
+        """Whether the step hooks are still registered."""
+        return bool(self._handles)
+
+    def detach(self) -> None:
+        """Remove the hooks, restore base learning rates if a step was interrupted, free buffers."""
+        self._restore_bases()
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._reader.release()
+        if getattr(self.optimizer, "_clara_controller", None) is self:
+            self.optimizer._clara_controller = None  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------------ scopes and references
+    def _scope_of(self, group_index: int) -> int:
+        return 0 if self.scope == "optimizer" else group_index
+
+    def _sync_scopes(self) -> None:
+        """Grow per-scope and per-group lists when param groups were added after attaching."""
+        groups = len(self.optimizer.param_groups)
+        scopes = 1 if self.scope == "optimizer" else groups
+        while len(self._log_factors) < scopes:
+            self._log_factors.append(self._initial_log_factor)
+            self._ratios.append(None)
+        while len(self._references) < groups:
+            self._references.append(None)
+
+    def _group_reference(self, j: int) -> _GroupReference:
+        """The reference curves of group j, rebuilt when a hyper-parameter it depends on changed."""
+        group = self.optimizer.param_groups[j]
+        key = reference_key(self.optimizer, group)
+        cached = self._references[j]
+        sizes = {p.numel() for p in group["params"]}
+        if cached is None or cached.key != key or not sizes <= cached.curves.keys():
+            reference = reference_for(self.optimizer, group, self.c)
+            curves = {n: curve.tolist() for n, curve in reference.curves(sorted(sizes)).items()}
+            cached = _GroupReference(key, curves)
+            self._references[j] = cached
+        return cached
+
+    def _clamp_log_factor(self, value: float) -> float:
+        value = min(max(value, -LOG_FACTOR_LIMIT), LOG_FACTOR_LIMIT)
+        if self.min_factor is not None:
+            value = max(value, math.log(self.min_factor))
+        if self.max_factor is not None:
+            value = min(value, math.log(self.max_factor))
+        return value
+
+    def _lr_for(self, j: int, base: Any) -> float:
+        lr = float(base) * math.exp(self._log_factors[self._scope_of(j)])
+        if self.min_lr is not None:
+            lr = max(lr, self.min_lr)
+        if self.max_lr is not None:
+            lr = min(lr, self.max_lr)
+        return lr
+
+    # ------------------------------------------------------------------ the hooks
+    def _trainable(self) -> Iterator[Tensor]:
+        for group in self.optimizer.param_groups:
+            for param in group["params"]:
+                if param.requires_grad:
+                    yield param
+
+    def _before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        self._restore_bases()  # a previous step that raised never ran the post-hook
+        self._sync_scopes()
+        if self._reader.needs_snapshot:
+            self._reader.before_step(list(self._trainable()))
+        bases: list[Any] = []
+        used: list[float] = []
+        for j, group in enumerate(optimizer.param_groups):
+            base = group["lr"]
+            lr = self._lr_for(j, base)
+            if isinstance(base, Tensor):
+                saved = base.clone()
+                base.fill_(lr)
+                bases.append(saved)
+            else:
+                group["lr"] = lr
+                bases.append(base)
+            used.append(lr)
+        self._bases = bases
+        self._lr_used = used
+
+    def _restore_bases(self) -> None:
+        if self._bases is None:
+            return
+        for group, base in zip(self.optimizer.param_groups, self._bases, strict=False):
+            if isinstance(base, Tensor):
+                group["lr"].copy_(base)
+            else:
+                group["lr"] = base
+        self._bases = None
+
+    def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        try:
+            self._adapt(optimizer)
+        finally:
+            self._restore_bases()
+
+    def _state_for(self, param: Tensor) -> _TensorState:
+        state = self._tensors.get(param)
+        if state is None:
+            dtype = path_dtype_for(param.dtype)
+            state = _TensorState(torch.zeros(param.shape, dtype=dtype, device=param.device))
+            self._tensors[param] = state
+        return state
+
+    def _adapt(self, optimizer: Optimizer) -> None:
+        # 1. directions, bucketed by (device, path dtype) so each bucket is one set of foreach kernels
+        buckets: dict[tuple[torch.device, torch.dtype], list[tuple[int, Tensor, Tensor]]] = defaultdict(list)
+        for j, group in enumerate(optimizer.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            directions = self._reader.directions(optimizer, group, params)
+            for param, direction in zip(params, directions, strict=True):
+                buckets[(param.device, path_dtype_for(param.dtype))].append((j, param, direction))
+        if not buckets:
+            return
+        # 2. path updates on device; one transfer per bucket brings the per-tensor results back
+        items: list[tuple[int, Tensor]] = []
+        results: list[Tensor] = []
+        for entries in buckets.values():
+            paths = [self._state_for(param).path for _, param, _ in entries]
+            update = update_paths(paths, [direction for _, _, direction in entries], self.c)
+            packed = torch.stack([update.squared_norms, update.moved.double(), update.non_finite.double()])
+            results.append(packed.cpu())
+            items.extend((j, param) for j, param, _ in entries)
+        host = torch.cat(results, dim=1).tolist()
+        # 3. counts, references, ratio and factor on the host, in float64
+        scopes = len(self._log_factors)
+        squared = [0.0] * scopes
+        expected = [0.0] * scopes
+        non_finite = 0
+        for k, (j, param) in enumerate(items):
+            state = self._tensors[param]
+            if host[2][k]:
+                non_finite += 1
+                state.path.zero_()
+                state.count = 0
+                continue
+            if not host[1][k]:
+                continue
+            state.count += 1
+            curve = self._group_reference(j).curves[param.numel()]
+            scope = self._scope_of(j)
+            squared[scope] += host[0][k]
+            expected[scope] += curve[min(state.count, len(curve) - 1)]
+        adapted = False
+        for scope in range(scopes):
+            if expected[scope] > 0.0:
+                ratio = squared[scope] / expected[scope]
+                self._ratios[scope] = ratio
+                self._log_factors[scope] = self._clamp_log_factor(self._log_factors[scope] + self.d * (ratio - 1.0))
+                adapted = True
+        self._clamp_to_lr_bounds()
+        if adapted:
+            self._adapted_steps += 1
+        if non_finite:
+            self._skipped_steps += 1
+            warnings.warn(
+                f"CLARA: {non_finite} parameter tensor(s) took a NaN/inf step; they were left out of the "
+                "adaptation and their paths were reset",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def _clamp_to_lr_bounds(self) -> None:
+        """Keep log F where the lr bounds still bind, so that F cannot wind up past them."""
+        if self.min_lr is None and self.max_lr is None:
+            return
+        bases = self._bases if self._bases is not None else [g["lr"] for g in self.optimizer.param_groups]
+        for scope in range(len(self._log_factors)):
+            members = [float(b) for j, b in enumerate(bases) if self._scope_of(j) == scope and float(b) > 0]
+            if not members:
+                continue
+            value = self._log_factors[scope]
+            if self.max_lr is not None:
+                value = min(value, math.log(self.max_lr / min(members)))
+            if self.min_lr is not None:
+                value = max(value, math.log(self.min_lr / max(members)))
+            self._log_factors[scope] = value
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """Plain values and tensors keyed by (group index, position in group): checkpoint-safe."""
+        self._sync_scopes()
+        tensors: list[list[dict[str, Any] | None]] = []
+        for group in self.optimizer.param_groups:
+            row: list[dict[str, Any] | None] = []
+            for param in group["params"]:
+                state = self._tensors.get(param)
+                row.append(None if state is None else {"path": state.path.detach().clone(), "count": state.count})
+            tensors.append(row)
+        return {
+            "format": _STATE_FORMAT,
+            "config": {"c": self.c, "d": self.d, "scope": self.scope},
+            "log_factors": list(self._log_factors),
+            "ratios": list(self._ratios),
+            "num_adapted_steps": self._adapted_steps,
+            "num_skipped_steps": self._skipped_steps,
+            "tensors": tensors,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore paths, counters and factors saved by :meth:`state_dict` (matched by position)."""
+        if not isinstance(state_dict, dict) or state_dict.get("format") != _STATE_FORMAT:
+            raise ValueError("not a CLARA state dict (missing or unknown 'format')")
+        saved_scope = state_dict["config"]["scope"]
+        if saved_scope != self.scope:
+            raise ValueError(f"state dict was saved with scope={saved_scope!r}, this controller has {self.scope!r}")
+        groups = state_dict["tensors"]
+        if len(groups) != len(self.optimizer.param_groups) or any(
+            len(row) != len(group["params"]) for row, group in zip(groups, self.optimizer.param_groups, strict=True)
+        ):
+            raise ValueError("state dict does not match the optimizer's param groups (count or sizes differ)")
+        for row, group in zip(groups, self.optimizer.param_groups, strict=True):
+            for entry, param in zip(row, group["params"], strict=True):
+                if entry is not None and tuple(entry["path"].shape) != tuple(param.shape):
+                    raise ValueError(
+                        f"saved path of shape {tuple(entry['path'].shape)} does not match parameter of "
+                        f"shape {tuple(param.shape)}"
+                    )
+        self._log_factors = [float(v) for v in state_dict["log_factors"]]
+        self._ratios = [None if v is None else float(v) for v in state_dict["ratios"]]
+        self._adapted_steps = int(state_dict["num_adapted_steps"])
+        self._skipped_steps = int(state_dict["num_skipped_steps"])
+        self._tensors = {}
+        for row, group in zip(groups, self.optimizer.param_groups, strict=True):
+            for entry, param in zip(row, group["params"], strict=True):
+                if entry is None:
+                    continue
+                path = entry["path"].to(device=param.device, dtype=path_dtype_for(param.dtype)).clone()
+                self._tensors[param] = _TensorState(path, int(entry["count"]))
+        self._sync_scopes()
+
+    def __repr__(self) -> str:
+        factors = ", ".join(f"{f:.4g}" for f in self.lr_factors)
+        return (
+            f"CLARA({type(self.optimizer).__name__}, c={self.c}, d={self.d}, scope={self.scope!r}, "
+            f"reader={self.reader_name!r}, F=[{factors}], steps={self._adapted_steps})"
+        )

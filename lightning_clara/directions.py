@@ -1,0 +1,171 @@
+"""Where a step's direction comes from.
+
+CLARA needs, per parameter tensor, a tensor *proportional* to the realised step
+``s_k = theta_k(before) - theta_k(after)``. Two ways to get it:
+
+* :class:`DeltaReader` -- snapshot the parameters before the step and subtract afterwards.
+  Works for any optimizer; costs one parameter-sized buffer and two passes.
+* state readers -- rebuild the step from what the optimizer keeps anyway, after it ran:
+  :class:`SGDStateReader` (gradient / ``momentum_buffer``) and :class:`AdamStateReader`
+  (``exp_avg`` / ``exp_avg_sq`` / ``max_exp_avg_sq``). No snapshot, no persistent memory.
+  Weight decay is folded in exactly: with ``theta_before = theta_after + s`` an L2 or
+  decoupled decay term ``wd * theta_before`` becomes ``(... + wd * theta_after) / (1 - lr * wd)``.
+
+:class:`GradientReader` gives the raw (sign-corrected) gradient, the direction SALeRA used.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = ["AdamStateReader", "DeltaReader", "DirectionReader", "GradientReader", "SGDStateReader"]
+
+
+class DirectionReader(ABC):
+    """Produces, after ``optimizer.step()``, a tensor proportional to each parameter's realised step."""
+
+    #: Short name used in messages and ``state_dict``.
+    name: str = "reader"
+    #: Whether :meth:`before_step` must snapshot parameters.
+    needs_snapshot: bool = False
+
+    def before_step(self, params: Sequence[Tensor]) -> None:  # noqa: B027 - optional hook
+        """Called in the optimizer's step pre-hook with every trainable parameter."""
+
+    @abstractmethod
+    def directions(self, optimizer: Optimizer, group: Mapping[str, Any], params: Sequence[Tensor]) -> list[Tensor]:
+        """Directions for ``params`` (tensors of one param group that have a gradient).
+
+        Returned tensors may be scratch buffers or the optimizer's own state: callers must
+        treat them as read-only and must not keep them beyond the step.
+        """
+
+    def release(self) -> None:  # noqa: B027 - optional hook
+        """Free persistent buffers (when the controller detaches)."""
+
+
+class DeltaReader(DirectionReader):
+    """``theta(before) - theta(after)`` from a snapshot taken in the step pre-hook (any optimizer)."""
+
+    name = "delta"
+    needs_snapshot = True
+
+    def __init__(self) -> None:
+        self._snapshots: dict[Tensor, Tensor] = {}
+
+    def before_step(self, params: Sequence[Tensor]) -> None:
+        buffers = []
+        for param in params:
+            buffer = self._snapshots.get(param)
+            if buffer is None or buffer.shape != param.shape or buffer.dtype != param.dtype:
+                buffer = torch.empty_like(param, memory_format=torch.preserve_format)
+                self._snapshots[param] = buffer
+            buffers.append(buffer)
+        if params:
+            with torch.no_grad():
+                torch._foreach_copy_(buffers, [p.detach() for p in params])
+
+    def directions(self, optimizer: Optimizer, group: Mapping[str, Any], params: Sequence[Tensor]) -> list[Tensor]:
+        missing = [p for p in params if p not in self._snapshots]
+        if missing:
+            raise RuntimeError(
+                "DeltaReader: a parameter was stepped without a snapshot; parameters added to the "
+                "optimizer inside the step are not supported"
+            )
+        buffers = [self._snapshots[p] for p in params]
+        with torch.no_grad():
+            torch._foreach_sub_(buffers, [p.detach() for p in params])
+        return buffers
+
+    def release(self) -> None:
+        self._snapshots.clear()
+
+
+def _signed_gradients(group: Mapping[str, Any], params: Sequence[Tensor]) -> list[Tensor]:
+    grads = [p.grad.detach() for p in params]  # type: ignore[union-attr]
+    return torch._foreach_neg(grads) if group.get("maximize", False) else grads
+
+
+def _decay_factor(lr: Any, weight_decay: float) -> float:
+    """``1 / (1 - lr * wd)``: maps the after-step parameter back into the step (see module docstring)."""
+    product = float(lr) * weight_decay
+    if product == 1.0:
+        raise ValueError("lr * weight_decay == 1 makes the step direction undefined; use direction='delta'")
+    return 1.0 / (1.0 - product)
+
+
+class GradientReader(DirectionReader):
+    """The raw gradient (negated with ``maximize``): SALeRA's direction, whatever the optimizer."""
+
+    name = "gradient"
+
+    def directions(self, optimizer: Optimizer, group: Mapping[str, Any], params: Sequence[Tensor]) -> list[Tensor]:
+        return _signed_gradients(group, params)
+
+
+class SGDStateReader(DirectionReader):
+    """``torch.optim.SGD``: the momentum buffer, or the (weight-decayed) gradient, read after the step."""
+
+    name = "state"
+
+    def directions(self, optimizer: Optimizer, group: Mapping[str, Any], params: Sequence[Tensor]) -> list[Tensor]:
+        momentum = float(group.get("momentum", 0.0))
+        weight_decay = float(group.get("weight_decay", 0.0))
+        nesterov = bool(group.get("nesterov", False))
+        if momentum != 0.0 and not nesterov:
+            return [optimizer.state[p]["momentum_buffer"] for p in params]
+        if weight_decay == 0.0 and not nesterov:
+            return _signed_gradients(group, params)
+        sign = -1.0 if group.get("maximize", False) else 1.0
+        out = torch._foreach_mul([p.grad.detach() for p in params], sign)  # type: ignore[union-attr]
+        if weight_decay != 0.0:
+            torch._foreach_add_(out, [p.detach() for p in params], alpha=weight_decay)
+        if nesterov:
+            torch._foreach_add_(out, [optimizer.state[p]["momentum_buffer"] for p in params], alpha=momentum)
+        if weight_decay != 0.0:
+            torch._foreach_mul_(out, _decay_factor(group["lr"], weight_decay))
+        return list(out)
+
+
+class AdamStateReader(DirectionReader):
+    """``torch.optim.Adam`` / ``AdamW``: ``m_hat / (sqrt(v_hat) + eps)`` (+ decoupled decay), read after the step."""
+
+    name = "state"
+
+    def directions(self, optimizer: Optimizer, group: Mapping[str, Any], params: Sequence[Tensor]) -> list[Tensor]:
+        beta1, beta2 = (float(b) for b in group["betas"])
+        eps = float(group["eps"])
+        amsgrad = bool(group.get("amsgrad", False))
+        weight_decay = float(group.get("weight_decay", 0.0))
+        decoupled = bool(group.get("decoupled_weight_decay", False)) or isinstance(optimizer, torch.optim.AdamW)
+        by_step: dict[float, list[int]] = defaultdict(list)
+        for i, p in enumerate(params):
+            by_step[float(optimizer.state[p]["step"])].append(i)
+        out: list[Tensor | None] = [None] * len(params)
+        for step, indices in by_step.items():
+            chosen = [params[i] for i in indices]
+            states = [optimizer.state[p] for p in chosen]
+            second = [s["max_exp_avg_sq"] if amsgrad else s["exp_avg_sq"] for s in states]
+            first = [s["exp_avg"] for s in states]
+            bias1 = 1.0 - beta1**step
+            bias2_sqrt = math.sqrt(1.0 - beta2**step)
+            scratch = torch._foreach_sqrt(second)
+            torch._foreach_div_(scratch, bias2_sqrt)
+            torch._foreach_add_(scratch, eps)
+            torch._foreach_reciprocal_(scratch)
+            torch._foreach_mul_(scratch, first)
+            if decoupled and weight_decay != 0.0:
+                torch._foreach_mul_(scratch, 1.0 / bias1)
+                torch._foreach_add_(scratch, [p.detach() for p in chosen], alpha=weight_decay)
+                torch._foreach_mul_(scratch, _decay_factor(group["lr"], weight_decay))
+            for i, tensor in zip(indices, scratch, strict=True):
+                out[i] = tensor
+        return out  # type: ignore[return-value]

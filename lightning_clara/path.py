@@ -1,0 +1,63 @@
+"""Path buffers and the ratio statistic: the CLARA rule in plain torch, on whole tensor lists.
+
+Everything here stays on the tensors' device; nothing reads a value back to the host, so
+one adaptation step costs a handful of ``torch._foreach_*`` kernels and no synchronisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["PathUpdate", "path_dtype_for", "scope_sums", "update_paths"]
+
+
+def path_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """Paths are accumulated in fp32 (fp64 for fp64 parameters): bf16 would round small EMA updates away."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class PathUpdate:
+    """Per-tensor results of one path update (all 1-D tensors on the paths' device)."""
+
+    moved: Tensor
+    """True where the tensor's step was finite and non-zero, i.e. where its path was updated."""
+    non_finite: Tensor
+    """True where the step had a NaN or inf entry (the path was left untouched)."""
+    squared_norms: Tensor
+    """||p_k||^2 after the update (fp64)."""
+
+
+def update_paths(paths: Sequence[Tensor], directions: Sequence[Tensor], c: float) -> PathUpdate:
+    """Apply ``p_k <- (1 - c) p_k + c s_k / ||s_k||`` in place to every tensor that moved.
+
+    ``directions[k]`` only has to be *proportional* to the realised step of tensor k (any
+    positive scale): the update uses its unit vector. A zero direction leaves ``paths[k]``
+    unchanged. A non-finite direction poisons ``paths[k]``; it is reported in ``non_finite``
+    (and excluded from ``squared_norms``) so that the caller can reset that path, which needs
+    the host and is therefore left to the rare step where it happens. All paths must share
+    one device and dtype.
+    """
+    dtype = paths[0].dtype
+    directions = [d if d.dtype == dtype else d.to(dtype) for d in directions]
+    norms = torch.stack(torch._foreach_norm(directions))
+    finite = torch.isfinite(norms)
+    moved = finite & (norms > 0)
+    safe_norms = torch.where(moved, norms, torch.ones_like(norms))
+    scales = torch.where(moved, c / safe_norms, torch.zeros_like(norms))
+    decays = torch.where(moved, torch.full_like(norms, 1.0 - c), torch.ones_like(norms))
+    torch._foreach_mul_(paths, list(decays.unbind()))
+    torch._foreach_addcmul_(paths, directions, list(scales.unbind()))
+    squared = torch.stack(torch._foreach_norm(paths)).double().pow(2)
+    squared = torch.where(finite, squared, torch.zeros_like(squared))
+    return PathUpdate(moved=moved, non_finite=~finite, squared_norms=squared)
+
+
+def scope_sums(values: Tensor, scope_index: Tensor, num_scopes: int) -> Tensor:
+    """Sum a per-tensor vector into one entry per scope (optimizer or param group)."""
+    out = torch.zeros(num_scopes, dtype=values.dtype, device=values.device)
+    return out.index_add_(0, scope_index, values)

@@ -1,0 +1,91 @@
+"""A deliberately simple, loop-based implementation of ALGORITHM.md, kept beside the fast one.
+
+No foreach kernels, no hooks, no bucketing: one Python loop over tensors per step, float64
+everywhere, the optimizer update written out by hand. The library must match it step by step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+MuFunction = Callable[[int, int], float]
+"""mu(n, t): expected ||p||^2 of a tensor with n elements after t path updates."""
+
+
+def plain_sgd_mu(c: float) -> MuFunction:
+    """ALGORITHM.md's closed form for SGD without momentum (independent of n)."""
+    return lambda n, t: c / (2 - c) * (1 - (1 - c) ** (2 * t))
+
+
+class SimpleCLARA:
+    """The rule of ALGORITHM.md for one optimizer (one scope), fed with realised steps."""
+
+    def __init__(self, shapes: Sequence[torch.Size], c: float, d: float, mu: MuFunction) -> None:
+        self.c, self.d, self.mu = c, d, mu
+        self.paths = [torch.zeros(shape, dtype=torch.float64) for shape in shapes]
+        self.counts = [0] * len(shapes)
+        self.log_factor = 0.0
+        self.ratio: float | None = None
+
+    @property
+    def factor(self) -> float:
+        return math.exp(self.log_factor)
+
+    def update(self, steps: Sequence[Tensor | None]) -> None:
+        """``steps[k] = theta_k(before) - theta_k(after)``, or None for a tensor the step did not touch."""
+        squared, expected = 0.0, 0.0
+        for k, step in enumerate(steps):
+            if step is None:
+                continue
+            step = step.detach().to(torch.float64)
+            norm = float(step.norm())
+            if norm == 0.0 or not math.isfinite(norm):
+                continue
+            self.paths[k] = (1 - self.c) * self.paths[k] + self.c * step / norm
+            self.counts[k] += 1
+            squared += float(self.paths[k].pow(2).sum())
+            expected += self.mu(step.numel(), self.counts[k])
+        if expected > 0:
+            self.ratio = squared / expected
+            self.log_factor += self.d * (self.ratio - 1)
+
+
+def sgd_step(params: Sequence[Tensor], lr: float) -> list[Tensor]:
+    """Plain SGD written out: returns the realised steps."""
+    steps = []
+    with torch.no_grad():
+        for p in params:
+            step = lr * p.grad
+            p.sub_(step)
+            steps.append(step)
+    return steps
+
+
+class SimpleAdam:
+    """Adam (L2 weight decay off) written out by hand: returns the realised steps."""
+
+    def __init__(self, params: Sequence[Tensor], betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.params = list(params)
+        self.betas, self.eps = betas, eps
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.t = 0
+
+    def step(self, lr: float) -> list[Tensor]:
+        self.t += 1
+        b1, b2 = self.betas
+        steps = []
+        with torch.no_grad():
+            for p, m, v in zip(self.params, self.m, self.v, strict=True):
+                m.mul_(b1).add_(p.grad, alpha=1 - b1)
+                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                m_hat = m / (1 - b1**self.t)
+                v_hat = v / (1 - b2**self.t)
+                step = lr * m_hat / (v_hat.sqrt() + self.eps)
+                p.sub_(step)
+                steps.append(step)
+        return steps
