@@ -22,12 +22,15 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_clara._validation import check_choice, check_in_range, check_optional_positive
+from lightning_clara.directions import DirectionReader, GradientReader
 from lightning_clara.path import path_dtype_for, update_paths
+from lightning_clara.reference import PlainReference, Reference, shared
 from lightning_clara.support import DirectionChoice, check_supported, reader_for, reference_for, reference_key
 
 __all__ = ["CLARA", "validate_options"]
 
 Scope = Literal["optimizer", "param_group"]
+Variant = Literal["clara", "salera"]
 _STATE_FORMAT = 1
 #: |log F| never exceeds this (F in [1e-26, 1e26]): F stays finite and non-zero whatever happens.
 LOG_FACTOR_LIMIT = 60.0
@@ -44,6 +47,9 @@ def validate_options(
     min_lr: Any = None,
     max_lr: Any = None,
     initial_factor: Any = 1.0,
+    variant: Any = "clara",
+    unit_step: Any = False,
+    reference: Any = None,
 ) -> dict[str, Any]:
     """Check CLARA's options; raise ``TypeError``/``ValueError`` naming the argument and its range."""
     options = {
@@ -59,6 +65,19 @@ def validate_options(
             "initial_factor", initial_factor, 0.0, math.inf, low_open=True, high_open=True
         ),
     }
+    options["variant"] = check_choice("variant", variant, ("clara", "salera"))
+    if not isinstance(unit_step, bool):
+        raise TypeError(f"unit_step must be a bool, got {type(unit_step).__name__} {unit_step!r}")
+    options["unit_step"] = unit_step
+    if reference is not None and not isinstance(reference, Reference):
+        raise TypeError(
+            f"reference must be a lightning_clara.reference.Reference or None, got {type(reference).__name__}"
+        )
+    options["reference"] = reference
+    if unit_step and direction == "state":
+        raise ValueError("unit_step=True needs the realised step: use direction='auto' or 'delta', not 'state'")
+    if variant == "salera" and (unit_step or direction != "auto"):
+        raise ValueError("variant='salera' reads raw gradients: it takes neither unit_step nor a direction")
     for low, high in (("min_factor", "max_factor"), ("min_lr", "max_lr")):
         if options[low] is not None and options[high] is not None and options[low] > options[high]:
             raise ValueError(f"{low} ({options[low]}) must be <= {high} ({options[high]})")
@@ -114,6 +133,9 @@ class CLARA:
         min_lr: float | None = None,
         max_lr: float | None = None,
         initial_factor: float = 1.0,
+        variant: Variant = "clara",
+        unit_step: bool = False,
+        reference: Reference | None = None,
     ) -> None:
         check_supported(optimizer)
         options = validate_options(
@@ -126,6 +148,9 @@ class CLARA:
             min_lr=min_lr,
             max_lr=max_lr,
             initial_factor=initial_factor,
+            variant=variant,
+            unit_step=unit_step,
+            reference=reference,
         )
         self.c: float = options["c"]
         self.d: float = options["d"]
@@ -136,11 +161,17 @@ class CLARA:
         self.min_lr: float | None = options["min_lr"]
         self.max_lr: float | None = options["max_lr"]
         initial: float = options["initial_factor"]
+        self.variant: Variant = options["variant"]
+        self.unit_step: bool = options["unit_step"]
+        self._custom_reference: Reference | None = options["reference"]
         if getattr(optimizer, "_clara_controller", None) is not None:
             raise RuntimeError("this optimizer already has a CLARA controller attached; detach() it first")
 
         self.optimizer = optimizer
-        self._reader = reader_for(optimizer, self.direction)
+        if self.variant == "salera":
+            self._reader: DirectionReader = GradientReader()
+        else:
+            self._reader = reader_for(optimizer, "delta" if self.unit_step else self.direction)
         self._log_factors: list[float] = []
         self._initial_log_factor = self._clamp_log_factor(math.log(initial))
         self._ratios: list[float | None] = []
@@ -193,7 +224,7 @@ class CLARA:
     @property
     def lr_used(self) -> list[float]:
         """The learning rate each param group used in the last step (``lr_base * F`` before that)."""
-        if self._bases is not None:
+        if self._lr_used:
             return list(self._lr_used)
         return [self._lr_for(j, group["lr"]) for j, group in enumerate(self.optimizer.param_groups)]
 
@@ -248,11 +279,18 @@ class CLARA:
         cached = self._references[j]
         sizes = {p.numel() for p in group["params"]}
         if cached is None or cached.key != key or not sizes <= cached.curves.keys():
-            reference = reference_for(self.optimizer, group, self.c)
+            reference = self._reference_for(group)
             curves = {n: curve.tolist() for n, curve in reference.curves(sorted(sizes)).items()}
             cached = _GroupReference(key, curves)
             self._references[j] = cached
         return cached
+
+    def _reference_for(self, group: dict[str, Any]) -> Reference:
+        if self._custom_reference is not None:
+            return self._custom_reference
+        if self.variant == "salera":
+            return shared(PlainReference(self.c))  # SALeRA compares raw gradients with a plain random walk
+        return reference_for(self.optimizer, group, self.c)
 
     def _clamp_log_factor(self, value: float) -> float:
         value = min(max(value, -LOG_FACTOR_LIMIT), LOG_FACTOR_LIMIT)
@@ -325,10 +363,17 @@ class CLARA:
     def _adapt(self, optimizer: Optimizer) -> None:
         # 1. directions, bucketed by (device, path dtype) so each bucket is one set of foreach kernels
         buckets: dict[tuple[torch.device, torch.dtype], list[tuple[int, Tensor, Tensor]]] = defaultdict(list)
+        curves: dict[int, dict[int, list[float]]] = {}
         for j, group in enumerate(optimizer.param_groups):
-            params = [p for p in group["params"] if p.grad is not None]
+            params = []
+            for param in group["params"]:
+                if param.grad is not None:
+                    params.append(param)
+                elif not param.requires_grad and param in self._tensors:
+                    del self._tensors[param]  # frozen: when unfrozen it starts a fresh path
             if not params:
                 continue
+            curves[j] = self._group_reference(j).curves
             directions = self._reader.directions(optimizer, group, params)
             for param, direction in zip(params, directions, strict=True):
                 buckets[(param.device, path_dtype_for(param.dtype))].append((j, param, direction))
@@ -339,7 +384,10 @@ class CLARA:
         results: list[Tensor] = []
         for entries in buckets.values():
             paths = [self._state_for(param).path for _, param, _ in entries]
-            update = update_paths(paths, [direction for _, _, direction in entries], self.c)
+            directions = [direction for _, _, direction in entries]
+            update = update_paths(paths, directions, self.c)
+            if self.unit_step:
+                self._take_unit_steps(entries, update.moved, update.step_norms)
             packed = torch.stack([update.squared_norms, update.moved.double(), update.non_finite.double()])
             results.append(packed.cpu())
             items.extend((j, param) for j, param, _ in entries)
@@ -359,7 +407,7 @@ class CLARA:
             if not host[1][k]:
                 continue
             state.count += 1
-            curve = self._group_reference(j).curves[param.numel()]
+            curve = curves[j][param.numel()]
             scope = self._scope_of(j)
             squared[scope] += host[0][k]
             expected[scope] += curve[min(state.count, len(curve) - 1)]
@@ -380,6 +428,19 @@ class CLARA:
                 "adaptation and their paths were reset",
                 RuntimeWarning,
                 stacklevel=2,
+            )
+
+    def _take_unit_steps(self, entries: list[tuple[int, Tensor, Tensor]], moved: Tensor, norms: Tensor) -> None:
+        """Replace each realised step s by ``lr * s / ||s||`` (the paper's unit-step variant)."""
+        lrs = torch.tensor([self._lr_used[j] for j, _, _ in entries], dtype=norms.dtype, device=norms.device)
+        safe = torch.where(moved, norms, torch.ones_like(norms))
+        scales = torch.where(moved, 1.0 - lrs / safe, torch.zeros_like(norms))
+        params = [param.detach() for _, param, _ in entries]
+        steps = [step for _, _, step in entries]
+        with torch.no_grad():
+            # theta_after + s * (1 - lr/||s||) = theta_before - lr * u
+            torch._foreach_addcmul_(
+                params, steps, [s.to(p.dtype) for s, p in zip(scales.unbind(), params, strict=True)]
             )
 
     def _clamp_to_lr_bounds(self) -> None:
@@ -411,7 +472,13 @@ class CLARA:
             tensors.append(row)
         return {
             "format": _STATE_FORMAT,
-            "config": {"c": self.c, "d": self.d, "scope": self.scope},
+            "config": {
+                "c": self.c,
+                "d": self.d,
+                "scope": self.scope,
+                "variant": self.variant,
+                "unit_step": self.unit_step,
+            },
             "log_factors": list(self._log_factors),
             "ratios": list(self._ratios),
             "num_adapted_steps": self._adapted_steps,

@@ -30,6 +30,8 @@ class PathUpdate:
     """True where the step had a NaN or inf entry (the path was left untouched)."""
     squared_norms: Tensor
     """||p_k||^2 after the update (fp64)."""
+    step_norms: Tensor
+    """||s_k|| of the directions (path dtype)."""
 
 
 def update_paths(paths: Sequence[Tensor], directions: Sequence[Tensor], c: float) -> PathUpdate:
@@ -54,7 +56,7 @@ def update_paths(paths: Sequence[Tensor], directions: Sequence[Tensor], c: float
     torch._foreach_addcmul_(paths, directions, list(scales.unbind()))
     squared = torch.stack(torch._foreach_norm(paths)).double().pow(2)
     squared = torch.where(finite, squared, torch.zeros_like(squared))
-    return PathUpdate(moved=moved, non_finite=~finite, squared_norms=squared)
+    return PathUpdate(moved=moved, non_finite=~finite, squared_norms=squared, step_norms=norms)
 
 
 def scope_sums(values: Tensor, scope_index: Tensor, num_scopes: int) -> Tensor:

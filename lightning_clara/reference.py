@@ -34,7 +34,10 @@ __all__ = [
     "MonteCarloReference",
     "PlainReference",
     "Reference",
+    "StitchedReference",
     "expected_cosine",
+    "freeze",
+    "shared",
 ]
 
 #: Tensors larger than this share one curve: the finite-size correction is below 1e-4 there.
@@ -191,31 +194,65 @@ def _simulation_hyperparameters(defaults: Mapping[str, Any]) -> dict[str, Any]:
     return hyper
 
 
-def _freeze(value: Any) -> Any:
+def freeze(value: Any) -> Any:
+    """A hashable copy of nested lists, tuples and dicts (for cache keys)."""
     if isinstance(value, (list, tuple)):
-        return tuple(_freeze(v) for v in value)
+        return tuple(freeze(v) for v in value)
     if isinstance(value, dict):
-        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+        return tuple(sorted((k, freeze(v)) for k, v in value.items()))
     return value
+
+
+#: Sizes the Monte Carlo simulates (log-spaced); other sizes interpolate linearly in log n.
+SIZE_GRID: tuple[int, ...] = tuple(sorted({round(2 ** (k / 2)) for k in range(21)}))
+#: Longest simulated horizon (slow schedules such as NAdam's momentum decay need ~25k steps).
+MAX_SIMULATED_HORIZON = 32768
+#: Steps before which a Monte Carlo curve is used raw; later it is smoothed over +-t/16 steps.
+_RAW_STEPS = 64
+
+
+def _grid_neighbours(n: int) -> tuple[int, int]:
+    """The grid sizes just below and above n (equal when n is on the grid; sizes beyond share the last)."""
+    n = min(n, SIZE_GRID[-1])
+    upper = next(g for g in SIZE_GRID if g >= n)
+    lower = max(g for g in SIZE_GRID if g <= n)
+    return lower, upper
+
+
+def _smooth(curve: torch.Tensor) -> torch.Tensor:
+    """Average each t >= _RAW_STEPS over [t - t/16, t + t/16]: the noise shrinks, slow trends stay."""
+    horizon = curve.numel() - 1
+    if horizon <= _RAW_STEPS:
+        return curve
+    cumulative = torch.cat([torch.zeros(1, dtype=curve.dtype), curve.cumsum(0)])
+    t = torch.arange(_RAW_STEPS, horizon + 1)
+    half = t // 16
+    low = (t - half).clamp(min=0)
+    high = (t + half).clamp(max=horizon)
+    out = curve.clone()
+    out[_RAW_STEPS:] = (cumulative[high + 1] - cumulative[low]) / (high - low + 1)
+    return out
 
 
 class MonteCarloReference(Reference):
     """Any element-wise optimizer: run its own update rule on i.i.d. Gaussian gradients.
 
-    Each size n is simulated as a ``(trials, n)`` parameter (rows are independent trials since
-    the update is element-wise); parameters are reset to zero before every step so that the
-    step is exactly ``-param`` and weight decay plays no part. Results are seeded, hence
-    deterministic.
+    All sizes of :data:`SIZE_GRID` that are needed run in one flat parameter (the update is
+    element-wise, so every block of n entries is an independent trial); parameters are reset
+    to zero before every step so that the step is exactly ``-param`` and weight decay plays
+    no part. Sizes between grid points interpolate in log n. After :data:`_RAW_STEPS` steps
+    the curve is smoothed over a window proportional to t, and the stationary value is the
+    mean of the last quarter of the horizon. Seeded, hence deterministic.
 
     Args:
         c: path memory.
         optimizer_class: the optimizer to simulate.
         hyperparameters: one param group's settings (lr and weight decay are irrelevant).
         control_beta: momentum of the heavy-ball process the optimizer reduces to for large t
-            (Adam's beta1). When given, the heavy-ball curve is used as a control variate and
-            as the exact tail beyond the simulated horizon.
-        horizon: simulated steps; defaults to ``max(64, 6 / (1 - control_beta))``.
-        budget: approximate number of simulated elements per size (trials * n).
+            (Adam's beta1). When given, the exact heavy-ball curve of each size serves as a
+            control variate and as the tail beyond the simulated horizon.
+        horizon: simulated steps (default ``max(64, 6 / (1 - control_beta))`` or 128).
+        budget: simulated element-steps (trials x n x steps, summed over sizes); caps the cost.
         seed: seed of the Gaussian gradients.
     """
 
@@ -227,8 +264,8 @@ class MonteCarloReference(Reference):
         *,
         control_beta: float | None = None,
         horizon: int | None = None,
-        budget: int = 1 << 16,
-        min_trials: int = 64,
+        budget: int = 1 << 22,
+        min_trials: int = 16,
         seed: int = 0,
     ) -> None:
         super().__init__(c)
@@ -236,8 +273,8 @@ class MonteCarloReference(Reference):
         self.hyperparameters = _simulation_hyperparameters(hyperparameters)
         self.control_beta = control_beta
         if horizon is None:
-            horizon = 64 if control_beta is None else max(64, math.ceil(6.0 / (1.0 - control_beta)))
-        self.horizon = int(min(horizon, MAX_HORIZON))
+            horizon = 128 if control_beta is None else max(64, math.ceil(6.0 / (1.0 - control_beta)))
+        self.horizon = int(min(max(horizon, 8), MAX_SIMULATED_HORIZON))
         self.budget = int(budget)
         self.min_trials = int(min_trials)
         self.seed = int(seed)
@@ -249,7 +286,7 @@ class MonteCarloReference(Reference):
             "monte_carlo",
             self.c,
             f"{self.optimizer_class.__module__}.{self.optimizer_class.__qualname__}",
-            _freeze(self.hyperparameters),
+            freeze(self.hyperparameters),
             self.control_beta,
             self.horizon,
             self.budget,
@@ -258,77 +295,150 @@ class MonteCarloReference(Reference):
         )
 
     def _compute(self, sizes: list[int]) -> dict[int, torch.Tensor]:
-        simulated, controlled = _simulate(
-            self.optimizer_class,
-            self.hyperparameters,
-            sizes,
-            c=self.c,
-            horizon=self.horizon,
-            budget=self.budget,
-            min_trials=self.min_trials,
-            seed=self.seed,
-            control_beta=self.control_beta,
-        )
+        grid = sorted({g for n in sizes for g in _grid_neighbours(n)})
+        simulated = self._simulate_grid(grid)
         out = {}
         for n in sizes:
-            mc = simulated[n]
+            lower, upper = _grid_neighbours(n)
+            if lower == upper:
+                difference = simulated[lower]
+            else:
+                weight = (math.log(min(n, SIZE_GRID[-1])) - math.log(lower)) / (math.log(upper) - math.log(lower))
+                difference = (1 - weight) * simulated[lower] + weight * simulated[upper]
             if self._control is None:
-                tail_start = self.horizon // 2
-                stationary = mc[tail_start:].mean()
-                out[n] = torch.cat([mc, stationary.reshape(1)])
+                tail = difference[-max(1, self.horizon // 4) :].mean()
+                out[n] = torch.cat([difference, tail.reshape(1)])
                 continue
             exact = self._control.curve(n)
             length = max(exact.numel(), self.horizon + 1)
             curve = torch.cat([exact, exact[-1].expand(length - exact.numel())])
-            curve[: self.horizon + 1] += mc - controlled[n]
+            curve[: self.horizon + 1] += difference
             out[n] = curve
         return out
+
+    def _simulate_grid(self, grid: list[int]) -> dict[int, torch.Tensor]:
+        """Per grid size: the smoothed mean ||p_t||^2 (or its difference to heavy-ball on the same noise)."""
+        elements_per_step = max(self.budget // self.horizon, 1)
+        trials = {n: max(self.min_trials, elements_per_step // (len(grid) * n)) for n in grid}
+        curves = _simulate(
+            self.optimizer_class,
+            self.hyperparameters,
+            trials,
+            c=self.c,
+            horizon=self.horizon,
+            seed=self.seed,
+            control_beta=self.control_beta,
+        )
+        return {n: _smooth(curve) for n, curve in curves.items()}
 
 
 def _simulate(
     optimizer_class: type[Optimizer],
     hyperparameters: Mapping[str, Any],
-    sizes: list[int],
+    trials: Mapping[int, int],
     *,
     c: float,
     horizon: int,
-    budget: int,
-    min_trials: int,
     seed: int,
     control_beta: float | None,
-) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """Mean ||p_t||^2 (t = 0..horizon) of the optimizer's paths, and of heavy-ball paths on the same noise."""
-    generator = torch.Generator().manual_seed(seed)
-    trials = {n: max(min_trials, budget // n) for n in sizes}
-    params = [torch.zeros(trials[n], n, requires_grad=True) for n in sizes]
-    optimizer = optimizer_class(params, **hyperparameters)
-    paths = [torch.zeros(trials[n], n, dtype=torch.float64) for n in sizes]
-    momenta = [torch.zeros(trials[n], n, dtype=torch.float64) for n in sizes]
-    control_paths = [torch.zeros(trials[n], n, dtype=torch.float64) for n in sizes]
-    means = {n: torch.zeros(horizon + 1, dtype=torch.float64) for n in sizes}
-    control = {n: torch.zeros(horizon + 1, dtype=torch.float64) for n in sizes}
+) -> dict[int, torch.Tensor]:
+    """Mean ||p_t||^2 for t = 0..horizon per size, minus the heavy-ball value on the same noise if asked.
 
-    def accumulate(path: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-        norms = step.norm(dim=1, keepdim=True)
-        moved = norms > 0
-        unit = torch.where(moved, step / torch.where(moved, norms, torch.ones_like(norms)), torch.zeros(()))
-        path.mul_(torch.where(moved, 1.0 - c, 1.0)).add_(c * unit)
-        return path.pow(2).sum(dim=1).mean()
+    One flat parameter holds every trial of every size (so the optimizer runs one set of
+    kernels per step); per size, a ``(trials, n)`` view gives the per-trial norms.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: thread start-up costs more than it saves, badly so under load
+    try:
+        return _simulate_single_thread(
+            optimizer_class, hyperparameters, trials, c=c, horizon=horizon, seed=seed, control_beta=control_beta
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _simulate_single_thread(
+    optimizer_class: type[Optimizer],
+    hyperparameters: Mapping[str, Any],
+    trials: Mapping[int, int],
+    *,
+    c: float,
+    horizon: int,
+    seed: int,
+    control_beta: float | None,
+) -> dict[int, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    sizes = list(trials)
+    lengths = [trials[n] * n for n in sizes]
+    total = sum(lengths)
+    param = torch.zeros(total, requires_grad=True)
+    optimizer = optimizer_class([param], **hyperparameters)
+    a = 1.0 - c
+    path = torch.zeros(total)
+    control_path = torch.zeros(total)
+    momentum = torch.zeros(total)
+    means = torch.zeros(horizon + 1, len(sizes), dtype=torch.float64)
+
+    def update(path: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """One path update per trial; returns the mean ||p||^2 per size."""
+        out = torch.empty(len(sizes), dtype=torch.float64)
+        for i, (p, s) in enumerate(zip(path.split(lengths), step.split(lengths), strict=True)):
+            n = sizes[i]
+            p2, s2 = p.view(-1, n), s.view(-1, n)
+            norms = torch.linalg.vector_norm(s2, dim=1, keepdim=True)
+            moved = norms > 0
+            scale = torch.where(moved, c / torch.where(moved, norms, 1.0), 0.0)
+            p2.mul_(torch.where(moved, a, 1.0)).add_(s2 * scale)
+            out[i] = p2.pow(2).sum(dtype=torch.float64) / trials[n]
+        return out
 
     for t in range(1, horizon + 1):
-        gradients = [torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in params]
+        gradient = torch.randn(total, generator=generator)
         with torch.no_grad():
-            for param, grad in zip(params, gradients, strict=True):
-                param.zero_()
-                param.grad = grad.to(param.dtype)
+            param.zero_()
+        param.grad = gradient
         optimizer.step()
-        for i, n in enumerate(sizes):
-            step = -params[i].detach().to(torch.float64)
-            means[n][t] = accumulate(paths[i], step)
-            if control_beta is not None:
-                momenta[i].mul_(control_beta).add_(gradients[i])
-                control[n][t] = accumulate(control_paths[i], momenta[i])
-    return means, control
+        means[t] = update(path, -param.detach())
+        if control_beta is not None:
+            momentum.mul_(control_beta).add_(gradient)
+            means[t] -= update(control_path, momentum)
+    return {n: means[:, i].clone() for i, n in enumerate(sizes)}
+
+
+class StitchedReference(Reference):
+    """An early curve followed by a time-compressed late one, for slowly scheduled optimizers.
+
+    NAdam's momentum ramps up over ~25k steps: simulating that many steps is too slow, but a
+    run whose schedule is sped up ``time_scale`` times sees the same slowly varying states in
+    fewer steps. ``curve[t]`` is ``early[t]`` up to ``early``'s horizon and ``late[t / time_scale]``
+    (linearly interpolated) afterwards.
+    """
+
+    def __init__(self, early: Reference, late: Reference, time_scale: int) -> None:
+        super().__init__(early.c)
+        if late.c != early.c:
+            raise ValueError("early and late references must share c")
+        if time_scale < 1:
+            raise ValueError(f"time_scale must be >= 1, got {time_scale!r}")
+        self.early, self.late, self.time_scale = early, late, int(time_scale)
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return ("stitched", self.early.key, self.late.key, self.time_scale)
+
+    def _compute(self, sizes: list[int]) -> dict[int, torch.Tensor]:
+        early, late = self.early.curves(sizes), self.late.curves(sizes)
+        out = {}
+        for n in sizes:
+            head, tail = early[n], late[n]
+            switch = head.numel()
+            t = torch.arange(switch, (tail.numel() - 1) * self.time_scale + 1, dtype=torch.float64)
+            position = (t / self.time_scale).clamp(max=tail.numel() - 1)
+            below = position.floor().long()
+            above = (below + 1).clamp(max=tail.numel() - 1)
+            weight = position - below
+            out[n] = torch.cat([head, (1 - weight) * tail[below] + weight * tail[above]])
+        return out
 
 
 _SHARED: dict[tuple[Any, ...], Reference] = {}

@@ -89,3 +89,25 @@ class SimpleAdam:
                 p.sub_(step)
                 steps.append(step)
         return steps
+
+
+class SimpleMomentumSGD:
+    """SGD with heavy-ball momentum written out (torch's convention: the first buffer is the gradient)."""
+
+    def __init__(self, params: Sequence[Tensor], momentum: float = 0.9) -> None:
+        self.params = list(params)
+        self.momentum = momentum
+        self.buffers: list[Tensor | None] = [None] * len(self.params)
+
+    def step(self, lr: float) -> list[Tensor]:
+        """Update ``buf = momentum * buf + grad`` and ``p -= lr * buf``; returns the realised steps."""
+        steps = []
+        with torch.no_grad():
+            for k, p in enumerate(self.params):
+                buffer = self.buffers[k]
+                buffer = p.grad.clone() if buffer is None else self.momentum * buffer + p.grad
+                self.buffers[k] = buffer
+                step = lr * buffer
+                p.sub_(step)
+                steps.append(step)
+        return steps
