@@ -44,6 +44,21 @@ def optimizer_names(optimizers: Sequence[Optimizer]) -> list[list[str]]:
     return out
 
 
+#: Strategies whose optimizer steps are identical on every rank, so CLARA needs no collective.
+_SUPPORTED_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy")
+
+
+def _check_strategy(trainer: pl.Trainer) -> None:
+    """Refuse strategies whose parameters are sharded: their per-tensor norms would be partial."""
+    names = [cls.__name__ for cls in type(trainer.strategy).__mro__]
+    if not any(name in _SUPPORTED_STRATEGIES for name in names):
+        raise NotImplementedError(
+            f"CLARACallback does not support the {type(trainer.strategy).__name__} strategy yet: with sharded "
+            "parameters (FSDP, DeepSpeed ZeRO, model parallel) per-tensor norms are partial sums. Supported: "
+            "single device, DDP (ddp, ddp_spawn, ddp_fork, ddp_notebook)."
+        )
+
+
 class CLARACallback(Callback):
     """Adapt the learning rate of every optimizer in ``Trainer.fit`` with CLARA.
 
@@ -63,6 +78,9 @@ class CLARACallback(Callback):
         min_lr: lower bound on the learning rate used, or None.
         max_lr: upper bound on the learning rate used, or None.
         log: log the dynamics to ``trainer.loggers``.
+        safeguard: watch the training loss (``training_step``'s loss) with a Page-Hinkley test; on
+            a blow-up undo the last step where a snapshot exists and halve F (see
+            :meth:`~lightning_clara.CLARA.observe_loss`). Costs one device-to-host copy per step.
     """
 
     def __init__(
@@ -77,6 +95,7 @@ class CLARACallback(Callback):
         min_lr: float | None = None,
         max_lr: float | None = None,
         log: bool = True,
+        safeguard: bool = False,
     ) -> None:
         if not isinstance(log, bool):
             raise TypeError(f"log must be a bool, got {type(log).__name__} {log!r}")
@@ -89,7 +108,10 @@ class CLARACallback(Callback):
             "max_factor": max_factor,
             "min_lr": min_lr,
             "max_lr": max_lr,
+            "safeguard": safeguard,
         }
+        if not isinstance(safeguard, bool):
+            raise TypeError(f"safeguard must be a bool, got {type(safeguard).__name__} {safeguard!r}")
         validate_options(**self._options)
         self.log = log
         self.controllers: list[CLARA] = []
@@ -100,6 +122,7 @@ class CLARACallback(Callback):
     # ------------------------------------------------------------------ attach / detach
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _check_strategy(trainer)
         optimizers = list(trainer.optimizers)
         if not optimizers:
             raise ValueError("CLARACallback needs at least one optimizer; configure_optimizers returned none")
@@ -107,6 +130,7 @@ class CLARACallback(Callback):
         self.controllers = [CLARA(optimizer, **self._options) for optimizer in optimizers]
         self.names = optimizer_names(optimizers)
         self._logged_steps = [0] * len(self.controllers)
+        self._observed_steps = [0] * len(self.controllers)
         if self._restored is not None:
             self._load_controllers(self._restored)
             self._restored = None
@@ -124,6 +148,7 @@ class CLARACallback(Callback):
             self.controllers.append(CLARA(optimizer, **self._options))
             self.names = optimizer_names([c.optimizer for c in self.controllers])
             self._logged_steps.append(0)
+            self._observed_steps.append(0)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -142,6 +167,7 @@ class CLARACallback(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._feed_safeguard(outputs)
         if not self.log or not trainer.loggers or not trainer._logger_connector.should_update_logs:
             return
         metrics = self.metrics(only_new=True)
@@ -150,6 +176,18 @@ class CLARACallback(Callback):
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
+
+    def _feed_safeguard(self, outputs: Any) -> None:
+        """Give the batch loss to every controller that stepped in this batch."""
+        if not self._options["safeguard"]:
+            return
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is None:
+            return
+        for index, controller in enumerate(self.controllers):
+            if controller.num_adapted_steps != self._observed_steps[index]:
+                self._observed_steps[index] = controller.num_adapted_steps
+                controller.observe_loss(loss)
 
     def metrics(self, *, only_new: bool = False) -> dict[str, float]:
         """The current ``clara/*`` values of every optimizer and param group.
@@ -169,9 +207,21 @@ class CLARACallback(Callback):
                 out[f"clara/log_factor-{name}"] = log_factor
                 if ratio is not None:
                     out[f"clara/ratio-{name}"] = ratio
+                if controller.safeguard is not None:
+                    out[f"clara/safeguard_alarms-{name}"] = float(controller.num_safeguard_alarms)
         return out
 
     # ------------------------------------------------------------------ checkpoints
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self.state_key not in checkpoint.get("callbacks", {}):
+            rank_zero_warn(
+                "CLARACallback: the checkpoint holds no CLARA state (saved without the callback?); "
+                "paths and factors start fresh (F = 1)"
+            )
+
     @override
     def state_dict(self) -> dict[str, Any]:
         if self._restored is not None and not self.controllers:

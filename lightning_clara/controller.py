@@ -22,9 +22,10 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_clara._validation import check_choice, check_in_range, check_optional_positive
-from lightning_clara.directions import DirectionReader, GradientReader
+from lightning_clara.directions import DeltaReader, DirectionReader, GradientReader
 from lightning_clara.path import path_dtype_for, update_paths
 from lightning_clara.reference import PlainReference, Reference, shared
+from lightning_clara.safeguard import PageHinkley
 from lightning_clara.support import DirectionChoice, check_supported, reader_for, reference_for, reference_key
 
 __all__ = ["CLARA", "validate_options"]
@@ -50,6 +51,7 @@ def validate_options(
     variant: Any = "clara",
     unit_step: Any = False,
     reference: Any = None,
+    safeguard: Any = False,
 ) -> dict[str, Any]:
     """Check CLARA's options; raise ``TypeError``/``ValueError`` naming the argument and its range."""
     options = {
@@ -74,6 +76,12 @@ def validate_options(
             f"reference must be a lightning_clara.reference.Reference or None, got {type(reference).__name__}"
         )
     options["reference"] = reference
+    if isinstance(safeguard, bool):
+        options["safeguard"] = PageHinkley() if safeguard else None
+    elif isinstance(safeguard, PageHinkley):
+        options["safeguard"] = safeguard
+    else:
+        raise TypeError(f"safeguard must be a bool or a PageHinkley, got {type(safeguard).__name__}")
     if unit_step and direction == "state":
         raise ValueError("unit_step=True needs the realised step: use direction='auto' or 'delta', not 'state'")
     if variant == "salera" and (unit_step or direction != "auto"):
@@ -136,6 +144,7 @@ class CLARA:
         variant: Variant = "clara",
         unit_step: bool = False,
         reference: Reference | None = None,
+        safeguard: bool | PageHinkley = False,
     ) -> None:
         check_supported(optimizer)
         options = validate_options(
@@ -151,6 +160,7 @@ class CLARA:
             variant=variant,
             unit_step=unit_step,
             reference=reference,
+            safeguard=safeguard,
         )
         self.c: float = options["c"]
         self.d: float = options["d"]
@@ -164,6 +174,7 @@ class CLARA:
         self.variant: Variant = options["variant"]
         self.unit_step: bool = options["unit_step"]
         self._custom_reference: Reference | None = options["reference"]
+        self.safeguard: PageHinkley | None = options["safeguard"]
         if getattr(optimizer, "_clara_controller", None) is not None:
             raise RuntimeError("this optimizer already has a CLARA controller attached; detach() it first")
 
@@ -459,6 +470,36 @@ class CLARA:
                 value = max(value, math.log(self.min_lr / max(members)))
             self._log_factors[scope] = value
 
+    # ------------------------------------------------------------------ safeguard
+    @property
+    def num_safeguard_alarms(self) -> int:
+        """How often the safeguard fired (0 without a safeguard)."""
+        return 0 if self.safeguard is None else self.safeguard.alarms
+
+    def observe_loss(self, loss: float | Tensor) -> bool:
+        """Feed the training loss of the last step to the safeguard; True if it raised an alarm.
+
+        On an alarm (a Page-Hinkley detected blow-up, or a NaN/inf loss) the last step is undone
+        where the delta reader still holds it, F is halved, the test restarts and a warning is
+        issued. Reading a tensor loss costs one device-to-host copy. Without a safeguard this
+        does nothing and returns False.
+        """
+        if self.safeguard is None:
+            return False
+        value = float(loss.detach().float().item()) if isinstance(loss, Tensor) else float(loss)
+        if not self.safeguard.update(value):
+            return False
+        undone = isinstance(self._reader, DeltaReader) and self._reader.undo_last_step()
+        self._log_factors = [self._clamp_log_factor(v - math.log(2.0)) for v in self._log_factors]
+        self.safeguard.reset()
+        warnings.warn(
+            f"CLARA safeguard: the training loss blew up ({value:.4g}); F halved to {self.lr_factor:.4g}"
+            + ("; last step undone" if undone else "; no snapshot to undo the last step (state reader)"),
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return True
+
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
         """Plain values and tensors keyed by (group index, position in group): checkpoint-safe."""
@@ -484,6 +525,7 @@ class CLARA:
             "num_adapted_steps": self._adapted_steps,
             "num_skipped_steps": self._skipped_steps,
             "tensors": tensors,
+            "safeguard": None if self.safeguard is None else self.safeguard.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -509,6 +551,8 @@ class CLARA:
         self._ratios = [None if v is None else float(v) for v in state_dict["ratios"]]
         self._adapted_steps = int(state_dict["num_adapted_steps"])
         self._skipped_steps = int(state_dict["num_skipped_steps"])
+        if self.safeguard is not None and state_dict.get("safeguard") is not None:
+            self.safeguard.load_state_dict(state_dict["safeguard"])
         self._tensors = {}
         for row, group in zip(groups, self.optimizer.param_groups, strict=True):
             for entry, param in zip(row, group["params"], strict=True):

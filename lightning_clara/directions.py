@@ -60,8 +60,10 @@ class DeltaReader(DirectionReader):
 
     def __init__(self) -> None:
         self._snapshots: dict[Tensor, Tensor] = {}
+        self._holds_steps: list[Tensor] = []
 
     def before_step(self, params: Sequence[Tensor]) -> None:
+        self._holds_steps = []
         buffers = []
         for param in params:
             buffer = self._snapshots.get(param)
@@ -83,10 +85,26 @@ class DeltaReader(DirectionReader):
         buffers = [self._snapshots[p] for p in params]
         with torch.no_grad():
             torch._foreach_sub_(buffers, [p.detach() for p in params])
+        self._holds_steps.extend(params)
         return buffers
+
+    def undo_last_step(self) -> bool:
+        """Add the last realised steps back (``theta_before = theta_after + s``); False if none is held.
+
+        Valid until the next step's snapshot; callers that change the applied step (unit steps)
+        must keep the buffers equal to the step actually applied.
+        """
+        if not self._holds_steps:
+            return False
+        params = self._holds_steps
+        with torch.no_grad():
+            torch._foreach_add_([p.detach() for p in params], [self._snapshots[p] for p in params])
+        self._holds_steps = []
+        return True
 
     def release(self) -> None:
         self._snapshots.clear()
+        self._holds_steps = []
 
 
 def _signed_gradients(group: Mapping[str, Any], params: Sequence[Tensor]) -> list[Tensor]:

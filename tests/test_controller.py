@@ -186,6 +186,32 @@ def test_matches_simple_loop_step_by_step(case: str, direction: str) -> None:
     assert clara.num_adapted_steps == STEPS
 
 
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda ps: torch.optim.SGD(ps, lr=0.02, momentum=0.9, nesterov=True, weight_decay=0.1),
+        lambda ps: torch.optim.SGD(ps, lr=0.05, weight_decay=0.1),
+        lambda ps: torch.optim.Adam(ps, lr=0.003, weight_decay=0.1, amsgrad=True),
+        lambda ps: torch.optim.AdamW(ps, lr=0.003, weight_decay=0.1),
+        lambda ps: torch.optim.AdamW(ps, lr=0.003, weight_decay=0.1, maximize=True),
+    ],
+    ids=["sgd-nesterov-decay", "sgd-decay", "adam-l2-amsgrad", "adamw-decay", "adamw-maximize"],
+)
+def test_state_and_delta_readers_give_the_same_trajectory(
+    make_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer],
+) -> None:
+    """With weight decay and a moving factor, reading the step from state equals measuring it (fp64)."""
+    state, state_params, state_clara = run_library(make_optimizer, 100, c=C, d=0.05, direction="state")
+    delta, delta_params, delta_clara = run_library(make_optimizer, 100, c=C, d=0.05, direction="delta")
+    assert (state_clara.reader_name, delta_clara.reader_name) == ("state", "delta")
+    for t, (got, want) in enumerate(zip(state, delta, strict=True)):
+        for name, a, b in zip(("lr used", "ratio", "factor"), got, want, strict=True):
+            assert relative_error(a, b) < RTOL, f"step {t}: {name} {a!r} (state) vs {b!r} (delta)"
+    for p, q in zip(state_params, delta_params, strict=True):
+        torch.testing.assert_close(p, q, rtol=RTOL, atol=1e-9)
+    assert abs(math.log(state_clara.lr_factor)) > 0.01
+
+
 def test_plain_sgd_loop_uses_closed_form_mu() -> None:
     """The loop's plain-SGD mu is ALGORITHM.md's closed form, and the library's curve equals it."""
     optimizer = torch.optim.SGD(make_params(), lr=0.1)
