@@ -21,9 +21,10 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from lightning_clara._validation import check_choice, check_in_range, check_optional_positive
+from lightning_clara._validation import check_choice, check_in_range, check_optional_positive, check_positive_int
 from lightning_clara.directions import DeltaReader, DirectionReader, GradientReader
-from lightning_clara.path import path_dtype_for, update_paths
+from lightning_clara.distributed import RankConsistencyGuard, Sharding
+from lightning_clara.path import path_dtype_for, update_paths, update_sharded_paths
 from lightning_clara.reference import PlainReference, Reference, shared
 from lightning_clara.safeguard import PageHinkley
 from lightning_clara.support import DirectionChoice, check_supported, reader_for, reference_for, reference_key
@@ -52,6 +53,8 @@ def validate_options(
     unit_step: Any = False,
     reference: Any = None,
     safeguard: Any = False,
+    sharding: Any = None,
+    consistency_check_every: Any = None,
 ) -> dict[str, Any]:
     """Check CLARA's options; raise ``TypeError``/``ValueError`` naming the argument and its range."""
     options = {
@@ -82,6 +85,18 @@ def validate_options(
         options["safeguard"] = safeguard
     else:
         raise TypeError(f"safeguard must be a bool or a PageHinkley, got {type(safeguard).__name__}")
+    if sharding is not None and not isinstance(sharding, Sharding):
+        raise TypeError(
+            f"sharding must be a lightning_clara.distributed.Sharding or None, got {type(sharding).__name__}"
+        )
+    if sharding is not None and (direction == "state" or variant == "salera"):
+        raise ValueError("sharding needs the delta reader: use direction='auto' or 'delta' and variant='clara'")
+    options["sharding"] = sharding
+    options["consistency_check_every"] = (
+        None
+        if consistency_check_every is None
+        else check_positive_int("consistency_check_every", consistency_check_every)
+    )
     if unit_step and direction == "state":
         raise ValueError("unit_step=True needs the realised step: use direction='auto' or 'delta', not 'state'")
     if variant == "salera" and (unit_step or direction != "auto"):
@@ -145,6 +160,8 @@ class CLARA:
         unit_step: bool = False,
         reference: Reference | None = None,
         safeguard: bool | PageHinkley = False,
+        sharding: Sharding | None = None,
+        consistency_check_every: int | None = None,
     ) -> None:
         check_supported(optimizer)
         options = validate_options(
@@ -161,6 +178,8 @@ class CLARA:
             unit_step=unit_step,
             reference=reference,
             safeguard=safeguard,
+            sharding=sharding,
+            consistency_check_every=consistency_check_every,
         )
         self.c: float = options["c"]
         self.d: float = options["d"]
@@ -175,6 +194,9 @@ class CLARA:
         self.unit_step: bool = options["unit_step"]
         self._custom_reference: Reference | None = options["reference"]
         self.safeguard: PageHinkley | None = options["safeguard"]
+        self.sharding: Sharding | None = options["sharding"]
+        every = options["consistency_check_every"]
+        self._guard = None if every is None else RankConsistencyGuard(every)
         if getattr(optimizer, "_clara_controller", None) is not None:
             raise RuntimeError("this optimizer already has a CLARA controller attached; detach() it first")
 
@@ -182,7 +204,8 @@ class CLARA:
         if self.variant == "salera":
             self._reader: DirectionReader = GradientReader()
         else:
-            self._reader = reader_for(optimizer, "delta" if self.unit_step else self.direction)
+            needs_delta = self.unit_step or self.sharding is not None
+            self._reader = reader_for(optimizer, "delta" if needs_delta else self.direction)
         self._log_factors: list[float] = []
         self._initial_log_factor = self._clamp_log_factor(math.log(initial))
         self._ratios: list[float | None] = []
@@ -288,13 +311,17 @@ class CLARA:
         group = self.optimizer.param_groups[j]
         key = reference_key(self.optimizer, group)
         cached = self._references[j]
-        sizes = {p.numel() for p in group["params"]}
+        sizes = {self._numel(p) for p in group["params"]}
         if cached is None or cached.key != key or not sizes <= cached.curves.keys():
             reference = self._reference_for(group)
             curves = {n: curve.tolist() for n, curve in reference.curves(sorted(sizes)).items()}
             cached = _GroupReference(key, curves)
             self._references[j] = cached
         return cached
+
+    def _numel(self, param: Tensor) -> int:
+        """The tensor size the reference uses: the full size when parameters are sharded."""
+        return param.numel() if self.sharding is None else int(self.sharding.full_numel(param))
 
     def _reference_for(self, group: dict[str, Any]) -> Reference:
         if self._custom_reference is not None:
@@ -378,7 +405,8 @@ class CLARA:
         for j, group in enumerate(optimizer.param_groups):
             params = []
             for param in group["params"]:
-                if param.grad is not None:
+                # sharded: every rank must take part in the reduction, even with an empty or grad-less shard
+                if param.grad is not None or (self.sharding is not None and param.requires_grad):
                     params.append(param)
                 elif not param.requires_grad and param in self._tensors:
                     del self._tensors[param]  # frozen: when unfrozen it starts a fresh path
@@ -396,7 +424,10 @@ class CLARA:
         for entries in buckets.values():
             paths = [self._state_for(param).path for _, param, _ in entries]
             directions = [direction for _, _, direction in entries]
-            update = update_paths(paths, directions, self.c)
+            if self.sharding is None:
+                update = update_paths(paths, directions, self.c)
+            else:
+                update = update_sharded_paths(paths, directions, self.c, self.sharding.sum_across_shards)
             if self.unit_step:
                 self._take_unit_steps(entries, update.moved, update.step_norms)
             packed = torch.stack([update.squared_norms, update.moved.double(), update.non_finite.double()])
@@ -418,7 +449,7 @@ class CLARA:
             if not host[1][k]:
                 continue
             state.count += 1
-            curve = curves[j][param.numel()]
+            curve = curves[j][self._numel(param)]
             scope = self._scope_of(j)
             squared[scope] += host[0][k]
             expected[scope] += curve[min(state.count, len(curve) - 1)]
@@ -432,6 +463,8 @@ class CLARA:
         self._clamp_to_lr_bounds()
         if adapted:
             self._adapted_steps += 1
+            if self._guard is not None and self._guard.due(self._adapted_steps):
+                self._log_factors = self._guard.check(self._log_factors, next(iter(buckets))[0])
         if non_finite:
             self._skipped_steps += 1
             warnings.warn(
@@ -471,6 +504,11 @@ class CLARA:
             self._log_factors[scope] = value
 
     # ------------------------------------------------------------------ safeguard
+    @property
+    def num_resyncs(self) -> int:
+        """How often the rank-consistency guard found drift and re-synchronised from rank 0."""
+        return 0 if self._guard is None else self._guard.resyncs
+
     @property
     def num_safeguard_alarms(self) -> int:
         """How often the safeguard fired (0 without a safeguard)."""

@@ -6,13 +6,13 @@ one adaptation step costs a handful of ``torch._foreach_*`` kernels and no synch
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["PathUpdate", "path_dtype_for", "scope_sums", "update_paths"]
+__all__ = ["PathUpdate", "path_dtype_for", "scope_sums", "update_paths", "update_sharded_paths"]
 
 
 def path_dtype_for(dtype: torch.dtype) -> torch.dtype:
@@ -57,6 +57,44 @@ def update_paths(paths: Sequence[Tensor], directions: Sequence[Tensor], c: float
     squared = torch.stack(torch._foreach_norm(paths)).double().pow(2)
     squared = torch.where(finite, squared, torch.zeros_like(squared))
     return PathUpdate(moved=moved, non_finite=~finite, squared_norms=squared, step_norms=norms)
+
+
+def update_sharded_paths(
+    paths: Sequence[Tensor], directions: Sequence[Tensor], c: float, sum_across_shards: Callable[[Tensor], None]
+) -> PathUpdate:
+    """:func:`update_paths` for tensors sharded across ranks: each rank passes its local shards.
+
+    Norms are partial sums, so every rank packs, per tensor, its local ``||s||^2``,
+    ``||p||^2`` and ``p . s`` into one vector that ``sum_across_shards`` reduces in place (one
+    small collective per step, also on a rank whose shards are empty). The new squared path
+    length then follows without a second collective:
+    ``||p'||^2 = (1-c)^2 ||p||^2 + 2 (1-c) c (p . s) / ||s|| + c^2``.
+    """
+    dtype = paths[0].dtype
+    directions = [d if d.dtype == dtype else d.to(dtype) for d in directions]
+    local = torch.stack(
+        [
+            torch.stack(torch._foreach_norm(directions)).double().pow(2),
+            torch.stack(torch._foreach_norm(paths)).double().pow(2),
+            torch.stack(
+                [torch.dot(p.flatten().double(), d.flatten().double()) for p, d in zip(paths, directions, strict=True)]
+            ),
+        ]
+    )
+    sum_across_shards(local)
+    step_squared, path_squared, dot = local.unbind()
+    norms = step_squared.sqrt()
+    finite = torch.isfinite(norms) & torch.isfinite(dot)
+    moved = finite & (norms > 0)
+    safe_norms = torch.where(moved, norms, torch.ones_like(norms))
+    a = 1.0 - c
+    squared = torch.where(moved, a * a * path_squared + 2.0 * a * c * dot / safe_norms + c * c, path_squared)
+    squared = torch.where(finite, squared, torch.zeros_like(squared))
+    scales = torch.where(moved, c / safe_norms, torch.zeros_like(norms)).to(dtype)
+    decays = torch.where(moved, torch.full_like(norms, a), torch.ones_like(norms)).to(dtype)
+    torch._foreach_mul_(paths, list(decays.unbind()))
+    torch._foreach_addcmul_(paths, directions, list(scales.unbind()))
+    return PathUpdate(moved=moved, non_finite=~finite, squared_norms=squared, step_norms=norms.to(dtype))
 
 
 def scope_sums(values: Tensor, scope_index: Tensor, num_scopes: int) -> Tensor:

@@ -117,7 +117,7 @@ def assert_within_standard_errors(curve: Tensor, samples: Tensor, extra_se: Tens
     if extra_se is not None:
         se = torch.sqrt(se**2 + extra_se**2)
     # t = 0 and t = 1 are deterministic (0 and c^2): allow rounding there (a simulation may run in fp32)
-    tolerance = K_SIGMA * se + 1e-6 * extended.abs()
+    tolerance = K_SIGMA * se + 1e-6 * extended.abs() + 1e-15
     worst = int(((extended - mean).abs() / tolerance).argmax())
     assert torch.all((extended - mean).abs() <= tolerance), (
         f"t={worst}: reference {float(extended[worst]):.6f} vs Monte Carlo {float(mean[worst]):.6f} "

@@ -1,0 +1,95 @@
+"""Reductions across ranks and shards, and the rank-consistency guard.
+
+Under DDP every rank holds the whole parameters and applies the same all-reduced update, so
+paths, ratios and factors are identical without any collective: nothing here runs on the
+hot path. Sharded strategies (FSDP, ZeRO) hold a slice of each tensor per rank, so per-tensor
+norms are partial: :class:`ShardSum` sums them across the shard group (one collective per
+step, see :func:`lightning_clara.path.update_sharded_paths`).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["RankConsistencyGuard", "ShardSum", "Sharding", "is_distributed"]
+
+
+def is_distributed() -> bool:
+    """Whether a default process group with more than one rank is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class ShardSum:
+    """Sum a tensor in place across the ranks of ``group`` (the shards of each parameter)."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        self.group = group
+
+    def __call__(self, tensor: Tensor) -> None:
+        if is_distributed():
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+
+
+@dataclass
+class Sharding:
+    """How the optimizer's parameters are sharded across ranks, so that CLARA can reduce norms.
+
+    Args:
+        full_numel: the unsharded number of elements of the tensor a local shard belongs to
+            (the reference depends on the full size).
+        sum_across_shards: in-place SUM of a small tensor across the shard group.
+    """
+
+    full_numel: Callable[[Tensor], int]
+    sum_across_shards: Callable[[Tensor], None] = field(default_factory=ShardSum)
+
+
+class RankConsistencyGuard:
+    """Every ``every_n_steps`` adapted steps, check that all ranks hold the same log factors.
+
+    The check broadcasts rank 0's log factors (one small collective) and compares; on a
+    mismatch larger than ``tolerance`` every rank adopts rank 0's values and a warning names
+    the drift. Under DDP a mismatch means the ranks' steps were not identical (e.g. a
+    non-deterministic kernel or a rank-dependent branch in the training step).
+    """
+
+    def __init__(self, every_n_steps: int, tolerance: float = 0.0, group: dist.ProcessGroup | None = None) -> None:
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
+        if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance >= 0):
+            raise ValueError(f"tolerance must be a finite float >= 0, got {tolerance!r}")
+        self.every_n_steps = every_n_steps
+        self.tolerance = float(tolerance)
+        self.group = group
+        self.resyncs = 0
+
+    def due(self, adapted_steps: int) -> bool:
+        """Whether the check runs after this many adapted steps (identical on every rank)."""
+        return is_distributed() and adapted_steps > 0 and adapted_steps % self.every_n_steps == 0
+
+    def check(self, log_factors: list[float], device: torch.device) -> list[float]:
+        """Rank 0's log factors (after warning if this rank's differed)."""
+        mine = torch.tensor(log_factors, dtype=torch.float64, device=device)
+        reference = mine.clone()
+        source = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        dist.broadcast(reference, src=source, group=self.group)
+        drift = (mine - reference).abs().max()
+        dist.all_reduce(drift, op=dist.ReduceOp.MAX, group=self.group)
+        if float(drift) > self.tolerance:
+            self.resyncs += 1
+            warnings.warn(
+                f"CLARA: learning-rate factors drifted across ranks (max |log F| difference {float(drift):.3g}); "
+                "re-synchronised from rank 0. Steps differ between ranks: check for rank-dependent code or "
+                "non-deterministic kernels.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return reference.tolist()
+        return log_factors

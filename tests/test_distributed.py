@@ -1,0 +1,138 @@
+"""Two CPU ranks with gloo: sharded norm reduction and the rank-consistency guard.
+
+Each test spawns two processes that rendezvous through a file in ``tmp_path`` (loopback only)
+and write their results to files the parent compares with a single-process run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lightning_clara import CLARA
+from lightning_clara.distributed import RankConsistencyGuard, Sharding
+
+WORLD = 2
+SHAPES = [(6, 5), (7,), (1,)]  # (1,) is empty on rank 1: an empty shard must still join the reduction
+STEPS = 60
+
+
+def _gradients(step: int) -> list[torch.Tensor]:
+    """The global gradients of one step: the same on every rank, a drifting signal plus noise."""
+    generator = torch.Generator().manual_seed(1000 + step)
+    return [0.5 + torch.randn(shape, generator=generator, dtype=torch.float64) for shape in SHAPES]
+
+
+def _shard(tensor: torch.Tensor, rank: int) -> torch.Tensor:
+    """Rank r holds the r-th half of the flattened tensor (ceil split, so the last shard may be empty)."""
+    flat = tensor.reshape(-1)
+    size = math.ceil(flat.numel() / WORLD)
+    return flat[rank * size : (rank + 1) * size].clone()
+
+
+def _single_process_trajectory(optimizer_name: str) -> list[float]:
+    params = [torch.zeros(shape, dtype=torch.float64, requires_grad=True) for shape in SHAPES]
+    optimizer = _make_optimizer(optimizer_name, params)
+    clara = CLARA(optimizer, d=0.05, direction="delta")
+    out = []
+    for step in range(STEPS):
+        for param, grad in zip(params, _gradients(step), strict=True):
+            param.grad = grad
+        optimizer.step()
+        out.append(clara.lr_factor)
+    return out
+
+
+def _make_optimizer(name: str, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    return torch.optim.Adam(params, lr=0.01)
+
+
+def _init(rank: int, store: str) -> None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+
+
+def _sharded_worker(rank: int, store: str, out_dir: str) -> None:
+    _init(rank, store)
+    try:
+        for optimizer_name in ("sgd", "adam"):
+            _sharded_run(rank, out_dir, optimizer_name)
+    finally:
+        dist.destroy_process_group()
+
+
+def _sharded_run(rank: int, out_dir: str, optimizer_name: str) -> None:
+    """One rank's run: local halves of every tensor, gradients sharded the same way."""
+    full_sizes = {}
+    params = []
+    for shape in SHAPES:
+        local = _shard(torch.zeros(shape, dtype=torch.float64), rank).requires_grad_(True)
+        full_sizes[id(local)] = math.prod(shape)
+        params.append(local)
+    optimizer = _make_optimizer(optimizer_name, params)
+    clara = CLARA(optimizer, d=0.05, sharding=Sharding(full_numel=lambda p: full_sizes[id(p)]))
+    trajectory = []
+    for step in range(STEPS):
+        for param, grad in zip(params, _gradients(step), strict=True):
+            param.grad = _shard(grad, rank)
+        optimizer.step()
+        trajectory.append(clara.lr_factor)
+    torch.save(trajectory, Path(out_dir) / f"{optimizer_name}{rank}.pt")
+
+
+def test_sharded_reduction_matches_single_process(tmp_path: Path) -> None:
+    """Two ranks holding halves of every tensor reproduce the single-process factor trajectory."""
+    mp.spawn(_sharded_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD)
+    for optimizer_name in ("sgd", "adam"):
+        expected = _single_process_trajectory(optimizer_name)
+        assert abs(math.log(expected[-1])) > 0.05  # the factor moved, so the comparison means something
+        for rank in range(WORLD):
+            got = torch.load(tmp_path / f"{optimizer_name}{rank}.pt")
+            assert got == pytest.approx(expected, rel=1e-9), (optimizer_name, rank)
+
+
+def _guard_worker(rank: int, store: str, out_dir: str) -> None:
+    _init(rank, store)
+    try:
+        param = torch.zeros(10, dtype=torch.float64, requires_grad=True)
+        optimizer = torch.optim.SGD([param], lr=0.1)
+        clara = CLARA(optimizer, d=0.05, consistency_check_every=5)
+        factors = []
+        for step in range(20):
+            generator = torch.Generator().manual_seed(step)
+            param.grad = torch.randn(10, generator=generator, dtype=torch.float64)
+            optimizer.step()
+            if rank == 1 and step == 6:
+                clara._log_factors[0] += 0.1  # rank-dependent drift of the factor after the 7th step
+            factors.append(clara.lr_factor)
+        torch.save({"factors": factors, "resyncs": clara.num_resyncs}, Path(out_dir) / f"guard{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank_consistency_guard_resyncs_from_rank_zero(tmp_path: Path) -> None:
+    """A drift injected on rank 1 after the 7th step is caught at the check after step 10 and undone."""
+    mp.spawn(_guard_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD)
+    rank0, rank1 = (torch.load(tmp_path / f"guard{r}.pt") for r in range(WORLD))
+    assert rank0["resyncs"] == 1
+    assert rank1["resyncs"] == 1
+    assert rank0["factors"][:6] == rank1["factors"][:6]
+    assert rank0["factors"][6] != rank1["factors"][6]  # drifted ...
+    assert rank0["factors"][9:] == rank1["factors"][9:]  # ... and re-synchronised at step 10 (index 9)
+
+
+def test_guard_validates_arguments() -> None:
+    with pytest.raises(ValueError, match="every_n_steps"):
+        RankConsistencyGuard(0)
+    with pytest.raises(ValueError, match="tolerance"):
+        RankConsistencyGuard(5, tolerance=-1.0)
+    with pytest.raises(ValueError, match="consistency_check_every"):
+        CLARA(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), consistency_check_every=0)
