@@ -81,6 +81,9 @@ class CLARACallback(Callback):
         safeguard: watch the training loss (``training_step``'s loss) with a Page-Hinkley test; on
             a blow-up undo the last step where a snapshot exists and halve F (see
             :meth:`~lightning_clara.CLARA.observe_loss`). Costs one device-to-host copy per step.
+        consistency_check_every: under DDP, every this many steps compare F across ranks (one
+            small broadcast) and re-synchronise from rank 0 with a warning on drift; None: never.
+            DDP needs no collective for correctness: every rank applies the same update.
     """
 
     def __init__(
@@ -96,6 +99,7 @@ class CLARACallback(Callback):
         max_lr: float | None = None,
         log: bool = True,
         safeguard: bool = False,
+        consistency_check_every: int | None = None,
     ) -> None:
         if not isinstance(log, bool):
             raise TypeError(f"log must be a bool, got {type(log).__name__} {log!r}")
@@ -109,6 +113,7 @@ class CLARACallback(Callback):
             "min_lr": min_lr,
             "max_lr": max_lr,
             "safeguard": safeguard,
+            "consistency_check_every": consistency_check_every,
         }
         if not isinstance(safeguard, bool):
             raise TypeError(f"safeguard must be a bool, got {type(safeguard).__name__} {safeguard!r}")
