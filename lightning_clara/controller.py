@@ -33,6 +33,7 @@ __all__ = ["CLARA", "validate_options"]
 
 Scope = Literal["optimizer", "param_group"]
 Variant = Literal["clara", "salera"]
+Rule = Literal["paper", "normalized"]
 _STATE_FORMAT = 1
 #: |log F| never exceeds this (F in [1e-26, 1e26]): F stays finite and non-zero whatever happens.
 LOG_FACTOR_LIMIT = 60.0
@@ -55,6 +56,7 @@ def validate_options(
     safeguard: Any = False,
     sharding: Any = None,
     consistency_check_every: Any = None,
+    rule: Any = "paper",
 ) -> dict[str, Any]:
     """Check CLARA's options; raise ``TypeError``/``ValueError`` naming the argument and its range."""
     options = {
@@ -92,6 +94,7 @@ def validate_options(
     if sharding is not None and (direction == "state" or variant == "salera"):
         raise ValueError("sharding needs the delta reader: use direction='auto' or 'delta' and variant='clara'")
     options["sharding"] = sharding
+    options["rule"] = check_choice("rule", rule, ("paper", "normalized"))
     options["consistency_check_every"] = (
         None
         if consistency_check_every is None
@@ -162,6 +165,7 @@ class CLARA:
         safeguard: bool | PageHinkley = False,
         sharding: Sharding | None = None,
         consistency_check_every: int | None = None,
+        rule: Rule = "paper",
     ) -> None:
         check_supported(optimizer)
         options = validate_options(
@@ -180,6 +184,7 @@ class CLARA:
             safeguard=safeguard,
             sharding=sharding,
             consistency_check_every=consistency_check_every,
+            rule=rule,
         )
         self.c: float = options["c"]
         self.d: float = options["d"]
@@ -195,6 +200,7 @@ class CLARA:
         self._custom_reference: Reference | None = options["reference"]
         self.safeguard: PageHinkley | None = options["safeguard"]
         self.sharding: Sharding | None = options["sharding"]
+        self.rule: Rule = options["rule"]
         every = options["consistency_check_every"]
         self._guard = None if every is None else RankConsistencyGuard(every)
         if getattr(optimizer, "_clara_controller", None) is not None:
@@ -229,13 +235,13 @@ class CLARA:
     def lr_factor(self) -> float:
         """The factor F (of the first param group's scope; see :attr:`lr_factors` for per-group scope)."""
         self._sync_scopes()
-        return math.exp(self._log_factors[0])
+        return self._factor(self._log_factors[0])
 
     @property
     def lr_factors(self) -> list[float]:
         """F for every param group (equal across groups with ``scope="optimizer"``)."""
         self._sync_scopes()
-        return [math.exp(self._log_factors[self._scope_of(j)]) for j in range(len(self.optimizer.param_groups))]
+        return [self._factor(self._log_factors[self._scope_of(j)]) for j in range(len(self.optimizer.param_groups))]
 
     @property
     def log_factors(self) -> list[float]:
@@ -330,6 +336,15 @@ class CLARA:
             return shared(PlainReference(self.c))  # SALeRA compares raw gradients with a plain random walk
         return reference_for(self.optimizer, group, self.c)
 
+    def _factor(self, log_factor: float) -> float:
+        """F = exp(log F), clamped again after exp so that rounding cannot cross the bounds."""
+        factor = math.exp(log_factor)
+        if self.min_factor is not None:
+            factor = max(factor, self.min_factor)
+        if self.max_factor is not None:
+            factor = min(factor, self.max_factor)
+        return factor
+
     def _clamp_log_factor(self, value: float) -> float:
         value = min(max(value, -LOG_FACTOR_LIMIT), LOG_FACTOR_LIMIT)
         if self.min_factor is not None:
@@ -339,7 +354,7 @@ class CLARA:
         return value
 
     def _lr_for(self, j: int, base: Any) -> float:
-        lr = float(base) * math.exp(self._log_factors[self._scope_of(j)])
+        lr = float(base) * self._factor(self._log_factors[self._scope_of(j)])
         if self.min_lr is not None:
             lr = max(lr, self.min_lr)
         if self.max_lr is not None:
@@ -438,6 +453,7 @@ class CLARA:
         scopes = len(self._log_factors)
         squared = [0.0] * scopes
         expected = [0.0] * scopes
+        moved = [0] * scopes
         non_finite = 0
         for k, (j, param) in enumerate(items):
             state = self._tensors[param]
@@ -453,12 +469,19 @@ class CLARA:
             scope = self._scope_of(j)
             squared[scope] += host[0][k]
             expected[scope] += curve[min(state.count, len(curve) - 1)]
+            moved[scope] += 1
         adapted = False
         for scope in range(scopes):
             if expected[scope] > 0.0:
                 ratio = squared[scope] / expected[scope]
                 self._ratios[scope] = ratio
-                self._log_factors[scope] = self._clamp_log_factor(self._log_factors[scope] + self.d * (ratio - 1.0))
+                signal = ratio - 1.0
+                if self.rule == "normalized":
+                    # ||p_k|| <= 1, so r <= moved / expected: divide by that range, r_max - 1, so that
+                    # d is the change of log F per step when all steps agree, whatever the optimizer
+                    headroom = moved[scope] / expected[scope] - 1.0
+                    signal = signal / headroom if headroom > 1e-12 else 0.0
+                self._log_factors[scope] = self._clamp_log_factor(self._log_factors[scope] + self.d * signal)
                 adapted = True
         self._clamp_to_lr_bounds()
         if adapted:

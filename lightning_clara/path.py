@@ -27,7 +27,7 @@ class PathUpdate:
     moved: Tensor
     """True where the tensor's step was finite and non-zero, i.e. where its path was updated."""
     non_finite: Tensor
-    """True where the step had a NaN or inf entry (the path was left untouched)."""
+    """True where the step had a NaN or inf entry: that path is poisoned and must be reset by the caller."""
     squared_norms: Tensor
     """||p_k||^2 after the update (fp64)."""
     step_norms: Tensor

@@ -252,7 +252,7 @@ class MonteCarloReference(Reference):
             (Adam's beta1). When given, the exact heavy-ball curve of each size serves as a
             control variate and as the tail beyond the simulated horizon.
         horizon: simulated steps (default ``max(64, 6 / (1 - control_beta))`` or 128).
-        budget: simulated element-steps (trials x n x steps, summed over sizes); caps the cost.
+        budget: simulated element-steps (trials x n x steps) per grid size; caps the cost.
         seed: seed of the Gaussian gradients.
     """
 
@@ -264,7 +264,7 @@ class MonteCarloReference(Reference):
         *,
         control_beta: float | None = None,
         horizon: int | None = None,
-        budget: int = 1 << 22,
+        budget: int = 1 << 19,
         min_trials: int = 16,
         seed: int = 0,
     ) -> None:
@@ -319,7 +319,7 @@ class MonteCarloReference(Reference):
     def _simulate_grid(self, grid: list[int]) -> dict[int, torch.Tensor]:
         """Per grid size: the smoothed mean ||p_t||^2 (or its difference to heavy-ball on the same noise)."""
         elements_per_step = max(self.budget // self.horizon, 1)
-        trials = {n: max(self.min_trials, elements_per_step // (len(grid) * n)) for n in grid}
+        trials = {n: max(self.min_trials, elements_per_step // n) for n in grid}
         curves = _simulate(
             self.optimizer_class,
             self.hyperparameters,
@@ -367,8 +367,9 @@ def _simulate_single_thread(
     seed: int,
     control_beta: float | None,
 ) -> dict[int, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
     sizes = list(trials)
+    # one generator per size, so that a size's curve does not depend on which other sizes were asked for
+    generators = [torch.Generator().manual_seed(seed * 1_000_003 + n) for n in sizes]
     lengths = [trials[n] * n for n in sizes]
     total = sum(lengths)
     param = torch.zeros(total, requires_grad=True)
@@ -393,7 +394,7 @@ def _simulate_single_thread(
         return out
 
     for t in range(1, horizon + 1):
-        gradient = torch.randn(total, generator=generator)
+        gradient = torch.cat([torch.randn(length, generator=g) for g, length in zip(generators, lengths, strict=True)])
         with torch.no_grad():
             param.zero_()
         param.grad = gradient

@@ -38,7 +38,7 @@ K_SIGMA = 4.0
 #: ... and never more than this absolute deviation of the mean ratio from 1.
 ABSOLUTE_GUARD = 0.03
 #: The data's standard error must be small enough for the guard to mean something.
-MAX_STANDARD_ERROR = 0.0075
+MAX_STANDARD_ERROR = 0.01
 #: The torch optimizers CLARA documents as supported (written out here, not read from the package).
 SUPPORTED = ("SGD", "Adam", "AdamW", "NAdam", "RAdam", "Adamax", "RMSprop", "Adagrad", "Adadelta", "ASGD")
 
