@@ -17,7 +17,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_clara.controller import CLARA, Scope, validate_options
+from lightning_clara.controller import CLARA, Rule, Scope, validate_options
 from lightning_clara.support import DirectionChoice
 
 __all__ = ["CLARACallback", "optimizer_names"]
@@ -70,7 +70,8 @@ class CLARACallback(Callback):
 
     Args:
         c: path memory in (0, 1]; the path averages roughly the last ``1/c`` unit steps.
-        d: damping > 0; ``log F`` changes by ``d * (r - 1)`` per step.
+        d: damping > 0: the change of log F per step when all steps agree (default 0.03; with
+            ``rule="paper"``, log F changes by ``d * (r - 1)`` and the default is 1e-3).
         scope: ``"optimizer"`` (one factor per optimizer) or ``"param_group"`` (one per group).
         direction: ``"auto"``, ``"delta"`` or ``"state"``; see :class:`~lightning_clara.CLARA`.
         min_factor: lower bound on F, or None.
@@ -84,13 +85,16 @@ class CLARACallback(Callback):
         consistency_check_every: under DDP, every this many steps compare F across ranks (one
             small broadcast) and re-synchronise from rank 0 with a warning on drift; None: never.
             DDP needs no collective for correctness: every rank applies the same update.
+        rule: ``"normalized"`` (default) or ``"paper"`` (the paper's exact rule); see
+            :class:`~lightning_clara.CLARA`.
+        unit_step: the paper's unit-step variant (each tensor's step becomes ``lr * s/||s||``).
     """
 
     def __init__(
         self,
         *,
         c: float = 0.2,
-        d: float = 1e-3,
+        d: float | None = None,
         scope: Scope = "optimizer",
         direction: DirectionChoice = "auto",
         min_factor: float | None = None,
@@ -100,6 +104,8 @@ class CLARACallback(Callback):
         log: bool = True,
         safeguard: bool = False,
         consistency_check_every: int | None = None,
+        rule: Rule = "normalized",
+        unit_step: bool = False,
     ) -> None:
         if not isinstance(log, bool):
             raise TypeError(f"log must be a bool, got {type(log).__name__} {log!r}")
@@ -114,6 +120,8 @@ class CLARACallback(Callback):
             "max_lr": max_lr,
             "safeguard": safeguard,
             "consistency_check_every": consistency_check_every,
+            "rule": rule,
+            "unit_step": unit_step,
         }
         if not isinstance(safeguard, bool):
             raise TypeError(f"safeguard must be a bool, got {type(safeguard).__name__} {safeguard!r}")
@@ -204,7 +212,8 @@ class CLARACallback(Callback):
             steps = controller.num_adapted_steps
             if steps == 0 or (only_new and steps == self._logged_steps[index]):
                 continue
-            self._logged_steps[index] = steps
+            if only_new:
+                self._logged_steps[index] = steps
             for name, lr, ratio, log_factor in zip(
                 names, controller.lr_used, controller.ratios, controller.log_factors, strict=True
             ):

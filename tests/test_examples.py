@@ -63,4 +63,4 @@ def test_clara_raises_the_bad_learning_rate(quick_run: tuple[subprocess.Complete
     assert baseline["final_lr"] == pytest.approx(baseline["initial_lr"])
     assert clara["optimizer_steps"] == baseline["optimizer_steps"] > 0
     # From 1e-4 the steps of plain SGD agree (ratio > 1), so F, and with it the lr used, must rise.
-    assert clara["final_lr"] > 2 * clara["initial_lr"]
+    assert clara["final_lr"] > clara["initial_lr"]
