@@ -129,7 +129,7 @@ class CLARACallback(Callback):
         self.log = log
         self.controllers: list[CLARA] = []
         self.names: list[list[str]] = []
-        self._logged_steps: list[int] = []
+        self._steps_at_batch_start: list[int] = []
         self._restored: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ attach / detach
@@ -142,8 +142,7 @@ class CLARACallback(Callback):
         self._detach()
         self.controllers = [CLARA(optimizer, **self._options) for optimizer in optimizers]
         self.names = optimizer_names(optimizers)
-        self._logged_steps = [0] * len(self.controllers)
-        self._observed_steps = [0] * len(self.controllers)
+        self._steps_at_batch_start = [0] * len(self.controllers)
         if self._restored is not None:
             self._load_controllers(self._restored)
             self._restored = None
@@ -160,8 +159,6 @@ class CLARACallback(Callback):
             )
             self.controllers.append(CLARA(optimizer, **self._options))
             self.names = optimizer_names([c.optimizer for c in self.controllers])
-            self._logged_steps.append(0)
-            self._observed_steps.append(0)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -177,43 +174,56 @@ class CLARACallback(Callback):
 
     # ------------------------------------------------------------------ logging
     @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._steps_at_batch_start = [controller.num_optimizer_steps for controller in self.controllers]
+
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._feed_safeguard(outputs)
+        # only optimizers that really stepped in this batch: accumulation micro-batches and
+        # optimizers stepped every k-th batch by hand are neither logged nor fed to the safeguard
+        start = self._steps_at_batch_start
+        stepped = [
+            index
+            for index, controller in enumerate(self.controllers)
+            if controller.num_optimizer_steps != (start[index] if index < len(start) else 0)
+        ]
+        if not stepped:
+            return
+        self._feed_safeguard(outputs, stepped)
         if not self.log or not trainer.loggers or not trainer._logger_connector.should_update_logs:
             return
-        metrics = self.metrics(only_new=True)
+        metrics = self.metrics(stepped)
         if not metrics:
             return
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 
-    def _feed_safeguard(self, outputs: Any) -> None:
-        """Give the batch loss to every controller that stepped in this batch."""
+    def _feed_safeguard(self, outputs: Any, stepped: list[int]) -> None:
+        """Give the batch loss (the one the step's gradient came from) to the optimizers that stepped."""
         if not self._options["safeguard"]:
             return
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is None:
             return
-        for index, controller in enumerate(self.controllers):
-            if controller.num_adapted_steps != self._observed_steps[index]:
-                self._observed_steps[index] = controller.num_adapted_steps
-                controller.observe_loss(loss)
+        for index in stepped:
+            self.controllers[index].observe_loss(loss)
 
-    def metrics(self, *, only_new: bool = False) -> dict[str, float]:
-        """The current ``clara/*`` values of every optimizer and param group.
+    def metrics(self, optimizers: Sequence[int] | None = None) -> dict[str, float]:
+        """The current ``clara/*`` values of every optimizer (or of the given optimizer indices) and param group.
 
-        With ``only_new``, optimizers that did not step since the previous call are left out.
+        Optimizers that have not adapted a step yet are left out.
         """
         out: dict[str, float] = {}
-        for index, (controller, names) in enumerate(zip(self.controllers, self.names, strict=True)):
-            steps = controller.num_adapted_steps
-            if steps == 0 or (only_new and steps == self._logged_steps[index]):
+        chosen = range(len(self.controllers)) if optimizers is None else optimizers
+        for index in chosen:
+            controller, names = self.controllers[index], self.names[index]
+            if controller.num_adapted_steps == 0:
                 continue
-            if only_new:
-                self._logged_steps[index] = steps
             for name, lr, ratio, log_factor in zip(
                 names, controller.lr_used, controller.ratios, controller.log_factors, strict=True
             ):

@@ -247,6 +247,8 @@ class CLARA:
         else:
             needs_delta = self.unit_step or self.sharding is not None
             self._reader = reader_for(optimizer, "delta" if needs_delta else self.direction)
+            if self.safeguard is not None and self.direction != "state":
+                self._reader = DeltaReader(keep_snapshots=True)  # so that an alarm can restore parameters
         self._log_factors: list[float] = []
         self._initial_log_factor = self._clamp_log_factor(math.log(initial))
         self._ratios: list[float | None] = []
@@ -256,6 +258,7 @@ class CLARA:
         self._lr_used: list[float] = []
         self._adapted_steps = 0
         self._skipped_steps = 0
+        self._steps_seen = 0
         self._sync_scopes()
         for j in range(len(optimizer.param_groups)):
             self._group_reference(j)
@@ -307,6 +310,11 @@ class CLARA:
     def num_adapted_steps(self) -> int:
         """Optimizer steps that updated at least one path (and so the factor)."""
         return self._adapted_steps
+
+    @property
+    def num_optimizer_steps(self) -> int:
+        """``optimizer.step()`` calls seen since attaching (adapted or not)."""
+        return self._steps_seen
 
     @property
     def num_skipped_steps(self) -> int:
@@ -435,6 +443,7 @@ class CLARA:
         self._bases = None
 
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        self._steps_seen += 1
         try:
             self._adapt(optimizer)
         finally:
@@ -456,7 +465,7 @@ class CLARA:
             params = []
             for param in group["params"]:
                 # sharded: every rank must take part in the reduction, even with an empty or grad-less shard
-                if param.grad is not None or (self.sharding is not None and param.requires_grad):
+                if param.requires_grad and (param.grad is not None or self.sharding is not None):
                     params.append(param)
                 elif not param.requires_grad and param in self._tensors:
                     del self._tensors[param]  # frozen: when unfrozen it starts a fresh path
@@ -575,22 +584,30 @@ class CLARA:
     def observe_loss(self, loss: float | Tensor) -> bool:
         """Feed the training loss of the last step to the safeguard; True if it raised an alarm.
 
-        On an alarm (a Page-Hinkley detected blow-up, or a NaN/inf loss) the last step is undone
-        where the delta reader still holds it, F is halved, the test restarts and a warning is
-        issued. Reading a tensor loss costs one device-to-host copy. Without a safeguard this
-        does nothing and returns False.
+        Call it after ``optimizer.step()`` with the loss that step's gradient came from (measured
+        at the parameters before the step). On an alarm (a Page-Hinkley detected blow-up, or a
+        NaN/inf loss) the parameters are restored from before the step that led to the bad
+        loss (two steps back: the loss of step t reflects step t-1) where the delta reader keeps
+        snapshots (it does with a safeguard, unless a state reader was asked for), F is halved,
+        the test restarts and a warning is issued. The optimizer's own state is not rolled
+        back. Reading a tensor loss costs one device-to-host copy. Without a safeguard this does
+        nothing and returns False.
         """
         if self.safeguard is None:
             return False
         value = float(loss.detach().float().item()) if isinstance(loss, Tensor) else float(loss)
         if not self.safeguard.update(value):
             return False
-        undone = isinstance(self._reader, DeltaReader) and self._reader.undo_last_step()
+        undone = self._reader.undo() if isinstance(self._reader, DeltaReader) else 0
         self._log_factors = [self._clamp_log_factor(v - math.log(2.0)) for v in self._log_factors]
         self.safeguard.reset()
         warnings.warn(
             f"CLARA safeguard: the training loss blew up ({value:.4g}); F halved to {self.lr_factor:.4g}"
-            + ("; last step undone" if undone else "; no snapshot to undo the last step (state reader)"),
+            + (
+                f"; parameters restored from before the last {undone} step(s)"
+                if undone
+                else "; no snapshot to restore (use direction='delta' to keep one)"
+            ),
             RuntimeWarning,
             stacklevel=2,
         )

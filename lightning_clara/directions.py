@@ -52,28 +52,51 @@ class DirectionReader(ABC):
         """Free persistent buffers (when the controller detaches)."""
 
 
+def _buffers_like(store: dict[Tensor, Tensor], params: Sequence[Tensor]) -> list[Tensor]:
+    """Persistent per-parameter buffers (allocated once, reused every step)."""
+    out = []
+    for param in params:
+        buffer = store.get(param)
+        if buffer is None or buffer.shape != param.shape or buffer.dtype != param.dtype:
+            buffer = torch.empty_like(param, memory_format=torch.preserve_format)
+            store[param] = buffer
+        out.append(buffer)
+    return out
+
+
 class DeltaReader(DirectionReader):
-    """``theta(before) - theta(after)`` from a snapshot taken in the step pre-hook (any optimizer)."""
+    """``theta(before) - theta(after)`` from a snapshot taken in the step pre-hook (any optimizer).
+
+    Args:
+        keep_snapshots: also keep the parameters from before the last *two* steps, so that
+            :meth:`undo` can restore them bit for bit (the safeguard's need). Costs two more
+            parameter-sized buffers; without it the step is computed in place in the snapshot.
+    """
 
     name = "delta"
     needs_snapshot = True
 
-    def __init__(self) -> None:
-        self._snapshots: dict[Tensor, Tensor] = {}
-        self._holds_steps: list[Tensor] = []
+    def __init__(self, keep_snapshots: bool = False) -> None:
+        self.keep_snapshots = keep_snapshots
+        self._snapshots: dict[Tensor, Tensor] = {}  # theta before the last step (or, in place, its step)
+        self._previous: dict[Tensor, Tensor] = {}  # theta before the step before (keep_snapshots)
+        self._scratch: dict[Tensor, Tensor] = {}  # the last step (keep_snapshots)
+        self._valid_current: set[Tensor] = set()
+        self._valid_previous: set[Tensor] = set()
 
     def before_step(self, params: Sequence[Tensor]) -> None:
-        self._holds_steps = []
-        buffers = []
-        for param in params:
-            buffer = self._snapshots.get(param)
-            if buffer is None or buffer.shape != param.shape or buffer.dtype != param.dtype:
-                buffer = torch.empty_like(param, memory_format=torch.preserve_format)
-                self._snapshots[param] = buffer
-            buffers.append(buffer)
+        if self.keep_snapshots:
+            # the snapshot of the last step becomes the previous one: swap the buffers, no copy
+            self._previous, self._snapshots = self._snapshots, self._previous
+            self._valid_previous, self._valid_current = self._valid_current, set()
+        else:
+            self._valid_current = set()
+        buffers = _buffers_like(self._snapshots, params)
         if params:
             with torch.no_grad():
                 torch._foreach_copy_(buffers, [p.detach() for p in params])
+        if self.keep_snapshots:
+            self._valid_current = set(params)
 
     def directions(self, optimizer: Optimizer, group: Mapping[str, Any], params: Sequence[Tensor]) -> list[Tensor]:
         missing = [p for p in params if p not in self._snapshots]
@@ -82,29 +105,37 @@ class DeltaReader(DirectionReader):
                 "DeltaReader: a parameter was stepped without a snapshot; parameters added to the "
                 "optimizer inside the step are not supported"
             )
-        buffers = [self._snapshots[p] for p in params]
+        snapshots = [self._snapshots[p] for p in params]
         with torch.no_grad():
-            torch._foreach_sub_(buffers, [p.detach() for p in params])
-        self._holds_steps.extend(params)
-        return buffers
+            if not self.keep_snapshots:
+                torch._foreach_sub_(snapshots, [p.detach() for p in params])
+                return snapshots
+            steps = _buffers_like(self._scratch, params)
+            torch._foreach_copy_(steps, snapshots)
+            torch._foreach_sub_(steps, [p.detach() for p in params])
+            return steps
 
-    def undo_last_step(self) -> bool:
-        """Add the last realised steps back (``theta_before = theta_after + s``); False if none is held.
-
-        Valid until the next step's snapshot; callers that change the applied step (unit steps)
-        must keep the buffers equal to the step actually applied.
-        """
-        if not self._holds_steps:
-            return False
-        params = self._holds_steps
+    def undo(self) -> int:
+        """Restore the parameters from before the last two steps (or the last one, if only that is
+        held); returns how many steps were undone (0 without ``keep_snapshots``)."""
+        if not self.keep_snapshots or not self._valid_current:
+            return 0
+        undone = 1
+        source = {p: self._snapshots[p] for p in self._valid_current}
+        if self._valid_previous >= self._valid_current:
+            source = {p: self._previous[p] for p in self._valid_current}
+            undone = 2
+        params = list(source)
         with torch.no_grad():
-            torch._foreach_add_([p.detach() for p in params], [self._snapshots[p] for p in params])
-        self._holds_steps = []
-        return True
+            torch._foreach_copy_([p.detach() for p in params], [source[p] for p in params])
+        self._valid_current, self._valid_previous = set(), set()
+        return undone
 
     def release(self) -> None:
         self._snapshots.clear()
-        self._holds_steps = []
+        self._previous.clear()
+        self._scratch.clear()
+        self._valid_current, self._valid_previous = set(), set()
 
 
 def _signed_gradients(group: Mapping[str, Any], params: Sequence[Tensor]) -> list[Tensor]:

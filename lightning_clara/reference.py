@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ __all__ = [
     "MonteCarloReference",
     "PlainReference",
     "Reference",
-    "StitchedReference",
+    "SpeedUp",
     "expected_cosine",
     "freeze",
     "shared",
@@ -234,6 +235,19 @@ def _smooth(curve: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@dataclass(frozen=True)
+class SpeedUp:
+    """Run a slow schedule faster after ``at_step`` simulated steps: ``apply(optimizer, factor)``
+    makes one simulated step stand for ``factor`` real ones (NAdam: scale ``momentum_decay`` and
+    rescale the step counters). The optimizer's statistics are warm by then, so the sped-up
+    run sees the slowly varying states of a real run in ``factor`` times fewer steps."""
+
+    at_step: int
+    factor: int
+    apply: Callable[[Optimizer, int], None]
+    name: str
+
+
 class MonteCarloReference(Reference):
     """Any element-wise optimizer: run its own update rule on i.i.d. Gaussian gradients.
 
@@ -267,6 +281,7 @@ class MonteCarloReference(Reference):
         budget: int = 1 << 19,
         min_trials: int = 16,
         seed: int = 0,
+        speed_up: SpeedUp | None = None,
     ) -> None:
         super().__init__(c)
         self.optimizer_class = optimizer_class
@@ -279,11 +294,15 @@ class MonteCarloReference(Reference):
         self.min_trials = int(min_trials)
         self.seed = int(seed)
         self._control = None if control_beta is None else HeavyBallReference(c, control_beta)
+        if speed_up is not None and not 0 < speed_up.at_step < self.horizon:
+            raise ValueError("speed_up.at_step must lie inside the horizon")
+        self.speed_up = speed_up
 
     @property
     def key(self) -> tuple[Any, ...]:
         return (
             "monte_carlo",
+            None if self.speed_up is None else (self.speed_up.name, self.speed_up.at_step, self.speed_up.factor),
             self.c,
             f"{self.optimizer_class.__module__}.{self.optimizer_class.__qualname__}",
             freeze(self.hyperparameters),
@@ -306,7 +325,7 @@ class MonteCarloReference(Reference):
                 weight = (math.log(min(n, SIZE_GRID[-1])) - math.log(lower)) / (math.log(upper) - math.log(lower))
                 difference = (1 - weight) * simulated[lower] + weight * simulated[upper]
             if self._control is None:
-                tail = difference[-max(1, self.horizon // 4) :].mean()
+                tail = difference[-max(1, difference.numel() // 4) :].mean()
                 out[n] = torch.cat([difference, tail.reshape(1)])
                 continue
             exact = self._control.curve(n)
@@ -328,8 +347,19 @@ class MonteCarloReference(Reference):
             horizon=self.horizon,
             seed=self.seed,
             control_beta=self.control_beta,
+            speed_up=self.speed_up,
         )
-        return {n: _smooth(curve) for n, curve in curves.items()}
+        smoothed = {n: _smooth(curve) for n, curve in curves.items()}
+        if self.speed_up is None:
+            return smoothed
+        # simulated step i > at_step stands for real step at_step + factor * (i - at_step)
+        at, factor = self.speed_up.at_step, self.speed_up.factor
+        real = torch.arange(at + factor * (self.horizon - at) + 1, dtype=torch.float64)
+        position = torch.where(real <= at, real, at + (real - at) / factor)
+        below = position.floor().long()
+        above = (below + 1).clamp(max=self.horizon)
+        weight = position - below
+        return {n: (1 - weight) * curve[below] + weight * curve[above] for n, curve in smoothed.items()}
 
 
 def _simulate(
@@ -341,6 +371,7 @@ def _simulate(
     horizon: int,
     seed: int,
     control_beta: float | None,
+    speed_up: SpeedUp | None = None,
 ) -> dict[int, torch.Tensor]:
     """Mean ||p_t||^2 for t = 0..horizon per size, minus the heavy-ball value on the same noise if asked.
 
@@ -351,7 +382,14 @@ def _simulate(
     torch.set_num_threads(1)  # tiny tensors: thread start-up costs more than it saves, badly so under load
     try:
         return _simulate_single_thread(
-            optimizer_class, hyperparameters, trials, c=c, horizon=horizon, seed=seed, control_beta=control_beta
+            optimizer_class,
+            hyperparameters,
+            trials,
+            c=c,
+            horizon=horizon,
+            seed=seed,
+            control_beta=control_beta,
+            speed_up=speed_up,
         )
     finally:
         torch.set_num_threads(threads)
@@ -366,6 +404,7 @@ def _simulate_single_thread(
     horizon: int,
     seed: int,
     control_beta: float | None,
+    speed_up: SpeedUp | None,
 ) -> dict[int, torch.Tensor]:
     sizes = list(trials)
     # one generator per size, so that a size's curve does not depend on which other sizes were asked for
@@ -403,43 +442,9 @@ def _simulate_single_thread(
         if control_beta is not None:
             momentum.mul_(control_beta).add_(gradient)
             means[t] -= update(control_path, momentum)
+        if speed_up is not None and t == speed_up.at_step:
+            speed_up.apply(optimizer, speed_up.factor)
     return {n: means[:, i].clone() for i, n in enumerate(sizes)}
-
-
-class StitchedReference(Reference):
-    """An early curve followed by a time-compressed late one, for slowly scheduled optimizers.
-
-    NAdam's momentum ramps up over ~25k steps: simulating that many steps is too slow, but a
-    run whose schedule is sped up ``time_scale`` times sees the same slowly varying states in
-    fewer steps. ``curve[t]`` is ``early[t]`` up to ``early``'s horizon and ``late[t / time_scale]``
-    (linearly interpolated) afterwards.
-    """
-
-    def __init__(self, early: Reference, late: Reference, time_scale: int) -> None:
-        super().__init__(early.c)
-        if late.c != early.c:
-            raise ValueError("early and late references must share c")
-        if time_scale < 1:
-            raise ValueError(f"time_scale must be >= 1, got {time_scale!r}")
-        self.early, self.late, self.time_scale = early, late, int(time_scale)
-
-    @property
-    def key(self) -> tuple[Any, ...]:
-        return ("stitched", self.early.key, self.late.key, self.time_scale)
-
-    def _compute(self, sizes: list[int]) -> dict[int, torch.Tensor]:
-        early, late = self.early.curves(sizes), self.late.curves(sizes)
-        out = {}
-        for n in sizes:
-            head, tail = early[n], late[n]
-            switch = head.numel()
-            t = torch.arange(switch, (tail.numel() - 1) * self.time_scale + 1, dtype=torch.float64)
-            position = (t / self.time_scale).clamp(max=tail.numel() - 1)
-            below = position.floor().long()
-            above = (below + 1).clamp(max=tail.numel() - 1)
-            weight = position - below
-            out[n] = torch.cat([head, (1 - weight) * tail[below] + weight * tail[above]])
-        return out
 
 
 _SHARED: dict[tuple[Any, ...], Reference] = {}

@@ -1,9 +1,9 @@
 """SALeRA's "safe" part: a Page-Hinkley test that detects a blow-up of the training loss.
 
-The test accumulates how far each loss lies above its running mean (in units of the
-running mean absolute loss, so it is scale-free), minus a tolerated drift ``delta``, and
-raises an alarm once the accumulated excess passes ``threshold``. A NaN or infinite loss is
-an alarm at once. Framework-free: feed it one float per optimizer step.
+The test accumulates how far each loss lies above its running mean, in standard deviations
+of the loss's own noise (so it is scale-free), minus a tolerated drift ``delta``, and raises
+an alarm once the accumulated excess passes ``threshold``. A NaN or infinite loss is an
+alarm at once. Framework-free: feed it one float per optimizer step.
 """
 
 from __future__ import annotations
@@ -19,14 +19,21 @@ __all__ = ["PageHinkley"]
 class PageHinkley:
     """One-sided Page-Hinkley test for an increase of the mean of a stream of losses.
 
+    Each loss is measured in units of the stream's own noise: ``z = (loss - mean) / std`` with an
+    exponential running mean and variance (updated after the test, so an outlier cannot hide
+    itself). The test accumulates ``excess <- max(0, excess + z - delta)`` and raises an alarm
+    when ``excess > threshold``. A steadily decreasing loss gives negative z and never alarms; a
+    blow-up of many standard deviations alarms at once; pure noise alarms about once every
+    ``exp(2 * delta * threshold)`` steps or more rarely (CUSUM run-length bound).
+
     Args:
-        delta: tolerated increase per step, relative to the running mean absolute loss.
-        threshold: accumulated relative excess that raises the alarm.
-        memory: the running mean is an exponential average over about this many steps.
-        warmup: observations before an alarm can be raised (the running mean settles first).
+        delta: tolerated drift per step, in standard deviations of the loss noise.
+        threshold: accumulated excess, in standard deviations, that raises the alarm.
+        memory: the running mean and variance average about this many steps.
+        warmup: observations before an alarm can be raised (the statistics settle first).
     """
 
-    def __init__(self, delta: float = 0.05, threshold: float = 3.0, memory: int = 50, warmup: int = 10) -> None:
+    def __init__(self, delta: float = 0.5, threshold: float = 20.0, memory: int = 50, warmup: int = 10) -> None:
         self.delta = check_in_range("delta", delta, 0.0, math.inf, high_open=True)
         self.threshold = check_in_range("threshold", threshold, 0.0, math.inf, low_open=True, high_open=True)
         self.memory = check_positive_int("memory", memory)
@@ -38,7 +45,7 @@ class PageHinkley:
         """Forget the statistics (after an alarm, or when the lr changed on purpose)."""
         self.count = 0
         self.mean = 0.0
-        self.scale = 0.0
+        self.variance = 0.0
         self.excess = 0.0
 
     def update(self, loss: float) -> bool:
@@ -46,23 +53,25 @@ class PageHinkley:
         if not math.isfinite(loss):
             self.alarms += 1
             return True
+        alarm = False
+        if self.count >= self.warmup:
+            scale = math.sqrt(self.variance) + 1e-12 * (abs(self.mean) + 1e-30)
+            self.excess = max(0.0, self.excess + (loss - self.mean) / scale - self.delta)
+            alarm = self.excess > self.threshold
         self.count += 1
         rate = max(1.0 / self.count, 1.0 / self.memory)
-        self.mean += rate * (loss - self.mean)
-        self.scale += rate * (abs(loss) - self.scale)
-        if self.count <= self.warmup or self.scale == 0.0:
-            return False
-        self.excess = max(0.0, self.excess + (loss - self.mean) / self.scale - self.delta)
-        if self.excess > self.threshold:
+        deviation = loss - self.mean
+        self.mean += rate * deviation
+        self.variance = (1.0 - rate) * (self.variance + rate * deviation * deviation)
+        if alarm:
             self.alarms += 1
-            return True
-        return False
+        return alarm
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "count": self.count,
             "mean": self.mean,
-            "scale": self.scale,
+            "variance": self.variance,
             "excess": self.excess,
             "alarms": self.alarms,
         }
@@ -70,6 +79,6 @@ class PageHinkley:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.count = int(state["count"])
         self.mean = float(state["mean"])
-        self.scale = float(state["scale"])
+        self.variance = float(state["variance"])
         self.excess = float(state["excess"])
         self.alarms = int(state["alarms"])

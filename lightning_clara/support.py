@@ -32,7 +32,7 @@ from lightning_clara.reference import (
     MonteCarloReference,
     PlainReference,
     Reference,
-    StitchedReference,
+    SpeedUp,
     freeze,
     shared,
 )
@@ -238,17 +238,26 @@ def reference_for(optimizer: Optimizer, group: Mapping[str, Any], c: float) -> R
     return shared(MonteCarloReference(c, optimizer_class, kwargs, horizon=_momentum_horizon(beta)))
 
 
+def _speed_up_nadam(optimizer: Optimizer, factor: int) -> None:
+    """From now on one step stands for ``factor``: NAdam's momentum ``beta1 (1 - 0.5 * 0.96^(step *
+    momentum_decay))`` stays continuous when step shrinks and momentum_decay grows by ``factor``."""
+    for group in optimizer.param_groups:
+        group["momentum_decay"] *= factor
+        for param in group["params"]:
+            state = optimizer.state[param]
+            state["step"] = state["step"] / factor
+
+
 def _nadam_reference(c: float, kwargs: dict[str, Any], beta1: float) -> Reference:
-    """NAdam's momentum ramps as ``beta1 * (1 - 0.5 * 0.96 ** (t * momentum_decay))``: simulate the
-    first steps as they are, then the ramp (until 98 % done) with the decay sped up to fit 1024 steps."""
+    """NAdam's momentum ramps as ``beta1 * (1 - 0.5 * 0.96 ** (step * momentum_decay))`` over ~25k
+    steps (98 % of the ramp): simulate the first 2048 steps as they are (second moments warm up),
+    then the rest of the ramp sped up to fit 1024 more steps."""
     decay = float(kwargs.get("momentum_decay", 4e-3))
-    early = MonteCarloReference(c, torch.optim.NAdam, kwargs, horizon=_momentum_horizon(beta1))
-    if decay <= 0:
-        return early
-    ramp_steps = math.log(0.02) / (decay * math.log(0.96))
-    time_scale = max(1, math.ceil(ramp_steps / 1024))
-    if time_scale == 1:
-        return MonteCarloReference(c, torch.optim.NAdam, kwargs, horizon=max(early.horizon, math.ceil(ramp_steps)))
-    fast = {**kwargs, "momentum_decay": decay * time_scale}
-    late = MonteCarloReference(c, torch.optim.NAdam, fast, horizon=1024)
-    return StitchedReference(early, late, time_scale)
+    warm = 2048
+    ramp_steps = math.ceil(math.log(0.02) / (decay * math.log(0.96))) if decay > 0 else 0
+    if ramp_steps <= warm + 1024:
+        horizon = max(_momentum_horizon(beta1), ramp_steps)
+        return MonteCarloReference(c, torch.optim.NAdam, kwargs, horizon=horizon, budget=1 << 22)
+    factor = math.ceil((ramp_steps - warm) / 1024)
+    speed_up = SpeedUp(at_step=warm, factor=factor, apply=_speed_up_nadam, name="nadam_momentum_decay")
+    return MonteCarloReference(c, torch.optim.NAdam, kwargs, horizon=warm + 1024, budget=1 << 22, speed_up=speed_up)

@@ -22,10 +22,16 @@ def plain_sgd_mu(c: float) -> MuFunction:
 
 
 class SimpleCLARA:
-    """The rule of ALGORITHM.md for one optimizer (one scope), fed with realised steps."""
+    """The rule of ALGORITHM.md for one optimizer (one scope), fed with realised steps.
 
-    def __init__(self, shapes: Sequence[torch.Size], c: float, d: float, mu: MuFunction) -> None:
-        self.c, self.d, self.mu = c, d, mu
+    ``rule="paper"``: ``log F += d (r - 1)``; ``rule="normalized"`` (the library default) divides
+    ``r - 1`` by ``r_max - 1``, with ``r_max = (tensors that moved) / sum mu``.
+    """
+
+    def __init__(
+        self, shapes: Sequence[torch.Size], c: float, d: float, mu: MuFunction, rule: str = "normalized"
+    ) -> None:
+        self.c, self.d, self.mu, self.rule = c, d, mu, rule
         self.paths = [torch.zeros(shape, dtype=torch.float64) for shape in shapes]
         self.counts = [0] * len(shapes)
         self.log_factor = 0.0
@@ -37,7 +43,7 @@ class SimpleCLARA:
 
     def update(self, steps: Sequence[Tensor | None]) -> None:
         """``steps[k] = theta_k(before) - theta_k(after)``, or None for a tensor the step did not touch."""
-        squared, expected = 0.0, 0.0
+        squared, expected, moved = 0.0, 0.0, 0
         for k, step in enumerate(steps):
             if step is None:
                 continue
@@ -49,9 +55,14 @@ class SimpleCLARA:
             self.counts[k] += 1
             squared += float(self.paths[k].pow(2).sum())
             expected += self.mu(step.numel(), self.counts[k])
+            moved += 1
         if expected > 0:
             self.ratio = squared / expected
-            self.log_factor += self.d * (self.ratio - 1)
+            signal = self.ratio - 1
+            if self.rule == "normalized":
+                # the largest possible ratio is moved / expected (every ||p_k|| <= 1)
+                signal /= moved / expected - 1
+            self.log_factor += self.d * signal
 
 
 def sgd_step(params: Sequence[Tensor], lr: float) -> list[Tensor]:

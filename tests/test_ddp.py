@@ -75,9 +75,10 @@ LRS = {"sgd": 0.05, "adam": 0.01}
 CLARA_OPTIONS: dict[str, dict[str, Any]] = {"sgd": {"c": C, "d": D, "rule": "paper"}, "adam": {"c": C, "d": D}}
 CHECK_EVERY = 2
 LOG_EVERY = 2
-#: Four DDP fits of two freshly spawned processes each; a few times what they take on 2 busy cores.
-DRIVER_TIMEOUT_S = 600
-EXAMPLE_TIMEOUT_S = 300
+#: Four DDP fits of two freshly spawned processes each take 60-90 s on 2 busy cores; the example ~20 s.
+#: A deadlock fails the test after this long instead of blocking the suite.
+DRIVER_TIMEOUT_S = 360
+EXAMPLE_TIMEOUT_S = 180
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -153,6 +154,7 @@ class RankChecker(Callback):
         self.guard_checks = 0
         self.start_state: dict[str, Any] = {}
         self.messages: list[str] = []
+        self._catcher: Any = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._catcher = warnings.catch_warnings(record=True)
@@ -160,7 +162,15 @@ class RankChecker(Callback):
         warnings.simplefilter("always")
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._catcher.__exit__(None, None, None)
+        self._stop_recording()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._stop_recording()  # a failed fit skips teardown: do not leave the warning filters changed
+
+    def _stop_recording(self) -> None:
+        if self._catcher is not None:
+            self._catcher.__exit__(None, None, None)
+            self._catcher = None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         controller = _clara(trainer).controllers[0]
@@ -361,7 +371,7 @@ def simple_sgd_lrs(epochs: int) -> list[float]:
     """The lr trajectory of ``reference_loop``'s simple CLARA with hand-written SGD on the same batches."""
     net = make_net()
     data = make_regression_data(NUM_SAMPLES)
-    clara = SimpleCLARA([p.shape for p in net.parameters()], C, D, plain_sgd_mu(C))
+    clara = SimpleCLARA([p.shape for p in net.parameters()], C, D, plain_sgd_mu(C), rule="paper")
     params = list(net.parameters())
     lrs = []
     for _ in range(epochs):
@@ -403,8 +413,8 @@ def test_ranks_use_identical_lrs_equal_to_single_process(
     # log F starts at 0: compare it absolutely (a relative error near 0 would measure rounding noise)
     assert max_absolute_error(rank0["log_factors"], checker.log_factors) < 1e-12
     # F really moved, so the agreement is not the trivial lr == lr_base
-    assert abs(rank0["log_factors"][-1]) > 0.05
-    assert max(rank0["lrs"]) / min(rank0["lrs"]) > 1.05
+    assert abs(rank0["log_factors"][-1]) > 0.3
+    assert max(rank0["lrs"]) / min(rank0["lrs"]) > 1.5
     # the model followed the same trajectory too
     ddp_weights = torch.load(ddp_runs.out_dir / f"{name}_weights.pt")
     for key, value in weights.items():
@@ -482,7 +492,7 @@ def test_checkpoint_from_rank_zero_restores_on_every_rank(ddp_runs: DDPRuns) -> 
         assert resumed[rank]["global_step"] == EPOCHS * STEPS_PER_EPOCH
         assert resumed[rank]["lrs"] == uninterrupted["lrs"][cut:]  # exact, float64
         assert resumed[rank]["log_factors"] == uninterrupted["log_factors"][cut:]
-    assert abs(resumed[0]["start_state"]["log_factors"][0]) > 0.01  # a fresh F = 1 would not pass for restored
+    assert abs(resumed[0]["start_state"]["log_factors"][0]) > 0.1  # a fresh F = 1 would not pass for restored
     resumed_weights = torch.load(ddp_runs.out_dir / "resumed_weights.pt")
     uninterrupted_weights = torch.load(ddp_runs.out_dir / "adam_weights.pt")
     for key, value in uninterrupted_weights.items():

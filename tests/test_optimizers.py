@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from lightning_clara import CLARA
-from lightning_clara.reference import MonteCarloReference, Reference, StitchedReference, shared
+from lightning_clara.reference import MonteCarloReference, Reference, shared
 from lightning_clara.support import reference_for
 
 C = 0.2
@@ -37,8 +37,8 @@ NOISE_SHAPES = BASE_SHAPES * 3
 K_SIGMA = 4.0
 #: ... and never more than this absolute deviation of the mean ratio from 1.
 ABSOLUTE_GUARD = 0.03
-#: The data's standard error must be small enough for the guard to mean something.
-MAX_STANDARD_ERROR = 0.01
+#: The data's standard error must be small enough for the guard to mean something (typical: 0.5-0.9 %).
+MAX_STANDARD_ERROR = 0.0125
 #: The torch optimizers CLARA documents as supported (written out here, not read from the package).
 SUPPORTED = ("SGD", "Adam", "AdamW", "NAdam", "RAdam", "Adamax", "RMSprop", "Adagrad", "Adadelta", "ASGD")
 
@@ -185,13 +185,9 @@ def reseeded(reference: Reference, seed: int) -> Reference | None:
                 budget=reference.budget,
                 min_trials=reference.min_trials,
                 seed=seed,
+                speed_up=reference.speed_up,
             )
         )
-    if isinstance(reference, StitchedReference):
-        early, late = reseeded(reference.early, seed), reseeded(reference.late, seed)
-        if early is None or late is None:
-            return None
-        return shared(StitchedReference(early, late, reference.time_scale))
     return None
 
 
@@ -291,9 +287,9 @@ def test_foreach_and_fused_give_the_same_null_model_run(name: str) -> None:
     assert float(log_factors.abs().max()) > 1e-3  # F actually moved
 
 
-def test_nadam_stitched_reference_holds_over_a_long_run() -> None:
-    """NAdam's momentum ramps over ~25k steps; its reference beyond step 128 comes from a time-compressed
-    simulation stitched on. Steps 3000-6000 (mid-ramp, far beyond the directly simulated part) must still
+def test_nadam_sped_up_reference_holds_over_a_long_run() -> None:
+    """NAdam's momentum ramps over ~25k steps; its reference beyond step 2048 comes from the same simulation
+    with the ramp sped up. Steps 3000-6000 (mid-ramp, far beyond the directly simulated part) must still
     give mean r = 1. Two tensors (300 and 20x30 entries), 30 blocks of 100 steps."""
     steps, start, block = 6000, 3000, 100
     params = make_params(((300,), (20, 30)))
@@ -303,9 +299,9 @@ def test_nadam_stitched_reference_holds_over_a_long_run() -> None:
     assert_unit_mean(ratios, start, block, allowance, "nadam long run")
 
 
-def test_nadam_reference_has_no_jump_where_the_simulations_meet() -> None:
-    """E[r_t] = 1 right after the directly simulated first steps end (the reference switches to the
-    time-compressed simulation there): steps 130-300, 8 independent seeds, standard error from their spread."""
+def test_nadam_reference_is_unbiased_early_in_the_ramp() -> None:
+    """E[r_t] = 1 early in NAdam's ramp, where the reference is simulated step by step:
+    steps 130-300, 8 independent seeds, standard error from their spread."""
     steps, window = 300, slice(130, 300)
     shapes = ((300,), (20, 30))
     means = []

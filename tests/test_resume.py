@@ -36,15 +36,6 @@ EVERY = 5  # checkpoints at steps 5, 10, 15: positions 5, 2 and 7 of an 8-batch 
 MakeModule = Callable[..., LightningModule]
 
 
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    """Single-threaded (restored afterwards): tiny kernels on a busy 2-core machine run faster that way."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class StatefulBatches:
     """Fixed, ordered mini-batches; a sized, stateful iterable whose position survives a checkpoint.
 
@@ -87,8 +78,7 @@ CONFIGS: dict[str, tuple[Callable[[LightningModule], Optimizer], bool]] = {
 
 
 class Run:
-    """One ``Trainer.fit`` with CLARA (``options`` go to the callback), an lr recorder and every-5-steps
-    checkpoints, on ``StatefulBatches``."""
+    """One ``Trainer.fit`` with CLARA, an lr recorder and every-5-steps checkpoints, on ``StatefulBatches``."""
 
     def __init__(
         self,
@@ -100,12 +90,11 @@ class Run:
         *,
         ckpt_path: str | None = None,
         clara: bool = True,
-        **options: Any,
     ) -> None:
         configure, safeguard = CONFIGS[config]
         self.module = make_module(configure)
         self.data = StatefulBatches(dataset)
-        self.callback = CLARACallback(c=C, d=D, safeguard=safeguard, **options) if clara else None
+        self.callback = CLARACallback(c=C, d=D, safeguard=safeguard) if clara else None
         self.recorder = LRRecorder()
         self.checkpoint = ModelCheckpoint(dirpath=directory, every_n_train_steps=EVERY, save_top_k=-1)
         callbacks: list[Callback] = [self.recorder, self.checkpoint]
@@ -185,13 +174,11 @@ def test_checkpoint_without_clara_state_warns_and_starts_fresh(
     make_module: MakeModule, regression_data: TensorDataset, trainer_kwargs: dict[str, Any], tmp_path: Path
 ) -> None:
     """A checkpoint saved without the callback: resuming with it warns (no CLARA state) and CLARA starts at
-    F = 1 with empty paths, exactly like the simple loop (the paper's rule) started from the checkpoint's weights."""
+    F = 1 with empty paths, exactly like the simple loop started from the checkpoint's weights."""
     plain = Run(make_module, regression_data, trainer_kwargs, tmp_path / "plain", "sgd", clara=False)
     path = plain.checkpoint_at(EVERY)
     with pytest.warns(UserWarning, match="no CLARA state"):
-        resumed = Run(
-            make_module, regression_data, trainer_kwargs, tmp_path / "resumed", "sgd", ckpt_path=path, rule="paper"
-        )
+        resumed = Run(make_module, regression_data, trainer_kwargs, tmp_path / "resumed", "sgd", ckpt_path=path)
     total = EPOCHS * len(plain.data)
     used = resumed.recorder.first_group()
     assert used[0] == LR  # F = 1

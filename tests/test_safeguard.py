@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +28,6 @@ from lightning_clara.safeguard import PageHinkley
 STREAM = 2000
 SEEDS = 50
 LOG2 = math.log(2.0)
-
-
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    """Single-threaded (restored afterwards): tiny kernels on a busy 2-core machine run faster that way."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def alarms_on(stream: list[float], detector: PageHinkley | None = None) -> list[int]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -45,18 +45,9 @@ from lightning_clara.support import reference_for
 
 C = 0.2
 D = 0.05  # F moves by tens of percent within a few dozen steps, so trajectories are distinguishable
-# Runs compared with ``reference_loop`` ask for rule="paper": log F += d (r - 1), the rule ALGORITHM.md states.
+# Comparisons with ``reference_loop`` use the default rule on both sides (SimpleCLARA follows the library's default).
 
 MakeModule = Callable[..., LightningModule]
-
-
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    """Single-threaded (restored afterwards): tiny kernels on a busy 2-core machine run faster that way."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class StepRecorder(Callback):
@@ -127,7 +118,7 @@ def test_accumulation_adapts_and_logs_on_the_optimizer_step_axis(
     total = epochs * math.ceil(STEPS_PER_EPOCH / accumulate)
     module = make_module(sgd())
     initial_net = copy.deepcopy(module.net)
-    callback, recorder, counter = CLARACallback(c=C, d=D, rule="paper"), LRRecorder(), StepRecorder()
+    callback, recorder, counter = CLARACallback(c=C, d=D), LRRecorder(), StepRecorder()
     logger = CSVLogger(tmp_path, name="logs")
     trainer = make_trainer(
         trainer_kwargs,
@@ -145,7 +136,7 @@ def test_accumulation_adapts_and_logs_on_the_optimizer_step_axis(
     assert tensor_counts(controller) == [total] * 4
     reference = run_reference(initial_net, regression_data, epochs=epochs, lr_at=lambda t: LR, accumulate=accumulate)
     assert max_relative_error(recorder.first_group(), reference.lrs) < 1e-9
-    assert abs(reference.log_factors[-1]) > 0.1  # F moved: a per-batch adaptation would give another trajectory
+    assert abs(reference.log_factors[-1]) > 0.01  # F moved far beyond the tolerance: the comparison has teeth
 
     assert logger.log_dir is not None
     logged = csv_series(Path(logger.log_dir) / "metrics.csv")  # fails if a key is logged twice at one step
@@ -177,7 +168,7 @@ def test_bf16_precision_keeps_fp32_paths(
     module = make_module(sgd(), dataset=_float32(regression_data)).float()
     output_dtypes: list[torch.dtype] = []
     module.net[0].register_forward_hook(lambda m, args, out: output_dtypes.append(out.dtype))
-    callback, recorder, counter = CLARACallback(c=C, d=D, rule="paper"), LRRecorder(), StepRecorder(keep_grads=True)
+    callback, recorder, counter = CLARACallback(c=C, d=D), LRRecorder(), StepRecorder(keep_grads=True)
     trainer = make_trainer(trainer_kwargs, [callback, recorder, counter], max_epochs=epochs, precision=precision)
     trainer.fit(module)
 
@@ -224,7 +215,7 @@ def test_fp16_grad_scaler_skips_are_not_adapted_in_lightning(
     module = make_module(sgd(), dataset=_float32(regression_data)).float()
     scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
     plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
-    callback, recorder, counter = CLARACallback(c=C, d=D, rule="paper"), LRRecorder(), StepRecorder(keep_grads=True)
+    callback, recorder, counter = CLARACallback(c=C, d=D), LRRecorder(), StepRecorder(keep_grads=True)
     trainer = make_trainer(trainer_kwargs, [callback, recorder, counter], max_epochs=epochs, plugins=[plugin])
     trainer.fit(module)
 
@@ -264,7 +255,7 @@ def test_plain_controller_with_grad_scaler_ignores_skipped_steps() -> None:
     b = torch.zeros(1, requires_grad=True)
     params = [w, b]
     optimizer = torch.optim.SGD(params, lr=LR)
-    clara = CLARA(optimizer, c=C, d=D, rule="paper")  # the rule of ALGORITHM.md, which the simple loop implements
+    clara = CLARA(optimizer, c=C, d=D)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1000)
     reference = SimpleCLARA([p.shape for p in params], C, D, plain_sgd_mu(C))
     steps, poisoned = 12, 6
@@ -365,7 +356,7 @@ def test_manual_gan_adapts_each_optimizer_on_its_own_steps(trainer_kwargs: dict[
     module = TinyGAN(d_every)
     gen, disc = copy.deepcopy(module.generator), copy.deepcopy(module.discriminator)
     logger = RecordingLogger()
-    callback, recorder, counter = CLARACallback(c=C, d=D, rule="paper"), LRRecorder(), StepRecorder()
+    callback, recorder, counter = CLARACallback(c=C, d=D), LRRecorder(), StepRecorder()
     trainer = make_trainer(
         trainer_kwargs, [callback, recorder, counter], max_epochs=epochs, logger=logger, log_every_n_steps=1
     )
@@ -432,7 +423,7 @@ def test_clipped_step_is_the_adapted_direction(
     initial_net = copy.deepcopy(make_module(sgd()).net)
     for direction in ("auto", "delta"):
         module = make_module(sgd())
-        callback, recorder = CLARACallback(c=C, d=D, direction=direction, rule="paper"), LRRecorder()
+        callback, recorder = CLARACallback(c=C, d=D, direction=direction), LRRecorder()
         trainer = make_trainer(
             trainer_kwargs,
             [callback, recorder],

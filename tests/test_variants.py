@@ -228,8 +228,8 @@ def test_salera_accumulates_normalised_raw_gradients_with_the_plain_reference() 
         return [h * v.detach() + 0.3 * e[t] for h, v, e in zip(curvature, values, noise, strict=True)]
 
     clara = CLARA(torch.optim.Adam(params, lr=lr), c=C, d=d, rule="paper", variant="salera")
-    loop = SimpleCLARA(shapes, C, d, plain_sgd_mu(C))
-    own_steps = SimpleCLARA(shapes, C, d, plain_sgd_mu(C))  # the same rule fed Adam's steps: must differ
+    loop = SimpleCLARA(shapes, C, d, plain_sgd_mu(C), rule="paper")
+    own_steps = SimpleCLARA(shapes, C, d, plain_sgd_mu(C), rule="paper")  # the same rule fed Adam's steps: must differ
     adam = SimpleAdam(loop_params)
     largest_gap = 0.0
     for t in range(steps):
@@ -281,8 +281,8 @@ def test_param_group_scope_matches_one_loop_per_group() -> None:
         return float(curve[min(t, curve.numel() - 1)])
 
     loops = [
-        SimpleCLARA([p.shape for p in first], C, d, plain_sgd_mu(C)),
-        SimpleCLARA([p.shape for p in second], C, d, heavy_ball_mu),
+        SimpleCLARA([p.shape for p in first], C, d, plain_sgd_mu(C), rule="paper"),
+        SimpleCLARA([p.shape for p in second], C, d, heavy_ball_mu, rule="paper"),
     ]
     agreeing = drift([p.shape for p in first], seed=8)  # this group's F grows
     noise = gaussian([p.shape for p in second], seed=9)  # this one's wanders near 1
@@ -336,7 +336,7 @@ def test_custom_reference_is_used_for_every_group(reference: Reference, mu: Call
         [{"params": first, "lr": 1e-2, "betas": (0.9, 0.999)}, {"params": second, "lr": 2e-2, "betas": (0.5, 0.99)}]
     )
     clara = CLARA(optimizer, c=C, d=d, rule="paper", scope="param_group", reference=reference)
-    loops = [SimpleCLARA([p.shape for p in group], C, d, mu) for group in (first, second)]
+    loops = [SimpleCLARA([p.shape for p in group], C, d, mu, rule="paper") for group in (first, second)]
     gradients = drift([p.shape for p in first + second], seed=12)
     for t in range(steps):
         if t == steps // 2:
@@ -358,7 +358,7 @@ def test_custom_reference_with_optimizer_scope_sums_over_all_tensors() -> None:
     optimizer = torch.optim.RMSprop([{"params": first}, {"params": second, "momentum": 0.9}], lr=1e-2)
     clara = CLARA(optimizer, c=C, d=d, rule="paper", reference=ConstantReference(C, 0.25))
     params = first + second
-    loop = SimpleCLARA([p.shape for p in params], C, d, lambda n, t: 0.25)
+    loop = SimpleCLARA([p.shape for p in params], C, d, lambda n, t: 0.25, rule="paper")
     gradients = gaussian([p.shape for p in params], seed=15)
     for t in range(60):
         set_grads(params, next(gradients))
