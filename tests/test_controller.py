@@ -624,9 +624,7 @@ def test_factor_bounds_hold_exactly_without_wind_up(min_factor: float, max_facto
     """F never leaves [min_factor, max_factor] (not even by rounding), and leaves a bound as soon as r crosses 1."""
     params = synthetic_params()
     lr = 1e-3
-    clara = CLARA(
-        torch.optim.SGD(params, lr=lr), d=0.5, min_factor=min_factor, max_factor=max_factor, rule="paper"
-    )
+    clara = CLARA(torch.optim.SGD(params, lr=lr), d=0.5, min_factor=min_factor, max_factor=max_factor, rule="paper")
     direction = fixed_direction(params)
     used = drive(clara, params, constant(direction), 60)  # r -> 9: F pinned at the top
     assert clara.lr_factor <= max_factor

@@ -62,7 +62,7 @@ def build(name: str, sizes: tuple[int, ...], d: float = D) -> tuple[list[Tensor]
     """Zero float64 parameters of the given sizes, the configured optimizer, and CLARA on it."""
     params = [torch.zeros(n, dtype=torch.float64, requires_grad=True) for n in sizes]
     factory, _ = CONFIGS[name]
-    return params, CLARA(factory(params), c=C, d=d)
+    return params, CLARA(factory(params), c=C, d=d, rule="paper")  # the drift checks use the paper rule's d (r - 1)
 
 
 def run(clara: CLARA, params: list[Tensor], gradients: Iterator[list[Tensor]], steps: int) -> tuple[Tensor, Tensor]:

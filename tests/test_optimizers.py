@@ -9,7 +9,8 @@
 * foreach / fused implementations: the same null-model run gives the same r sequence as the
   default implementation (so they pass exactly when it does, without paying twice for statistics).
 * unsupported optimizers and objects are refused with a ``TypeError`` that says why.
-* NAdam over 6000 steps, where its reference is the stitched, time-compressed simulation.
+* NAdam over 6000 steps, where its reference comes from the simulation with the momentum ramp sped up,
+  and early in the ramp (steps 130-300), where a stitched reference once jumped.
 """
 
 from __future__ import annotations
