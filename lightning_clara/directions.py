@@ -206,13 +206,14 @@ class AdamStateReader(DirectionReader):
             first = [s["exp_avg"] for s in states]
             bias1 = 1.0 - beta1**step
             bias2_sqrt = math.sqrt(1.0 - beta2**step)
+            # m / (sqrt(v)/b + eps) = b * m / (sqrt(v) + eps*b), b = sqrt(bias2): the positive b drops out,
+            # saving a pass; one scratch buffer per tensor, four passes
             scratch = torch._foreach_sqrt(second)
-            torch._foreach_div_(scratch, bias2_sqrt)
-            torch._foreach_add_(scratch, eps)
+            torch._foreach_add_(scratch, eps * bias2_sqrt)
             torch._foreach_reciprocal_(scratch)
             torch._foreach_mul_(scratch, first)
             if decoupled and weight_decay != 0.0:
-                torch._foreach_mul_(scratch, 1.0 / bias1)
+                torch._foreach_mul_(scratch, bias2_sqrt / bias1)
                 torch._foreach_add_(scratch, [p.detach() for p in chosen], alpha=weight_decay)
                 torch._foreach_mul_(scratch, _decay_factor(group["lr"], weight_decay))
             for i, tensor in zip(indices, scratch, strict=True):

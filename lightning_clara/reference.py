@@ -349,17 +349,17 @@ class MonteCarloReference(Reference):
             control_beta=self.control_beta,
             speed_up=self.speed_up,
         )
-        smoothed = {n: _smooth(curve) for n, curve in curves.items()}
         if self.speed_up is None:
-            return smoothed
-        # simulated step i > at_step stands for real step at_step + factor * (i - at_step)
+            return {n: _smooth(curve) for n, curve in curves.items()}
+        # simulated step i > at_step stands for real step at_step + factor * (i - at_step); map to
+        # real steps first and smooth there, so that no window mixes the two time scales
         at, factor = self.speed_up.at_step, self.speed_up.factor
         real = torch.arange(at + factor * (self.horizon - at) + 1, dtype=torch.float64)
         position = torch.where(real <= at, real, at + (real - at) / factor)
         below = position.floor().long()
         above = (below + 1).clamp(max=self.horizon)
         weight = position - below
-        return {n: (1 - weight) * curve[below] + weight * curve[above] for n, curve in smoothed.items()}
+        return {n: _smooth((1 - weight) * curve[below] + weight * curve[above]) for n, curve in curves.items()}
 
 
 def _simulate(

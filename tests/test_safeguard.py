@@ -1,8 +1,11 @@
 """The Page-Hinkley safeguard: the detector alone, ``CLARA.observe_loss`` and ``CLARACallback(safeguard=True)``.
 
 Detector expectations are derived from the CUSUM it implements: per observation the statistic moves by
-``(loss - mean) / scale - delta``, i.e. by about ``-delta`` plus the loss's relative noise, and alarms past
-``threshold``. Controller expectations compare with parameter copies taken by the test and with ``log 2``.
+``z - delta`` with ``z = (loss - mean) / std`` (the loss in units of its own noise, against the running
+statistics from *before* that loss), is floored at 0 and alarms past ``threshold`` (defaults: delta 0.5,
+threshold 20, memory 50, warmup 10). Controller expectations follow ``observe_loss``'s contract (called after
+step t with the loss measured before step t, so a bad loss at step t reflects step t-1) and compare with
+parameter copies taken by the test and with ``log 2``.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import copy
 import math
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,19 +64,22 @@ def _decreasing(generator: torch.Generator) -> Tensor:
 
 @pytest.mark.parametrize("make_stream", [_gaussian, _batch_mse, _decreasing], ids=["gauss", "batch-mse", "decreasing"])
 def test_no_false_alarm_on_stationary_or_decreasing_losses(make_stream: Callable[[torch.Generator], Tensor]) -> None:
-    """Zero alarms over 50 seeds x 2000 steps with the defaults (delta 0.05, threshold 3).
+    """Zero alarms over 50 seeds x 2000 steps with the defaults (delta 0.5, threshold 20).
 
-    The CUSUM increments have mean ~ -delta and sd ~ sigma (relative noise, here <= 0.125); Wald's bound puts
-    an excursion above h at exp(-2 delta h / sigma^2) = exp(-19) ~ 5e-9, so over ~1e5 excursions the expected
-    number of false alarms is < 1e-3. (A decreasing loss only adds negative increments.)
+    In noise units the CUSUM increments z - delta have mean ~ -0.5 and sd ~ 1 whatever the loss's scale or
+    relative noise; Wald's bound puts an excursion above h at exp(-2 delta h / 1) = exp(-20) ~ 2e-9, so over
+    ~1e5 steps the expected number of false alarms is < 1e-3 (the skew of the chi-square losses and the noisy
+    running std fatten the tails of z a little; the largest excess over these streams is ~9). A decreasing loss
+    lies below its lagging running mean: it only adds negative increments.
     """
     total = sum(len(alarms_on(make_stream(torch.Generator().manual_seed(seed)).tolist())) for seed in range(SEEDS))
     assert total == 0
 
 
 def test_alarm_on_the_first_step_of_a_tenfold_jump() -> None:
-    """Loss x10 after 300 stationary steps: the first jumped loss alone adds ~(10 - 1.18) / 1.18 - delta ~ 7.4
-    (mean and scale have absorbed 1/50 of the jump) > threshold 3, so the alarm comes at once."""
+    """Loss x10 after 300 stationary steps (mean ~1, std ~0.1): the first jumped loss is tested against the
+    statistics from before it, z ~ (10 - 1) / 0.1 = 90 (+-10 from its own noise), so it alone adds ~89.5 >
+    threshold 20 and the alarm comes at once."""
     jump = 300
     for seed in range(10):
         stream = _gaussian(torch.Generator().manual_seed(seed))
@@ -82,15 +89,31 @@ def test_alarm_on_the_first_step_of_a_tenfold_jump() -> None:
 
 
 def test_gradual_doubling_is_caught_within_a_few_steps() -> None:
-    """Loss x2 (relative noise 0.1): each step adds ~(2 - 1.02) / 1.02 - 0.05 ~ 0.9 and the running mean adapts
-    with rate 1/50, so the excess passes 3 on the 4th jumped step (5th at worst with noise)."""
+    """Loss x2 after 300 steps with mean 1 and std 0.1. By hand, each jumped loss 2 is tested, then moves the
+    statistics with rate 1/50 (m += (2 - m) / 50, v = 0.98 (v + 0.02 (2 - m)^2)):
+
+    ========  =========  =====  ===========  ==============
+    jumped    mean       std    z - delta    excess
+    ========  =========  =====  ===========  ==============
+    1st       1.0        0.1    9.50         9.5
+    2nd       1.02       0.171  5.22         14.7
+    3rd       1.0396     0.218  3.90         18.6
+    4th       1.0588     0.255  3.20         21.8 > 20
+    ========  =========  =====  ===========  ==============
+
+    so the alarm comes on the 4th jumped step, ``jump + 3`` (checked exactly on a noise-free stream alternating
+    0.9 / 1.1, whose excess before the jump stays <= 0.5). With Gaussian noise the jumped losses scatter by
+    0.2 = 2 pre-jump stds, which moves each of the first z by ~+-2: the crossing comes a step earlier or later.
+    """
     jump = 300
+    alternating = [1.1, 0.9] * (jump // 2) + [2.0] * 10
+    assert alarms_on(alternating) == [jump + 3]
     for seed in range(10):
         stream = _gaussian(torch.Generator().manual_seed(seed))
         stream[jump:] *= 2.0
         alarms = alarms_on(stream.tolist())
         assert alarms, seed
-        assert jump + 2 <= alarms[0] <= jump + 5, (seed, alarms[:3])
+        assert jump + 2 <= alarms[0] <= jump + 4, (seed, alarms[:3])
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
@@ -112,11 +135,14 @@ def test_reset_clears_statistics_but_keeps_the_alarm_count() -> None:
     detector = PageHinkley()
     stream = _gaussian(torch.Generator().manual_seed(0)).tolist()
     assert alarms_on([*stream[:100], 10.0], detector) == [100]
-    rising = [1.0 + 0.004 * i for i in range(60)]  # a slow rise: builds up excess without an alarm
-    assert alarms_on(rising, detector) == []
-    assert detector.excess > 0.0
+    # after the alarm's reset: 10 warm-up losses (running mean and variance are then their exact mean and
+    # population variance), then one loss 3 stds above them: it adds 3 - delta = 2.5 to the excess, no alarm
+    warm = torch.tensor(stream[200:210], dtype=torch.float64)
+    high = float(warm.mean() + 3.0 * warm.std(correction=0))
+    assert alarms_on([*warm.tolist(), high], detector) == []
+    assert detector.excess == pytest.approx(2.5, abs=1e-9)
     detector.reset()
-    assert (detector.count, detector.mean, detector.scale, detector.excess) == (0, 0.0, 0.0, 0.0)
+    assert (detector.count, detector.mean, detector.variance, detector.excess) == (0, 0.0, 0.0, 0.0)
     assert detector.alarms == 1
     fresh = PageHinkley()
     jumped = [*stream[:200], *(10.0 * v for v in stream[200:])]
@@ -128,13 +154,15 @@ def test_state_dict_round_trip_continues_identically() -> None:
     """A detector restored from another's state_dict (plain ints/floats) produces identical decisions after."""
     stream = _gaussian(torch.Generator().manual_seed(1)).tolist()
     stream = [*stream[:400], *(5.0 * v for v in stream[400:])]
-    original = PageHinkley(delta=0.02, threshold=2.0, memory=20, warmup=5)
+    options = {"delta": 0.25, "threshold": 8.0, "memory": 20, "warmup": 5}  # none of them the default
+    original = PageHinkley(**options)
     for loss in stream[:397]:
         original.update(loss)
     state = original.state_dict()
+    assert set(state) == {"count", "mean", "variance", "excess", "alarms"}
     assert all(type(v) in (int, float) for v in state.values())
     assert state["count"] == 397
-    restored = PageHinkley(delta=0.02, threshold=2.0, memory=20, warmup=5)
+    restored = PageHinkley(**options)
     restored.load_state_dict(copy.deepcopy(state))
     assert restored.state_dict() == state
     assert alarms_on(stream[397:], restored) == alarms_on(stream[397:], original) != []
@@ -187,36 +215,47 @@ def loss_of(x: Tensor, y: Tensor, params: list[Tensor]) -> Tensor:
     return nn.functional.mse_loss(x @ params[0] + params[1], y)
 
 
-def train_quietly(clara: CLARA, x: Tensor, y: Tensor, params: list[Tensor], steps: int = 30) -> None:
-    """Full-batch steps, each followed by observe_loss of the loss it produced: a decreasing loss, no alarm."""
-    for _ in range(steps):
-        clara.optimizer.zero_grad()
-        loss_of(x, y, params).backward()
-        clara.optimizer.step()
-        with torch.no_grad():
-            assert clara.observe_loss(loss_of(x, y, params)) is False
-
-
-def blow_up(clara: CLARA, x: Tensor, y: Tensor, params: list[Tensor]) -> tuple[list[Tensor], float, bool, str]:
-    """One step with the lr multiplied by 1e4, then observe_loss of the loss it produced.
-
-    Returns the parameters before that step, log F after it, observe_loss's answer, and the warning text.
-    """
+def step(clara: CLARA, x: Tensor, y: Tensor, params: list[Tensor], lr_scale: float = 1.0) -> Tensor:
+    """One full-batch optimizer step (the lr times ``lr_scale`` for it); returns the loss its gradient came
+    from, measured before the step: what ``observe_loss`` takes after the step."""
     clara.optimizer.zero_grad()
-    loss_of(x, y, params).backward()
-    before = [p.detach().clone() for p in params]
+    loss = loss_of(x, y, params)
+    loss.backward()
     for group in clara.optimizer.param_groups:
-        group["lr"] *= 1e4
+        group["lr"] *= lr_scale
     clara.optimizer.step()
     for group in clara.optimizer.param_groups:
-        group["lr"] /= 1e4
-    log_factor = clara.log_factors[0]  # after the step's own adaptation
-    with torch.no_grad():
-        loss = loss_of(x, y, params)
-    assert float(loss) > 1e3  # the step really blew the loss up
+        group["lr"] /= lr_scale
+    return loss.detach()
+
+
+def train_quietly(clara: CLARA, x: Tensor, y: Tensor, params: list[Tensor], steps: int = 30) -> None:
+    """Steps, each followed by observe_loss of the loss it came from: a decreasing loss, no alarm."""
+    for _ in range(steps):
+        assert clara.observe_loss(step(clara, x, y, params)) is False
+
+
+@dataclass
+class BlowUp:
+    before: list[Tensor]  # the parameters before the blown-up step t-1
+    after: list[Tensor]  # the parameters after step t, when observe_loss is called
+    log_factor: float  # log F after step t's own adaptation
+    alarm: bool  # observe_loss's answer
+    message: str  # the warning's text
+
+
+def blow_up(clara: CLARA, x: Tensor, y: Tensor, params: list[Tensor]) -> BlowUp:
+    """Step t-1 with the lr multiplied by 1e4 (its own loss, measured before it, is normal: no alarm), then an
+    ordinary step t, whose loss reflects the blown-up step: observe_loss of that loss."""
+    before = [p.detach().clone() for p in params]
+    assert clara.observe_loss(step(clara, x, y, params, lr_scale=1e4)) is False
+    loss = step(clara, x, y, params)
+    assert float(loss) > 1e3  # step t-1 really blew the loss up
+    after = [p.detach().clone() for p in params]
+    log_factor = clara.log_factors[0]
     with pytest.warns(RuntimeWarning, match="safeguard") as record:
         alarm = clara.observe_loss(loss)
-    return before, log_factor, alarm, str(record[-1].message)
+    return BlowUp(before, after, log_factor, alarm, str(record[-1].message))
 
 
 def make_clara(
@@ -228,78 +267,123 @@ def make_clara(
     return clara, x, y, params
 
 
-def test_alarm_halves_factor_and_undoes_the_step_with_the_delta_reader() -> None:
-    """Blow-up with direction="delta": alarm, RuntimeWarning, log F down by exactly log 2, one alarm, the test
-    restarted, and the parameters back at their pre-step values (to rounding; exactness is tested below)."""
-    clara, x, y, params = make_clara(direction="delta")
+def assert_params_equal(params: list[Tensor], expected: list[Tensor]) -> None:
+    """Bitwise equal (NaN nowhere expected)."""
+    for old, param in zip(expected, params, strict=True):
+        torch.testing.assert_close(param.detach(), old, rtol=0.0, atol=0.0)
+
+
+RESTORED_TWO = "; parameters restored from before the last 2 step(s)"
+NO_SNAPSHOT = "; no snapshot to restore (use direction='delta' to keep one)"
+
+
+@pytest.mark.parametrize(
+    ("optimizer_class", "direction"),
+    [(torch.optim.SGD, "delta"), (torch.optim.SGD, "auto"), (torch.optim.Adam, "auto")],
+    ids=["sgd-delta", "sgd-auto", "adam-auto"],
+)
+def test_alarm_halves_factor_and_restores_the_parameters_from_before_the_blown_up_step(
+    optimizer_class: type[torch.optim.Optimizer], direction: str
+) -> None:
+    """With a safeguard every direction but "state" reads the delta and keeps snapshots (so "auto" does too,
+    for SGD and Adam, whose state readers it picks without a safeguard). The loss observed after step t
+    reflects the blown-up step t-1: alarm, RuntimeWarning, log F down by exactly log 2, one alarm, the test
+    restarted, and the parameters bitwise those from before step t-1. The optimizer's own state is not rolled
+    back. Training then goes on past the warm-up without a new alarm."""
+    x, y, params = regression()
+    without_safeguard = CLARA(optimizer_class(params, lr=0.02), direction=direction)
+    assert without_safeguard.reader_name == ("delta" if direction == "delta" else "state")
+    without_safeguard.detach()
+    clara, x, y, params = make_clara(optimizer_class, direction=direction)
+    assert clara.reader_name == "delta"
     train_quietly(clara, x, y, params)
     assert clara.lr_factor != 1.0
-    before, log_factor, alarm, message = blow_up(clara, x, y, params)
-    assert alarm is True
-    assert "undone" in message
+    optimizer_state = copy.deepcopy(clara.optimizer.state_dict()["state"])  # before the two steps of blow_up
+    result = blow_up(clara, x, y, params)
+    assert result.alarm is True
+    assert result.message.endswith(RESTORED_TWO)
+    assert f"F halved to {math.exp(result.log_factor - LOG2):.4g};" in result.message
     assert clara.num_safeguard_alarms == 1
-    assert clara.log_factors[0] == pytest.approx(log_factor - LOG2, abs=1e-12)
+    assert clara.log_factors[0] == result.log_factor - LOG2
     assert clara.safeguard is not None
     assert clara.safeguard.count == 0  # the test restarted
-    for old, param in zip(before, params, strict=True):
-        torch.testing.assert_close(param.detach(), old, rtol=0.0, atol=1e-9)
-    train_quietly(clara, x, y, params, steps=5)  # training goes on normally, no new alarm
+    assert_params_equal(params, result.before)
+    assert not all(torch.equal(a, b) for a, b in zip(result.after, result.before, strict=True))
+    if optimizer_class is torch.optim.Adam:
+        # not rolled back: two more steps counted, the moments still hold the blown-up gradient
+        state = clara.optimizer.state_dict()["state"]
+        assert [int(s["step"]) for s in state.values()] == [int(s["step"]) + 2 for s in optimizer_state.values()]
+        assert float(state[0]["exp_avg_sq"].max()) > 1e3 * float(optimizer_state[0]["exp_avg_sq"].max())
+    train_quietly(clara, x, y, params, steps=20)  # beyond the warm-up of 10: training goes on normally
     assert clara.num_safeguard_alarms == 1
 
 
-@pytest.mark.parametrize("unit_step", [False, True], ids=["delta", "unit-step"])
-def test_undo_restores_the_pre_step_parameters_exactly(unit_step: bool) -> None:
-    """The undo puts back exactly the parameters from before the blown-up step (bitwise), also when the applied
-    step was CLARA's unit step rather than the optimizer's."""
-    clara, x, y, params = make_clara(direction="delta", unit_step=unit_step)
+def test_undo_restores_the_pre_step_parameters_exactly_after_unit_steps() -> None:
+    """The applied steps are CLARA's unit steps rather than the optimizer's: the parameters from before the
+    blown-up step come back all the same, bitwise."""
+    clara, x, y, params = make_clara(direction="delta", unit_step=True)
     train_quietly(clara, x, y, params)
-    before, _, alarm, message = blow_up(clara, x, y, params)
-    assert alarm is True
-    assert "undone" in message
-    for old, param in zip(before, params, strict=True):
-        torch.testing.assert_close(param.detach(), old, rtol=0.0, atol=0.0)
+    result = blow_up(clara, x, y, params)
+    assert result.alarm is True
+    assert result.message.endswith(RESTORED_TWO)
+    assert_params_equal(params, result.before)
+
+
+def test_alarm_right_after_attaching_restores_from_before_the_only_step() -> None:
+    """One step after attaching there is a single snapshot: the parameters from before that step come back,
+    and the warning says one step."""
+    clara, x, y, params = make_clara()
+    before = [p.detach().clone() for p in params]
+    step(clara, x, y, params)
+    assert not torch.equal(params[0].detach(), before[0])
+    log_factor = clara.log_factors[0]
+    with pytest.warns(RuntimeWarning, match="safeguard") as record:
+        assert clara.observe_loss(math.nan) is True
+    assert str(record[-1].message).endswith("; parameters restored from before the last 1 step(s)")
+    assert clara.log_factors[0] == log_factor - LOG2
+    assert_params_equal(params, before)
 
 
 def test_undo_after_a_nan_step_restores_finite_parameters() -> None:
-    """A NaN gradient makes SGD write NaN into a weight; the NaN loss alarms and, since the warning says
-    "last step undone", the parameters are the finite pre-step ones again. F stays finite and is halved."""
+    """A NaN gradient makes SGD write NaN into a weight (step t-1, whose own loss was finite: no alarm); the loss
+    of step t, measured at those weights, is NaN and alarms at once: the finite parameters from before step t-1
+    come back bitwise, although both snapshots were taken around NaN steps. F stays finite and is halved."""
     clara, x, y, params = make_clara(direction="delta")
     train_quietly(clara, x, y, params, steps=5)
-    clara.optimizer.zero_grad()
-    loss_of(x, y, params).backward()
     before = [p.detach().clone() for p in params]
+    clara.optimizer.zero_grad()
+    loss = loss_of(x, y, params)
+    loss.backward()
     params[0].grad[0, 0] = math.nan  # type: ignore[index]
     with pytest.warns(RuntimeWarning, match="NaN/inf step"):
         clara.optimizer.step()
-    log_factor = clara.log_factors[0]
     assert not torch.isfinite(params[0]).all()
-    with pytest.warns(RuntimeWarning, match="undone"):
-        assert clara.observe_loss(loss_of(x, y, params).detach()) is True
+    assert clara.observe_loss(loss.detach()) is False
+    with pytest.warns(RuntimeWarning, match="NaN/inf step"):
+        nan_loss = step(clara, x, y, params)
+    assert math.isnan(float(nan_loss))
+    log_factor = clara.log_factors[0]
+    with pytest.warns(RuntimeWarning, match="safeguard") as record:
+        assert clara.observe_loss(nan_loss) is True
+    assert str(record[-1].message).endswith(RESTORED_TWO)
     assert math.isfinite(clara.lr_factor)
-    assert clara.log_factors[0] == pytest.approx(log_factor - LOG2, abs=1e-12)
-    for old, param in zip(before, params, strict=True):
-        torch.testing.assert_close(param.detach(), old, rtol=0.0, atol=0.0)
+    assert clara.log_factors[0] == log_factor - LOG2
+    assert_params_equal(params, before)
 
 
-def test_alarm_with_the_adam_state_reader_halves_but_cannot_undo() -> None:
-    """Adam with direction="auto" reads its state (no snapshot): F halves, the warning says nothing was undone,
-    and the parameters keep their post-step values."""
-    clara, x, y, params = make_clara(torch.optim.Adam)
+@pytest.mark.parametrize("optimizer_class", [torch.optim.SGD, torch.optim.Adam], ids=["sgd", "adam"])
+def test_alarm_with_the_state_reader_halves_but_cannot_restore(optimizer_class: type[torch.optim.Optimizer]) -> None:
+    """direction="state" with a safeguard keeps no snapshot: F halves, the warning says nothing was restored,
+    and the parameters keep their values from after the last step."""
+    clara, x, y, params = make_clara(optimizer_class, direction="state")
     assert clara.reader_name == "state"
     train_quietly(clara, x, y, params)
-    clara.optimizer.zero_grad()
-    loss_of(x, y, params).backward()
-    clara.optimizer.param_groups[0]["lr"] *= 1e4
-    clara.optimizer.step()
-    clara.optimizer.param_groups[0]["lr"] /= 1e4
-    log_factor = clara.log_factors[0]
-    after = [p.detach().clone() for p in params]
-    with pytest.warns(RuntimeWarning, match="no snapshot to undo"):
-        assert clara.observe_loss(loss_of(x, y, params).detach()) is True
+    result = blow_up(clara, x, y, params)
+    assert result.alarm is True
+    assert result.message.endswith(NO_SNAPSHOT)
     assert clara.num_safeguard_alarms == 1
-    assert clara.log_factors[0] == pytest.approx(log_factor - LOG2, abs=1e-12)
-    for old, param in zip(after, params, strict=True):
-        assert torch.equal(param.detach(), old)
+    assert clara.log_factors[0] == result.log_factor - LOG2
+    assert_params_equal(params, result.after)
 
 
 def test_observe_loss_without_safeguard_is_a_no_op() -> None:
@@ -359,9 +443,13 @@ class LinearRegressionModule(LightningModule):
         return DataLoader(self.data, batch_size=8, shuffle=False)
 
 
-def _fit(module: LightningModule, trainer_kwargs: dict[str, Any], safeguard: bool, epochs: int) -> tuple[Any, ...]:
+def _fit(
+    module: LightningModule, trainer_kwargs: dict[str, Any], safeguard: bool, epochs: int, **overrides: Any
+) -> tuple[Any, ...]:
     callback, logger = CLARACallback(d=1e-3, safeguard=safeguard), RecordingLogger()
-    trainer: Trainer = make_trainer(trainer_kwargs, [callback], max_epochs=epochs, logger=logger, log_every_n_steps=1)
+    trainer: Trainer = make_trainer(
+        trainer_kwargs, [callback], max_epochs=epochs, logger=logger, log_every_n_steps=1, **overrides
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the alarms' and NaN steps' warnings
         trainer.fit(module)
@@ -403,3 +491,21 @@ def test_nan_loss_never_makes_the_factor_nan(safeguard: bool, trainer_kwargs: di
     if safeguard:
         # every NaN loss is an alarm (immediate, no warm-up needed)
         assert controller.num_safeguard_alarms == len(module.losses) - nan_from
+
+
+def test_under_accumulation_only_the_stepping_batches_feed_the_safeguard(trainer_kwargs: dict[str, Any]) -> None:
+    """accumulate_grad_batches=3 over 8 batches: 3 optimizer steps per epoch (after batches 3, 6 and 8), 12 in
+    4 epochs. From optimizer step 5 on every batch loss is NaN, so the steps 5..11 each alarm once (the loss of
+    the stepping batch), while the NaN losses of the accumulation micro-batches in between are not fed: 7 alarms,
+    not one per NaN batch."""
+    epochs, accumulate, nan_from = 4, 3, 5
+    module = LinearRegressionModule(lr=0.01, nan_from=nan_from)
+    controller, logger = _fit(module, trainer_kwargs, safeguard=True, epochs=epochs, accumulate_grad_batches=accumulate)
+    steps = epochs * 3
+    assert controller.num_optimizer_steps == steps
+    # NaN from the batch where global_step is 5: epoch 1's last group (batches 7, 8) and all 16 of epochs 2, 3
+    assert sum(math.isnan(loss) for loss in module.losses) == 18
+    assert controller.num_safeguard_alarms == steps - nan_from
+    alarms = logger.series("clara/safeguard_alarms-SGD")
+    assert sorted(alarms) == list(range(steps))  # logged once per optimizer step, on the optimizer-step axis
+    assert [alarms[s] for s in range(steps)] == [float(max(0, s - nan_from + 1)) for s in range(steps)]

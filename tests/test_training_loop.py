@@ -44,7 +44,7 @@ from lightning_clara import CLARA, CLARACallback
 from lightning_clara.support import reference_for
 
 C = 0.2
-D = 0.05  # F moves by tens of percent within a few dozen steps, so trajectories are distinguishable
+D = 0.4  # normalized (default) rule: F moves by tens of percent within a few dozen steps (paper-rule d = 0.05 for SGD)
 # Comparisons with ``reference_loop`` use the default rule on both sides (SimpleCLARA follows the library's default).
 
 MakeModule = Callable[..., LightningModule]
@@ -134,9 +134,11 @@ def test_accumulation_adapts_and_logs_on_the_optimizer_step_axis(
     assert counter.steps == [total] == [6]
     assert trainer.global_step == controller.num_adapted_steps == total
     assert tensor_counts(controller) == [total] * 4
-    reference = run_reference(initial_net, regression_data, epochs=epochs, lr_at=lambda t: LR, accumulate=accumulate)
+    reference = run_reference(
+        initial_net, regression_data, epochs=epochs, lr_at=lambda t: LR, accumulate=accumulate, c=C, d=D
+    )
     assert max_relative_error(recorder.first_group(), reference.lrs) < 1e-9
-    assert abs(reference.log_factors[-1]) > 0.01  # F moved far beyond the tolerance: the comparison has teeth
+    assert abs(reference.log_factors[-1]) > 0.1  # F moved: a per-batch adaptation would give another trajectory
 
     assert logger.log_dir is not None
     logged = csv_series(Path(logger.log_dir) / "metrics.csv")  # fails if a key is logged twice at one step
