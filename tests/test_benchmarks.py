@@ -1,0 +1,50 @@
+"""Smoke runs of the benchmark scripts, so that they keep working (the full runs are not CI's)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_script(name: str, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_robustness_smoke_writes_a_summary(tmp_path: Path) -> None:
+    """The tiny grid runs every SGD/Adam method and writes per-task worst/mean accuracies."""
+    out = tmp_path / "robustness.json"
+    stdout = run_script("robustness.py", "--smoke", "--workers", "1", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert set(report["summary"]) == {"iris", "digits"}
+    methods = report["summary"]["digits"]
+    assert {"SGD", "SGD+CLARA", "Adam+CLARA", "Adam+CLARA paper"} <= set(methods)
+    for entry in methods.values():
+        assert 0.0 <= entry["worst"] <= entry["mean"] <= 100.0
+    assert len(report["runs"]) == 2 * len(methods) * 2  # tasks x methods x learning rates, one seed
+    assert "digits: test accuracy" in stdout
+
+
+def test_overhead_smoke_reports_costs_and_memory(tmp_path: Path) -> None:
+    """The tiny run measures every reader and reports the persistent memory CLARA keeps."""
+    out = tmp_path / "overhead.json"
+    run_script("overhead.py", "--smoke", "--out", str(out))
+    report = json.loads(out.read_text())
+    sizes = [key for key, value in report.items() if isinstance(value, dict) and "rows" in value]
+    assert len(sizes) == 1
+    rows = report[sizes[0]]["rows"]
+    # fp32 parameters: the path is 4 bytes per parameter, the delta reader's snapshot 4 more
+    assert rows["SGD+CLARA state"]["extra_bytes_per_param"] == 4.0
+    assert rows["Adam+CLARA delta"]["extra_bytes_per_param"] == 8.0
+    assert set(report["end_to_end_overhead"]) == {"cnn/sgd", "cnn/adam", "mlp/sgd", "mlp/adam"}
