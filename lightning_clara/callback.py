@@ -18,6 +18,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_clara.controller import CLARA, Rule, Scope, validate_options
+from lightning_clara.distributed import Sharding
 from lightning_clara.support import DirectionChoice
 
 __all__ = ["CLARACallback", "optimizer_names"]
@@ -45,18 +46,40 @@ def optimizer_names(optimizers: Sequence[Optimizer]) -> list[list[str]]:
 
 
 #: Strategies whose optimizer steps are identical on every rank, so CLARA needs no collective.
-_SUPPORTED_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy")
+_REPLICATED_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy")
+#: Strategies with DTensor-sharded parameters (FSDP2 through ``configure_model``): norms are reduced.
+_DTENSOR_STRATEGIES = ("ModelParallelStrategy",)
 
 
-def _check_strategy(trainer: pl.Trainer) -> None:
-    """Refuse strategies whose parameters are sharded: their per-tensor norms would be partial."""
+def _sharding_for(trainer: pl.Trainer) -> Sharding | None:
+    """None for replicated parameters; the DTensor sharding for FSDP2; an error for anything else.
+
+    FSDP1 (``FSDPStrategy``) flattens parameters and DeepSpeed ZeRO partitions them in its own
+    engine: their shard layouts are not wired in yet.
+    """
     names = [cls.__name__ for cls in type(trainer.strategy).__mro__]
-    if not any(name in _SUPPORTED_STRATEGIES for name in names):
-        raise NotImplementedError(
-            f"CLARACallback does not support the {type(trainer.strategy).__name__} strategy yet: with sharded "
-            "parameters (FSDP, DeepSpeed ZeRO, model parallel) per-tensor norms are partial sums. Supported: "
-            "single device, DDP (ddp, ddp_spawn, ddp_fork, ddp_notebook)."
-        )
+    if any(name in _REPLICATED_STRATEGIES for name in names):
+        return None
+    if any(name in _DTENSOR_STRATEGIES for name in names):
+        meshes = {
+            id(p.device_mesh): p.device_mesh
+            for optimizer in trainer.optimizers
+            for group in optimizer.param_groups
+            for p in group["params"]
+            if hasattr(p, "device_mesh")
+        }
+        if len(meshes) > 1 or any(mesh.ndim != 1 for mesh in meshes.values()):
+            raise NotImplementedError(
+                "CLARACallback supports ModelParallelStrategy with parameters sharded on one 1-D mesh "
+                "(fully_shard over the data-parallel mesh); tensor-parallel or several meshes are not supported yet"
+            )
+        group = next(iter(meshes.values())).get_group() if meshes else None
+        return Sharding.for_dtensors(group)
+    raise NotImplementedError(
+        f"CLARACallback does not support the {type(trainer.strategy).__name__} strategy yet: its shard layout "
+        "(FSDP1 flat parameters, DeepSpeed ZeRO partitions) is not wired in. Supported: single device, DDP "
+        "(ddp, ddp_spawn, ddp_fork, ddp_notebook) and ModelParallelStrategy with FSDP2 (fully_shard)."
+    )
 
 
 class CLARACallback(Callback):
@@ -135,12 +158,13 @@ class CLARACallback(Callback):
     # ------------------------------------------------------------------ attach / detach
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _check_strategy(trainer)
+        sharding = _sharding_for(trainer)
         optimizers = list(trainer.optimizers)
         if not optimizers:
             raise ValueError("CLARACallback needs at least one optimizer; configure_optimizers returned none")
         self._detach()
-        self.controllers = [CLARA(optimizer, **self._options) for optimizer in optimizers]
+        options = self._options if sharding is None else {**self._options, "sharding": sharding}
+        self.controllers = [CLARA(optimizer, **options) for optimizer in optimizers]
         self.names = optimizer_names(optimizers)
         self._steps_at_batch_start = [0] * len(self.controllers)
         if self._restored is not None:

@@ -247,8 +247,10 @@ class CLARA:
         else:
             needs_delta = self.unit_step or self.sharding is not None
             self._reader = reader_for(optimizer, "delta" if needs_delta else self.direction)
-            if self.safeguard is not None and self.direction != "state":
-                self._reader = DeltaReader(keep_snapshots=True)  # so that an alarm can restore parameters
+            keep = self.safeguard is not None and self.direction != "state"  # so that an alarm can restore
+            if keep or self.sharding is not None:
+                view = None if self.sharding is None else self.sharding.local
+                self._reader = DeltaReader(keep_snapshots=keep, view=view)
         self._log_factors: list[float] = []
         self._initial_log_factor = self._clamp_log_factor(math.log(initial))
         self._ratios: list[float | None] = []
@@ -449,11 +451,15 @@ class CLARA:
         finally:
             self._restore_bases()
 
+    def _local(self, param: Tensor) -> Tensor:
+        """The tensor holding this rank's part of ``param`` (the parameter itself unless sharded)."""
+        return param.detach() if self.sharding is None else self.sharding.local(param.detach())
+
     def _state_for(self, param: Tensor) -> _TensorState:
         state = self._tensors.get(param)
         if state is None:
-            dtype = path_dtype_for(param.dtype)
-            state = _TensorState(torch.zeros(param.shape, dtype=dtype, device=param.device))
+            local = self._local(param)
+            state = _TensorState(torch.zeros(local.shape, dtype=path_dtype_for(local.dtype), device=local.device))
             self._tensors[param] = state
         return state
 
@@ -546,7 +552,7 @@ class CLARA:
         lrs = torch.tensor([self._lr_used[j] for j, _, _ in entries], dtype=norms.dtype, device=norms.device)
         safe = torch.where(moved, norms, torch.ones_like(norms))
         scales = torch.where(moved, 1.0 - lrs / safe, torch.zeros_like(norms))
-        params = [param.detach() for _, param, _ in entries]
+        params = [self._local(param) for _, param, _ in entries]
         steps = [step for _, _, step in entries]
         with torch.no_grad():
             # theta_after + s * (1 - lr/||s||) = theta_before - lr * u
@@ -656,10 +662,10 @@ class CLARA:
             raise ValueError("state dict does not match the optimizer's param groups (count or sizes differ)")
         for row, group in zip(groups, self.optimizer.param_groups, strict=True):
             for entry, param in zip(row, group["params"], strict=True):
-                if entry is not None and tuple(entry["path"].shape) != tuple(param.shape):
+                if entry is not None and tuple(entry["path"].shape) != tuple(self._local(param).shape):
                     raise ValueError(
                         f"saved path of shape {tuple(entry['path'].shape)} does not match parameter of "
-                        f"shape {tuple(param.shape)}"
+                        f"shape {tuple(self._local(param).shape)}"
                     )
         self._log_factors = [float(v) for v in state_dict["log_factors"]]
         self._ratios = [None if v is None else float(v) for v in state_dict["ratios"]]
@@ -672,7 +678,8 @@ class CLARA:
             for entry, param in zip(row, group["params"], strict=True):
                 if entry is None:
                     continue
-                path = entry["path"].to(device=param.device, dtype=path_dtype_for(param.dtype)).clone()
+                local = self._local(param)
+                path = entry["path"].to(device=local.device, dtype=path_dtype_for(local.dtype)).clone()
                 self._tensors[param] = _TensorState(path, int(entry["count"]))
         self._sync_scopes()
 

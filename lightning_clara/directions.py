@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -52,13 +52,13 @@ class DirectionReader(ABC):
         """Free persistent buffers (when the controller detaches)."""
 
 
-def _buffers_like(store: dict[Tensor, Tensor], params: Sequence[Tensor]) -> list[Tensor]:
-    """Persistent per-parameter buffers (allocated once, reused every step)."""
+def _buffers_like(store: dict[Tensor, Tensor], params: Sequence[Tensor], views: Sequence[Tensor]) -> list[Tensor]:
+    """Persistent buffers keyed by parameter, shaped like its view (allocated once, reused every step)."""
     out = []
-    for param in params:
+    for param, view in zip(params, views, strict=True):
         buffer = store.get(param)
-        if buffer is None or buffer.shape != param.shape or buffer.dtype != param.dtype:
-            buffer = torch.empty_like(param, memory_format=torch.preserve_format)
+        if buffer is None or buffer.shape != view.shape or buffer.dtype != view.dtype:
+            buffer = torch.empty_like(view, memory_format=torch.preserve_format)
             store[param] = buffer
         out.append(buffer)
     return out
@@ -71,13 +71,16 @@ class DeltaReader(DirectionReader):
         keep_snapshots: also keep the parameters from before the last *two* steps, so that
             :meth:`undo` can restore them bit for bit (the safeguard's need). Costs two more
             parameter-sized buffers; without it the step is computed in place in the snapshot.
+        view: maps a parameter to the tensor that holds its data on this rank (a DTensor's local
+            shard); buffers are keyed by the parameter and shaped like the view.
     """
 
     name = "delta"
     needs_snapshot = True
 
-    def __init__(self, keep_snapshots: bool = False) -> None:
+    def __init__(self, keep_snapshots: bool = False, view: Callable[[Tensor], Tensor] | None = None) -> None:
         self.keep_snapshots = keep_snapshots
+        self._view = view
         self._snapshots: dict[Tensor, Tensor] = {}  # theta before the last step (or, in place, its step)
         self._previous: dict[Tensor, Tensor] = {}  # theta before the step before (keep_snapshots)
         self._scratch: dict[Tensor, Tensor] = {}  # the last step (keep_snapshots)
@@ -91,10 +94,11 @@ class DeltaReader(DirectionReader):
             self._valid_previous, self._valid_current = self._valid_current, set()
         else:
             self._valid_current = set()
-        buffers = _buffers_like(self._snapshots, params)
+        views = self._views(params)
+        buffers = _buffers_like(self._snapshots, params, views)
         if params:
             with torch.no_grad():
-                torch._foreach_copy_(buffers, [p.detach() for p in params])
+                torch._foreach_copy_(buffers, views)
         if self.keep_snapshots:
             self._valid_current = set(params)
 
@@ -106,14 +110,19 @@ class DeltaReader(DirectionReader):
                 "optimizer inside the step are not supported"
             )
         snapshots = [self._snapshots[p] for p in params]
+        views = self._views(params)
         with torch.no_grad():
             if not self.keep_snapshots:
-                torch._foreach_sub_(snapshots, [p.detach() for p in params])
+                torch._foreach_sub_(snapshots, views)
                 return snapshots
-            steps = _buffers_like(self._scratch, params)
+            steps = _buffers_like(self._scratch, params, views)
             torch._foreach_copy_(steps, snapshots)
-            torch._foreach_sub_(steps, [p.detach() for p in params])
+            torch._foreach_sub_(steps, views)
             return steps
+
+    def _views(self, params: Sequence[Tensor]) -> list[Tensor]:
+        detached = [p.detach() for p in params]
+        return detached if self._view is None else [self._view(p) for p in detached]
 
     def undo(self) -> int:
         """Restore the parameters from before the last two steps (or the last one, if only that is
@@ -127,7 +136,7 @@ class DeltaReader(DirectionReader):
             undone = 2
         params = list(source)
         with torch.no_grad():
-            torch._foreach_copy_([p.detach() for p in params], [source[p] for p in params])
+            torch._foreach_copy_(self._views(params), [source[p] for p in params])
         self._valid_current, self._valid_previous = set(), set()
         return undone
 

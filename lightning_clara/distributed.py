@@ -49,6 +49,25 @@ class Sharding:
 
     full_numel: Callable[[Tensor], int]
     sum_across_shards: Callable[[Tensor], None] = field(default_factory=ShardSum)
+    local: Callable[[Tensor], Tensor] = field(default=lambda tensor: tensor)
+    """Maps a parameter to the tensor holding this rank's shard (identity for manual sharding)."""
+
+    @classmethod
+    def for_dtensors(cls, group: dist.ProcessGroup | None = None) -> Sharding:
+        """FSDP2 (``torch.distributed.fsdp.fully_shard``) and other DTensor-sharded parameters on a
+        1-D mesh: the full size is the DTensor's, the local shard ``to_local()``, and norms are
+        summed over ``group`` (default: all ranks)."""
+        return cls(full_numel=_dtensor_numel, sum_across_shards=ShardSum(group), local=_dtensor_local)
+
+
+def _dtensor_numel(tensor: Tensor) -> int:
+    return tensor.numel()  # a DTensor reports its global shape
+
+
+def _dtensor_local(tensor: Tensor) -> Tensor:
+    """The local shard of a DTensor (a view sharing storage), or the tensor itself."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
 
 
 class RankConsistencyGuard:

@@ -136,3 +136,61 @@ def test_guard_validates_arguments() -> None:
         RankConsistencyGuard(5, tolerance=-1.0)
     with pytest.raises(ValueError, match="consistency_check_every"):
         CLARA(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), consistency_check_every=0)
+
+
+def _fsdp2_model() -> torch.nn.Module:
+    """A small float64 MLP with odd sizes, so that FSDP2's dim-0 shards are uneven (3 + 2 rows)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+
+
+def _fsdp2_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(5)
+    return [
+        (
+            torch.randn(8, 7, generator=generator, dtype=torch.float64),
+            torch.randn(8, 3, generator=generator, dtype=torch.float64),
+        )
+        for _ in range(40)
+    ]
+
+
+def _fsdp2_trajectory(model: torch.nn.Module, clara_options: dict) -> tuple[list[float], CLARA]:
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    clara = CLARA(optimizer, d=0.1, **clara_options)
+    out = []
+    for x, y in _fsdp2_batches():
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+        out.append(clara.lr_factor)
+    return out, clara
+
+
+def _fsdp2_worker(rank: int, store: str, out_dir: str) -> None:
+    _init(rank, store)
+    try:
+        from torch.distributed.fsdp import fully_shard
+
+        model = _fsdp2_model()
+        fully_shard(model)
+        trajectory, clara = _fsdp2_trajectory(model, {"sharding": Sharding.for_dtensors()})
+        local_sizes = [state.path.numel() for state in clara._tensors.values()]
+        torch.save({"factors": trajectory, "local_sizes": local_sizes}, Path(out_dir) / f"fsdp{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_fully_shard_matches_single_process(tmp_path: Path) -> None:
+    """torch's FSDP2 on 2 CPU ranks (DTensor parameters sharded on dim 0): CLARA with
+    ``Sharding.for_dtensors()`` keeps only local path shards and reproduces the unsharded run."""
+    mp.spawn(_fsdp2_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD)
+    expected, _ = _fsdp2_trajectory(_fsdp2_model(), {})
+    assert abs(math.log(expected[-1])) > 0.05  # the factor moved
+    full_sizes = [p.numel() for p in _fsdp2_model().parameters()]
+    rank0, rank1 = (torch.load(tmp_path / f"fsdp{r}.pt") for r in range(WORLD))
+    for result in (rank0, rank1):
+        assert result["factors"] == pytest.approx(expected, rel=1e-9)
+    # each rank holds only its shard of every path, and the shards add up to the full tensors
+    assert [a + b for a, b in zip(rank0["local_sizes"], rank1["local_sizes"], strict=True)] == full_sizes
+    assert rank0["local_sizes"] != full_sizes

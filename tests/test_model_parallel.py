@@ -1,0 +1,143 @@
+"""FSDP2 through Lightning's ModelParallelStrategy on 2 CPU ranks (gloo): CLARA on DTensor shards.
+
+The fit runs in a subprocess (this file is also its driver: ``python test_model_parallel.py OUT``)
+with a timeout, so a deadlock fails the test instead of blocking the suite. Each rank records
+the learning rate its optimizer actually used at every step; the parent compares them with a
+single-process fit over the same global batches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from lightning_clara import CLARACallback
+
+STEPS_PER_EPOCH, EPOCHS, GLOBAL_BATCH, WORLD = 8, 3, 16, 2
+
+
+def dataset() -> torch.utils.data.TensorDataset:
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(STEPS_PER_EPOCH * GLOBAL_BATCH, 7, generator=generator, dtype=torch.float64)
+    w = torch.randn(7, 3, generator=generator, dtype=torch.float64)
+    return torch.utils.data.TensorDataset(x, torch.tanh(x @ w))
+
+
+class Regression(L.LightningModule):
+    """A float64 MLP with odd sizes (uneven dim-0 shards); ``shard`` applies FSDP2 in configure_model."""
+
+    def __init__(self, shard: bool) -> None:
+        super().__init__()
+        self.shard = shard
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+
+    def configure_model(self) -> None:
+        if self.shard:
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(self.net, mesh=self.device_mesh["data_parallel"])
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], index: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        # in order, interleaved across ranks: one sharded step sees the same 16 samples as one
+        # single-process step, and FSDP2's averaged gradient equals the 16-sample mean
+        data = dataset()
+        if not self.shard:
+            return torch.utils.data.DataLoader(data, batch_size=GLOBAL_BATCH, shuffle=False)
+        sampler = torch.utils.data.DistributedSampler(
+            data, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
+        )
+        return torch.utils.data.DataLoader(data, batch_size=GLOBAL_BATCH // WORLD, sampler=sampler)
+
+
+class Recorder(L.Callback):
+    """Registers a step pre-hook after CLARA's, so it sees the lr the step really uses."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.optimizers[0].register_step_pre_hook(lambda opt, *_: self.lrs.append(float(opt.param_groups[0]["lr"])))
+
+
+def fit(shard: bool) -> tuple[Recorder, CLARACallback, L.Trainer]:
+    recorder, callback = Recorder(), CLARACallback(d=0.2)
+    if shard:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy: Any = ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1)
+        devices = WORLD
+    else:
+        strategy, devices = "auto", 1
+    trainer = L.Trainer(
+        accelerator="cpu", devices=devices, strategy=strategy, max_epochs=EPOCHS, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[callback, recorder], use_distributed_sampler=False,
+    )  # fmt: skip
+    trainer.fit(Regression(shard))
+    return recorder, callback, trainer
+
+
+def driver(out: Path) -> None:
+    recorder, callback, trainer = fit(shard=True)
+    controller = callback.controllers[0]
+    record = {
+        "lrs": recorder.lrs,
+        "factor": controller.lr_factor,
+        "steps": controller.num_adapted_steps,
+        "local_path_sizes": [state.path.numel() for state in controller._tensors.values()],
+    }
+    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    out = tmp_path_factory.mktemp("model_parallel")
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
+    env.pop("MASTER_PORT", None)
+    result = subprocess.run(
+        [sys.executable, __file__, str(out)], capture_output=True, text=True, timeout=240, env=env, check=False
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
+
+
+def test_every_rank_uses_the_single_process_learning_rates(sharded_run: list[dict[str, Any]]) -> None:
+    """Identical lr on both ranks at every step, equal to the unsharded run's within 1e-9."""
+    recorder, callback, _ = fit(shard=False)
+    expected = recorder.lrs
+    assert len(expected) == STEPS_PER_EPOCH * EPOCHS
+    assert max(expected) / min(expected) > 1.2  # the lr really moved
+    rank0, rank1 = sharded_run
+    assert rank0["lrs"] == rank1["lrs"]
+    assert rank0["lrs"] == pytest.approx(expected, rel=1e-9)
+    assert rank0["factor"] == pytest.approx(callback.controllers[0].lr_factor, rel=1e-9)
+    assert rank0["steps"] == rank1["steps"] == STEPS_PER_EPOCH * EPOCHS
+
+
+def test_each_rank_keeps_only_its_shard_of_the_paths(sharded_run: list[dict[str, Any]]) -> None:
+    """Paths are DTensor-local: the two ranks' shards add up to the full parameter sizes."""
+    full = [p.numel() for p in Regression(shard=False).parameters()]
+    rank0, rank1 = sharded_run
+    assert [a + b for a, b in zip(rank0["local_path_sizes"], rank1["local_path_sizes"], strict=True)] == full
+    assert rank0["local_path_sizes"] != full
+
+
+if __name__ == "__main__":
+    driver(Path(sys.argv[1]))
