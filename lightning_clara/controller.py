@@ -662,6 +662,8 @@ class CLARA:
             raise ValueError("state dict does not match the optimizer's param groups (count or sizes differ)")
         for row, group in zip(groups, self.optimizer.param_groups, strict=True):
             for entry, param in zip(row, group["params"], strict=True):
+                if self.sharding is not None:
+                    break
                 if entry is not None and tuple(entry["path"].shape) != tuple(self._local(param).shape):
                     raise ValueError(
                         f"saved path of shape {tuple(entry['path'].shape)} does not match parameter of "
@@ -674,6 +676,17 @@ class CLARA:
         if self.safeguard is not None and state_dict.get("safeguard") is not None:
             self.safeguard.load_state_dict(state_dict["safeguard"])
         self._tensors = {}
+        if self.sharding is not None:
+            # a checkpoint holds one rank's path shards: loading them on another rank would be
+            # silently wrong, so sharded runs restore factors and counters and restart the paths
+            warnings.warn(
+                "CLARA: sharded parameters: the checkpoint's path shards belong to one rank, so the paths "
+                "restart (factors and step counters are restored)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self._sync_scopes()
+            return
         for row, group in zip(groups, self.optimizer.param_groups, strict=True):
             for entry, param in zip(row, group["params"], strict=True):
                 if entry is None:

@@ -194,3 +194,24 @@ def test_fsdp2_fully_shard_matches_single_process(tmp_path: Path) -> None:
     # each rank holds only its shard of every path, and the shards add up to the full tensors
     assert [a + b for a, b in zip(rank0["local_sizes"], rank1["local_sizes"], strict=True)] == full_sizes
     assert rank0["local_sizes"] != full_sizes
+
+
+def test_sharded_resume_restores_factors_and_restarts_paths() -> None:
+    """A checkpoint holds one rank's path shards: loading must not hand them to another rank, so the
+    factors and counters come back, the paths restart, and a warning says so."""
+    sharding = Sharding(full_numel=lambda p: p.numel())  # one process: the sum across shards is a no-op
+    params = [torch.zeros(6, dtype=torch.float64, requires_grad=True)]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    clara = CLARA(optimizer, d=0.2, sharding=sharding)
+    for step in range(10):
+        params[0].grad = 1.0 + torch.randn(6, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
+        optimizer.step()
+    state = clara.state_dict()
+    assert any(entry is not None for entry in state["tensors"][0])
+    fresh = [torch.zeros(6, dtype=torch.float64, requires_grad=True)]
+    restored = CLARA(torch.optim.SGD(fresh, lr=0.1), d=0.2, sharding=sharding)
+    with pytest.warns(RuntimeWarning, match="paths restart"):
+        restored.load_state_dict(state)
+    assert restored.lr_factor == clara.lr_factor
+    assert restored.num_adapted_steps == clara.num_adapted_steps == 10
+    assert restored.state_dict()["tensors"] == [[None]]
