@@ -206,6 +206,29 @@ def summarise(
     return summary
 
 
+def plot(summary: dict[str, Any], lrs: list[float], path: Path) -> None:
+    """Accuracy against the initial learning rate, one panel per task, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(summary)
+    figure, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 4.2), sharey=True, squeeze=False)
+    for axis, task in zip(axes[0], tasks, strict=True):
+        for name, entry in summary[task].items():
+            if len(entry["per_lr"]) != len(lrs):
+                continue
+            style = "-" if "CLARA" in name else ("--" if name in ("D-Adaptation", "Prodigy") else ":")
+            axis.semilogx(lrs, entry["per_lr"], style, marker="o", markersize=3, label=name)
+        axis.set_title(task)
+        axis.set_xlabel("initial learning rate")
+    axes[0][0].set_ylabel("test accuracy (%), mean over seeds")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
@@ -216,7 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--smoke", action="store_true", help="tiny grid, for the test suite")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "robustness.json")
+    parser.add_argument("--plot-only", type=Path, default=None, help="redraw the PNG from a saved JSON")
     args = parser.parse_args(argv)
+    if args.plot_only is not None:
+        report = json.loads(args.plot_only.read_text())
+        plot(report["summary"], report["config"]["lrs"], args.plot_only.with_suffix(".png"))
+        return 0
     if args.smoke:
         args.tasks, args.seeds, args.epochs, args.lrs = ["iris", "digits"], 1, 1, [1e-4, 1.0]
     known = {m.name: m for m in METHODS}
@@ -262,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
             indent=1,
         )
     )
-    console.print(f"wrote {args.out}")
+    plot(summary, args.lrs, args.out.with_suffix(".png"))
+    console.print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
 
 

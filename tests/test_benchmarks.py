@@ -48,3 +48,12 @@ def test_overhead_smoke_reports_costs_and_memory(tmp_path: Path) -> None:
     assert rows["SGD+CLARA state"]["extra_bytes_per_param"] == 4.0
     assert rows["Adam+CLARA delta"]["extra_bytes_per_param"] == 8.0
     assert set(report["end_to_end_overhead"]) == {"cnn/sgd", "cnn/adam", "mlp/sgd", "mlp/adam"}
+
+
+def test_synthetic_smoke_raises_the_learning_rate(tmp_path: Path) -> None:
+    """Even 50 steps from lr 1e-5 on the noisy sphere: CLARA's lr rises, the fixed one does not."""
+    run_script("synthetic.py", "--smoke", "--out", str(tmp_path))
+    runs = json.loads((tmp_path / "synthetic.json").read_text())["runs"]
+    assert (tmp_path / "synthetic.png").stat().st_size > 0
+    assert runs["sphere/sgd+CLARA"]["lr"][-1] > 2 * runs["sphere/sgd"]["lr"][-1]
+    assert runs["sphere/adam+CLARA"]["lr"][-1] > 2 * runs["sphere/adam"]["lr"][-1]
