@@ -34,6 +34,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,6 +53,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from reference_loop import SimpleCLARA, plain_sgd_mu, sgd_step
 from torch import Tensor, nn
+from torch.multiprocessing.spawn import ProcessExitedException
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.hooks import RemovableHandle
@@ -305,10 +307,20 @@ def driver(out_dir: Path) -> None:
     """Run every fit in FITS; a fit's exception (a worker's included) is recorded in ``errors.json``."""
     errors: dict[str, str] = {}
     for fit in FITS:
-        try:
-            run_ddp_fit(fit, out_dir)
-        except Exception:
-            errors[fit.tag] = traceback.format_exc()
+        for attempt in range(2):
+            try:
+                run_ddp_fit(fit, out_dir)
+                errors.pop(fit.tag, None)
+                break
+            except Exception as exc:
+                errors[fit.tag] = traceback.format_exc()
+                # a worker killed by a signal (gloo aborting on a peer's closed socket, seen about once in
+                # ten runs on a loaded 2-core machine) is retried once from scratch; any Python exception
+                # raised in a worker, the in-worker assertions included, is final
+                if not (isinstance(exc, ProcessExitedException) and "signal" in str(exc)) or attempt == 1:
+                    break
+                shutil.rmtree(checkpoint_dir(out_dir, fit.tag), ignore_errors=True)
+                shutil.rmtree(out_dir / f"{fit.tag}_logs", ignore_errors=True)
     (out_dir / "errors.json").write_text(json.dumps(errors))
 
 
