@@ -47,7 +47,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_clara import CLARACallback
 
 NUM_CLASSES = 10
-FULL_EPOCHS = 15
+FULL_EPOCHS = 40  # 920 steps: from lr 1e-4 CLARA reaches ~0.16 and 0.97 test accuracy (about 15 s)
 #: ``--quick``: 3 epochs of 23 steps each, enough to pass one rank-consistency check (step 50).
 QUICK_EPOCHS = 3
 CONSISTENCY_CHECK_EVERY = 50
