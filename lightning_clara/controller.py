@@ -125,6 +125,17 @@ class _TensorState:
 
 
 @dataclass
+class _Pending:
+    """A step whose per-tensor results are still on their way to the host (CUDA)."""
+
+    items: list[tuple[int, Tensor]]
+    curves: dict[int, dict[int, list[float]]]
+    host_buffers: list[Tensor]
+    ready: Any  # torch.cuda.Event
+    device: torch.device
+
+
+@dataclass
 class _GroupReference:
     key: tuple[Any, ...]
     curves: dict[int, list[float]]
@@ -261,6 +272,8 @@ class CLARA:
         self._adapted_steps = 0
         self._skipped_steps = 0
         self._steps_seen = 0
+        self._pending: _Pending | None = None
+        self._guard_due: torch.device | None = None
         self._sync_scopes()
         for j in range(len(optimizer.param_groups)):
             self._group_reference(j)
@@ -311,6 +324,7 @@ class CLARA:
     @property
     def num_adapted_steps(self) -> int:
         """Optimizer steps that updated at least one path (and so the factor)."""
+        self._settle()
         return self._adapted_steps
 
     @property
@@ -321,6 +335,7 @@ class CLARA:
     @property
     def num_skipped_steps(self) -> int:
         """Steps in which some tensor's step was NaN/inf; those tensors were left out and their paths reset."""
+        self._settle()
         return self._skipped_steps
 
     @property
@@ -335,6 +350,7 @@ class CLARA:
 
     def detach(self) -> None:
         """Remove the hooks, restore base learning rates if a step was interrupted, free buffers."""
+        self._settle()
         self._restore_bases()
         for handle in self._handles:
             handle.remove()
@@ -347,8 +363,14 @@ class CLARA:
     def _scope_of(self, group_index: int) -> int:
         return 0 if self.scope == "optimizer" else group_index
 
+    def _settle(self) -> None:
+        """Bring a deferred (CUDA) step's results in before reading state; no collective here."""
+        if getattr(self, "_pending", None) is not None:
+            self._finish_pending(collectives=False)
+
     def _sync_scopes(self) -> None:
         """Grow per-scope and per-group lists when param groups were added after attaching."""
+        self._settle()
         groups = len(self.optimizer.param_groups)
         scopes = 1 if self.scope == "optimizer" else groups
         while len(self._log_factors) < scopes:
@@ -415,6 +437,7 @@ class CLARA:
 
     def _before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self._restore_bases()  # a previous step that raised never ran the post-hook
+        self._finish_pending(collectives=True)
         self._sync_scopes()
         if self._reader.needs_snapshot:
             self._reader.before_step(list(self._trainable()))
@@ -495,11 +518,46 @@ class CLARA:
                 update = update_sharded_paths(paths, directions, self.c, self.sharding.sum_across_shards)
             if self.unit_step:
                 self._take_unit_steps(entries, update.moved, update.step_norms)
-            packed = torch.stack([update.squared_norms, update.moved.double(), update.non_finite.double()])
-            results.append(packed.cpu())
+            results.append(torch.stack([update.squared_norms, update.moved.double(), update.non_finite.double()]))
             items.extend((j, param) for j, param, _ in entries)
-        host = torch.cat(results, dim=1).tolist()
-        # 3. counts, references, ratio and factor on the host, in float64
+        if any(result.device.type == "cuda" for result in results):
+            # copy to pinned host memory without waiting; the host part runs at the next step's
+            # pre-hook (or when a property is read), when the GPU has long finished: no stall here
+            host_buffers = []
+            for result in results:
+                if result.device.type == "cuda":
+                    buffer = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
+                    buffer.copy_(result, non_blocking=True)
+                    host_buffers.append(buffer)
+                else:
+                    host_buffers.append(result.cpu())
+            event = torch.cuda.Event()
+            event.record()
+            self._pending = _Pending(items, curves, host_buffers, event, next(iter(buckets))[0])
+            return
+        host = torch.cat([result.cpu() for result in results], dim=1).tolist()
+        self._finish(items, curves, host, next(iter(buckets))[0], collectives=True)
+
+    def _finish_pending(self, collectives: bool) -> None:
+        """Run the host part of the last step if it was deferred (CUDA), and a deferred guard check."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.ready.synchronize()
+            host = torch.cat(pending.host_buffers, dim=1).tolist()
+            self._finish(pending.items, pending.curves, host, pending.device, collectives)
+        if collectives and self._guard_due is not None:
+            device, self._guard_due = self._guard_due, None
+            self._log_factors = self._guard.check(self._log_factors, device)  # type: ignore[union-attr]
+
+    def _finish(
+        self,
+        items: list[tuple[int, Tensor]],
+        curves: dict[int, dict[int, list[float]]],
+        host: list[list[float]],
+        device: torch.device,
+        collectives: bool,
+    ) -> None:
+        """The host part of a step: counts, references, ratio and factor, in float64."""
         scopes = len(self._log_factors)
         squared = [0.0] * scopes
         expected = [0.0] * scopes
@@ -537,7 +595,10 @@ class CLARA:
         if adapted:
             self._adapted_steps += 1
             if self._guard is not None and self._guard.due(self._adapted_steps):
-                self._log_factors = self._guard.check(self._log_factors, next(iter(buckets))[0])
+                # a collective: only where every rank runs it (the hooks), never from a property
+                self._guard_due = device
+                if collectives:
+                    self._finish_pending(collectives=True)
         if non_finite:
             self._skipped_steps += 1
             warnings.warn(
@@ -601,6 +662,7 @@ class CLARA:
         """
         if self.safeguard is None:
             return False
+        self._settle()
         value = float(loss.detach().float().item()) if isinstance(loss, Tensor) else float(loss)
         if not self.safeguard.update(value):
             return False
@@ -650,6 +712,7 @@ class CLARA:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore paths, counters and factors saved by :meth:`state_dict` (matched by position)."""
+        self._settle()
         if not isinstance(state_dict, dict) or state_dict.get("format") != _STATE_FORMAT:
             raise ValueError("not a CLARA state dict (missing or unknown 'format')")
         saved_scope = state_dict["config"]["scope"]
