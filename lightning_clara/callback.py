@@ -154,6 +154,7 @@ class CLARACallback(Callback):
         self.names: list[list[str]] = []
         self._steps_at_batch_start: list[int] = []
         self._restored: dict[str, Any] | None = None
+        self._fit_options: dict[str, Any] = self._options
 
     # ------------------------------------------------------------------ attach / detach
     @override
@@ -163,8 +164,8 @@ class CLARACallback(Callback):
         if not optimizers:
             raise ValueError("CLARACallback needs at least one optimizer; configure_optimizers returned none")
         self._detach()
-        options = self._options if sharding is None else {**self._options, "sharding": sharding}
-        self.controllers = [CLARA(optimizer, **options) for optimizer in optimizers]
+        self._fit_options = self._options if sharding is None else {**self._options, "sharding": sharding}
+        self.controllers = [CLARA(optimizer, **self._fit_options) for optimizer in optimizers]
         self.names = optimizer_names(optimizers)
         self._steps_at_batch_start = [0] * len(self.controllers)
         if self._restored is not None:
@@ -181,7 +182,7 @@ class CLARACallback(Callback):
             rank_zero_warn(
                 f"CLARACallback: optimizer {type(optimizer).__name__} was created after fit start; attaching CLARA now"
             )
-            self.controllers.append(CLARA(optimizer, **self._options))
+            self.controllers.append(CLARA(optimizer, **self._fit_options))
             self.names = optimizer_names([c.optimizer for c in self.controllers])
 
     @override
