@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["PathUpdate", "path_dtype_for", "scope_sums", "update_paths", "update_sharded_paths"]
+__all__ = ["PathUpdate", "path_dtype_for", "update_paths", "update_sharded_paths"]
 
 
 def path_dtype_for(dtype: torch.dtype) -> torch.dtype:
@@ -44,16 +44,11 @@ def update_paths(paths: Sequence[Tensor], directions: Sequence[Tensor], c: float
     the host and is therefore left to the rare step where it happens. All paths must share
     one device and dtype.
     """
-    dtype = paths[0].dtype
-    directions = [d if d.dtype == dtype else d.to(dtype) for d in directions]
+    directions = _in_path_dtype(paths, directions)
     norms = torch.stack(torch._foreach_norm(directions))
     finite = torch.isfinite(norms)
     moved = finite & (norms > 0)
-    safe_norms = torch.where(moved, norms, torch.ones_like(norms))
-    scales = torch.where(moved, c / safe_norms, torch.zeros_like(norms))
-    decays = torch.where(moved, torch.full_like(norms, 1.0 - c), torch.ones_like(norms))
-    torch._foreach_mul_(paths, list(decays.unbind()))
-    torch._foreach_addcmul_(paths, directions, list(scales.unbind()))
+    _step_paths(paths, directions, moved, norms, c)
     squared = torch.stack(torch._foreach_norm(paths)).double().pow(2)
     squared = torch.where(finite, squared, torch.zeros_like(squared))
     return PathUpdate(moved=moved, non_finite=~finite, squared_norms=squared, step_norms=norms)
@@ -70,8 +65,7 @@ def update_sharded_paths(
     length then follows without a second collective:
     ``||p'||^2 = (1-c)^2 ||p||^2 + 2 (1-c) c (p . s) / ||s|| + c^2``.
     """
-    dtype = paths[0].dtype
-    directions = [d if d.dtype == dtype else d.to(dtype) for d in directions]
+    directions = _in_path_dtype(paths, directions)
     local = torch.stack(
         [
             torch.stack(torch._foreach_norm(directions)).double().pow(2),
@@ -90,14 +84,20 @@ def update_sharded_paths(
     a = 1.0 - c
     squared = torch.where(moved, a * a * path_squared + 2.0 * a * c * dot / safe_norms + c * c, path_squared)
     squared = torch.where(finite, squared, torch.zeros_like(squared))
-    scales = torch.where(moved, c / safe_norms, torch.zeros_like(norms)).to(dtype)
-    decays = torch.where(moved, torch.full_like(norms, a), torch.ones_like(norms)).to(dtype)
+    norms = norms.to(paths[0].dtype)
+    _step_paths(paths, directions, moved, norms, c)
+    return PathUpdate(moved=moved, non_finite=~finite, squared_norms=squared, step_norms=norms)
+
+
+def _in_path_dtype(paths: Sequence[Tensor], directions: Sequence[Tensor]) -> list[Tensor]:
+    dtype = paths[0].dtype
+    return [d if d.dtype == dtype else d.to(dtype) for d in directions]
+
+
+def _step_paths(paths: Sequence[Tensor], directions: Sequence[Tensor], moved: Tensor, norms: Tensor, c: float) -> None:
+    """``p <- (1 - c) p + (c / ||s||) s`` in place where ``moved``; other paths keep their value."""
+    safe_norms = torch.where(moved, norms, torch.ones_like(norms))
+    scales = torch.where(moved, c / safe_norms, torch.zeros_like(norms))
+    decays = torch.where(moved, torch.full_like(norms, 1.0 - c), torch.ones_like(norms))
     torch._foreach_mul_(paths, list(decays.unbind()))
     torch._foreach_addcmul_(paths, directions, list(scales.unbind()))
-    return PathUpdate(moved=moved, non_finite=~finite, squared_norms=squared, step_norms=norms.to(dtype))
-
-
-def scope_sums(values: Tensor, scope_index: Tensor, num_scopes: int) -> Tensor:
-    """Sum a per-tensor vector into one entry per scope (optimizer or param group)."""
-    out = torch.zeros(num_scopes, dtype=values.dtype, device=values.device)
-    return out.index_add_(0, scope_index, values)
