@@ -298,6 +298,20 @@ class MonteCarloReference(Reference):
             raise ValueError("speed_up.at_step must lie inside the horizon")
         self.speed_up = speed_up
 
+    def with_seed(self, seed: int) -> MonteCarloReference:
+        """The same simulation with other noise (to measure the Monte Carlo error)."""
+        return MonteCarloReference(
+            self.c,
+            self.optimizer_class,
+            self.hyperparameters,
+            control_beta=self.control_beta,
+            horizon=self.horizon,
+            budget=self.budget,
+            min_trials=self.min_trials,
+            seed=seed,
+            speed_up=self.speed_up,
+        )
+
     @property
     def key(self) -> tuple[Any, ...]:
         return (

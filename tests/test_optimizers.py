@@ -44,15 +44,6 @@ MAX_STANDARD_ERROR = 0.0125
 SUPPORTED = ("SGD", "Adam", "AdamW", "NAdam", "RAdam", "Adamax", "RMSprop", "Adagrad", "Adadelta", "ASGD")
 
 
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    """Run single-threaded (restored afterwards): many tiny kernels, and a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class SignMomentum(torch.optim.Optimizer):
     """A user-defined, element-wise optimizer the library has never seen: ``m = beta m + g; p -= lr sign(m)``."""
 
@@ -176,19 +167,7 @@ def run(clara: CLARA, params: list[Tensor], gradients: Iterator[list[Tensor]], s
 def reseeded(reference: Reference, seed: int) -> Reference | None:
     """The same Monte Carlo simulation with other noise (None if nothing in it is simulated)."""
     if isinstance(reference, MonteCarloReference):
-        return shared(
-            MonteCarloReference(
-                reference.c,
-                reference.optimizer_class,
-                reference.hyperparameters,
-                control_beta=reference.control_beta,
-                horizon=reference.horizon,
-                budget=reference.budget,
-                min_trials=reference.min_trials,
-                seed=seed,
-                speed_up=reference.speed_up,
-            )
-        )
+        return shared(reference.with_seed(seed))
     return None
 
 
@@ -296,14 +275,9 @@ NADAM_WINDOWS = ((100, 1000), (1000, 2000), (2000, 3000), (3000, 4000), (4000, 5
 @pytest.fixture(scope="module")
 def nadam_long_run() -> tuple[Tensor, CLARA, list[int]]:
     """One 6000-step NAdam run on Gaussian gradients (two tensors, 300 and 20x30 entries), shared by the windows."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        params = make_params(((300,), (20, 30)))
-        clara = CLARA(torch.optim.NAdam(params, lr=1e-3), c=C, d=D)
-        ratios, _ = run(clara, params, gaussian(params, seed=23), NADAM_LONG_STEPS)
-    finally:
-        torch.set_num_threads(threads)
+    params = make_params(((300,), (20, 30)))
+    clara = CLARA(torch.optim.NAdam(params, lr=1e-3), c=C, d=D)
+    ratios, _ = run(clara, params, gaussian(params, seed=23), NADAM_LONG_STEPS)
     return ratios, clara, [p.numel() for p in params]
 
 

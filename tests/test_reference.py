@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -34,19 +34,6 @@ TABLE = {1: 0.526, 2: 0.603, 10: 0.669, 100: 0.681, 1000: 0.6825}
 #: 0.68241 (the correction is ~0.13 / n, see the expected-cosine and Monte Carlo tests), so the
 #: fourth digit is not a precision claim.
 TABLE_TOLERANCE = 5e-4
-
-
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    """Run single-threaded (restored afterwards).
-
-    These runs are many small element-wise kernels; on a busy 2-core machine torch's intra-op
-    threads spin against each other and were measured 4x to 100x slower.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 StepFunction = Callable[[Tensor, int], Tensor]
@@ -257,20 +244,6 @@ REPLICAS = 6
 VARIANCE_WINDOW = 8
 
 
-def _replica(reference: MonteCarloReference, seed: int) -> MonteCarloReference:
-    """A fresh reference with the same settings as ``reference`` and another seed."""
-    return MonteCarloReference(
-        reference.c,
-        reference.optimizer_class,
-        reference.hyperparameters,
-        control_beta=reference.control_beta,
-        horizon=reference.horizon,
-        budget=reference.budget,
-        min_trials=reference.min_trials,
-        seed=seed,
-    )
-
-
 def _smoothed_variance(curves: Tensor) -> Tensor:
     """Per-t variance across replicas (rows), averaged over a window of +-VARIANCE_WINDOW steps."""
     variance = curves.var(dim=0)
@@ -288,8 +261,8 @@ def test_adam_reference_transient_matches_independent_monte_carlo() -> None:
     sizes_and_trials = {1: 10000, 7: 6000, 300: 400}
     sizes = sorted(sizes_and_trials)
     reference = _library_adam_reference()
-    library = _replica(reference, reference.seed).curves(sizes)
-    replicas = [_replica(reference, reference.seed + 1 + k).curves(sizes) for k in range(REPLICAS)]
+    library = reference.with_seed(reference.seed).curves(sizes)
+    replicas = [reference.with_seed(reference.seed + 1 + k).curves(sizes) for k in range(REPLICAS)]
     for n, trials in sizes_and_trials.items():
         curve = library[n]
         library_se = _smoothed_variance(torch.stack([r[n] for r in replicas])).sqrt()
