@@ -28,19 +28,6 @@ C = 0.2
 RTOL = 1e-6
 
 
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    """Run single-threaded (restored afterwards).
-
-    These runs are many tiny kernels; on a busy 2-core machine torch's intra-op threads spin
-    against each other and were measured several times slower.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 StepFn = Callable[[float], list[Tensor]]
 """Hand-written optimizer step bound to its params: lr -> realised steps."""
 

@@ -32,19 +32,6 @@ K_SIGMA = 4.0
 NOISE_SIZES = (1, 7, 300)
 
 
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    """Run single-threaded (restored afterwards).
-
-    These runs are many small element-wise kernels; on a busy 2-core machine torch's intra-op
-    threads spin against each other and were measured 4x to 100x slower.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 OptimizerFactory = Callable[[list[Tensor]], torch.optim.Optimizer]
 CONFIGS: dict[str, tuple[OptimizerFactory, bool]] = {
     # name: (optimizer factory, whether the reference is plain SGD's)

@@ -26,15 +26,6 @@ C = 0.2
 RTOL = 1e-6
 
 
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    """Run single-threaded (restored afterwards): many tiny kernels, and a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_params(sizes: tuple[int, ...], seed: int = 0) -> list[Tensor]:
     """float64 parameters with fixed-seed random values."""
     generator = torch.Generator().manual_seed(seed)

@@ -28,15 +28,6 @@ SHAPES: tuple[tuple[int, ...], ...] = ((1,), (7,), (300,), (20, 30))
 OptimizerFactory = Callable[[list[Tensor]], torch.optim.Optimizer]
 
 
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    """Run single-threaded (restored afterwards): many tiny kernels, and a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_params(shapes: tuple[tuple[int, ...], ...] = SHAPES, seed: int = 0) -> list[Tensor]:
     """float64 parameters with random (fixed-seed) starting values."""
     generator = torch.Generator().manual_seed(seed)
