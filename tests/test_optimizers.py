@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import torch
+from test_null_model import fixed, run
 from torch import Tensor
 
 from lightning_clara import CLARA
@@ -138,30 +139,6 @@ def gaussian(params: list[Tensor], seed: int) -> Iterator[list[Tensor]]:
     while True:
         flat = torch.randn(total, generator=generator, dtype=torch.float64)
         yield [g.view(p.shape) for g, p in zip(flat.split(numels), params, strict=True)]
-
-
-def repeated(params: list[Tensor], alternate: bool, seed: int = 3) -> Iterator[list[Tensor]]:
-    """One random gradient, repeated (constant) or with alternating sign (+g, -g, ...)."""
-    generator = torch.Generator().manual_seed(seed)
-    base = [torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in params]
-    sign = 1.0
-    while True:
-        yield [sign * g for g in base]
-        if alternate:
-            sign = -sign
-
-
-def run(clara: CLARA, params: list[Tensor], gradients: Iterator[list[Tensor]], steps: int) -> tuple[Tensor, Tensor]:
-    """Feed ``steps`` gradients through ``optimizer.step()``; r_t and log F after each step (float64)."""
-    ratios, log_factors = [], []
-    for _ in range(steps):
-        for p, g in zip(params, next(gradients), strict=True):
-            p.grad = g
-        clara.optimizer.step()
-        assert clara.ratio is not None
-        ratios.append(clara.ratio)
-        log_factors.append(clara.log_factors[0])
-    return torch.tensor(ratios, dtype=torch.float64), torch.tensor(log_factors, dtype=torch.float64)
 
 
 def reseeded(reference: Reference, seed: int) -> Reference | None:
@@ -326,14 +303,14 @@ def test_constant_gradient_grows_and_alternating_gradient_shrinks_the_factor(nam
     d = 1e-2
     params = make_params(BASE_SHAPES)
     clara = CLARA(ALL_FACTORIES[name](params), c=C, d=d, rule="paper")
-    ratios, log_factors = run(clara, params, repeated(params, alternate=False), 100)
+    ratios, log_factors = run(clara, params, fixed(params, sign_flips=False), 100)
     assert torch.all(log_factors[1:].diff() > 0), name
     assert torch.all(ratios[1:] > 1.0), name
     assert float(log_factors[-1]) > 0.3, name
 
     params = make_params(BASE_SHAPES)
     clara = CLARA(ALL_FACTORIES[name](params), c=C, d=d, rule="paper")
-    ratios, log_factors = run(clara, params, repeated(params, alternate=True), 100)
+    ratios, log_factors = run(clara, params, fixed(params, sign_flips=True), 100)
     assert torch.all(log_factors[30:].diff() < 0), name
     assert torch.all(ratios[30:] < 0.5), name
     assert float(log_factors[-1]) < -0.3, name
