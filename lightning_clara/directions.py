@@ -152,12 +152,13 @@ def _signed_gradients(group: Mapping[str, Any], params: Sequence[Tensor]) -> lis
     return torch._foreach_neg(grads) if group.get("maximize", False) else grads
 
 
-def _decay_factor(lr: Any, weight_decay: float) -> float:
-    """``1 / (1 - lr * wd)``: maps the after-step parameter back into the step (see module docstring)."""
+def _decay_sign(lr: Any, weight_decay: float) -> float:
+    """The sign of ``1 / (1 - lr * wd)``, the factor that maps the after-step parameter back into
+    the step (see the module docstring). Its size drops out of the unit vector; its sign does not."""
     product = float(lr) * weight_decay
     if product == 1.0:
         raise ValueError("lr * weight_decay == 1 makes the step direction undefined; use direction='delta'")
-    return 1.0 / (1.0 - product)
+    return 1.0 if product < 1.0 else -1.0
 
 
 class GradientReader(DirectionReader):
@@ -169,7 +170,29 @@ class GradientReader(DirectionReader):
         return _signed_gradients(group, params)
 
 
-class SGDStateReader(DirectionReader):
+class _ScratchReader(DirectionReader):
+    """A state reader that builds its directions in scratch buffers.
+
+    On the CPU the buffers persist (one per parameter, like the step itself) and every tensor is
+    computed by a few ``out=`` kernels: a fresh allocation each step costs page faults that take
+    longer than the arithmetic. Elsewhere (CUDA) torch's caching allocator makes fresh buffers
+    free, and ``torch._foreach_*`` kernels save a launch per tensor, so the buffers are allocated.
+    """
+
+    def __init__(self) -> None:
+        self._scratch: dict[Tensor, Tensor] = {}
+
+    def _persistent(self, params: Sequence[Tensor]) -> list[Tensor] | None:
+        """Persistent buffers when every tensor is on the CPU, else None (use foreach kernels)."""
+        if any(p.device.type != "cpu" for p in params):
+            return None
+        return _buffers_like(self._scratch, params, [p.detach() for p in params])
+
+    def release(self) -> None:
+        self._scratch.clear()
+
+
+class SGDStateReader(_ScratchReader):
     """``torch.optim.SGD``: the momentum buffer, or the (weight-decayed) gradient, read after the step."""
 
     name = "state"
@@ -182,18 +205,30 @@ class SGDStateReader(DirectionReader):
             return [optimizer.state[p]["momentum_buffer"] for p in params]
         if weight_decay == 0.0 and not nesterov:
             return _signed_gradients(group, params)
+        # step ∝ sign * (g + sign * wd * theta_after + momentum * buf), sign = -1 with maximize,
+        # times the sign of the decay factor when there is weight decay
         sign = -1.0 if group.get("maximize", False) else 1.0
-        out = torch._foreach_mul([p.grad.detach() for p in params], sign)  # type: ignore[union-attr]
+        grads = [p.grad.detach() for p in params]  # type: ignore[union-attr]
+        thetas = [p.detach() for p in params]
+        buffers = [optimizer.state[p]["momentum_buffer"] for p in params] if nesterov else []
+        out = self._persistent(params)
+        if out is None:
+            out = list(torch._foreach_add(grads, thetas, alpha=sign * weight_decay))
+            if nesterov:
+                torch._foreach_add_(out, buffers, alpha=sign * momentum)
+        else:
+            for k, (buffer, grad, theta) in enumerate(zip(out, grads, thetas, strict=True)):
+                torch.add(grad, theta, alpha=sign * weight_decay, out=buffer)
+                if nesterov:
+                    buffer.add_(buffers[k], alpha=sign * momentum)
         if weight_decay != 0.0:
-            torch._foreach_add_(out, [p.detach() for p in params], alpha=weight_decay)
-        if nesterov:
-            torch._foreach_add_(out, [optimizer.state[p]["momentum_buffer"] for p in params], alpha=momentum)
-        if weight_decay != 0.0:
-            torch._foreach_mul_(out, _decay_factor(group["lr"], weight_decay))
-        return list(out)
+            sign *= _decay_sign(group["lr"], weight_decay)
+        if sign < 0.0:
+            torch._foreach_neg_(out)
+        return out
 
 
-class AdamStateReader(DirectionReader):
+class AdamStateReader(_ScratchReader):
     """``torch.optim.Adam`` / ``AdamW``: ``m_hat / (sqrt(v_hat) + eps)`` (+ decoupled decay), read after the step."""
 
     name = "state"
@@ -204,6 +239,7 @@ class AdamStateReader(DirectionReader):
         amsgrad = bool(group.get("amsgrad", False))
         weight_decay = float(group.get("weight_decay", 0.0))
         decoupled = bool(group.get("decoupled_weight_decay", False)) or isinstance(optimizer, torch.optim.AdamW)
+        decay = weight_decay if decoupled else 0.0  # L2 decay is inside m and v already
         by_step: dict[float, list[int]] = defaultdict(list)
         for i, p in enumerate(params):
             by_step[float(optimizer.state[p]["step"])].append(i)
@@ -213,18 +249,30 @@ class AdamStateReader(DirectionReader):
             states = [optimizer.state[p] for p in chosen]
             second = [s["max_exp_avg_sq"] if amsgrad else s["exp_avg_sq"] for s in states]
             first = [s["exp_avg"] for s in states]
-            bias1 = 1.0 - beta1**step
+            # m_hat / (sqrt(v_hat) + eps) = k * m / (sqrt(v) + eps * b) with b = sqrt(1 - beta2^t),
+            # k = b / (1 - beta1^t) > 0; with decoupled decay the step is ∝ that + wd * theta_after,
+            # i.e. ∝ theta_after + (k / wd) * m / (sqrt(v) + eps * b): positive factors drop out
             bias2_sqrt = math.sqrt(1.0 - beta2**step)
-            # m / (sqrt(v)/b + eps) = b * m / (sqrt(v) + eps*b), b = sqrt(bias2): the positive b drops out,
-            # saving a pass; one scratch buffer per tensor, four passes
-            scratch = torch._foreach_sqrt(second)
-            torch._foreach_add_(scratch, eps * bias2_sqrt)
-            torch._foreach_reciprocal_(scratch)
-            torch._foreach_mul_(scratch, first)
-            if decoupled and weight_decay != 0.0:
-                torch._foreach_mul_(scratch, bias2_sqrt / bias1)
-                torch._foreach_add_(scratch, [p.detach() for p in chosen], alpha=weight_decay)
-                torch._foreach_mul_(scratch, _decay_factor(group["lr"], weight_decay))
+            scale = bias2_sqrt / (1.0 - beta1**step)
+            thetas = [p.detach() for p in chosen]
+            scratch = self._persistent(chosen)
+            if scratch is None:
+                denominators = torch._foreach_sqrt(second)
+                torch._foreach_add_(denominators, eps * bias2_sqrt)
+                if decay == 0.0:
+                    scratch = list(torch._foreach_div(first, denominators))
+                else:
+                    scratch = list(torch._foreach_addcdiv(thetas, first, denominators, scale / decay))
+            else:
+                for k, buffer in enumerate(scratch):
+                    torch.sqrt(second[k], out=buffer)
+                    buffer.add_(eps * bias2_sqrt)
+                    if decay == 0.0:
+                        torch.div(first[k], buffer, out=buffer)
+                    else:
+                        torch.addcdiv(thetas[k], first[k], buffer, value=scale / decay, out=buffer)
+            if decay != 0.0 and _decay_sign(group["lr"], decay) < 0.0:
+                torch._foreach_neg_(scratch)
             for i, tensor in zip(indices, scratch, strict=True):
                 out[i] = tensor
         return out  # type: ignore[return-value]

@@ -12,7 +12,13 @@ import pytest
 import torch
 from torch import Tensor
 
-from lightning_clara.directions import AdamStateReader, DeltaReader, DirectionReader, SGDStateReader
+from lightning_clara.directions import (
+    AdamStateReader,
+    DeltaReader,
+    DirectionReader,
+    SGDStateReader,
+    _ScratchReader,
+)
 from lightning_clara.support import reader_for
 
 SHAPES = [(5,), (3, 4), (1,)]
@@ -70,6 +76,7 @@ def compare_readers(
     dtype: torch.dtype,
     atol: float,
     grad_pattern: list[list[bool]] | None = None,
+    lr: float = 0.1,
 ) -> int:
     """Step with random gradients; at every step, state-reader and delta unit vectors must agree.
 
@@ -77,7 +84,7 @@ def compare_readers(
     Returns the number of (step, tensor) pairs compared, so callers can check the test ran.
     """
     params = make_params(dtype)
-    optimizer = optimizer_class(params, lr=0.1, **config)
+    optimizer = optimizer_class(params, lr=lr, **config)
     delta = DeltaReader()
     generator = torch.Generator().manual_seed(1)
     compared = 0
@@ -102,12 +109,71 @@ def compare_readers(
     return compared
 
 
+@pytest.fixture(params=["per-tensor", "foreach"])
+def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both code paths of the state readers: per-tensor ``out=`` kernels into persistent buffers (the
+    CPU's) and allocating ``torch._foreach_*`` kernels (CUDA's), forced here on the CPU."""
+    if request.param == "foreach":
+        monkeypatch.setattr(_ScratchReader, "_persistent", lambda self, params: None)
+    return str(request.param)
+
+
 @pytest.mark.parametrize(("optimizer_class", "config", "reader_class"), CASES, ids=CASE_IDS)
 def test_state_reader_matches_delta_float64(
-    optimizer_class: type[torch.optim.Optimizer], config: dict[str, Any], reader_class: type[DirectionReader]
+    optimizer_class: type[torch.optim.Optimizer],
+    config: dict[str, Any],
+    reader_class: type[DirectionReader],
+    kernels: str,
 ) -> None:
     """fp64: the state reader's unit direction equals the realised step's to rounding, over several steps."""
     assert compare_readers(optimizer_class, config, reader_class(), torch.float64, atol=1e-12) == STEPS * len(SHAPES)
+
+
+@pytest.mark.parametrize(
+    ("optimizer_class", "config", "reader_class"),
+    [
+        (torch.optim.SGD, {"weight_decay": 1.0}, SGDStateReader),
+        (torch.optim.SGD, {"momentum": 0.9, "nesterov": True, "weight_decay": 1.0, "maximize": True}, SGDStateReader),
+        (torch.optim.AdamW, {"weight_decay": 1.0}, AdamStateReader),
+    ],
+)
+def test_state_reader_when_decay_flips_the_sign(
+    optimizer_class: type[torch.optim.Optimizer],
+    config: dict[str, Any],
+    reader_class: type[DirectionReader],
+    kernels: str,
+) -> None:
+    """lr * wd > 1 makes the factor 1 / (1 - lr * wd) negative: the direction must flip with it."""
+    compared = compare_readers(optimizer_class, config, reader_class(), torch.float64, atol=1e-12, lr=1.5)
+    assert compared == STEPS * len(SHAPES)
+
+
+@pytest.mark.parametrize(
+    ("optimizer_class", "config", "reader_class"),
+    [
+        (torch.optim.SGD, {"weight_decay": 0.1}, SGDStateReader),
+        (torch.optim.AdamW, {"weight_decay": 0.1}, AdamStateReader),
+        (torch.optim.Adam, {}, AdamStateReader),
+    ],
+)
+def test_state_reader_reuses_its_buffers_on_the_cpu(
+    optimizer_class: type[torch.optim.Optimizer], config: dict[str, Any], reader_class: type[DirectionReader]
+) -> None:
+    """On the CPU a fresh buffer per step costs page faults: the readers write into the same buffers."""
+    params = make_params(torch.float32)
+    optimizer = optimizer_class(params, lr=0.1, **config)
+    reader = reader_class()
+    addresses = []
+    for _ in range(3):
+        for param in params:
+            param.grad = torch.randn_like(param)
+        optimizer.step()
+        directions = reader.directions(optimizer, optimizer.param_groups[0], params)
+        addresses.append([d.data_ptr() for d in directions])
+    assert addresses[0] == addresses[1] == addresses[2]
+    assert not set(addresses[0]) & {p.data_ptr() for p in params}
+    reader.release()
+    assert not reader._scratch
 
 
 @pytest.mark.parametrize(("optimizer_class", "config", "reader_class"), CASES, ids=CASE_IDS)
