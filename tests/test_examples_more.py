@@ -1,0 +1,239 @@
+"""Smoke tests of the TensorBoard-dynamics, plain-PyTorch and Fabric examples (``--quick`` runs in subprocesses).
+
+Each example runs once per module into a temporary directory (never into ``docs/images``), and
+the checks read what it wrote: PNGs, TensorBoard event files, CSV logs and summary JSON.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+QUICK_STEPS = 2 * 45  # --quick: 2 epochs of ceil(1437 / 32) batches
+
+pytest.importorskip("sklearn", reason="the examples need scikit-learn (in the [examples] extras)")
+
+Completed = subprocess.CompletedProcess[str]
+
+
+def run_example(script: str, *args: str | Path) -> Completed:
+    """Run ``examples/<script>`` with this checkout's package first and a wide console (no table wrapping)."""
+    python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": python_path, "COLUMNS": "120"}
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def assert_ok(completed: Completed) -> str:
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    return completed.stdout
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """Width and height from a PNG's IHDR chunk, after checking the signature."""
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
+    assert data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+# ---------------------------------------------------------------------------- tensorboard_dynamics.py
+@pytest.fixture(scope="module")
+def dynamics(tmp_path_factory: pytest.TempPathFactory) -> tuple[Completed, Path]:
+    pytest.importorskip("tensorboard", reason="the example logs with TensorBoard")
+    pytest.importorskip("matplotlib", reason="the example draws with matplotlib")
+    out_dir = tmp_path_factory.mktemp("dynamics")
+    # --rescue-png explicitly as well: a test must never overwrite the committed README picture
+    completed = run_example(
+        "tensorboard_dynamics.py", "--quick", "--out-dir", out_dir, "--rescue-png", out_dir / "rescue.png"
+    )
+    return completed, out_dir
+
+
+def scalars(run_dir: Path) -> dict[str, list[float]]:
+    """Every scalar tag of the one TensorBoard version directory under ``run_dir``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (version,) = sorted(run_dir.glob("version_*"))
+    accumulator = EventAccumulator(str(version), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {tag: [e.value for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+def test_dynamics_prints_the_table_and_writes_both_pngs(dynamics: tuple[Completed, Path]) -> None:
+    completed, out_dir = dynamics
+    out = assert_ok(completed)
+    assert "digits: fixed learning rate vs CLARA" in out
+    for run in ("sgd-clara", "adam-clara"):
+        assert run in out
+    for png in (out_dir / "clara_dynamics.png", out_dir / "rescue.png"):
+        assert png.stat().st_size > 10_000, f"{png} is suspiciously small"
+        width, height = png_size(png)
+        assert width >= 600
+        assert height >= 300
+
+
+def test_dynamics_tensorboard_events_hold_clara_tags_per_optimizer(dynamics: tuple[Completed, Path]) -> None:
+    completed, out_dir = dynamics
+    assert_ok(completed)
+    for optimizer in ("SGD", "Adam"):
+        with_clara = scalars(out_dir / "tb" / f"{optimizer.lower()}-clara")
+        for metric in ("lr", "ratio", "log_factor"):
+            assert f"clara/{metric}-{optimizer}" in with_clara
+        baseline = scalars(out_dir / "tb" / optimizer.lower())
+        assert not [tag for tag in baseline if tag.startswith("clara/")]
+        assert f"lr-{optimizer}" in baseline
+
+
+@pytest.mark.parametrize(("optimizer", "initial_lr"), [("SGD", 1e-4), ("Adam", 1e-6)])
+def test_dynamics_clara_lifts_the_bad_learning_rate(
+    dynamics: tuple[Completed, Path], optimizer: str, initial_lr: float
+) -> None:
+    completed, out_dir = dynamics
+    assert_ok(completed)
+    baseline = scalars(out_dir / "tb" / optimizer.lower())[f"lr-{optimizer}"]
+    assert baseline == pytest.approx([initial_lr] * len(baseline))
+    with_clara = scalars(out_dir / "tb" / f"{optimizer.lower()}-clara")
+    lr = with_clara[f"clara/lr-{optimizer}"]
+    assert len(lr) == QUICK_STEPS // 5  # log_every_n_steps=5
+    assert lr[0] == pytest.approx(initial_lr, rel=0.2)  # the first logged step is still near the start
+    assert lr[-1] > 1.5 * initial_lr  # steps agree from such a small lr: F must have grown
+    assert with_clara[f"clara/log_factor-{optimizer}"][-1] > 0
+    # the scheduled lr that LearningRateMonitor sees is never touched by CLARA
+    assert with_clara[f"lr-{optimizer}"] == pytest.approx([initial_lr] * len(with_clara[f"lr-{optimizer}"]))
+
+
+def load_example(script: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """Import an example script as a module (registered for the test only: dataclasses look it up)."""
+    name = f"example_{Path(script).stem}"
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / script)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dynamics_quick_run_leaves_the_readme_picture_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("tensorboard", reason="the example logs with TensorBoard")
+    pytest.importorskip("matplotlib", reason="the example draws with matplotlib")
+    example = load_example("tensorboard_dynamics.py", monkeypatch)
+    quick = example.parse_args(["--quick", "--out-dir", str(tmp_path)])
+    assert quick.rescue_png == tmp_path / "clara_rescue.png"
+    full = example.parse_args(["--out-dir", str(tmp_path)])
+    assert full.rescue_png == ROOT / "docs" / "images" / "clara_rescue.png"
+    assert full.epochs > quick.epochs
+
+
+# ---------------------------------------------------------------------------- plain_pytorch.py
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory) -> tuple[Completed, Path]:
+    out_dir = tmp_path_factory.mktemp("plain")
+    completed = run_example(
+        "plain_pytorch.py",
+        "--quick",
+        "--checkpoint",
+        out_dir / "checkpoint.pt",
+        "--summary",
+        out_dir / "summary.json",
+    )
+    return completed, out_dir
+
+
+def test_plain_prints_the_progression(plain: tuple[Completed, Path]) -> None:
+    completed, _ = plain
+    out = assert_ok(completed)
+    assert "SGD + CLARA on digits" in out
+    for header in ("epoch", "lr used", "mean r", "test acc"):
+        assert header in out
+    assert "identical" in out
+    assert "different" not in out
+
+
+def test_plain_raises_the_lr_and_resumes_exactly(plain: tuple[Completed, Path]) -> None:
+    completed, out_dir = plain
+    assert_ok(completed)
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["initial_lr"] == pytest.approx(1e-4)
+    assert summary["final_lr"] > 1.5 * summary["initial_lr"]
+    assert summary["adapted_steps"] == QUICK_STEPS
+    lrs = [row["lr_used"] for row in summary["epochs"]]
+    assert lrs == sorted(lrs)
+    # state_dict round trip: the same F right after loading, the same lr at the end
+    assert summary["factor_after_load"] == summary["factor_at_save"]
+    assert summary["factor_at_save"] > 1.0
+    assert summary["resume_identical"] is True
+    assert summary["resumed_final_lr"] == summary["final_lr"]
+
+
+def test_plain_checkpoint_holds_clara_state(plain: tuple[Completed, Path]) -> None:
+    completed, out_dir = plain
+    assert_ok(completed)
+    checkpoint = torch.load(out_dir / "checkpoint.pt", weights_only=True)
+    assert set(checkpoint) >= {"model", "optimizer", "clara", "epoch"}
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert checkpoint["clara"]["num_adapted_steps"] == QUICK_STEPS // 2
+    assert checkpoint["clara"]["log_factors"][0] == pytest.approx(torch.tensor(summary["factor_at_save"]).log().item())
+
+
+# ---------------------------------------------------------------------------- fabric.py
+@pytest.fixture(scope="module")
+def fabric_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Completed, Path]:
+    out_dir = tmp_path_factory.mktemp("fabric")
+    completed = run_example(
+        "fabric.py", "--quick", "--log-dir", out_dir / "logs", "--summary", out_dir / "summary.json"
+    )
+    return completed, out_dir
+
+
+def test_fabric_prints_the_summary(fabric_run: tuple[Completed, Path]) -> None:
+    completed, _ = fabric_run
+    out = assert_ok(completed)
+    assert "Fabric + CLARA: Adam on digits" in out
+    for header in ("initial lr", "final lr used", "adapted steps"):
+        assert header in out
+
+
+def test_fabric_adapts_every_step_and_raises_the_lr(fabric_run: tuple[Completed, Path]) -> None:
+    completed, out_dir = fabric_run
+    assert_ok(completed)
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["initial_lr"] == pytest.approx(1e-6)
+    # the hooks on the unwrapped optimizer fire on every step of Fabric's wrapper
+    assert summary["adapted_steps"] == summary["optimizer_steps"] == QUICK_STEPS
+    assert summary["final_lr"] > 1.5 * summary["initial_lr"]
+    assert summary["final_factor"] > 1.5  # F after the last step; final_lr is the lr that step used
+
+
+def test_fabric_logs_clara_metrics_with_log_dict(fabric_run: tuple[Completed, Path]) -> None:
+    completed, out_dir = fabric_run
+    assert_ok(completed)
+    (metrics_csv,) = (out_dir / "logs").rglob("metrics.csv")
+    with metrics_csv.open() as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == QUICK_STEPS // 5
+    lr = [float(row["clara/lr-Adam"]) for row in rows]
+    assert lr[-1] > lr[0] >= 1e-6
+    assert all(row["clara/ratio-Adam"] for row in rows)
