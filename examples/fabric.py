@@ -3,8 +3,8 @@
 ``fabric.setup(model, optimizer)`` returns the optimizer wrapped in Fabric's ``_FabricOptimizer``
 (a ``FabricAdam`` here), whose ``step()`` hands the step to the strategy and precision plugin,
 which then call the *original* optimizer's ``step()``. CLARA works through torch's step hooks,
-so it is attached to that original optimizer, ``optimizer.optimizer``; the training loop keeps
-calling the wrapper's ``optimizer.step()`` as usual, and the hooks fire inside it. The learning
+so ``CLARA(optimizer)`` attaches them to that original optimizer (``optimizer.optimizer``); the
+training loop keeps calling the wrapper's ``optimizer.step()`` as usual, and the hooks fire inside it. The learning
 rate used, the ratio r and log F go to Fabric's logger (CSV) with ``fabric.log_dict``::
 
     python examples/fabric.py            # a few seconds on one CPU core
@@ -110,13 +110,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     model, optimizer = fabric.setup(model, optimizer)
     train_loader, test_loader = fabric.setup_dataloaders(train_loader, test_loader)
 
-    # Attach CLARA to the optimizer Fabric wrapped, not to the wrapper: `CLARA(optimizer)` on the
-    # FabricAdam raises TypeError ("FabricAdam.step cannot be hooked"), because the wrapper's own
-    # step() is not torch's hooked Optimizer.step. The wrapper's step() ends in the original
-    # optimizer's step(), so the hooks registered there run on every `optimizer.step()` below.
-    # (Attaching to the raw optimizer before fabric.setup works just as well: setup keeps it.)
-    clara = CLARA(optimizer.optimizer)
-    name = type(optimizer.optimizer).__name__
+    # The wrapper's own step() is not torch's hooked Optimizer.step, so CLARA attaches to the
+    # optimizer inside it (clara.optimizer is optimizer.optimizer): the wrapper's step() ends in that
+    # optimizer's step(), so the hooks run on every `optimizer.step()` below. (Attaching to the raw
+    # optimizer before fabric.setup works just as well: setup keeps it.)
+    clara = CLARA(optimizer)
+    name = type(clara.optimizer).__name__
 
     initial_lr = clara.lr_used[0]
     step = 0

@@ -48,6 +48,15 @@ def check_positive_int(name: str, value: Any) -> int:
     return value
 
 
+def check_non_negative_int(name: str, value: Any) -> int:
+    """An ``int`` >= 0 (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return value
+
+
 def check_choice(name: str, value: Any, choices: Collection[str]) -> str:
     """One of ``choices`` (strings)."""
     if not isinstance(value, str):

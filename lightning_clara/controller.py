@@ -21,13 +21,26 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from lightning_clara._validation import check_choice, check_in_range, check_optional_positive, check_positive_int
+from lightning_clara._validation import (
+    check_choice,
+    check_in_range,
+    check_non_negative_int,
+    check_optional_positive,
+    check_positive_int,
+)
 from lightning_clara.directions import DeltaReader, DirectionReader, GradientReader
 from lightning_clara.distributed import RankConsistencyGuard, Sharding
 from lightning_clara.path import path_dtype_for, update_paths, update_sharded_paths
 from lightning_clara.reference import PlainReference, Reference, shared
 from lightning_clara.safeguard import PageHinkley
-from lightning_clara.support import DirectionChoice, check_supported, reader_for, reference_for, reference_key
+from lightning_clara.support import (
+    DirectionChoice,
+    check_supported,
+    reader_for,
+    reference_for,
+    reference_key,
+    unwrap,
+)
 
 __all__ = ["CLARA", "validate_options"]
 
@@ -37,6 +50,10 @@ Rule = Literal["paper", "normalized"]
 _STATE_FORMAT = 1
 #: The damping used when ``d`` is not given, per rule (see :class:`CLARA`).
 DEFAULT_D: dict[str, float] = {"normalized": 0.03, "paper": 1e-3}
+#: The fast start's length (adapted steps) when ``fast_start`` is not given, per rule.
+DEFAULT_FAST_START: dict[str, int] = {"normalized": 50, "paper": 0}
+#: The damping's multiplier at the first step of a fast start; it falls linearly to 1.
+FAST_START_GAIN = 20.0
 #: |log F| never exceeds this (F in [1e-26, 1e26]): F stays finite and non-zero whatever happens.
 LOG_FACTOR_LIMIT = 60.0
 
@@ -59,6 +76,7 @@ def validate_options(
     sharding: Any = None,
     consistency_check_every: Any = None,
     rule: Any = "normalized",
+    fast_start: Any = None,
 ) -> dict[str, Any]:
     """Check CLARA's options; raise ``TypeError``/``ValueError`` naming the argument and its range."""
     options = {
@@ -100,6 +118,9 @@ def validate_options(
         DEFAULT_D[options["rule"]]
         if d is None
         else check_in_range("d", d, 0.0, math.inf, low_open=True, high_open=True)
+    )
+    options["fast_start"] = (
+        DEFAULT_FAST_START[options["rule"]] if fast_start is None else check_non_negative_int("fast_start", fast_start)
     )
     options["consistency_check_every"] = (
         None
@@ -149,7 +170,8 @@ class CLARA:
     random-walk reference mu, and moves ``log F`` (the lr used is ``lr_base * F``).
 
     Args:
-        optimizer: the optimizer to adapt; it keeps doing its own update.
+        optimizer: the optimizer to adapt; it keeps doing its own update. A Lightning Fabric
+            optimizer (``fabric.setup``'s) is unwrapped: CLARA hooks the optimizer inside it.
         c: path memory in (0, 1]; the path averages roughly the last ``1/c`` unit steps.
         d: damping > 0. With ``rule="normalized"`` (default 0.03) it is the change of log F
             per step when all steps agree; with ``rule="paper"`` (default 1e-3) log F moves by
@@ -176,6 +198,10 @@ class CLARA:
             ``r_max = (tensors) / sum mu``, the largest ratio possible, so one d suits every
             optimizer (the ratio range of Adam is ~17 times narrower than plain SGD's); still
             unbiased under the null model. ``"paper"``: ``log F += d * (r - 1)``.
+        fast_start: for this many adapted steps the damping starts at ``20 d`` and falls linearly
+            to ``d`` (default 50 with ``rule="normalized"``, 0 with ``"paper"``), so that a bad
+            initial lr is rescued within short runs. The gain depends on the step count only, so
+            ``log F`` stays unbiased under the null model; 0 turns it off.
 
     Example::
 
@@ -212,7 +238,9 @@ class CLARA:
         sharding: Sharding | None = None,
         consistency_check_every: int | None = None,
         rule: Rule = "normalized",
+        fast_start: int | None = None,
     ) -> None:
+        optimizer = unwrap(optimizer)  # Fabric's wrapper: hook the optimizer it wraps
         check_supported(optimizer)
         options = validate_options(
             c=c,
@@ -231,6 +259,7 @@ class CLARA:
             sharding=sharding,
             consistency_check_every=consistency_check_every,
             rule=rule,
+            fast_start=fast_start,
         )
         self.c: float = options["c"]
         self.d: float = options["d"]
@@ -247,6 +276,7 @@ class CLARA:
         self.safeguard: PageHinkley | None = options["safeguard"]
         self.sharding: Sharding | None = options["sharding"]
         self.rule: Rule = options["rule"]
+        self.fast_start: int = options["fast_start"]
         every = options["consistency_check_every"]
         self._guard = None if every is None else RankConsistencyGuard(every)
         if getattr(optimizer, "_clara_controller", None) is not None:
@@ -326,6 +356,12 @@ class CLARA:
         """Optimizer steps that updated at least one path (and so the factor)."""
         self._settle()
         return self._adapted_steps
+
+    @property
+    def damping(self) -> float:
+        """The damping of the next adapted step: ``d``, raised during the fast start."""
+        remaining = 1.0 - self._adapted_steps / self.fast_start if self.fast_start else 0.0
+        return self.d * (1.0 + (FAST_START_GAIN - 1.0) * max(0.0, remaining))
 
     @property
     def num_optimizer_steps(self) -> int:
@@ -579,6 +615,7 @@ class CLARA:
             expected[scope] += curve[min(state.count, len(curve) - 1)]
             moved[scope] += 1
         adapted = False
+        damping = self.damping
         for scope in range(scopes):
             if expected[scope] > 0.0:
                 ratio = squared[scope] / expected[scope]
@@ -589,7 +626,7 @@ class CLARA:
                     # d is the change of log F per step when all steps agree, whatever the optimizer
                     headroom = moved[scope] / expected[scope] - 1.0
                     signal = signal / headroom if headroom > 1e-12 else 0.0
-                self._log_factors[scope] = self._clamp_log_factor(self._log_factors[scope] + self.d * signal)
+                self._log_factors[scope] = self._clamp_log_factor(self._log_factors[scope] + damping * signal)
                 adapted = True
         self._clamp_to_lr_bounds()
         if adapted:
@@ -698,6 +735,7 @@ class CLARA:
                 "rule": self.rule,
                 "c": self.c,
                 "d": self.d,
+                "fast_start": self.fast_start,
                 "scope": self.scope,
                 "variant": self.variant,
                 "unit_step": self.unit_step,
@@ -762,6 +800,7 @@ class CLARA:
     def __repr__(self) -> str:
         factors = ", ".join(f"{f:.4g}" for f in self.lr_factors)
         return (
-            f"CLARA({type(self.optimizer).__name__}, c={self.c}, d={self.d}, scope={self.scope!r}, "
+            f"CLARA({type(self.optimizer).__name__}, c={self.c}, d={self.d}, fast_start={self.fast_start}, "
+            f"scope={self.scope!r}, "
             f"reader={self.reader_name!r}, F=[{factors}], steps={self._adapted_steps})"
         )

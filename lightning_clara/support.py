@@ -98,6 +98,21 @@ def _torch_class(optimizer: Optimizer) -> str | None:
     return None
 
 
+def _step_is_hooked(optimizer: Optimizer) -> bool:
+    """Whether ``optimizer.step`` runs torch's step hooks (``Optimizer.__init__`` patches it)."""
+    return bool(getattr(type(optimizer).step, "hooked", False))
+
+
+def unwrap(optimizer: Optimizer) -> Optimizer:
+    """The optimizer whose ``step`` fires the hooks: the wrapped one for a wrapper that overrides ``step``
+    without them (Lightning Fabric's ``_FabricOptimizer``, whose ``step`` ends in the wrapped
+    optimizer's); the optimizer itself otherwise (a hooked wrapper such as a Lookahead keeps its own)."""
+    inner = getattr(optimizer, "optimizer", None)
+    if isinstance(inner, Optimizer) and inner is not optimizer and not _step_is_hooked(optimizer):
+        return unwrap(inner)
+    return optimizer
+
+
 def check_supported(optimizer: Any) -> None:
     """Raise ``TypeError`` with the reason if CLARA cannot adapt ``optimizer``."""
     if not isinstance(optimizer, Optimizer):
@@ -109,7 +124,7 @@ def check_supported(optimizer: Any) -> None:
             f"CLARA does not support torch.optim.{name}: {UNSUPPORTED[name]}. Supported: {supported}, "
             "and element-wise optimizers of your own."
         )
-    if not getattr(type(optimizer).step, "hooked", False):
+    if not _step_is_hooked(optimizer):
         raise TypeError(
             f"{type(optimizer).__name__}.step cannot be hooked (torch step hooks are missing); "
             "call torch.optim.Optimizer.__init__ in its constructor"

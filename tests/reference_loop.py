@@ -25,13 +25,23 @@ class SimpleCLARA:
     """The rule of ALGORITHM.md for one optimizer (one scope), fed with realised steps.
 
     ``rule="paper"``: ``log F += d (r - 1)``; ``rule="normalized"`` (the library default) divides
-    ``r - 1`` by ``r_max - 1``, with ``r_max = (tensors that moved) / sum mu``.
+    ``r - 1`` by ``r_max - 1``, with ``r_max = (tensors that moved) / sum mu``. The fast start
+    (the library's default: 50 steps with the normalized rule, none with the paper's) multiplies
+    ``d`` by ``1 + 19 (1 - t / fast_start)`` at the t-th adapted step (t = 0, 1, ...) while positive.
     """
 
     def __init__(
-        self, shapes: Sequence[torch.Size], c: float, d: float, mu: MuFunction, rule: str = "normalized"
+        self,
+        shapes: Sequence[torch.Size],
+        c: float,
+        d: float,
+        mu: MuFunction,
+        rule: str = "normalized",
+        fast_start: int | None = None,
     ) -> None:
         self.c, self.d, self.mu, self.rule = c, d, mu, rule
+        self.fast_start = (50 if rule == "normalized" else 0) if fast_start is None else fast_start
+        self.adapted = 0
         self.paths = [torch.zeros(shape, dtype=torch.float64) for shape in shapes]
         self.counts = [0] * len(shapes)
         self.log_factor = 0.0
@@ -62,7 +72,11 @@ class SimpleCLARA:
             if self.rule == "normalized":
                 # the largest possible ratio is moved / expected (every ||p_k|| <= 1)
                 signal /= moved / expected - 1
-            self.log_factor += self.d * signal
+            gain = 1.0
+            if self.adapted < self.fast_start:
+                gain += 19.0 * (1.0 - self.adapted / self.fast_start)
+            self.log_factor += gain * self.d * signal
+            self.adapted += 1
 
 
 def sgd_step(params: Sequence[Tensor], lr: float) -> list[Tensor]:

@@ -201,9 +201,14 @@ def test_matches_simple_loop_step_by_step(case: str, direction: str) -> None:
 def test_state_and_delta_readers_give_the_same_trajectory(
     make_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer],
 ) -> None:
-    """With weight decay and a moving factor, reading the step from state equals measuring it (fp64)."""
-    state, state_params, state_clara = run_library(make_optimizer, 100, c=C, d=0.05, direction="state")
-    delta, delta_params, delta_clara = run_library(make_optimizer, 100, c=C, d=0.05, direction="delta")
+    """With weight decay and a moving factor, reading the step from state equals measuring it (fp64).
+
+    Without the fast start, which would take maximize=True to lr ~1 within 20 steps: the parameters
+    then grow so large that the delta's own cancellation error (eps * |theta| / |s|) passes 1e-6.
+    """
+    options = {"c": C, "d": 0.05, "fast_start": 0}
+    state, state_params, state_clara = run_library(make_optimizer, 100, direction="state", **options)
+    delta, delta_params, delta_clara = run_library(make_optimizer, 100, direction="delta", **options)
     assert (state_clara.reader_name, delta_clara.reader_name) == ("state", "delta")
     for t, (got, want) in enumerate(zip(state, delta, strict=True)):
         for name, a, b in zip(("lr used", "ratio", "factor"), got, want, strict=True):
@@ -531,6 +536,9 @@ INVALID_ARGUMENTS: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"max_lr": math.nan}, ValueError, "max_lr"),
     ({"max_factor": "2"}, TypeError, "max_factor"),
     ({"initial_factor": 0.0}, ValueError, "initial_factor"),
+    ({"fast_start": -1}, ValueError, "fast_start"),
+    ({"fast_start": 2.5}, TypeError, "fast_start"),
+    ({"fast_start": True}, TypeError, "fast_start"),
 ]
 
 
@@ -542,6 +550,50 @@ def test_invalid_arguments_raise_naming_the_argument(kwargs: dict[str, Any], err
         CLARA(optimizer, **kwargs)
     assert re.search(rf"\b{name}\b", str(excinfo.value)), str(excinfo.value)
     CLARA(optimizer)  # a failed construction must not leave the optimizer hooked
+
+
+def test_fast_start_damping_schedule() -> None:
+    """The damping starts at 20 d and falls linearly to d over ``fast_start`` adapted steps; the paper's
+    preset and ``fast_start=0`` keep d from the first step, and the setting is saved with the state."""
+    data = iter(range(10**6))
+
+    def stepped(clara: CLARA, steps: int) -> None:
+        for _ in range(steps):
+            for p in clara.optimizer.param_groups[0]["params"]:
+                p.grad = torch.randn_like(p, generator=torch.Generator().manual_seed(next(data)))
+            clara.optimizer.step()
+
+    clara = CLARA(torch.optim.SGD(make_params(), lr=0.01), d=0.01)
+    assert clara.fast_start == 50
+    damping = [clara.damping]
+    for _ in range(60):
+        stepped(clara, 1)
+        damping.append(clara.damping)
+    expected = [0.01 * (1 + 19 * max(0.0, 1 - t / 50)) for t in range(61)]
+    assert damping == pytest.approx(expected, rel=1e-12)
+    assert damping[0] == pytest.approx(0.2)
+    assert damping[25] == pytest.approx(0.105)
+    assert damping[50] == 0.01
+    assert clara.state_dict()["config"]["fast_start"] == 50
+    assert CLARA.paper(torch.optim.SGD(make_params(), lr=0.01)).damping == 1e-3
+    off = CLARA(torch.optim.SGD(make_params(), lr=0.01), d=0.01, fast_start=0)
+    stepped(off, 3)
+    assert off.damping == 0.01
+
+
+def test_resume_continues_the_fast_start() -> None:
+    """The schedule counts adapted steps, which the state dict restores: a resumed controller is
+    half-way through its fast start like the original."""
+    optimizer = torch.optim.SGD(make_params(), lr=0.01)
+    clara = CLARA(optimizer, d=0.01, fast_start=10)
+    for t in range(4):
+        compute_grads(optimizer.param_groups[0]["params"], t)
+        optimizer.step()
+    state = clara.state_dict()
+    clara.detach()
+    resumed = CLARA(torch.optim.SGD(make_params(), lr=0.01), d=0.01, fast_start=10)
+    resumed.load_state_dict(state)
+    assert resumed.damping == pytest.approx(0.01 * (1 + 19 * 0.6)) == clara.damping
 
 
 def test_boundary_values_are_accepted() -> None:

@@ -257,9 +257,11 @@ def test_plain_controller_with_grad_scaler_ignores_skipped_steps() -> None:
     b = torch.zeros(1, requires_grad=True)
     params = [w, b]
     optimizer = torch.optim.SGD(params, lr=LR)
-    clara = CLARA(optimizer, c=C, d=D)
+    # no fast start: its 20x damping takes this toy problem's lr to ~6 in 12 steps, where fp32 paths
+    # against the float64 loop no longer hold the 1e-6 tolerance that checks the skip
+    clara = CLARA(optimizer, c=C, d=D, fast_start=0)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1000)
-    reference = SimpleCLARA([p.shape for p in params], C, D, plain_sgd_mu(C))
+    reference = SimpleCLARA([p.shape for p in params], C, D, plain_sgd_mu(C), fast_start=0)
     steps, poisoned = 12, 6
     for t in range(steps):
         optimizer.zero_grad()
@@ -615,3 +617,30 @@ def test_null_model_runs_are_bitwise_deterministic() -> None:
     assert first_ratios == again_ratios
     assert len(set(first)) > steps // 2  # the trajectory really moves
     assert sum(a != b for a, b in zip(first, other, strict=True)) > steps // 2
+
+
+def test_fabric_optimizer_is_unwrapped_and_adapts_on_every_step() -> None:
+    """``CLARA(fabric_optimizer)`` hooks the optimizer inside Fabric's wrapper, whose ``step()`` ends in it:
+    every wrapped step adapts, the lr used is lr * F, and the inner optimizer counts as attached."""
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(accelerator="cpu", devices=1)
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    raw = torch.optim.SGD(model.parameters(), lr=1e-3)
+    model, optimizer = fabric.setup(model, raw)
+    assert optimizer is not raw
+    clara = CLARA(optimizer, c=C, d=D)
+    assert clara.optimizer is raw
+    with pytest.raises(RuntimeError, match="already has a CLARA controller"):
+        CLARA(raw)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    for step in range(5):
+        factor = clara.lr_factor
+        optimizer.zero_grad()
+        fabric.backward(nn.functional.mse_loss(model(x), y))
+        optimizer.step()
+        assert clara.num_adapted_steps == step + 1
+        assert math.isclose(clara.lr_used[0], 1e-3 * factor, rel_tol=1e-12)
+    assert raw.param_groups[0]["lr"] == 1e-3  # the scheduled lr is back outside the step
+    clara.detach()
