@@ -12,13 +12,16 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks.callback import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
+from rich.console import Console
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_clara.controller import CLARA, Rule, Scope, validate_options
 from lightning_clara.distributed import Sharding
+from lightning_clara.summary import FitSummary, GroupSummary, summary_table
 from lightning_clara.support import DirectionChoice
 
 __all__ = ["CLARACallback", "optimizer_names"]
@@ -89,7 +92,9 @@ class CLARACallback(Callback):
     ``lr_scheduled * F``; ``F`` rises while successive steps agree and falls when they cancel.
     Every ``log_every_n_steps`` the callback logs, per optimizer and param group,
     ``clara/lr-{name}`` (the lr used), ``clara/ratio-{name}`` and ``clara/log_factor-{name}``
-    on the same step axis as ``LearningRateMonitor``.
+    on the same step axis as ``LearningRateMonitor``. At the end of the fit, rank 0 prints a
+    table of the learning rate used per optimizer and param group (``summary=False`` turns it
+    off), and ``prog_bar=True`` shows the lr used in the progress bar.
 
     Args:
         c: path memory in (0, 1]; the path averages roughly the last ``1/c`` unit steps.
@@ -111,6 +116,21 @@ class CLARACallback(Callback):
         rule: ``"normalized"`` (default) or ``"paper"`` (the paper's exact rule); see
             :class:`~lightning_clara.CLARA`.
         unit_step: the paper's unit-step variant (each tensor's step becomes ``lr * s/||s||``).
+        fast_start: for this many adapted steps the damping starts at ``20 d`` and falls linearly
+            to ``d`` (default 50 with ``rule="normalized"``, 0 with ``"paper"``; 0 turns it off),
+            so that a bad initial lr is rescued within short runs; see :class:`~lightning_clara.CLARA`.
+        summary: at the end of a fit that completed, print (on rank 0, with ``rich``, to standard
+            output) one row per optimizer and param group: the lr used at the first and last
+            adapted step, its min and max, the mean ratio, and the adapted steps, NaN/inf-skipped
+            steps, safeguard alarms and rank re-syncs of this fit (the last two with ``safeguard``
+            and ``consistency_check_every``). Independent of the progress bar; nothing is printed
+            when the fit raised or was interrupted. The bookkeeping reads host-side values only
+            (no device synchronisation per step); ``summary_rows`` keeps the rows afterwards.
+        prog_bar: show the lr used in the progress bar (TQDM or Rich), as ``clara_lr`` for a
+            single param group and ``clara_lr-{name}`` otherwise; logged with ``logger=False``
+            (the loggers get ``clara/lr-{name}`` through ``log``), from a CPU tensor, so no
+            device transfer. Rich's bar shows metrics with ``.3f``: pass
+            ``RichProgressBar(theme=RichProgressBarTheme(metrics_format=".3e"))`` for small lrs.
     """
 
     def __init__(
@@ -129,9 +149,13 @@ class CLARACallback(Callback):
         consistency_check_every: int | None = None,
         rule: Rule = "normalized",
         unit_step: bool = False,
+        fast_start: int | None = None,
+        summary: bool = True,
+        prog_bar: bool = False,
     ) -> None:
-        if not isinstance(log, bool):
-            raise TypeError(f"log must be a bool, got {type(log).__name__} {log!r}")
+        for flag, value in (("log", log), ("summary", summary), ("prog_bar", prog_bar)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag} must be a bool, got {type(value).__name__} {value!r}")
         self._options: dict[str, Any] = {
             "c": c,
             "d": d,
@@ -145,16 +169,22 @@ class CLARACallback(Callback):
             "consistency_check_every": consistency_check_every,
             "rule": rule,
             "unit_step": unit_step,
+            "fast_start": fast_start,
         }
         if not isinstance(safeguard, bool):
             raise TypeError(f"safeguard must be a bool, got {type(safeguard).__name__} {safeguard!r}")
         validate_options(**self._options)
         self.log = log
+        self.summary = summary
+        self.prog_bar = prog_bar
         self.controllers: list[CLARA] = []
         self.names: list[list[str]] = []
         self._steps_at_batch_start: list[int] = []
         self._restored: dict[str, Any] | None = None
         self._fit_options: dict[str, Any] = self._options
+        self._fit_summary: FitSummary | None = None
+        #: The rows of the last summary table (rank 0 with ``summary=True``, after a completed fit).
+        self.summary_rows: list[GroupSummary] | None = None
 
     # ------------------------------------------------------------------ attach / detach
     @override
@@ -171,6 +201,13 @@ class CLARACallback(Callback):
         if self._restored is not None:
             self._load_controllers(self._restored)
             self._restored = None
+        self._fit_summary = None
+        self.summary_rows = None
+        if self.summary and rank_zero_only.rank == 0:  # the global rank, set by Lightning's strategies
+            # after the controllers attached (and restored): its hooks must run after theirs
+            self._fit_summary = FitSummary()
+            for controller in self.controllers:
+                self._fit_summary.track(controller)
 
     @override
     def on_before_optimizer_step(
@@ -184,13 +221,23 @@ class CLARACallback(Callback):
             )
             self.controllers.append(CLARA(optimizer, **self._fit_options))
             self.names = optimizer_names([c.optimizer for c in self.controllers])
+            if self._fit_summary is not None:
+                self._fit_summary.track(self.controllers[-1])
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._fit_summary is not None:
+            self._fit_summary.close()  # before detaching: the controllers still hold the last step
+            self.summary_rows = self._fit_summary.rows(optimizer_names([c.optimizer for c in self.controllers]))
+            self._fit_summary = None
+            Console().print(summary_table(self.summary_rows))
         self._detach()
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._fit_summary is not None:
+            self._fit_summary.discard()  # no table over a traceback
+            self._fit_summary = None
         self._detach()
 
     def _detach(self) -> None:
@@ -219,6 +266,8 @@ class CLARACallback(Callback):
         if not stepped:
             return
         self._feed_safeguard(outputs, stepped)
+        if self.prog_bar:
+            self._show_in_progress_bar(pl_module, stepped)
         if not self.log or not trainer.loggers or not trainer._logger_connector.should_update_logs:
             return
         metrics = self.metrics(stepped)
@@ -237,6 +286,19 @@ class CLARACallback(Callback):
             return
         for index in stepped:
             self.controllers[index].observe_loss(loss)
+
+    def _show_in_progress_bar(self, pl_module: pl.LightningModule, stepped: list[int]) -> None:
+        """Log the lr used to the progress bar only; ``lr_used`` is a host float, logged as a CPU tensor.
+
+        A CPU tensor keeps Lightning's result entry on the CPU: no host-to-device copy when it is
+        logged and no device-to-host copy when the bar reads it.
+        """
+        single = sum(len(names) for names in self.names) == 1
+        for index in stepped:
+            for name, lr in zip(self.names[index], self.controllers[index].lr_used, strict=True):
+                key = "clara_lr" if single else f"clara_lr-{name}"
+                value = torch.tensor(lr, dtype=torch.float64)
+                pl_module.log(key, value, prog_bar=True, logger=False, on_step=True, on_epoch=False)
 
     def metrics(self, optimizers: Sequence[int] | None = None) -> dict[str, float]:
         """The current ``clara/*`` values of every optimizer (or of the given optimizer indices) and param group.
@@ -295,3 +357,5 @@ class CLARACallback(Callback):
             )
         for controller, state in zip(self.controllers, saved, strict=True):
             controller.load_state_dict(state)
+        if self._fit_summary is not None:
+            self._fit_summary.restart()
