@@ -277,7 +277,8 @@ class CLARA:
         self.sharding: Sharding | None = options["sharding"]
         self.rule: Rule = options["rule"]
         self.fast_start: int = options["fast_start"]
-        every = options["consistency_check_every"]
+        self.consistency_check_every: int | None = options["consistency_check_every"]
+        every = self.consistency_check_every
         self._guard = None if every is None else RankConsistencyGuard(every)
         if getattr(optimizer, "_clara_controller", None) is not None:
             raise RuntimeError("this optimizer already has a CLARA controller attached; detach() it first")

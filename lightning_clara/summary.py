@@ -166,7 +166,7 @@ class _Tracker:
         controller = self.controller
         skipped = controller.num_skipped_steps - self.skipped_base
         alarms = None if controller.safeguard is None else controller.num_safeguard_alarms - self.alarms_base
-        checked = controller._guard is not None  # no public flag: the guard exists iff consistency_check_every
+        checked = controller.consistency_check_every is not None
         resyncs = controller.num_resyncs - self.resyncs_base if checked else None
         out = []
         for j, name in enumerate(names):
