@@ -265,6 +265,8 @@ class CLARACallback(Callback):
         ]
         if not stepped:
             return
+        if [len(names) for names in self.names] != [len(c.optimizer.param_groups) for c in self.controllers]:
+            self.names = optimizer_names([c.optimizer for c in self.controllers])  # a group was added
         self._feed_safeguard(outputs, stepped)
         if self.prog_bar:
             self._show_in_progress_bar(pl_module, stepped)

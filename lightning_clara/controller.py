@@ -507,6 +507,11 @@ class CLARA:
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self._steps_seen += 1
         try:
+            # a group added inside the step (Lightning runs training_step in the step's closure)
+            # stepped at its own lr; from its next step on it is adapted like the others
+            for group in optimizer.param_groups[len(self._lr_used) :]:
+                self._lr_used.append(float(group["lr"]))
+            self._sync_scopes()
             self._adapt(optimizer)
         finally:
             self._restore_bases()

@@ -650,3 +650,45 @@ def test_manual_optimization_adapts_each_optimizer_independently(
         assert math.isclose(controllers[i].log_factors[0], claras[i].log_factor, rel_tol=1e-6)
         assert not controllers[i].attached
     assert abs(controllers[0].log_factors[0] - controllers[1].log_factors[0]) > 0.02
+
+
+class _GrowingModule(LightningModule):
+    """Adds a second param group (a bias it uses from the start) to its optimizer at batch 3."""
+
+    def __init__(self, dataset: TensorDataset) -> None:
+        super().__init__()
+        self.dataset = dataset
+        self.net = nn.Linear(4, 1, bias=False).double()
+        self.offset = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if batch_idx == 3:
+            self.optimizers().optimizer.add_param_group({"params": [self.offset], "lr": LR})
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x) + self.offset, y)
+
+    def configure_optimizers(self) -> Optimizer:
+        return torch.optim.SGD(self.net.parameters(), lr=LR)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.dataset, batch_size=8, shuffle=False)
+
+
+def test_param_group_added_mid_fit_is_logged_and_shown(
+    regression_data: TensorDataset, trainer_kwargs: dict[str, Any], tmp_path: Path
+) -> None:
+    """A group added after fit start gets its own names in the logs, the progress bar and the summary."""
+    callback = CLARACallback(c=C, d=D, prog_bar=True)
+    logger = CSVLogger(tmp_path, name="growing")
+    trainer = make_trainer(trainer_kwargs, [callback], logger=logger, log_every_n_steps=1)
+    trainer.fit(_GrowingModule(regression_data))
+
+    assert callback.names == [["SGD/pg1", "SGD/pg2"]]
+    assert {"clara_lr-SGD/pg1", "clara_lr-SGD/pg2"} <= set(trainer.progress_bar_metrics)
+    with open(Path(logger.log_dir) / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    first_group = [row for row in rows if row.get("clara/lr-SGD")]
+    both_groups = [row for row in rows if row.get("clara/lr-SGD/pg2")]
+    assert len(first_group) == 3  # batches 0-2: one group, named like LearningRateMonitor does
+    assert len(both_groups) == 5  # batches 3-7
+    assert [row.name for row in callback.summary_rows or []] == ["SGD/pg1", "SGD/pg2"]

@@ -418,3 +418,31 @@ def test_non_finite_gradient_is_skipped_with_a_warning(bad: float, direction: st
     entry = path_entry(clara, 0, 1)
     assert entry is None or entry["count"] == 0
     assert path_entry(clara, 0, 0)["count"] == 6
+
+
+def test_param_group_added_inside_the_step_closure() -> None:
+    """Lightning runs ``training_step`` inside ``optimizer.step(closure)``: a group added there, after
+    CLARA's pre-hook, steps at its own lr, is reported with it, and is adapted from the next step."""
+    first, second = make_params((5,), seed=3), make_params((4,), seed=4)
+    optimizer = torch.optim.SGD(first, lr=1e-2)
+    clara = CLARA(optimizer, c=C, d=0.05, scope="param_group")
+    noise = Noise(5)
+
+    def closure(add: bool) -> None:
+        if add:
+            optimizer.add_param_group({"params": second, "lr": 3e-2})
+        for p in first + (second if len(optimizer.param_groups) == 2 else []):
+            p.grad = noise.like(p) + 0.5
+
+    optimizer.step(lambda: closure(False))
+    expected_first = 1e-2 * clara.lr_factors[0]
+    optimizer.step(lambda: closure(True))
+    assert clara.lr_used == pytest.approx([expected_first, 3e-2], rel=1e-12)  # the new group: its own lr
+    assert clara.num_adapted_steps == 2
+    assert path_entry(clara, 1, 0)["count"] == 1  # and its path took that step (r = 1 at a first step)
+    for _ in range(5):
+        expected = [1e-2 * clara.lr_factors[0], 3e-2 * clara.lr_factors[1]]
+        optimizer.step(lambda: closure(False))
+        assert clara.lr_used == pytest.approx(expected, rel=1e-12)
+    assert path_entry(clara, 1, 0)["count"] == 6
+    assert clara.lr_factors[1] != 1.0
