@@ -361,6 +361,10 @@ class CLARA:
     @property
     def damping(self) -> float:
         """The damping of the next adapted step: ``d``, raised during the fast start."""
+        self._settle()
+        return self._damping()
+
+    def _damping(self) -> float:
         remaining = 1.0 - self._adapted_steps / self.fast_start if self.fast_start else 0.0
         return self.d * (1.0 + (FAST_START_GAIN - 1.0) * max(0.0, remaining))
 
@@ -507,11 +511,12 @@ class CLARA:
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self._steps_seen += 1
         try:
-            # a group added inside the step (Lightning runs training_step in the step's closure)
-            # stepped at its own lr; from its next step on it is adapted like the others
-            for group in optimizer.param_groups[len(self._lr_used) :]:
-                self._lr_used.append(float(group["lr"]))
-            self._sync_scopes()
+            added = optimizer.param_groups[len(self._lr_used) :]
+            if added:
+                # added inside the step (Lightning runs training_step in the step's closure): these
+                # groups stepped at their own lr; from their next step on they are adapted too
+                self._lr_used.extend(float(group["lr"]) for group in added)
+                self._sync_scopes()
             self._adapt(optimizer)
         finally:
             self._restore_bases()
@@ -621,7 +626,7 @@ class CLARA:
             expected[scope] += curve[min(state.count, len(curve) - 1)]
             moved[scope] += 1
         adapted = False
-        damping = self.damping
+        damping = self._damping()
         for scope in range(scopes):
             if expected[scope] > 0.0:
                 ratio = squared[scope] / expected[scope]
