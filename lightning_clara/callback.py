@@ -27,22 +27,39 @@ from lightning_clara.support import DirectionChoice
 __all__ = ["CLARACallback", "optimizer_names"]
 
 
-def optimizer_names(optimizers: Sequence[Optimizer]) -> list[list[str]]:
+def optimizer_names(optimizers: Sequence[Optimizer], lr_scheduler_configs: Sequence[Any] = ()) -> list[list[str]]:
     """Per optimizer, per param group, the name Lightning's ``LearningRateMonitor`` would use (without ``lr-``).
 
-    The optimizer's class name; ``-1``, ``-2`` ... for repeated classes; ``/pg1``, ``/pg2`` (or
-    the group's ``name``) when there are several groups, ``/name`` for a single named group.
+    Like the monitor, optimizers with a scheduler are named first, in the order of
+    ``lr_scheduler_configs`` (``trainer.lr_scheduler_configs``), then the others: the scheduler
+    config's ``name`` if it has one, else the optimizer's class name with ``-1``, ``-2`` ... for
+    repeated classes; ``/pg1``, ``/pg2`` (or the group's ``name``) when there are several groups,
+    ``/name`` for a single named group.
     """
-    seen: Counter[type] = Counter()
+    classes_seen: Counter[type] = Counter()
+    bases: dict[int, str] = {}
+
+    def name(optimizer: Optimizer, given: str | None) -> None:
+        cls = type(optimizer)
+        if given is None:
+            classes_seen[cls] += 1  # counted again for a second scheduler on it, as the monitor does
+        base = cls.__name__ if given is None else given.removeprefix("lr-")
+        count = classes_seen[cls]
+        bases.setdefault(id(optimizer), base if count <= 1 else f"{base}-{count - 1}")
+
+    for config in lr_scheduler_configs:
+        scheduler_optimizer = getattr(config.scheduler, "optimizer", None)
+        if any(scheduler_optimizer is optimizer for optimizer in optimizers):
+            name(scheduler_optimizer, config.name)
+    for optimizer in optimizers:
+        if id(optimizer) not in bases:
+            name(optimizer, None)
     out = []
     for optimizer in optimizers:
-        cls = type(optimizer)
-        seen[cls] += 1
-        base = cls.__name__ if seen[cls] == 1 else f"{cls.__name__}-{seen[cls] - 1}"
-        groups = optimizer.param_groups
+        base, groups = bases[id(optimizer)], optimizer.param_groups
         if len(groups) == 1:
-            name = groups[0].get("name")
-            out.append([f"{base}/{name}" if name else base])
+            group_name = groups[0].get("name")
+            out.append([f"{base}/{group_name}" if group_name else base])
         else:
             out.append([f"{base}/{group.get('name', f'pg{j + 1}')}" for j, group in enumerate(groups)])
     return out
@@ -179,6 +196,7 @@ class CLARACallback(Callback):
         self.prog_bar = prog_bar
         self.controllers: list[CLARA] = []
         self.names: list[list[str]] = []
+        self._scheduler_configs: list[Any] = []
         self._steps_at_batch_start: list[int] = []
         self._restored: dict[str, Any] | None = None
         self._fit_options: dict[str, Any] = self._options
@@ -196,7 +214,8 @@ class CLARACallback(Callback):
         self._detach()
         self._fit_options = self._options if sharding is None else {**self._options, "sharding": sharding}
         self.controllers = [CLARA(optimizer, **self._fit_options) for optimizer in optimizers]
-        self.names = optimizer_names(optimizers)
+        self._scheduler_configs = list(trainer.lr_scheduler_configs)
+        self.names = self._names()
         self._steps_at_batch_start = [0] * len(self.controllers)
         if self._restored is not None:
             self._load_controllers(self._restored)
@@ -220,7 +239,7 @@ class CLARACallback(Callback):
                 f"CLARACallback: optimizer {type(optimizer).__name__} was created after fit start; attaching CLARA now"
             )
             self.controllers.append(CLARA(optimizer, **self._fit_options))
-            self.names = optimizer_names([c.optimizer for c in self.controllers])
+            self.names = self._names()
             if self._fit_summary is not None:
                 self._fit_summary.track(self.controllers[-1])
 
@@ -228,7 +247,7 @@ class CLARACallback(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._fit_summary is not None:
             self._fit_summary.close()  # before detaching: the controllers still hold the last step
-            self.summary_rows = self._fit_summary.rows(optimizer_names([c.optimizer for c in self.controllers]))
+            self.summary_rows = self._fit_summary.rows(self._names())
             self._fit_summary = None
             Console().print(summary_table(self.summary_rows))
         self._detach()
@@ -239,6 +258,9 @@ class CLARACallback(Callback):
             self._fit_summary.discard()  # no table over a traceback
             self._fit_summary = None
         self._detach()
+
+    def _names(self) -> list[list[str]]:
+        return optimizer_names([c.optimizer for c in self.controllers], self._scheduler_configs)
 
     def _detach(self) -> None:
         for controller in self.controllers:
@@ -266,7 +288,7 @@ class CLARACallback(Callback):
         if not stepped:
             return
         if [len(names) for names in self.names] != [len(c.optimizer.param_groups) for c in self.controllers]:
-            self.names = optimizer_names([c.optimizer for c in self.controllers])  # a group was added
+            self.names = self._names()  # a group was added
         self._feed_safeguard(outputs, stepped)
         if self.prog_bar:
             self._show_in_progress_bar(pl_module, stepped)

@@ -321,6 +321,19 @@ def _two_sgds(module: LightningModule) -> list[Optimizer]:
     return [torch.optim.SGD(net[0].parameters(), lr=LR), torch.optim.SGD(net[2].parameters(), lr=0.01)]
 
 
+def _two_sgds_second_scheduled(module: LightningModule) -> tuple[list[Optimizer], list[Any]]:
+    """LearningRateMonitor names scheduled optimizers first: here the second is "SGD", the first "SGD-1"."""
+    first, second = _two_sgds(module)
+    return [first, second], [torch.optim.lr_scheduler.LambdaLR(second, lambda step: 1.0)]
+
+
+def _two_sgds_named_scheduler(module: LightningModule) -> tuple[list[Optimizer], list[Any]]:
+    """A scheduler config's ``name`` replaces the class name (and is not counted among the classes)."""
+    first, second = _two_sgds(module)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(second, lambda step: 1.0)
+    return [first, second], [{"scheduler": scheduler, "name": "lr-head"}]
+
+
 def _sgd_two_groups(module: LightningModule) -> Optimizer:
     net = module.net
     return torch.optim.SGD([{"params": net[0].parameters()}, {"params": net[2].parameters(), "lr": 0.01}], lr=LR)
@@ -342,6 +355,8 @@ def _sgd_single_named_group(module: LightningModule) -> Optimizer:
     ("configure", "manual", "expected_names"),
     [
         pytest.param(_two_sgds, True, {"SGD", "SGD-1"}, id="same-class-twice"),
+        pytest.param(_two_sgds_second_scheduled, True, {"SGD", "SGD-1"}, id="scheduled-first"),
+        pytest.param(_two_sgds_named_scheduler, True, {"SGD", "head"}, id="named-scheduler"),
         pytest.param(_sgd_two_groups, False, {"SGD/pg1", "SGD/pg2"}, id="param-groups"),
         pytest.param(_sgd_one_named_group, False, {"SGD/pg1", "SGD/head"}, id="named-param-group"),
         pytest.param(_sgd_single_named_group, False, {"SGD/body"}, id="single-named-group"),
@@ -692,3 +707,52 @@ def test_param_group_added_mid_fit_is_logged_and_shown(
     assert len(first_group) == 3  # batches 0-2: one group, named like LearningRateMonitor does
     assert len(both_groups) == 5  # batches 3-7
     assert [row.name for row in callback.summary_rows or []] == ["SGD/pg1", "SGD/pg2"]
+
+
+def _monitor_names(optimizers: list[Optimizer], configs: list[Any]) -> dict[int, list[str]]:
+    """LearningRateMonitor's own names (its private helpers, as in its on_train_start), per optimizer."""
+    monitor = LearningRateMonitor()
+    names, seen_optimizers, seen_types = monitor._find_names_from_schedulers(configs)
+    optimizer_names_, without = monitor._find_names_from_optimizers(optimizers, seen_optimizers, seen_types)
+    out: dict[int, list[str]] = {}
+    for optimizer, group_names in [
+        *zip([config.scheduler.optimizer for config in configs], names, strict=True),
+        *zip(without, optimizer_names_, strict=True),
+    ]:
+        out.setdefault(id(optimizer), [n.removeprefix("lr-") for n in group_names])
+    return out
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        [("SGD", None), ("SGD", None), ("Adam", None)],
+        [("SGD", None), ("SGD", "sched"), ("SGD", None)],
+        [("SGD", "sched"), ("SGD", "sched"), ("SGD", None)],
+        [("SGD", "sched-twice"), ("SGD", None)],
+        [("SGD", "named"), ("SGD", "sched"), ("SGD", "named")],
+        [("Adam", None), ("SGD", "named"), ("Adam", "sched")],
+    ],
+    ids=lambda layout: "+".join(f"{c}:{s}" for c, s in layout),
+)
+def test_optimizer_names_equal_lr_monitor(layout: list[tuple[str, str | None]]) -> None:
+    """For any mix of classes, schedulers (several on one optimizer, named or not) and param groups,
+    ``optimizer_names`` gives LearningRateMonitor's names."""
+    from types import SimpleNamespace
+
+    from lightning_clara.callback import optimizer_names
+
+    optimizers: list[Optimizer] = []
+    configs: list[Any] = []
+    for k, (cls_name, scheduler) in enumerate(layout):
+        params = [nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(1))]
+        groups = [{"params": params[:1]}, {"params": params[1:], "name": "head"}] if k % 2 else params
+        optimizer = getattr(torch.optim, cls_name)(groups, lr=0.1)
+        optimizers.append(optimizer)
+        if scheduler is None:
+            continue
+        name = f"lr-custom{k}" if scheduler == "named" else None
+        for _ in range(2 if scheduler == "sched-twice" else 1):
+            configs.append(SimpleNamespace(scheduler=SimpleNamespace(optimizer=optimizer), name=name))
+    expected = _monitor_names(optimizers, configs)
+    assert optimizer_names(optimizers, configs) == [expected[id(o)] for o in optimizers]
