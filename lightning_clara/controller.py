@@ -714,16 +714,18 @@ class CLARA:
         value = float(loss.detach().float().item()) if isinstance(loss, Tensor) else float(loss)
         if not self.safeguard.update(value):
             return False
-        undone = self._reader.undo() if isinstance(self._reader, DeltaReader) else 0
+        keeps_snapshots = isinstance(self._reader, DeltaReader) and self._reader.keep_snapshots
+        undone = self._reader.undo() if keeps_snapshots else 0  # type: ignore[union-attr]
         self._log_factors = [self._clamp_log_factor(v - math.log(2.0)) for v in self._log_factors]
         self.safeguard.reset()
+        if undone:
+            restored = f"; parameters restored from before the last {undone} step(s)"
+        elif keeps_snapshots:
+            restored = "; parameters already restored by the previous alarm (no step since)"
+        else:
+            restored = "; no snapshot to restore (use direction='auto' or 'delta' to keep one)"
         warnings.warn(
-            f"CLARA safeguard: the training loss blew up ({value:.4g}); F halved to {self.lr_factor:.4g}"
-            + (
-                f"; parameters restored from before the last {undone} step(s)"
-                if undone
-                else "; no snapshot to restore (use direction='delta' to keep one)"
-            ),
+            f"CLARA safeguard: the training loss blew up ({value:.4g}); F halved to {self.lr_factor:.4g}{restored}",
             RuntimeWarning,
             stacklevel=2,
         )

@@ -274,7 +274,8 @@ def assert_params_equal(params: list[Tensor], expected: list[Tensor]) -> None:
 
 
 RESTORED_TWO = "; parameters restored from before the last 2 step(s)"
-NO_SNAPSHOT = "; no snapshot to restore (use direction='delta' to keep one)"
+NO_SNAPSHOT = "; no snapshot to restore (use direction='auto' or 'delta' to keep one)"
+ALREADY_RESTORED = "; parameters already restored by the previous alarm (no step since)"
 
 
 @pytest.mark.parametrize(
@@ -316,6 +317,21 @@ def test_alarm_halves_factor_and_restores_the_parameters_from_before_the_blown_u
         assert float(state[0]["exp_avg_sq"].max()) > 1e3 * float(optimizer_state[0]["exp_avg_sq"].max())
     train_quietly(clara, x, y, params, steps=20)  # beyond the warm-up of 10: training goes on normally
     assert clara.num_safeguard_alarms == 1
+
+
+def test_second_alarm_without_a_step_says_the_parameters_are_already_restored() -> None:
+    """A NaN loss right after an alarm (no step in between) halves F again, and its warning says that the
+    parameters were restored by the first alarm, not that a snapshot is missing; the parameters stay put."""
+    clara, x, y, params = make_clara(direction="delta")
+    train_quietly(clara, x, y, params)
+    result = blow_up(clara, x, y, params)
+    assert result.message.endswith(RESTORED_TWO)
+    with pytest.warns(RuntimeWarning, match="safeguard") as caught:
+        assert clara.observe_loss(float("nan")) is True
+    assert str(caught[-1].message).endswith(ALREADY_RESTORED)
+    assert clara.log_factors[0] == pytest.approx(result.log_factor - 2 * LOG2, abs=1e-12)
+    assert clara.num_safeguard_alarms == 2
+    assert_params_equal(params, result.before)
 
 
 def test_undo_restores_the_pre_step_parameters_exactly_after_unit_steps() -> None:
