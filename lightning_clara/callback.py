@@ -214,7 +214,7 @@ class CLARACallback(Callback):
         self._detach()
         self._fit_options = self._options if sharding is None else {**self._options, "sharding": sharding}
         self.controllers = [CLARA(optimizer, **self._fit_options) for optimizer in optimizers]
-        self._scheduler_configs = list(trainer.lr_scheduler_configs)
+        self._scheduler_configs = list(getattr(trainer, "lr_scheduler_configs", ()))  # absent on stand-ins
         self.names = self._names()
         self._steps_at_batch_start = [0] * len(self.controllers)
         if self._restored is not None:
