@@ -30,7 +30,7 @@ from lightning_clara._validation import (
 )
 from lightning_clara.directions import DeltaReader, DirectionReader, GradientReader
 from lightning_clara.distributed import RankConsistencyGuard, Sharding
-from lightning_clara.path import fold_interval, path_dtype_for, update_paths, update_sharded_paths
+from lightning_clara.path import path_dtype_for, update_paths, update_sharded_paths
 from lightning_clara.reference import PlainReference, Reference, shared
 from lightning_clara.safeguard import PageHinkley
 from lightning_clara.support import (
@@ -139,26 +139,10 @@ def validate_options(
 
 @dataclass
 class _TensorState:
-    """What CLARA keeps per parameter tensor: its path, stored lazily scaled (the path is
-    ``scale * path``, see :func:`~lightning_clara.path.update_paths`), and how often it was updated."""
+    """What CLARA keeps per parameter tensor: its path and how often the path was updated."""
 
     path: Tensor
     count: int = 0
-    scale: Tensor = None  # type: ignore[assignment]  # 0-d fp64 on the path's device; set in __post_init__
-
-    def __post_init__(self) -> None:
-        if self.scale is None:
-            self.scale = torch.ones((), dtype=torch.float64, device=self.path.device)
-
-    def reset(self) -> None:
-        """A fresh path: zeros, scale 1, no updates."""
-        self.path.zero_()
-        self.scale = torch.ones((), dtype=torch.float64, device=self.path.device)
-        self.count = 0
-
-    def value(self) -> Tensor:
-        """The path itself, ``scale * path`` (a new tensor in the path's dtype)."""
-        return self.path * self.scale.to(self.path.dtype)
 
 
 @dataclass
@@ -293,7 +277,6 @@ class CLARA:
         self.sharding: Sharding | None = options["sharding"]
         self.rule: Rule = options["rule"]
         self.fast_start: int = options["fast_start"]
-        self._fold_interval = fold_interval(self.c)
         self.consistency_check_every: int | None = options["consistency_check_every"]
         every = self.consistency_check_every
         self._guard = None if every is None else RankConsistencyGuard(every)
@@ -574,18 +557,12 @@ class CLARA:
         items: list[tuple[int, Tensor]] = []
         results: list[Tensor] = []
         for entries in buckets.values():
-            states = [self._state_for(param) for _, param, _ in entries]
-            paths = [state.path for state in states]
-            scales = torch.stack([state.scale for state in states])
-            # fold a stored path every fold_interval updates (counted on the host; folding early is harmless)
-            fold = [(state.count + 1) % self._fold_interval == 0 for state in states]
+            paths = [self._state_for(param).path for _, param, _ in entries]
             directions = [direction for _, _, direction in entries]
             if self.sharding is None:
-                update = update_paths(paths, scales, directions, self.c, fold)
+                update = update_paths(paths, directions, self.c)
             else:
-                update = update_sharded_paths(paths, scales, directions, self.c, fold, self.sharding.sum_across_shards)
-            for state, scale in zip(states, update.scales.unbind(), strict=True):
-                state.scale = scale
+                update = update_sharded_paths(paths, directions, self.c, self.sharding.sum_across_shards)
             if self.unit_step:
                 self._take_unit_steps(entries, update.moved, update.step_norms)
             results.append(torch.stack([update.squared_norms, update.moved.double(), update.non_finite.double()]))
@@ -637,7 +614,8 @@ class CLARA:
             state = self._tensors[param]
             if host[2][k]:
                 non_finite += 1
-                state.reset()
+                state.path.zero_()
+                state.count = 0
                 continue
             if not host[1][k]:
                 continue
@@ -755,22 +733,14 @@ class CLARA:
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
-        """Plain values and tensors keyed by (group index, position in group): checkpoint-safe.
-
-        Per tensor: ``count`` and the stored path with its ``scale`` (the path is ``scale * path``;
-        see :func:`~lightning_clara.path.update_paths`), saved apart so that a resume is exact.
-        """
+        """Plain values and tensors keyed by (group index, position in group): checkpoint-safe."""
         self._sync_scopes()
         tensors: list[list[dict[str, Any] | None]] = []
         for group in self.optimizer.param_groups:
             row: list[dict[str, Any] | None] = []
             for param in group["params"]:
                 state = self._tensors.get(param)
-                row.append(
-                    None
-                    if state is None
-                    else {"path": state.path.detach().clone(), "scale": float(state.scale), "count": state.count}
-                )
+                row.append(None if state is None else {"path": state.path.detach().clone(), "count": state.count})
             tensors.append(row)
         return {
             "format": _STATE_FORMAT,
@@ -837,8 +807,7 @@ class CLARA:
                     continue
                 local = self._local(param)
                 path = entry["path"].to(device=local.device, dtype=path_dtype_for(local.dtype)).clone()
-                scale = torch.tensor(float(entry.get("scale", 1.0)), dtype=torch.float64, device=local.device)
-                self._tensors[param] = _TensorState(path, int(entry["count"]), scale)
+                self._tensors[param] = _TensorState(path, int(entry["count"]))
         self._sync_scopes()
 
     def __repr__(self) -> str:

@@ -6,29 +6,13 @@ one adaptation step costs a handful of ``torch._foreach_*`` kernels and no synch
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["PathUpdate", "fold_interval", "path_dtype_for", "update_paths", "update_sharded_paths"]
-
-#: A stored path is folded before its scale falls below this: ``||q|| <= 1 / scale`` stays small
-#: enough that the sum of its squares cannot overflow fp32 accumulation.
-SMALLEST_SCALE = 1e-8
-
-
-def fold_interval(c: float) -> int:
-    """How many updates a stored path may take between folds: the largest K with ``(1 - c)^K >= 1e-8``."""
-    decay = 1.0 - c
-    if decay <= SMALLEST_SCALE:
-        return 1
-    interval = max(1, int(math.log(SMALLEST_SCALE) / math.log(decay)))
-    while interval > 1 and decay**interval < SMALLEST_SCALE:  # log rounding, e.g. at decay = 0.1
-        interval -= 1
-    return interval
+__all__ = ["PathUpdate", "path_dtype_for", "update_paths", "update_sharded_paths"]
 
 
 def path_dtype_for(dtype: torch.dtype) -> torch.dtype:
@@ -48,22 +32,10 @@ class PathUpdate:
     """||p_k||^2 after the update (fp64)."""
     step_norms: Tensor
     """||s_k|| of the directions (path dtype)."""
-    scales: Tensor
-    """The new scale of every stored path (fp64): the path is ``scales[k] * paths[k]``."""
 
 
-def update_paths(
-    paths: Sequence[Tensor], scales: Tensor, directions: Sequence[Tensor], c: float, fold: Sequence[bool]
-) -> PathUpdate:
-    """Apply ``p_k <- (1 - c) p_k + c s_k / ||s_k||`` to every tensor that moved.
-
-    Each path is stored lazily scaled, ``p_k = scales[k] * paths[k]``, so that the decay costs
-    no pass over the tensor: ``scale <- (1 - c) scale`` and ``q += (c / (||s|| scale)) s``, one
-    ``addcmul`` pass. Where ``fold[k]`` (decided on the host, every :func:`fold_interval` updates)
-    the scale is first multiplied into the stored tensor and reset to 1, which keeps
-    ``||q|| <= 1 / scale`` bounded. Pass the returned ``scales`` next time; a fresh path is zeros
-    with scale 1. Callers must fold a path at least every :func:`fold_interval` updates (every
-    update when ``1 - c <= 1e-8``: there the scale would vanish, so this function folds itself).
+def update_paths(paths: Sequence[Tensor], directions: Sequence[Tensor], c: float) -> PathUpdate:
+    """Apply ``p_k <- (1 - c) p_k + c s_k / ||s_k||`` in place to every tensor that moved.
 
     ``directions[k]`` only has to be *proportional* to the realised step of tensor k (any
     positive scale): the update uses its unit vector. A zero direction leaves ``paths[k]``
@@ -76,28 +48,22 @@ def update_paths(
     norms = torch.stack(torch._foreach_norm(directions))
     finite = torch.isfinite(norms)
     moved = finite & (norms > 0)
-    new_scales = _step_paths(paths, scales, directions, moved, norms, c, fold)
-    squared = (torch.stack(torch._foreach_norm(paths)).double() * new_scales).pow(2)
+    _step_paths(paths, directions, moved, norms, c)
+    squared = torch.stack(torch._foreach_norm(paths)).double().pow(2)
     squared = torch.where(finite, squared, torch.zeros_like(squared))
-    return PathUpdate(moved=moved, non_finite=~finite, squared_norms=squared, step_norms=norms, scales=new_scales)
+    return PathUpdate(moved=moved, non_finite=~finite, squared_norms=squared, step_norms=norms)
 
 
 def update_sharded_paths(
-    paths: Sequence[Tensor],
-    scales: Tensor,
-    directions: Sequence[Tensor],
-    c: float,
-    fold: Sequence[bool],
-    sum_across_shards: Callable[[Tensor], None],
+    paths: Sequence[Tensor], directions: Sequence[Tensor], c: float, sum_across_shards: Callable[[Tensor], None]
 ) -> PathUpdate:
     """:func:`update_paths` for tensors sharded across ranks: each rank passes its local shards.
 
     Norms are partial sums, so every rank packs, per tensor, its local ``||s||^2``,
-    ``||q||^2`` and ``q . s`` of the stored path into one vector that ``sum_across_shards``
-    reduces in place (one small collective per step, also on a rank whose shards are empty).
-    The new squared path length then follows without a second collective: with
-    ``p = scale * q``, ``||p'||^2 = (1-c)^2 ||p||^2 + 2 (1-c) c (p . s) / ||s|| + c^2``. The
-    scales and folds are the same on every rank (they follow the reduced norms and the counts).
+    ``||p||^2`` and ``p . s`` into one vector that ``sum_across_shards`` reduces in place (one
+    small collective per step, also on a rank whose shards are empty). The new squared path
+    length then follows without a second collective:
+    ``||p'||^2 = (1-c)^2 ||p||^2 + 2 (1-c) c (p . s) / ||s|| + c^2``.
     """
     directions = _in_path_dtype(paths, directions)
     local = torch.stack(
@@ -110,8 +76,7 @@ def update_sharded_paths(
         ]
     )
     sum_across_shards(local)
-    step_squared, stored_squared, stored_dot = local.unbind()
-    path_squared, dot = stored_squared * scales.pow(2), stored_dot * scales
+    step_squared, path_squared, dot = local.unbind()
     norms = step_squared.sqrt()
     finite = torch.isfinite(norms) & torch.isfinite(dot)
     moved = finite & (norms > 0)
@@ -120,8 +85,8 @@ def update_sharded_paths(
     squared = torch.where(moved, a * a * path_squared + 2.0 * a * c * dot / safe_norms + c * c, path_squared)
     squared = torch.where(finite, squared, torch.zeros_like(squared))
     norms = norms.to(paths[0].dtype)
-    new_scales = _step_paths(paths, scales, directions, moved, norms, c, fold)
-    return PathUpdate(moved=moved, non_finite=~finite, squared_norms=squared, step_norms=norms, scales=new_scales)
+    _step_paths(paths, directions, moved, norms, c)
+    return PathUpdate(moved=moved, non_finite=~finite, squared_norms=squared, step_norms=norms)
 
 
 def _in_path_dtype(paths: Sequence[Tensor], directions: Sequence[Tensor]) -> list[Tensor]:
@@ -129,31 +94,10 @@ def _in_path_dtype(paths: Sequence[Tensor], directions: Sequence[Tensor]) -> lis
     return [d if d.dtype == dtype else d.to(dtype) for d in directions]
 
 
-def _step_paths(
-    paths: Sequence[Tensor],
-    scales: Tensor,
-    directions: Sequence[Tensor],
-    moved: Tensor,
-    norms: Tensor,
-    c: float,
-    fold: Sequence[bool],
-) -> Tensor:
-    """``q <- q + (c / (||s|| scale')) s`` in place where ``moved``, after folding where ``fold``.
-
-    ``scale' = (1 - c) scale`` where moved (else unchanged); a folded path first takes
-    ``q <- scale' q`` and ``scale' = 1``. Returns the new scales.
-    """
-    decayed = torch.where(moved, scales * (1.0 - c), scales)
-    if fold_interval(c) == 1:
-        fold = [True] * len(paths)
-    folded = [k for k, due in enumerate(fold) if due]
-    new_scales = decayed
-    if folded:
-        factors = decayed.to(paths[0].dtype).unbind()
-        torch._foreach_mul_([paths[k] for k in folded], [factors[k] for k in folded])
-        one = torch.ones((), dtype=decayed.dtype, device=decayed.device)
-        new_scales = torch.stack([one if due else part for due, part in zip(fold, decayed.unbind(), strict=True)])
-    safe = torch.where(moved, norms.double() * new_scales, torch.ones_like(new_scales))
-    gains = torch.where(moved, c / safe, torch.zeros_like(new_scales))
-    torch._foreach_addcmul_(paths, directions, list(gains.to(paths[0].dtype).unbind()))
-    return new_scales
+def _step_paths(paths: Sequence[Tensor], directions: Sequence[Tensor], moved: Tensor, norms: Tensor, c: float) -> None:
+    """``p <- (1 - c) p + (c / ||s||) s`` in place where ``moved``; other paths keep their value."""
+    safe_norms = torch.where(moved, norms, torch.ones_like(norms))
+    scales = torch.where(moved, c / safe_norms, torch.zeros_like(norms))
+    decays = torch.where(moved, torch.full_like(norms, 1.0 - c), torch.ones_like(norms))
+    torch._foreach_mul_(paths, list(decays.unbind()))
+    torch._foreach_addcmul_(paths, directions, list(scales.unbind()))

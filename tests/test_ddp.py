@@ -181,7 +181,7 @@ class RankChecker(Callback):
             "log_factors": state["log_factors"],
             "num_adapted_steps": state["num_adapted_steps"],
             "path_squared_norms": [
-                None if entry is None else float(entry["path"].double().pow(2).sum()) * entry["scale"] ** 2
+                None if entry is None else float(entry["path"].double().pow(2).sum())
                 for row in state["tensors"]
                 for entry in row
             ],
