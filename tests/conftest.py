@@ -6,6 +6,7 @@ test files that just need ``from reference_loop import ...`` pay nothing for it.
 
 from __future__ import annotations
 
+import csv
 import functools
 import sys
 from collections.abc import Callable, Sequence
@@ -36,6 +37,21 @@ def make_regression_data(num_samples: int = 64, features: int = 4, seed: int = 0
     w = torch.randn(features, 1, generator=generator, dtype=torch.float64)
     y = x @ w + 0.1 * torch.randn(num_samples, 1, generator=generator, dtype=torch.float64)
     return TensorDataset(x, y)
+
+
+def csv_series(path: Path) -> dict[str, dict[int, float]]:
+    """``{key: {step: value}}`` from a CSVLogger ``metrics.csv`` (one row per log call)."""
+    out: dict[str, dict[int, float]] = {}
+    with path.open(newline="") as file:
+        for row in csv.DictReader(file):
+            step = int(row["step"])
+            for key, value in row.items():
+                if key == "step" or value in ("", None):
+                    continue
+                series = out.setdefault(key, {})
+                assert step not in series, f"{key} logged twice at step {step}"
+                series[step] = float(value)
+    return out
 
 
 def make_net(features: int = 4, hidden: int = 8, seed: int = 0) -> nn.Sequential:

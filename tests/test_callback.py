@@ -8,7 +8,6 @@ from the schedulers' own math -- never from numbers the implementation printed.
 from __future__ import annotations
 
 import copy
-import csv
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -19,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import csv_series
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
@@ -103,21 +103,6 @@ class RecordingLogger(Logger):
                 assert step not in out, f"{key} logged twice at step {step}"
                 out[step] = metrics[key]
         return out
-
-
-def csv_series(path: Path) -> dict[str, dict[int, float]]:
-    """``{key: {step: value}}`` from a CSVLogger ``metrics.csv`` (one row per log call)."""
-    out: dict[str, dict[int, float]] = {}
-    with path.open(newline="") as file:
-        for row in csv.DictReader(file):
-            step = int(row["step"])
-            for key, value in row.items():
-                if key == "step" or value in ("", None):
-                    continue
-                series = out.setdefault(key, {})
-                assert step not in series, f"{key} logged twice at step {step}"
-                series[step] = float(value)
-    return out
 
 
 def tensorboard_series(log_dir: str) -> dict[str, dict[int, float]]:
@@ -700,12 +685,9 @@ def test_param_group_added_mid_fit_is_logged_and_shown(
 
     assert callback.names == [["SGD/pg1", "SGD/pg2"]]
     assert {"clara_lr-SGD/pg1", "clara_lr-SGD/pg2"} <= set(trainer.progress_bar_metrics)
-    with open(Path(logger.log_dir) / "metrics.csv") as handle:
-        rows = list(csv.DictReader(handle))
-    first_group = [row for row in rows if row.get("clara/lr-SGD")]
-    both_groups = [row for row in rows if row.get("clara/lr-SGD/pg2")]
-    assert len(first_group) == 3  # batches 0-2: one group, named like LearningRateMonitor does
-    assert len(both_groups) == 5  # batches 3-7
+    logged = csv_series(Path(logger.log_dir) / "metrics.csv")
+    assert set(logged["clara/lr-SGD"]) == {0, 1, 2}  # one group, named like LearningRateMonitor does
+    assert set(logged["clara/lr-SGD/pg1"]) == set(logged["clara/lr-SGD/pg2"]) == {3, 4, 5, 6, 7}
     assert [row.name for row in callback.summary_rows or []] == ["SGD/pg1", "SGD/pg2"]
 
 

@@ -30,7 +30,6 @@ with a mean-reduced MSE the DDP-averaged gradient is the gradient of the 8-sampl
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -47,7 +46,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import make_net, make_regression_data
+from conftest import csv_series, make_net, make_regression_data
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
@@ -461,21 +460,6 @@ def test_csv_logger_gets_clara_keys_from_rank_zero_only(ddp_runs: DDPRuns) -> No
         assert logged["clara/lr-SGD"][step] == pytest.approx(rank0["lrs"][step], rel=1e-12)
         assert logged["clara/log_factor-SGD"][step] == pytest.approx(rank0["log_factors"][step], rel=1e-12)
     assert set(logged["train_loss"]) == expected_steps  # Lightning's own (synced) logging ran beside it
-
-
-def csv_series(path: Path) -> dict[str, dict[int, float]]:
-    """``{key: {step: value}}`` from a CSVLogger file; a key logged twice at one step fails."""
-    out: dict[str, dict[int, float]] = {}
-    with path.open(newline="") as file:
-        for row in csv.DictReader(file):
-            step = int(row["step"])
-            for key, value in row.items():
-                if key == "step" or value in ("", None):
-                    continue
-                series = out.setdefault(key, {})
-                assert step not in series, f"{key} logged twice at step {step}"
-                series[step] = float(value)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- c. checkpoints
