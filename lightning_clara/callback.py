@@ -114,9 +114,12 @@ class CLARACallback(Callback):
     off), and ``prog_bar=True`` shows the lr used in the progress bar.
 
     Args:
-        c: path memory in (0, 1]; the path averages roughly the last ``1/c`` unit steps.
+        c: path memory in (0, 1]; the path averages roughly the last ``1/c`` unit steps (default
+            0.02; the paper's 0.2 with ``rule="paper"``).
         d: damping > 0: the change of log F per step when all steps agree (default 0.03; with
             ``rule="paper"``, log F changes by ``d * (r - 1)`` and the default is 1e-3).
+        initial_factor: F before the first step (default 0.1: CLARA starts 10x below the
+            configured lr and climbs; 1 with ``rule="paper"``).
         scope: ``"optimizer"`` (one factor per optimizer) or ``"param_group"`` (one per group).
         direction: ``"auto"``, ``"delta"`` or ``"state"``; see :class:`~lightning_clara.CLARA`.
         min_factor: lower bound on F, or None.
@@ -136,6 +139,11 @@ class CLARACallback(Callback):
         fast_start: for this many adapted steps the damping starts at ``20 d`` and falls linearly
             to ``d`` (default 50 with ``rule="normalized"``, 0 with ``"paper"``; 0 turns it off),
             so that a bad initial lr is rescued within short runs; see :class:`~lightning_clara.CLARA`.
+        hold_after: "find, then hold": after this many adapted steps the damping decays
+            exponentially (time constant ``hold_after / 3``), F settles and the schedule takes over
+            (default 600; 0, never, with ``rule="paper"``); see :class:`~lightning_clara.CLARA`.
+        target: the ratio the rule steers to (default 0.7; 1, the paper's random walk, with
+            ``rule="paper"``).
         summary: at the end of a fit that completed, print (on rank 0, with ``rich``, to standard
             output) one row per optimizer and param group: the lr used at the first and last
             adapted step, its min and max, the mean ratio, and the adapted steps, NaN/inf-skipped
@@ -153,8 +161,9 @@ class CLARACallback(Callback):
     def __init__(
         self,
         *,
-        c: float = 0.2,
+        c: float | None = None,
         d: float | None = None,
+        initial_factor: float | None = None,
         scope: Scope = "optimizer",
         direction: DirectionChoice = "auto",
         min_factor: float | None = None,
@@ -167,6 +176,8 @@ class CLARACallback(Callback):
         rule: Rule = "normalized",
         unit_step: bool = False,
         fast_start: int | None = None,
+        hold_after: int | None = None,
+        target: float | None = None,
         summary: bool = True,
         prog_bar: bool = False,
     ) -> None:
@@ -176,6 +187,7 @@ class CLARACallback(Callback):
         self._options: dict[str, Any] = {
             "c": c,
             "d": d,
+            "initial_factor": initial_factor,
             "scope": scope,
             "direction": direction,
             "min_factor": min_factor,
@@ -187,6 +199,8 @@ class CLARACallback(Callback):
             "rule": rule,
             "unit_step": unit_step,
             "fast_start": fast_start,
+            "hold_after": hold_after,
+            "target": target,
         }
         if not isinstance(safeguard, bool):
             raise TypeError(f"safeguard must be a bool, got {type(safeguard).__name__} {safeguard!r}")
@@ -354,7 +368,7 @@ class CLARACallback(Callback):
         if self.state_key not in checkpoint.get("callbacks", {}):
             rank_zero_warn(
                 "CLARACallback: the checkpoint holds no CLARA state (saved without the callback?); "
-                "paths and factors start fresh (F = 1)"
+                "paths and factors start fresh (F = initial_factor)"
             )
 
     @override

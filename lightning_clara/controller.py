@@ -48,10 +48,17 @@ Scope = Literal["optimizer", "param_group"]
 Variant = Literal["clara", "salera"]
 Rule = Literal["paper", "normalized"]
 _STATE_FORMAT = 1
-#: The damping used when ``d`` is not given, per rule (see :class:`CLARA`).
-DEFAULT_D: dict[str, float] = {"normalized": 0.03, "paper": 1e-3}
-#: The fast start's length (adapted steps) when ``fast_start`` is not given, per rule.
-DEFAULT_FAST_START: dict[str, int] = {"normalized": 50, "paper": 0}
+#: The options left at None take their rule's default: ``rule="paper"`` is the paper's exact rule
+#: (arXiv 2508.05408: c = 0.2, d = 1e-3, F starts at 1, no fast start, no hold, target 1);
+#: ``"normalized"`` is the library's "find, then hold" default, measured on deep networks with
+#: shuffled loaders (benchmarks/RESULTS.md, section "Deep networks").
+RULE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "normalized": {"c": 0.02, "d": 0.03, "fast_start": 50, "hold_after": 600, "initial_factor": 0.1, "target": 0.7},
+    "paper": {"c": 0.2, "d": 1e-3, "fast_start": 0, "hold_after": 0, "initial_factor": 1.0, "target": 1.0},
+}
+#: After ``hold_after`` adapted steps the damping decays as ``exp(-(t - hold_after) / tau)`` with
+#: ``tau = HOLD_DECAY * hold_after``: by ``2 * hold_after`` it is 5 % of ``d``, later it vanishes.
+HOLD_DECAY = 1.0 / 3.0
 #: The damping's multiplier at the first step of a fast start; it falls linearly to 1.
 FAST_START_GAIN = 20.0
 #: |log F| never exceeds this (F in [1e-26, 1e26]): F stays finite and non-zero whatever happens.
@@ -60,7 +67,7 @@ LOG_FACTOR_LIMIT = 60.0
 
 def validate_options(
     *,
-    c: Any = 0.2,
+    c: Any = None,
     d: Any = None,
     scope: Any = "optimizer",
     direction: Any = "auto",
@@ -68,7 +75,7 @@ def validate_options(
     max_factor: Any = None,
     min_lr: Any = None,
     max_lr: Any = None,
-    initial_factor: Any = 1.0,
+    initial_factor: Any = None,
     variant: Any = "clara",
     unit_step: Any = False,
     reference: Any = None,
@@ -77,11 +84,20 @@ def validate_options(
     consistency_check_every: Any = None,
     rule: Any = "normalized",
     fast_start: Any = None,
+    hold_after: Any = None,
+    target: Any = None,
 ) -> dict[str, Any]:
-    """Check CLARA's options; raise ``TypeError``/``ValueError`` naming the argument and its range."""
+    """Check CLARA's options; raise ``TypeError``/``ValueError`` naming the argument and its range.
+
+    Options given as None take the default of their ``rule`` (:data:`RULE_DEFAULTS`).
+    """
+    rule = check_choice("rule", rule, ("paper", "normalized"))
+    defaults = RULE_DEFAULTS[rule]
+    c = defaults["c"] if c is None else c
+    initial_factor = defaults["initial_factor"] if initial_factor is None else initial_factor
     options = {
         "c": check_in_range("c", c, 0.0, 1.0, low_open=True),
-        "rule": check_choice("rule", rule, ("paper", "normalized")),
+        "rule": rule,
         "scope": check_choice("scope", scope, ("optimizer", "param_group")),
         "direction": check_choice("direction", direction, ("auto", "delta", "state")),
         "min_factor": check_optional_positive("min_factor", min_factor),
@@ -114,13 +130,17 @@ def validate_options(
     if sharding is not None and (direction == "state" or variant == "salera"):
         raise ValueError("sharding needs the delta reader: use direction='auto' or 'delta' and variant='clara'")
     options["sharding"] = sharding
-    options["d"] = (
-        DEFAULT_D[options["rule"]]
-        if d is None
-        else check_in_range("d", d, 0.0, math.inf, low_open=True, high_open=True)
-    )
+    options["d"] = defaults["d"] if d is None else check_in_range("d", d, 0.0, math.inf, low_open=True, high_open=True)
     options["fast_start"] = (
-        DEFAULT_FAST_START[options["rule"]] if fast_start is None else check_non_negative_int("fast_start", fast_start)
+        defaults["fast_start"] if fast_start is None else check_non_negative_int("fast_start", fast_start)
+    )
+    options["hold_after"] = (
+        defaults["hold_after"] if hold_after is None else check_non_negative_int("hold_after", hold_after)
+    )
+    options["target"] = (
+        defaults["target"]
+        if target is None
+        else check_in_range("target", target, 0.0, math.inf, low_open=True, high_open=True)
     )
     options["consistency_check_every"] = (
         None
@@ -172,7 +192,11 @@ class CLARA:
     Args:
         optimizer: the optimizer to adapt; it keeps doing its own update. A Lightning Fabric
             optimizer (``fabric.setup``'s) is unwrapped: CLARA hooks the optimizer inside it.
-        c: path memory in (0, 1]; the path averages roughly the last ``1/c`` unit steps.
+        c: path memory in (0, 1]; the path averages roughly the last ``1/c`` unit steps (default
+            0.02 with ``rule="normalized"``; the paper's 0.2 with ``"paper"``). The longer memory sees
+            the drift of a deep network under its oscillating top directions: at ``c=0.2`` the ratio
+            is about 0.6-0.8 over the whole good lr range, at 0.02 it crosses 1 within 2-3x of the
+            tuned lr.
         d: damping > 0. With ``rule="normalized"`` (default 0.03) it is the change of log F
             per step when all steps agree; with ``rule="paper"`` (default 1e-3) log F moves by
             ``d * (r - 1)``.
@@ -183,7 +207,9 @@ class CLARA:
         max_factor: upper bound on F, or None (log F is clamped, so there is no wind-up).
         min_lr: lower bound on the learning rate used, ``lr_base * F``, or None.
         max_lr: upper bound on the learning rate used, or None.
-        initial_factor: F before the first step.
+        initial_factor: F before the first step (default 0.1 with ``rule="normalized"``, 1 with
+            ``"paper"``): starting 10x below the given lr lets CLARA climb to a too-large lr instead
+            of diverging before it can act.
         variant: ``"clara"``, or ``"salera"`` (the 2017 rule: normalised raw gradients against a
             plain random walk, whatever the optimizer; for ablations).
         unit_step: the paper's "_us" variant: each tensor's step becomes ``lr * s/||s||``.
@@ -202,6 +228,17 @@ class CLARA:
             to ``d`` (default 50 with ``rule="normalized"``, 0 with ``"paper"``), so that a bad
             initial lr is rescued within short runs. The gain depends on the step count only, so
             ``log F`` stays unbiased under the null model; 0 turns it off.
+        hold_after: "find, then hold": after this many adapted steps the damping decays as
+            ``exp(-(t - hold_after) / (hold_after / 3))``, so F settles and the user's schedule takes
+            over (default 600 with ``rule="normalized"``; 0, never, with ``"paper"``). Once a network
+            fits its data, successive steps cancel at every lr (r < 1 with or without
+            replacement), and a rule that keeps adapting lowers F without end; the hold bounds what
+            F can still move to ``d * hold_after / 3`` (x the signal, at most 1) in log F.
+        target: the ratio the rule steers to (default 0.7 with ``rule="normalized"``; 1, the paper's
+            random walk, with ``"paper"``). At a good lr a deep network's steps partly cancel, so
+            ``r = 1`` lies below it; a target below 1 accepts that cancellation. On pure noise
+            (E[r] = 1) it makes log F rise by a known, bounded amount before the hold
+            (docs/algorithm.md).
 
     Example::
 
@@ -214,15 +251,14 @@ class CLARA:
 
     @classmethod
     def paper(cls, optimizer: Optimizer, **overrides: Any) -> CLARA:
-        """The paper's exact rule and defaults: ``rule="paper"``, ``c=0.2``, ``d=1e-3``."""
-        options: dict[str, Any] = {"c": 0.2, "d": DEFAULT_D["paper"], "rule": "paper", **overrides}
-        return cls(optimizer, **options)
+        """The paper's exact rule and defaults: ``rule="paper"``, ``c=0.2``, ``d=1e-3``, F starting at 1."""
+        return cls(optimizer, **{"rule": "paper", **overrides})
 
     def __init__(
         self,
         optimizer: Optimizer,
         *,
-        c: float = 0.2,
+        c: float | None = None,
         d: float | None = None,
         scope: Scope = "optimizer",
         direction: DirectionChoice = "auto",
@@ -230,7 +266,7 @@ class CLARA:
         max_factor: float | None = None,
         min_lr: float | None = None,
         max_lr: float | None = None,
-        initial_factor: float = 1.0,
+        initial_factor: float | None = None,
         variant: Variant = "clara",
         unit_step: bool = False,
         reference: Reference | None = None,
@@ -239,6 +275,8 @@ class CLARA:
         consistency_check_every: int | None = None,
         rule: Rule = "normalized",
         fast_start: int | None = None,
+        hold_after: int | None = None,
+        target: float | None = None,
     ) -> None:
         optimizer = unwrap(optimizer)  # Fabric's wrapper: hook the optimizer it wraps
         check_supported(optimizer)
@@ -260,6 +298,8 @@ class CLARA:
             consistency_check_every=consistency_check_every,
             rule=rule,
             fast_start=fast_start,
+            hold_after=hold_after,
+            target=target,
         )
         self.c: float = options["c"]
         self.d: float = options["d"]
@@ -277,6 +317,8 @@ class CLARA:
         self.sharding: Sharding | None = options["sharding"]
         self.rule: Rule = options["rule"]
         self.fast_start: int = options["fast_start"]
+        self.hold_after: int = options["hold_after"]
+        self.target: float = options["target"]
         self.consistency_check_every: int | None = options["consistency_check_every"]
         every = self.consistency_check_every
         self._guard = None if every is None else RankConsistencyGuard(every)
@@ -365,8 +407,13 @@ class CLARA:
         return self._damping()
 
     def _damping(self) -> float:
-        remaining = 1.0 - self._adapted_steps / self.fast_start if self.fast_start else 0.0
-        return self.d * (1.0 + (FAST_START_GAIN - 1.0) * max(0.0, remaining))
+        """``d`` x the fast start's gain x the hold's decay: a function of the step count only (unbiased)."""
+        steps = self._adapted_steps
+        remaining = 1.0 - steps / self.fast_start if self.fast_start else 0.0
+        damping = self.d * (1.0 + (FAST_START_GAIN - 1.0) * max(0.0, remaining))
+        if self.hold_after and steps > self.hold_after:
+            damping *= math.exp(-(steps - self.hold_after) / (HOLD_DECAY * self.hold_after))
+        return damping
 
     @property
     def num_optimizer_steps(self) -> int:
@@ -631,12 +678,7 @@ class CLARA:
             if expected[scope] > 0.0:
                 ratio = squared[scope] / expected[scope]
                 self._ratios[scope] = ratio
-                signal = ratio - 1.0
-                if self.rule == "normalized":
-                    # ||p_k|| <= 1, so r <= moved / expected: divide by that range, r_max - 1, so that
-                    # d is the change of log F per step when all steps agree, whatever the optimizer
-                    headroom = moved[scope] / expected[scope] - 1.0
-                    signal = signal / headroom if headroom > 1e-12 else 0.0
+                signal = self._signal(ratio, moved[scope] / expected[scope])
                 self._log_factors[scope] = self._clamp_log_factor(self._log_factors[scope] + damping * signal)
                 adapted = True
         self._clamp_to_lr_bounds()
@@ -655,6 +697,22 @@ class CLARA:
                 RuntimeWarning,
                 stacklevel=2,
             )
+
+    def _signal(self, ratio: float, r_max: float) -> float:
+        """The rule's step for log F per unit of damping: ``r / target - 1``, normalized by its range.
+
+        With ``rule="normalized"``: ||p_k|| <= 1, so r <= r_max = moved / expected; dividing by
+        ``r_max / target - 1`` (known before the step's noise, so still unbiased) makes d the change of
+        log F per step when all steps agree, whatever the optimizer. While young paths fill
+        (t_k < ~1/c) the bound is loose, so the signal is damped until the path has its memory: the
+        tight bound ``(1 - (1-c)^t_k)^2`` climbed 10x faster and ran away on broken networks
+        (benchmarks/RESULTS.md). ``target=1`` is the paper's random walk.
+        """
+        signal = ratio / self.target - 1.0
+        if self.rule == "normalized":
+            headroom = r_max / self.target - 1.0
+            signal = signal / headroom if headroom > 1e-12 else 0.0
+        return signal
 
     def _take_unit_steps(self, entries: list[tuple[int, Tensor, Tensor]], moved: Tensor, norms: Tensor) -> None:
         """Replace each realised step s by ``lr * s / ||s||`` (the paper's unit-step variant)."""
@@ -749,6 +807,8 @@ class CLARA:
                 "c": self.c,
                 "d": self.d,
                 "fast_start": self.fast_start,
+                "hold_after": self.hold_after,
+                "target": self.target,
                 "scope": self.scope,
                 "variant": self.variant,
                 "unit_step": self.unit_step,
@@ -814,6 +874,6 @@ class CLARA:
         factors = ", ".join(f"{f:.4g}" for f in self.lr_factors)
         return (
             f"CLARA({type(self.optimizer).__name__}, c={self.c}, d={self.d}, fast_start={self.fast_start}, "
-            f"scope={self.scope!r}, "
+            f"hold_after={self.hold_after}, target={self.target}, scope={self.scope!r}, "
             f"reader={self.reader_name!r}, F=[{factors}], steps={self._adapted_steps})"
         )

@@ -24,10 +24,13 @@ def plain_sgd_mu(c: float) -> MuFunction:
 class SimpleCLARA:
     """The rule of ALGORITHM.md for one optimizer (one scope), fed with realised steps.
 
-    ``rule="paper"``: ``log F += d (r - 1)``; ``rule="normalized"`` (the library default) divides
-    ``r - 1`` by ``r_max - 1``, with ``r_max = (tensors that moved) / sum mu``. The fast start
-    (the library's default: 50 steps with the normalized rule, none with the paper's) multiplies
-    ``d`` by ``1 + 19 (1 - t / fast_start)`` at the t-th adapted step (t = 0, 1, ...) while positive.
+    ``rule="paper"``: ``log F += d (r / target - 1)``; ``rule="normalized"`` (the library default)
+    divides ``r / target - 1`` by ``r_max / target - 1``, with ``r_max = (tensors that moved) / sum mu``.
+    The fast start (the library's default: 50 steps with the normalized rule, none with the paper's)
+    multiplies ``d`` by ``1 + 19 (1 - t / fast_start)`` at the t-th adapted step (t = 0, 1, ...) while
+    positive; the hold (600 steps with the normalized rule, none with the paper's) multiplies it by
+    ``exp(-(t - hold_after) / (hold_after / 3))`` once ``t > hold_after``. F starts at
+    ``initial_factor`` (0.1 with the normalized rule, 1 with the paper's).
     """
 
     def __init__(
@@ -38,13 +41,21 @@ class SimpleCLARA:
         mu: MuFunction,
         rule: str = "normalized",
         fast_start: int | None = None,
+        hold_after: int | None = None,
+        target: float | None = None,
+        initial_factor: float | None = None,
     ) -> None:
+        # None: the library's default for the rule (normalized: F from 0.1, target 0.7; paper: 1, 1)
+        normalized = rule == "normalized"
         self.c, self.d, self.mu, self.rule = c, d, mu, rule
-        self.fast_start = (50 if rule == "normalized" else 0) if fast_start is None else fast_start
+        self.fast_start = (50 if normalized else 0) if fast_start is None else fast_start
+        self.hold_after = (600 if normalized else 0) if hold_after is None else hold_after
+        self.target = (0.7 if normalized else 1.0) if target is None else target
+        initial_factor = (0.1 if normalized else 1.0) if initial_factor is None else initial_factor
         self.adapted = 0
         self.paths = [torch.zeros(shape, dtype=torch.float64) for shape in shapes]
         self.counts = [0] * len(shapes)
-        self.log_factor = 0.0
+        self.log_factor = math.log(initial_factor)
         self.ratio: float | None = None
 
     @property
@@ -68,13 +79,15 @@ class SimpleCLARA:
             moved += 1
         if expected > 0:
             self.ratio = squared / expected
-            signal = self.ratio - 1
+            signal = self.ratio / self.target - 1
             if self.rule == "normalized":
-                # the largest possible ratio is moved / expected (every ||p_k|| <= 1)
-                signal /= moved / expected - 1
+                headroom = moved / expected / self.target - 1  # every ||p_k|| <= 1
+                signal = signal / headroom if headroom > 1e-12 else 0.0
             gain = 1.0
             if self.adapted < self.fast_start:
                 gain += 19.0 * (1.0 - self.adapted / self.fast_start)
+            if self.hold_after and self.adapted > self.hold_after:
+                gain *= math.exp(-(self.adapted - self.hold_after) / (self.hold_after / 3))
             self.log_factor += gain * self.d * signal
             self.adapted += 1
 

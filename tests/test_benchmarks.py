@@ -51,9 +51,33 @@ def test_overhead_smoke_reports_costs_and_memory(tmp_path: Path) -> None:
 
 
 def test_synthetic_smoke_raises_the_learning_rate(tmp_path: Path) -> None:
-    """Even 50 steps from lr 1e-5 on the noisy sphere: CLARA's lr rises, the fixed one does not."""
+    """Even 50 steps from lr 1e-5 on the noisy sphere: CLARA's lr rises from where it started, the fixed one
+    stays."""
     run_script("synthetic.py", "--smoke", "--out", str(tmp_path))
     runs = json.loads((tmp_path / "synthetic.json").read_text())["runs"]
     assert (tmp_path / "synthetic.png").stat().st_size > 0
-    assert runs["sphere/sgd+CLARA"]["lr"][-1] > 2 * runs["sphere/sgd"]["lr"][-1]
-    assert runs["sphere/adam+CLARA"]["lr"][-1] > 2 * runs["sphere/adam"]["lr"][-1]
+    for optimizer in ("sgd", "adam"):
+        assert runs[f"sphere/{optimizer}+CLARA"]["lr"][-1] > 2 * runs[f"sphere/{optimizer}+CLARA"]["lr"][0]
+        assert runs[f"sphere/{optimizer}"]["lr"][-1] == runs[f"sphere/{optimizer}"]["lr"][0]
+
+
+def test_deep_quick_runs_every_method_on_every_task(tmp_path: Path) -> None:
+    """A few steps of every method on the MNIST-1D CNN and MLP and the LM: tables, JSON and the lr plot."""
+    out = tmp_path / "deep.json"
+    stdout = run_script("deep.py", "--quick", "--workers", "1", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert set(report["summary"]) == {"cnn", "mlp", "lm"}
+    for task, methods in report["summary"].items():
+        assert {"Adam", "Adam+CLARA", "SGDm+CLARA", "AdamW-wc+CLARA", "DoG", "Prodigy", "Mechanic"} <= set(methods)
+        for entry in methods.values():
+            if task == "lm":
+                assert 0.0 < entry["best"] <= entry["mean"] <= entry["worst"]  # a loss: lower is better
+            else:
+                assert 0.0 <= entry["worst"] <= entry["mean"] <= entry["best"] <= 100.0
+        assert methods["Adam+CLARA"]["tuned_baseline"] == methods["Adam"]["best"]
+    runs = report["runs"]
+    assert all(len(run["lrs"]) >= 2 for run in runs)
+    assert all(run["final_lr"] > 0 for run in runs if run["method"] != "AdamW-wc")  # cosine ends at 0
+    assert (tmp_path / "deep.png").stat().st_size > 0
+    assert "cnn: test accuracy" in stdout
+    assert (tmp_path / "deep.txt").exists()

@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
+from lightning_clara.controller import RULE_DEFAULTS
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "lightning_cli.py"
 CONFIG = ROOT / "examples" / "config.yaml"
@@ -101,7 +103,8 @@ def test_quick_fit_runs_and_prints_the_summary(quick_fit: tuple[subprocess.Compl
     row = next(line for line in out.splitlines() if line.strip().startswith("SGD"))
     cells = [cell.strip() for cell in row.split("│")]
     start, end = (float(x) for x in cells[1].split("→"))
-    assert start == pytest.approx(1e-4)  # model.lr from the YAML, F = 1 at the first step
+    # model.lr from the YAML times F at the first step, the default initial_factor
+    assert start == pytest.approx(1e-4 * RULE_DEFAULTS["normalized"]["initial_factor"])
     assert end > start  # CLARA raised the bad lr
     assert int(cells[5]) == 2 * TRAIN_BATCHES  # adapted steps in two epochs
     # the config the run used, saved next to its logs, holds the YAML's CLARA options

@@ -246,7 +246,7 @@ def test_lr_inside_step_is_base_times_factor_and_base_outside() -> None:
     optimizer = torch.optim.SGD(
         [{"params": params[:2], "lr": 0.05}, {"params": params[2:], "lr": 0.02}], lr=0.1, momentum=0.5
     )
-    clara = CLARA(optimizer, d=0.05)
+    clara = CLARA(optimizer, c=C, d=0.05)
     hooked: list[list[float]] = []
     _lr_probe(optimizer, hooked)
     for t in range(30):
@@ -271,7 +271,7 @@ def test_tensor_lr_is_restored_in_place() -> None:
     params = make_params()
     base = torch.tensor(0.01, dtype=torch.float64)
     optimizer = torch.optim.Adam(params, lr=base)
-    clara = CLARA(optimizer, d=0.05)
+    clara = CLARA(optimizer, c=C, d=0.05)
     seen: list[list[float]] = []
     _lr_probe(optimizer, seen)
     for t in range(20):
@@ -290,7 +290,7 @@ def test_scheduler_composes_without_compounding(kind: str) -> None:
     params = make_params()
     base_lr = 0.05
     optimizer = torch.optim.SGD(params, lr=base_lr)
-    clara = CLARA(optimizer, d=0.05)
+    clara = CLARA(optimizer, c=C, d=0.05)
     scheduler: torch.optim.lr_scheduler.LRScheduler
     if kind == "step":
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=15, gamma=0.5)
@@ -319,7 +319,7 @@ def test_step_that_never_runs_changes_nothing() -> None:
     """Backward passes without optimizer.step (accumulation, a skipped step) leave CLARA untouched."""
     params = make_params()
     optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9)
-    clara = CLARA(optimizer, d=0.05)
+    clara = CLARA(optimizer, c=C, d=0.05)
     for t in range(5):
         compute_grads(params, t)
         optimizer.step()
@@ -344,7 +344,7 @@ def test_step_with_no_gradients_does_not_adapt() -> None:
     """optimizer.step() with every grad None moves nothing, so neither the factor nor the step count changes."""
     params = make_params()
     optimizer = torch.optim.SGD(params, lr=0.05)
-    clara = CLARA(optimizer, d=0.05)
+    clara = CLARA(optimizer, c=C, d=0.05)
     compute_grads(params, 0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -360,7 +360,7 @@ def test_params_without_grad_are_skipped() -> None:
     frozen = torch.ones(3, dtype=torch.float64, requires_grad=False)
     zero = torch.zeros(5, dtype=torch.float64, requires_grad=True)  # gets an all-zero gradient
     optimizer = torch.optim.SGD([*params, unused, frozen, zero], lr=0.05)
-    clara = CLARA(optimizer, d=0.05)
+    clara = CLARA(optimizer, c=C, d=0.05)
     loop = SimpleCLARA([p.shape for p in params], C, 0.05, plain_sgd_mu(C))
     for t in range(40):
         compute_grads(params, t)
@@ -381,7 +381,7 @@ def test_detach_restores_behaviour_and_removes_hooks() -> None:
     params = make_params()
     optimizer = torch.optim.SGD(params, lr=0.05)
     pre_hooks, post_hooks = len(optimizer._optimizer_step_pre_hooks), len(optimizer._optimizer_step_post_hooks)
-    clara = CLARA(optimizer, d=0.05)
+    clara = CLARA(optimizer, c=C, d=0.05)
     assert len(optimizer._optimizer_step_pre_hooks) == pre_hooks + 1
     for t in range(20):
         compute_grads(params, t)
@@ -450,7 +450,7 @@ def test_state_dict_round_trip_continues_exactly(case: str) -> None:
     make_optimizer = CHECKPOINT_CASES[case]
     params = make_params()
     optimizer = make_optimizer(params)
-    clara = CLARA(optimizer, d=0.05)
+    clara = CLARA(optimizer, c=C, d=0.05)
     for t in range(50):
         compute_grads(params, t)
         optimizer.step()
@@ -465,7 +465,7 @@ def test_state_dict_round_trip_continues_exactly(case: str) -> None:
     resumed_params = [p.clone().requires_grad_() for p in checkpoint["params"]]
     resumed_optimizer = make_optimizer(resumed_params)
     resumed_optimizer.load_state_dict(checkpoint["optimizer"])
-    resumed = CLARA(resumed_optimizer, d=0.05)
+    resumed = CLARA(resumed_optimizer, c=C, d=0.05)
     resumed.load_state_dict(checkpoint["clara"])
     assert resumed.lr_factor == clara.lr_factor
 
@@ -516,7 +516,7 @@ INVALID_ARGUMENTS: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"c": math.nan}, ValueError, "c"),
     ({"c": "x"}, TypeError, "c"),
     ({"c": True}, TypeError, "c"),
-    ({"c": None}, TypeError, "c"),
+    ({"c": [0.2]}, TypeError, "c"),  # None is the rule's default (0.02, or 0.2 with rule="paper")
     ({"d": 0.0}, ValueError, "d"),
     ({"d": -1e-3}, ValueError, "d"),
     ({"d": math.nan}, ValueError, "d"),
@@ -539,6 +539,11 @@ INVALID_ARGUMENTS: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"fast_start": -1}, ValueError, "fast_start"),
     ({"fast_start": 2.5}, TypeError, "fast_start"),
     ({"fast_start": True}, TypeError, "fast_start"),
+    ({"hold_after": -1}, ValueError, "hold_after"),
+    ({"hold_after": 10.0}, TypeError, "hold_after"),
+    ({"target": 0.0}, ValueError, "target"),
+    ({"target": math.inf}, ValueError, "target"),
+    ({"target": "0.7"}, TypeError, "target"),
 ]
 
 
@@ -685,7 +690,7 @@ def test_lr_bounds_hold_exactly_without_wind_up() -> None:
     lr, min_lr, max_lr = 1e-3, 3e-4, 3e-3
     seen: list[list[float]] = []
     optimizer = torch.optim.SGD(params, lr=lr)
-    clara = CLARA(optimizer, d=0.5, min_lr=min_lr, max_lr=max_lr)
+    clara = CLARA(optimizer, c=C, d=0.5, min_lr=min_lr, max_lr=max_lr, target=1.0, initial_factor=1.0)
     _lr_probe(optimizer, seen)
     direction = fixed_direction(params)
     used = drive(clara, params, constant(direction), 60)
@@ -741,7 +746,7 @@ def test_param_group_scope_gives_independent_factors() -> None:
     """Per-group scope: each group's factor follows the loop run on that group alone."""
     first, second = synthetic_params((1, 7)), synthetic_params((300, 10))
     optimizer = torch.optim.SGD([{"params": first, "lr": 1e-3}, {"params": second, "lr": 2e-3}])
-    clara = CLARA(optimizer, d=0.05, scope="param_group")
+    clara = CLARA(optimizer, c=C, d=0.05, scope="param_group")
     loops = [SimpleCLARA([p.shape for p in group], C, 0.05, plain_sgd_mu(C)) for group in (first, second)]
     up, down = fixed_direction(first), fixed_direction(second)
     sign = 1.0
@@ -763,7 +768,7 @@ def test_optimizer_scope_shares_one_factor() -> None:
     """Default scope: one factor over all groups, fed by the sums over all their tensors."""
     first, second = synthetic_params((1, 7)), synthetic_params((300, 10))
     optimizer = torch.optim.SGD([{"params": first, "lr": 1e-3}, {"params": second, "lr": 2e-3}])
-    clara = CLARA(optimizer, d=0.05)
+    clara = CLARA(optimizer, c=C, d=0.05)
     loop = SimpleCLARA([p.shape for p in first + second], C, 0.05, plain_sgd_mu(C))
     grads = fixed_direction(first + second)
     for _ in range(30):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import math
 import os
 import struct
 import subprocess
@@ -19,10 +20,14 @@ from types import ModuleType
 import pytest
 import torch
 
+from lightning_clara.controller import RULE_DEFAULTS
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 QUICK_STEPS = 2 * 45  # --quick: 2 epochs of ceil(1437 / 32) batches
+#: CLARA starts at this fraction of the configured lr (the default rule's initial_factor).
+INITIAL_FACTOR = RULE_DEFAULTS["normalized"]["initial_factor"]
 
 pytest.importorskip("sklearn", reason="the examples need scikit-learn (in the [examples] extras)")
 
@@ -117,9 +122,10 @@ def test_dynamics_clara_lifts_the_bad_learning_rate(
     with_clara = scalars(out_dir / "tb" / f"{optimizer.lower()}-clara")
     lr = with_clara[f"clara/lr-{optimizer}"]
     assert len(lr) == QUICK_STEPS // 5  # log_every_n_steps=5
-    assert lr[0] == pytest.approx(initial_lr, rel=0.2)  # the first logged step is still near the start
-    assert lr[-1] > 1.5 * initial_lr  # steps agree from such a small lr: F must have grown
-    assert with_clara[f"clara/log_factor-{optimizer}"][-1] > 0
+    start = INITIAL_FACTOR * initial_lr  # CLARA starts 10x below the configured lr and climbs
+    assert lr[0] == pytest.approx(start, rel=0.2)  # the first logged step is still near the start
+    assert lr[-1] > 1.5 * start  # steps agree from such a small lr: F must have grown
+    assert with_clara[f"clara/log_factor-{optimizer}"][-1] > math.log(INITIAL_FACTOR)
     # the scheduled lr that LearningRateMonitor sees is never touched by CLARA
     assert with_clara[f"lr-{optimizer}"] == pytest.approx([initial_lr] * len(with_clara[f"lr-{optimizer}"]))
 
@@ -177,13 +183,13 @@ def test_plain_raises_the_lr_and_resumes_exactly(plain: tuple[Completed, Path]) 
     assert_ok(completed)
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["initial_lr"] == pytest.approx(1e-4)
-    assert summary["final_lr"] > 1.5 * summary["initial_lr"]
+    assert summary["final_lr"] > 1.5 * INITIAL_FACTOR * summary["initial_lr"]  # F grew from where it started
     assert summary["adapted_steps"] == QUICK_STEPS
     lrs = [row["lr_used"] for row in summary["epochs"]]
     assert lrs == sorted(lrs)
     # state_dict round trip: the same F right after loading, the same lr at the end
     assert summary["factor_after_load"] == summary["factor_at_save"]
-    assert summary["factor_at_save"] > 1.0
+    assert summary["factor_at_save"] > INITIAL_FACTOR
     assert summary["resume_identical"] is True
     assert summary["resumed_final_lr"] == summary["final_lr"]
 
@@ -220,11 +226,11 @@ def test_fabric_adapts_every_step_and_raises_the_lr(fabric_run: tuple[Completed,
     completed, out_dir = fabric_run
     assert_ok(completed)
     summary = json.loads((out_dir / "summary.json").read_text())
-    assert summary["initial_lr"] == pytest.approx(1e-6)
+    assert summary["initial_lr"] == pytest.approx(INITIAL_FACTOR * 1e-6)  # the lr used at the first step
     # the hooks on the unwrapped optimizer fire on every step of Fabric's wrapper
     assert summary["adapted_steps"] == summary["optimizer_steps"] == QUICK_STEPS
     assert summary["final_lr"] > 1.5 * summary["initial_lr"]
-    assert summary["final_factor"] > 1.5  # F after the last step; final_lr is the lr that step used
+    assert summary["final_factor"] > 1.5 * INITIAL_FACTOR  # F after the last step; final_lr is the lr that step used
 
 
 def test_fabric_logs_clara_metrics_with_log_dict(fabric_run: tuple[Completed, Path]) -> None:
@@ -235,5 +241,5 @@ def test_fabric_logs_clara_metrics_with_log_dict(fabric_run: tuple[Completed, Pa
         rows = list(csv.DictReader(file))
     assert len(rows) == QUICK_STEPS // 5
     lr = [float(row["clara/lr-Adam"]) for row in rows]
-    assert lr[-1] > lr[0] >= 1e-6
+    assert lr[-1] > lr[0] >= INITIAL_FACTOR * 1e-6
     assert all(row["clara/ratio-Adam"] for row in rows)

@@ -94,7 +94,7 @@ class Run:
         configure, safeguard = CONFIGS[config]
         self.module = make_module(configure)
         self.data = StatefulBatches(dataset)
-        self.callback = CLARACallback(c=C, d=D, safeguard=safeguard) if clara else None
+        self.callback = CLARACallback(c=C, d=D, safeguard=safeguard, initial_factor=1.0) if clara else None
         self.recorder = LRRecorder()
         self.checkpoint = ModelCheckpoint(dirpath=directory, every_n_train_steps=EVERY, save_top_k=-1)
         callbacks: list[Callback] = [self.recorder, self.checkpoint]
@@ -189,7 +189,7 @@ def test_checkpoint_without_clara_state_warns_and_starts_fresh(
     weights = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
     net.load_state_dict({key.removeprefix("net."): value for key, value in weights.items()})
     params = list(net.parameters())
-    clara = SimpleCLARA([p.shape for p in params], C, D, plain_sgd_mu(C))
+    clara = SimpleCLARA([p.shape for p in params], C, D, plain_sgd_mu(C), initial_factor=1.0)
     expected: list[float] = []
     for index in plain.data.served[EVERY:]:
         x, y = plain.data.batches[index]

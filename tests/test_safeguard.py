@@ -462,7 +462,7 @@ class LinearRegressionModule(LightningModule):
 def _fit(
     module: LightningModule, trainer_kwargs: dict[str, Any], safeguard: bool, epochs: int, **overrides: Any
 ) -> tuple[Any, ...]:
-    callback, logger = CLARACallback(d=1e-3, safeguard=safeguard), RecordingLogger()
+    callback, logger = CLARACallback(d=1e-3, safeguard=safeguard, initial_factor=1.0), RecordingLogger()
     trainer: Trainer = make_trainer(
         trainer_kwargs, [callback], max_epochs=epochs, logger=logger, log_every_n_steps=1, **overrides
     )

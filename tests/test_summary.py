@@ -133,7 +133,7 @@ def test_table_fits_a_default_terminal() -> None:
 def test_summary_printed_once_with_the_recorded_values(
     make_module: MakeModule, trainer_kwargs: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    callback = CLARACallback(d=0.4)
+    callback = CLARACallback(d=0.4, initial_factor=1.0)
     recorder = StepRecorder(callback)
     trainer = Trainer(
         **{**trainer_kwargs, "max_epochs": 2, "accumulate_grad_batches": 2, "callbacks": [callback, recorder]}

@@ -179,7 +179,7 @@ def test_unit_step_respects_lr_bounds() -> None:
 def test_unit_step_leaves_a_tensor_without_step_in_place() -> None:
     """A tensor whose step is zero (zero gradient, plain SGD) has no direction: it must not move (no NaN)."""
     params = make_params(((5,), (3,)))
-    clara = CLARA(torch.optim.SGD(params, lr=0.1), c=C, unit_step=True)
+    clara = CLARA(torch.optim.SGD(params, lr=0.1), c=C, unit_step=True, initial_factor=1.0)
     set_grads(params, [torch.ones(5, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)])
     before = snapshot(params)
     clara.optimizer.step()
