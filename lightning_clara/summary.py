@@ -29,7 +29,10 @@ from lightning_clara.controller import CLARA
 __all__ = ["FitSummary", "GroupSummary", "summary_table"]
 
 TITLE = "CLARA: learning rate used over the fit"
-CAPTION = "lr: the lr used, lr_scheduled × F, at the adapted steps\nr: the path ratio (1 on noise; > 1 raises the lr)"
+CAPTION = (
+    "lr: the lr used, lr_scheduled × F, at the adapted steps\n"
+    "r: the path ratio (1 on noise; above the target, 0.7 by default, it raises the lr)"
+)
 
 
 @dataclass(frozen=True)
