@@ -93,8 +93,17 @@ def validate_options(
     """
     rule = check_choice("rule", rule, ("paper", "normalized"))
     defaults = RULE_DEFAULTS[rule]
-    c = defaults["c"] if c is None else c
-    initial_factor = defaults["initial_factor"] if initial_factor is None else initial_factor
+    c, d, fast_start, hold_after, initial_factor, target = (
+        defaults[name] if value is None else value
+        for name, value in (
+            ("c", c),
+            ("d", d),
+            ("fast_start", fast_start),
+            ("hold_after", hold_after),
+            ("initial_factor", initial_factor),
+            ("target", target),
+        )
+    )
     options = {
         "c": check_in_range("c", c, 0.0, 1.0, low_open=True),
         "rule": rule,
@@ -130,18 +139,10 @@ def validate_options(
     if sharding is not None and (direction == "state" or variant == "salera"):
         raise ValueError("sharding needs the delta reader: use direction='auto' or 'delta' and variant='clara'")
     options["sharding"] = sharding
-    options["d"] = defaults["d"] if d is None else check_in_range("d", d, 0.0, math.inf, low_open=True, high_open=True)
-    options["fast_start"] = (
-        defaults["fast_start"] if fast_start is None else check_non_negative_int("fast_start", fast_start)
-    )
-    options["hold_after"] = (
-        defaults["hold_after"] if hold_after is None else check_non_negative_int("hold_after", hold_after)
-    )
-    options["target"] = (
-        defaults["target"]
-        if target is None
-        else check_in_range("target", target, 0.0, math.inf, low_open=True, high_open=True)
-    )
+    options["d"] = check_in_range("d", d, 0.0, math.inf, low_open=True, high_open=True)
+    options["fast_start"] = check_non_negative_int("fast_start", fast_start)
+    options["hold_after"] = check_non_negative_int("hold_after", hold_after)
+    options["target"] = check_in_range("target", target, 0.0, math.inf, low_open=True, high_open=True)
     options["consistency_check_every"] = (
         None
         if consistency_check_every is None

@@ -21,6 +21,16 @@ def plain_sgd_mu(c: float) -> MuFunction:
     return lambda n, t: c / (2 - c) * (1 - (1 - c) ** (2 * t))
 
 
+def damping_gain(t: int, fast_start: int, hold_after: int) -> float:
+    """The multiplier of ``d`` at the t-th adapted step (t = 0, 1, ...): the fast start, then the hold."""
+    gain = 1.0
+    if t < fast_start:
+        gain += 19.0 * (1.0 - t / fast_start)
+    if hold_after and t > hold_after:
+        gain *= math.exp(-(t - hold_after) / (hold_after / 3))
+    return gain
+
+
 class SimpleCLARA:
     """The rule of ALGORITHM.md for one optimizer (one scope), fed with realised steps.
 
@@ -83,12 +93,7 @@ class SimpleCLARA:
             if self.rule == "normalized":
                 headroom = moved / expected / self.target - 1  # every ||p_k|| <= 1
                 signal = signal / headroom if headroom > 1e-12 else 0.0
-            gain = 1.0
-            if self.adapted < self.fast_start:
-                gain += 19.0 * (1.0 - self.adapted / self.fast_start)
-            if self.hold_after and self.adapted > self.hold_after:
-                gain *= math.exp(-(self.adapted - self.hold_after) / (self.hold_after / 3))
-            self.log_factor += gain * self.d * signal
+            self.log_factor += damping_gain(self.adapted, self.fast_start, self.hold_after) * self.d * signal
             self.adapted += 1
 
 

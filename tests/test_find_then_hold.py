@@ -12,16 +12,16 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import pytest
 import torch
+from reference_loop import damping_gain
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_clara import CLARA
-from lightning_clara.controller import FAST_START_GAIN, HOLD_DECAY, RULE_DEFAULTS
+from lightning_clara.controller import RULE_DEFAULTS
 from lightning_clara.support import reference_for
 
 #: CLARA 0.1.0's defaults: the collapse these tests must catch.
@@ -123,16 +123,9 @@ def without_replacement(batches_per_epoch: int, seed: int) -> Iterator[list[Tens
 
 
 def damping_schedule(steps: int) -> list[float]:
-    """The default rule's damping d_t for t = 0 .. steps-1: fast start, then d, then the hold's decay."""
+    """The default rule's damping d_t for t = 0 .. steps-1 (the loop reference's schedule)."""
     defaults = RULE_DEFAULTS["normalized"]
-    d, fast, hold = defaults["d"], defaults["fast_start"], defaults["hold_after"]
-    out = []
-    for t in range(steps):
-        gain = 1.0 + (FAST_START_GAIN - 1.0) * max(0.0, 1.0 - t / fast)
-        if t > hold:
-            gain *= math.exp(-(t - hold) / (HOLD_DECAY * hold))
-        out.append(d * gain)
-    return out
+    return [defaults["d"] * damping_gain(t, defaults["fast_start"], defaults["hold_after"]) for t in range(steps)]
 
 
 def predicted_drift(optimizer: torch.optim.Optimizer, c: float, target: float, steps: int) -> float:
