@@ -14,7 +14,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks.callback import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
+from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBar
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from rich.console import Console
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -67,6 +68,8 @@ def optimizer_names(optimizers: Sequence[Optimizer], lr_scheduler_configs: Seque
 
 #: Strategies whose optimizer steps are identical on every rank, so CLARA needs no collective.
 _REPLICATED_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy")
+#: Strategies CLARA refuses although they derive from a supported one (DeepSpeed subclasses DDP).
+_UNSUPPORTED_STRATEGIES = ("DeepSpeedStrategy",)
 #: Strategies with DTensor-sharded parameters (FSDP2 through ``configure_model``): norms are reduced.
 _DTENSOR_STRATEGIES = ("ModelParallelStrategy",)
 
@@ -78,6 +81,9 @@ def _sharding_for(trainer: pl.Trainer) -> Sharding | None:
     engine: their shard layouts are not wired in yet.
     """
     names = [cls.__name__ for cls in type(trainer.strategy).__mro__]
+    if any(name in _UNSUPPORTED_STRATEGIES for name in names):
+        # checked first: DeepSpeedStrategy subclasses DDPStrategy but partitions state in its engine
+        raise _unsupported_strategy(trainer)
     if any(name in _REPLICATED_STRATEGIES for name in names):
         return None
     if any(name in _DTENSOR_STRATEGIES for name in names):
@@ -95,11 +101,38 @@ def _sharding_for(trainer: pl.Trainer) -> Sharding | None:
             )
         group = next(iter(meshes.values())).get_group() if meshes else None
         return Sharding.for_dtensors(group)
-    raise NotImplementedError(
+    raise _unsupported_strategy(trainer)
+
+
+def _unsupported_strategy(trainer: pl.Trainer) -> NotImplementedError:
+    return NotImplementedError(
         f"CLARACallback does not support the {type(trainer.strategy).__name__} strategy yet: its shard layout "
         "(FSDP1 flat parameters, DeepSpeed ZeRO partitions) is not wired in. Supported: single device, DDP "
         "(ddp, ddp_spawn, ddp_fork, ddp_notebook) and ModelParallelStrategy with FSDP2 (fully_shard)."
     )
+
+
+def _print_below_progress_bar(trainer: pl.Trainer, pl_module: pl.LightningModule, renderable: Any) -> None:
+    """Print after the progress bar's last line: Rich's live bar is stopped first (its own teardown, idempotent).
+
+    Printed from a second console while Rich's bar is live, the bar is drawn twice around the table.
+    """
+    bar = getattr(trainer, "progress_bar_callback", None)
+    if isinstance(bar, RichProgressBar) and bar.progress is not None:
+        bar.teardown(trainer, pl_module, "fit")
+        bar.progress.console.print(renderable)
+        return
+    Console().print(renderable)
+
+
+def _runs_in_worker_processes(trainer: pl.Trainer) -> bool:
+    """Whether this fit runs in processes that a launcher started (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``)."""
+    launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
+    return type(launcher).__name__ == "_MultiProcessingLauncher"
+
+
+def _has_parameters(optimizer: Optimizer) -> bool:
+    return any(group["params"] for group in optimizer.param_groups)
 
 
 class CLARACallback(Callback):
@@ -213,6 +246,7 @@ class CLARACallback(Callback):
         self._scheduler_configs: list[Any] = []
         self._steps_at_batch_start: list[int] = []
         self._restored: dict[str, Any] | None = None
+        self._fits_started = 0
         self._fit_options: dict[str, Any] = self._options
         self._fit_summary: FitSummary | None = None
         #: The rows of the last summary table (rank 0 with ``summary=True``, after a completed fit).
@@ -222,20 +256,37 @@ class CLARACallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         sharding = _sharding_for(trainer)
-        optimizers = list(trainer.optimizers)
-        if not optimizers:
-            raise ValueError("CLARACallback needs at least one optimizer; configure_optimizers returned none")
+        restored, self._restored = self._restored, None
+        if not getattr(trainer, "ckpt_path", None):
+            # only a fit that resumes (``fit(ckpt_path=...)``) continues a saved CLARA state; one that
+            # ``validate(ckpt_path=...)`` or a tuner's temporary checkpoint restored is not this fit's
+            restored = None
         self._detach()
+        self._fit_summary = None
+        self.summary_rows = None
+        # Lightning runs a fit whose configure_optimizers returned None with a parameter-less stand-in
+        optimizers = [optimizer for optimizer in trainer.optimizers if _has_parameters(optimizer)]
+        if not optimizers:
+            self.controllers, self.names = [], []
+            rank_zero_warn(
+                "CLARACallback: the model configures no optimizer with parameters (configure_optimizers "
+                "returned None or empty param groups); CLARA has nothing to adapt in this fit"
+            )
+            return
+        if self._fits_started:
+            rank_zero_info(
+                "CLARACallback: a new fit starts F at initial_factor again, as configure_optimizers creates "
+                "the optimizers again; to continue a fit's factors, resume it with fit(ckpt_path=...)"
+            )
+        self._fits_started += 1
         self._fit_options = self._options if sharding is None else {**self._options, "sharding": sharding}
         self.controllers = [CLARA(optimizer, **self._fit_options) for optimizer in optimizers]
         self._scheduler_configs = list(getattr(trainer, "lr_scheduler_configs", ()))  # absent on stand-ins
         self.names = self._names()
         self._steps_at_batch_start = [0] * len(self.controllers)
-        if self._restored is not None:
-            self._load_controllers(self._restored)
-            self._restored = None
-        self._fit_summary = None
-        self.summary_rows = None
+        if restored is not None and restored.get("controllers"):
+            # an empty list: saved before CLARA attached (a tuner's checkpoint): nothing to continue
+            self._load_controllers(restored)
         if self.summary and rank_zero_only.rank == 0:  # the global rank, set by Lightning's strategies
             # after the controllers attached (and restored): its hooks must run after theirs
             self._fit_summary = FitSummary()
@@ -263,7 +314,12 @@ class CLARACallback(Callback):
             self._fit_summary.close()  # before detaching: the controllers still hold the last step
             self.summary_rows = self._fit_summary.rows(self._names())
             self._fit_summary = None
-            Console().print(summary_table(self.summary_rows))
+            _print_below_progress_bar(trainer, pl_module, summary_table(self.summary_rows))
+        if _runs_in_worker_processes(trainer) and rank_zero_only.rank == 0:
+            rank_zero_info(
+                "CLARACallback: this fit ran in worker processes (ddp_spawn/ddp_fork): the callback in the main "
+                "process keeps no controllers or summary_rows; read the clara/* logs or a checkpoint instead"
+            )
         self._detach()
 
     @override
@@ -272,6 +328,11 @@ class CLARACallback(Callback):
             self._fit_summary.discard()  # no table over a traceback
             self._fit_summary = None
         self._detach()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            self._restored = None  # validate/test/predict(ckpt_path=...) restored it: not a fit to continue
 
     def _names(self) -> list[list[str]]:
         return optimizer_names([c.optimizer for c in self.controllers], self._scheduler_configs)
@@ -365,7 +426,8 @@ class CLARACallback(Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        if self.state_key not in checkpoint.get("callbacks", {}):
+        fitting = getattr(trainer.state, "fn", None) == "fit"
+        if fitting and self.state_key not in checkpoint.get("callbacks", {}):
             rank_zero_warn(
                 "CLARACallback: the checkpoint holds no CLARA state (saved without the callback?); "
                 "paths and factors start fresh (F = initial_factor)"

@@ -1,0 +1,177 @@
+"""Lightning workflows around a fit: tuners, validate(ckpt_path), DeepSpeed, a second fit, Rich's bar.
+
+Each test fails on 0.1.0 (issue 12, points 1-5).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.tuner import Tuner
+
+from lightning_clara import CLARACallback
+from lightning_clara.controller import RULE_DEFAULTS
+
+BASE_LR = 0.01
+INITIAL_FACTOR = RULE_DEFAULTS["normalized"]["initial_factor"]
+
+
+def sgd(module: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(module.parameters(), lr=BASE_LR)
+
+
+def first_lr_used(callback: CLARACallback) -> float:
+    assert callback.summary_rows is not None
+    return callback.summary_rows[0].lr_start
+
+
+@pytest.mark.parametrize("tuning", ["lr_find", "scale_batch_size"])
+def test_a_tuner_before_fit_leaves_the_fit_intact(tuning: str, make_module, trainer_kwargs) -> None:
+    """The tuner saves and restores a checkpoint taken before CLARA attached: the next fit starts fresh."""
+    callback = CLARACallback()
+    trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs)
+    module = make_module(sgd)
+    if tuning == "lr_find":
+        Tuner(trainer).lr_find(module, num_training=5, update_attr=False)
+    else:
+        Tuner(trainer).scale_batch_size(module, max_trials=2, init_val=8)
+    trainer.fit(module)
+    assert callback.summary_rows is not None and callback.summary_rows[0].adapted_steps > 0
+    assert first_lr_used(callback) == pytest.approx(BASE_LR * INITIAL_FACTOR, rel=1e-6)
+
+
+@pytest.mark.parametrize("finder", ["lr", "batch_size"])
+def test_a_tuner_callback_next_to_clara_runs_before_it_and_leaves_the_fit_intact(
+    finder: str, make_module, trainer_kwargs
+) -> None:
+    """Lightning puts tuner callbacks first: they tune without CLARA, then CLARA adapts the fit."""
+    tuner = (
+        LearningRateFinder(num_training_steps=5, update_attr=False)
+        if finder == "lr"
+        else BatchSizeFinder(max_trials=2, init_val=8)
+    )
+    callback = CLARACallback()
+    trainer = pl.Trainer(callbacks=[callback, tuner], **trainer_kwargs)
+    trainer.fit(make_module(sgd))
+    if finder == "lr":
+        assert tuner.optimal_lr is not None and len(tuner.optimal_lr.results["lr"]) > 0
+    assert first_lr_used(callback) == pytest.approx(BASE_LR * INITIAL_FACTOR, rel=1e-6)
+
+
+def trained_checkpoint(make_module, trainer_kwargs: dict[str, Any], tmp_path: Path) -> Path:
+    """A checkpoint of a 3-epoch fit with CLARA: its F is well above the initial factor."""
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    kwargs = {**trainer_kwargs, "enable_checkpointing": True, "max_epochs": 3}
+    callback = CLARACallback(c=0.2, d=0.2, fast_start=0)
+    pl.Trainer(callbacks=[callback, checkpoint], **kwargs).fit(make_module(sgd))
+    assert callback.summary_rows is not None and callback.summary_rows[0].lr_end > 2 * BASE_LR * INITIAL_FACTOR
+    return Path(checkpoint.last_model_path)
+
+
+def test_validate_from_a_checkpoint_does_not_leak_into_a_later_fresh_fit(
+    make_module, trainer_kwargs, tmp_path: Path
+) -> None:
+    path = trained_checkpoint(make_module, trainer_kwargs, tmp_path)
+    callback = CLARACallback()
+    trainer = pl.Trainer(callbacks=[callback], limit_val_batches=1, **trainer_kwargs)
+    module = make_module(sgd)
+    module.val_dataloader = module.train_dataloader
+    module.validation_step = lambda batch, batch_idx: None
+    trainer.validate(module, ckpt_path=path)
+    trainer.fit(module)
+    assert first_lr_used(callback) == pytest.approx(BASE_LR * INITIAL_FACTOR, rel=1e-6)
+
+
+def test_a_resumed_fit_still_continues_the_saved_factor(make_module, trainer_kwargs, tmp_path: Path) -> None:
+    """The other side of the validate fix: fit(ckpt_path=...) loads CLARA's state."""
+    path = trained_checkpoint(make_module, trainer_kwargs, tmp_path)
+    saved_log_factor = torch.load(path, weights_only=False)["callbacks"]
+    (state,) = [value for key, value in saved_log_factor.items() if key.startswith("CLARACallback")]
+    log_factor = state["controllers"][0]["log_factors"][0]
+    callback = CLARACallback()
+    trainer = pl.Trainer(callbacks=[callback], **{**trainer_kwargs, "max_epochs": 4})
+    trainer.fit(make_module(sgd), ckpt_path=path)
+    assert log_factor > math.log(2 * INITIAL_FACTOR)
+    assert callback.summary_rows is not None
+    # the first adapted step of the resumed fit starts from the saved factor (one step of movement)
+    assert math.log(first_lr_used(callback) / BASE_LR) == pytest.approx(log_factor, abs=0.1)
+
+
+def test_deepspeed_is_refused_although_it_subclasses_ddp(make_module) -> None:
+    """DeepSpeed partitions optimizer state in its own engine: refused clearly, not run as DDP."""
+
+    class DeepSpeedStrategy(DDPStrategy):  # the real one (not installed here) derives from DDPStrategy
+        pass
+
+    class StandIn:
+        strategy = DeepSpeedStrategy()
+        optimizers = [sgd(make_module(sgd))]
+        ckpt_path = None
+
+    with pytest.raises(NotImplementedError, match="DeepSpeedStrategy strategy"):
+        CLARACallback().on_fit_start(StandIn(), None)  # type: ignore[arg-type]
+
+
+def test_a_second_fit_says_that_it_restarts_the_factor(make_module, trainer_kwargs, caplog) -> None:
+    callback = CLARACallback()
+    trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs)
+    trainer.fit(make_module(sgd))
+    trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs)
+    with caplog.at_level(logging.INFO):
+        trainer.fit(make_module(sgd))
+    assert "F at initial_factor again" in caplog.text
+    assert first_lr_used(callback) == pytest.approx(BASE_LR * INITIAL_FACTOR, rel=1e-6)
+
+
+def test_no_optimizer_warns_and_prints_no_empty_table(make_module, trainer_kwargs, capsys) -> None:
+    callback = CLARACallback()
+    trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs)
+    module = make_module(lambda module: None)
+    module.automatic_optimization = False
+    module.training_step = lambda batch, batch_idx: None
+    with pytest.warns(UserWarning, match="nothing to adapt"):
+        trainer.fit(module)
+    assert callback.controllers == [] and callback.summary_rows is None
+    assert "CLARA: learning rate used" not in capsys.readouterr().out
+
+
+def test_the_summary_table_is_printed_after_richs_bar_stopped(make_module, trainer_kwargs, monkeypatch) -> None:
+    """With Rich's bar live, printing from a second console drew the bar twice around the table."""
+    import rich.console
+    from rich.table import Table
+
+    events: list[str] = []
+    stop, print_ = RichProgressBar._stop_progress, rich.console.Console.print
+
+    def recording_stop(bar: RichProgressBar) -> None:
+        if bar.progress is not None and not bar._progress_stopped:
+            events.append("bar stopped")
+        stop(bar)
+
+    def recording_print(console: rich.console.Console, *objects: Any, **kwargs: Any) -> None:
+        if any(isinstance(o, Table) and "CLARA" in str(o.title) for o in objects):
+            events.append("table live" if console._live_stack else "table")
+        print_(console, *objects, **kwargs)
+
+    monkeypatch.setattr(RichProgressBar, "_stop_progress", recording_stop)
+    monkeypatch.setattr(rich.console.Console, "print", recording_print)
+    kwargs = {**trainer_kwargs, "enable_progress_bar": True}
+    pl.Trainer(callbacks=[CLARACallback(), RichProgressBar()], **kwargs).fit(make_module(sgd))
+    assert events == ["bar stopped", "table"]
+
+
+def test_spawned_fits_are_recognised_for_the_main_process_note() -> None:
+    """Under ddp_spawn the main process's callback is not updated: the callback says so at fit end."""
+    from lightning_clara.callback import _runs_in_worker_processes
+
+    spawned = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False)
+    single = pl.Trainer(accelerator="cpu", devices=1, logger=False)
+    assert _runs_in_worker_processes(spawned) and not _runs_in_worker_processes(single)
