@@ -23,7 +23,7 @@ from typing_extensions import override
 from lightning_clara.controller import CLARA, Rule, Scope, validate_options
 from lightning_clara.distributed import Sharding
 from lightning_clara.summary import FitSummary, GroupSummary, summary_table
-from lightning_clara.support import DirectionChoice
+from lightning_clara.support import DirectionChoice, unwrap
 
 __all__ = ["CLARACallback", "optimizer_names"]
 
@@ -299,7 +299,7 @@ class CLARACallback(Callback):
     ) -> None:
         # The adaptation runs in the optimizer's own step hooks; here we only make sure that an
         # optimizer swapped in after fit start (e.g. by another callback) is not silently left out.
-        if getattr(optimizer, "_clara_controller", None) is None:
+        if getattr(unwrap(optimizer), "_clara_controller", None) is None:
             rank_zero_warn(
                 f"CLARACallback: optimizer {type(optimizer).__name__} was created after fit start; attaching CLARA now"
             )

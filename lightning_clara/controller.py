@@ -35,10 +35,10 @@ from lightning_clara.reference import PlainReference, Reference, shared
 from lightning_clara.safeguard import PageHinkley
 from lightning_clara.support import (
     DirectionChoice,
+    ReferenceKeys,
     check_supported,
     reader_for,
     reference_for,
-    reference_key,
     unwrap,
 )
 
@@ -341,6 +341,7 @@ class CLARA:
         self._ratios: list[float | None] = []
         self._tensors: dict[Tensor, _TensorState] = {}
         self._references: list[_GroupReference | None] = []
+        self._reference_keys = ReferenceKeys(self.optimizer)
         self._bases: list[Any] | None = None
         self._lr_used: list[float] = []
         self._adapted_steps = 0
@@ -471,11 +472,11 @@ class CLARA:
     def _group_reference(self, j: int) -> _GroupReference:
         """The reference curves of group j, rebuilt when a hyper-parameter it depends on changed."""
         group = self.optimizer.param_groups[j]
-        key = reference_key(self.optimizer, group)
+        key, hyperparameters = self._reference_keys.observe(j, group)
         cached = self._references[j]
         sizes = {self._numel(p) for p in group["params"]}
         if cached is None or cached.key != key or not sizes <= cached.curves.keys():
-            reference = self._reference_for(group)
+            reference = self._reference_for(hyperparameters)
             curves = {n: curve.tolist() for n, curve in reference.curves(sorted(sizes)).items()}
             cached = _GroupReference(key, curves)
             self._references[j] = cached
@@ -528,6 +529,17 @@ class CLARA:
         self._restore_bases()  # a previous step that raised never ran the post-hook
         self._finish_pending(collectives=True)
         self._sync_scopes()
+        self._reference_keys.before_step()
+        if not self._reader.needs_snapshot and self.variant != "salera" and self._has_sparse_gradients():
+            # the state readers read the gradient; a sparse one has no norm: read the realised step instead
+            self._reader.release()
+            self._reader = DeltaReader()
+            warnings.warn(
+                "CLARA: sparse gradients (nn.Embedding(sparse=True)?): reading the realised step from parameter "
+                "snapshots (direction='delta') from now on",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         if self._reader.needs_snapshot:
             self._reader.before_step(list(self._trainable()))
         bases: list[Any] = []
@@ -581,11 +593,16 @@ class CLARA:
             self._tensors[param] = state
         return state
 
+    def _has_sparse_gradients(self) -> bool:
+        return any(param.grad is not None and param.grad.is_sparse for param in self._trainable())
+
     def _adapt(self, optimizer: Optimizer) -> None:
         # 1. directions, bucketed by (device, path dtype) so each bucket is one set of foreach kernels
         buckets: dict[tuple[torch.device, torch.dtype], list[tuple[int, Tensor, Tensor]]] = defaultdict(list)
         curves: dict[int, dict[int, list[float]]] = {}
         for j, group in enumerate(optimizer.param_groups):
+            if j < len(self._lr_used) and self._lr_used[j] == 0.0:
+                continue  # nothing moved (warm-up from zero): a state reader would still see an intended step
             params = []
             for param in group["params"]:
                 # sharded: every rank must take part in the reduction, even with an empty or grad-less shard

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -208,6 +209,8 @@ def freeze(value: Any) -> Any:
 SIZE_GRID: tuple[int, ...] = tuple(sorted({round(2 ** (k / 2)) for k in range(21)}))
 #: Longest simulated horizon (slow schedules such as NAdam's momentum decay need ~25k steps).
 MAX_SIMULATED_HORIZON = 32768
+#: A simulated horizon covers at least this many path memories (1/c): (1-c)^(2t) is below 1e-5 by then.
+PATH_SETTLES = 6.0
 #: Steps before which a Monte Carlo curve is used raw; later it is smoothed over +-t/16 steps.
 _RAW_STEPS = 64
 
@@ -252,9 +255,9 @@ class MonteCarloReference(Reference):
     """Any element-wise optimizer: run its own update rule on i.i.d. Gaussian gradients.
 
     All sizes of :data:`SIZE_GRID` that are needed run in one flat parameter (the update is
-    element-wise, so every block of n entries is an independent trial); parameters are reset
-    to zero before every step so that the step is exactly ``-param`` and weight decay plays
-    no part. Sizes between grid points interpolate in log n. After :data:`_RAW_STEPS` steps
+    element-wise, so every block of n entries is an independent trial); the step is the
+    parameter's change, as CLARA's delta reader sees it, with weight decay turned off (the
+    null model has no loss). Sizes between grid points interpolate in log n. After :data:`_RAW_STEPS` steps
     the curve is smoothed over a window proportional to t, and the stationary value is the
     mean of the last quarter of the horizon. Seeded, hence deterministic.
 
@@ -289,6 +292,9 @@ class MonteCarloReference(Reference):
         self.control_beta = control_beta
         if horizon is None:
             horizon = 128 if control_beta is None else max(64, math.ceil(6.0 / (1.0 - control_beta)))
+        # the path itself settles over ~1/c updates: a horizon shorter than PATH_SETTLES / c ends
+        # inside its transient, and the tail taken as stationary is low (r +1.3 % at c = 0.02, 128 steps)
+        horizon = max(horizon, math.ceil(PATH_SETTLES / c))
         self.horizon = int(min(max(horizon, 8), MAX_SIMULATED_HORIZON))
         self.budget = int(budget)
         self.min_trials = int(min_trials)
@@ -390,7 +396,8 @@ def _simulate(
     """Mean ||p_t||^2 for t = 0..horizon per size, minus the heavy-ball value on the same noise if asked.
 
     One flat parameter holds every trial of every size (so the optimizer runs one set of
-    kernels per step); per size, a ``(trials, n)`` view gives the per-trial norms.
+    kernels per step); per size, a ``(trials, n)`` view gives the per-trial norms. The step is
+    the parameter's change, taken in float64 (a float64 parameter) so that no rounding enters it.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: thread start-up costs more than it saves, badly so under load
@@ -425,7 +432,7 @@ def _simulate_single_thread(
     generators = [torch.Generator().manual_seed(seed * 1_000_003 + n) for n in sizes]
     lengths = [trials[n] * n for n in sizes]
     total = sum(lengths)
-    param = torch.zeros(total, requires_grad=True)
+    param = torch.zeros(total, dtype=torch.float64, requires_grad=True)
     optimizer = optimizer_class([param], **hyperparameters)
     a = 1.0 - c
     path = torch.zeros(total)
@@ -446,13 +453,18 @@ def _simulate_single_thread(
             out[i] = p2.pow(2).sum(dtype=torch.float64) / trials[n]
         return out
 
+    if callable(getattr(optimizer, "train", None)):
+        optimizer.train()  # schedule-free optimizers step only in train mode
+    before = torch.zeros(total, dtype=torch.float64)
     for t in range(1, horizon + 1):
         gradient = torch.cat([torch.randn(length, generator=g) for g, length in zip(generators, lengths, strict=True)])
-        with torch.no_grad():
-            param.zero_()
-        param.grad = gradient
+        param.grad = gradient.to(torch.float64)
         optimizer.step()
-        means[t] = update(path, -param.detach())
+        # the realised step, as CLARA reads it: optimizers whose update reads the parameters
+        # (schedule-free's interpolation, Lookahead's pull-back) are simulated as they run
+        after = param.detach().clone()
+        means[t] = update(path, (after - before).float())
+        before = after
         if control_beta is not None:
             momentum.mul_(control_beta).add_(gradient)
             means[t] -= update(control_path, momentum)
@@ -461,9 +473,19 @@ def _simulate_single_thread(
     return {n: means[:, i].clone() for i, n in enumerate(sizes)}
 
 
-_SHARED: dict[tuple[Any, ...], Reference] = {}
+#: References kept process-wide (least recently used dropped first): enough for every group of a
+#: few models, bounded whatever an optimizer does to its hyper-parameters.
+SHARED_CAPACITY = 128
+_SHARED: OrderedDict[tuple[Any, ...], Reference] = OrderedDict()
 
 
 def shared(reference: Reference) -> Reference:
     """The process-wide instance with the same key, so curves are computed once per process."""
-    return _SHARED.setdefault(reference.key, reference)
+    key = reference.key
+    if key in _SHARED:
+        _SHARED.move_to_end(key)
+        return _SHARED[key]
+    _SHARED[key] = reference
+    while len(_SHARED) > SHARED_CAPACITY:
+        _SHARED.popitem(last=False)
+    return reference

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -27,12 +28,14 @@ import torch
 from torch.optim import Optimizer
 
 from lightning_clara.directions import AdamStateReader, DeltaReader, DirectionReader, SGDStateReader
+from lightning_clara.probe import probe_update
 from lightning_clara.reference import (
     HeavyBallReference,
     MonteCarloReference,
     PlainReference,
     Reference,
     SpeedUp,
+    _simulation_hyperparameters,
     freeze,
     shared,
 )
@@ -40,6 +43,7 @@ from lightning_clara.reference import (
 __all__ = [
     "SUPPORTED_OPTIMIZERS",
     "UNSUPPORTED",
+    "ReferenceKeys",
     "check_supported",
     "reader_for",
     "reference_for",
@@ -70,6 +74,21 @@ UNSUPPORTED: dict[str, str] = {
     "Adafactor": "its factored second moment couples the entries of a tensor (not element-wise)",
     "Muon": "its orthogonalised update couples the entries of a matrix (not element-wise)",
     "Rprop": "it reads the learning rate only once, as its initial step size",
+}
+
+#: Optimizers of other libraries CLARA refuses, by a fragment of their class name, with the reason
+#: (those the probe would also refuse get a more specific message here).
+FOREIGN_UNSUPPORTED: dict[str, str] = {
+    "ScheduleFree": (
+        "its realised step interpolates between the averaged iterate and the base sequence with a weight "
+        "that falls as 1/t, so the steps' null model is not stationary and CLARA's reference cannot be "
+        "calibrated (measured: r 0.5 falling to 0.4 on pure noise); schedule-free replaces the schedule "
+        "itself: use it without CLARA"
+    ),
+    "SophiaH": "it needs Hessian-vector products of the loss (backward with create_graph=True), "
+    "which CLARA's gradient-only null-model simulation cannot provide",
+    "Shampoo": "its preconditioner couples the entries of a matrix (not element-wise)",
+    "SOAP": "its preconditioner couples the entries of a matrix (not element-wise)",
 }
 
 #: Group keys that never change the null-model reference.
@@ -103,38 +122,74 @@ def _step_is_hooked(optimizer: Optimizer) -> bool:
     return bool(getattr(type(optimizer).step, "hooked", False))
 
 
+#: Wrappers that step the optimizer they wrap and then move the weights themselves: CLARA steers the
+#: wrapped optimizer (its lr, its realised steps); the wrapper's own move (Lookahead's pull-back to
+#: the slow weights every k steps) is not a step of the optimizer and stays outside the path.
+STEERED_THROUGH: tuple[str, ...] = ("Lookahead",)
+
+
 def unwrap(optimizer: Optimizer) -> Optimizer:
-    """The optimizer whose ``step`` fires the hooks: the wrapped one for a wrapper that overrides ``step``
-    without them (Lightning Fabric's ``_FabricOptimizer``, whose ``step`` ends in the wrapped
-    optimizer's); the optimizer itself otherwise (a hooked wrapper such as a Lookahead keeps its own)."""
+    """The optimizer CLARA hooks: the wrapped one for a wrapper that overrides ``step`` without hooks
+    (Lightning Fabric's ``_FabricOptimizer``, whose ``step`` ends in the wrapped optimizer's) or one
+    of :data:`STEERED_THROUGH` (pytorch-optimizer's ``Lookahead``); the optimizer itself otherwise."""
     inner = getattr(optimizer, "optimizer", None)
-    if isinstance(inner, Optimizer) and inner is not optimizer and not _step_is_hooked(optimizer):
+    if not isinstance(inner, Optimizer) or inner is optimizer:
+        return optimizer
+    if not _step_is_hooked(optimizer) or type(optimizer).__name__ in STEERED_THROUGH:
         return unwrap(inner)
     return optimizer
 
 
+def _refusal(optimizer: Optimizer) -> str | None:
+    """The reason CLARA refuses an optimizer known by name, or None."""
+    torch_name, own_name = _torch_class(optimizer), type(optimizer).__name__
+    for name in (torch_name, own_name):
+        if name in UNSUPPORTED:
+            return UNSUPPORTED[name]
+    for fragment, reason in FOREIGN_UNSUPPORTED.items():
+        if fragment in own_name:
+            return reason
+    return None
+
+
 def check_supported(optimizer: Any) -> None:
-    """Raise ``TypeError`` with the reason if CLARA cannot adapt ``optimizer``."""
+    """Raise ``TypeError`` with the reason if CLARA cannot adapt ``optimizer``.
+
+    Known optimizers are accepted or refused by name; a foreign one (defined outside ``torch.optim``)
+    is probed: its own update, run on a small simulated tensor, must scale with the lr and be
+    element-wise (:func:`~lightning_clara.probe.probe_update`).
+    """
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    name = _torch_class(optimizer)
-    if name in UNSUPPORTED:
+    reason = _refusal(optimizer)
+    if reason is not None:
         supported = ", ".join(SUPPORTED_OPTIMIZERS)
         raise TypeError(
-            f"CLARA does not support torch.optim.{name}: {UNSUPPORTED[name]}. Supported: {supported}, "
-            "and element-wise optimizers of your own."
+            f"CLARA does not support {type(optimizer).__module__}.{type(optimizer).__name__}: {reason}. "
+            f"Supported: {supported}, and element-wise optimizers that scale with the lr (README)."
         )
     if not _step_is_hooked(optimizer):
         raise TypeError(
             f"{type(optimizer).__name__}.step cannot be hooked (torch step hooks are missing); "
             "call torch.optim.Optimizer.__init__ in its constructor"
         )
-    for group in optimizer.param_groups:
+    for j, group in enumerate(optimizer.param_groups):
+        lr = group.get("lr")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float, torch.Tensor)):
+            raise TypeError(
+                f"CLARA cannot steer {type(optimizer).__name__}: param group {j} has lr={lr!r}; CLARA scales a "
+                "numeric lr" + (" (an optimizer given lr=None computes its own step size)" if lr is None else "")
+            )
         for param in group["params"]:
             if param.is_complex():
                 raise TypeError("CLARA does not support complex parameters")
             if param.is_sparse:
                 raise TypeError("CLARA does not support sparse parameters")
+    if _torch_class(optimizer) is None:
+        optimizer_class = type(optimizer)
+        for group in optimizer.param_groups:
+            settings = _simulation_hyperparameters(_simulation_kwargs(optimizer, optimizer_class, group))
+            probe_update(optimizer_class, settings)
 
 
 def _uses_device_state(optimizer: Optimizer) -> bool:
@@ -153,8 +208,17 @@ def _state_reader(optimizer: Optimizer) -> DirectionReader | None:
     return None
 
 
+def _low_precision(optimizer: Optimizer) -> bool:
+    """Parameters below float32 (``bf16-true``, ``16-true``): small updates round away, so the step the
+    optimizer intended (what a state reader sees) is not the step it took."""
+    return any(
+        p.dtype not in (torch.float32, torch.float64) for group in optimizer.param_groups for p in group["params"]
+    )
+
+
 def reader_for(optimizer: Optimizer, direction: DirectionChoice) -> DirectionReader:
-    """The direction reader: ``auto`` picks the snapshot-free state reader where it is exact."""
+    """The direction reader: ``auto`` picks the snapshot-free state reader where it is exact, that is
+    where the realised step is the intended one (float32/float64 parameters, no fused or capturable state)."""
     if direction == "delta":
         return DeltaReader()
     reader = _state_reader(optimizer)
@@ -167,7 +231,7 @@ def reader_for(optimizer: Optimizer, direction: DirectionChoice) -> DirectionRea
         if _uses_device_state(optimizer):
             raise ValueError("direction='state' cannot read fused/capturable/differentiable optimizers; use 'delta'")
         return reader
-    if reader is None or _uses_device_state(optimizer):
+    if reader is None or _uses_device_state(optimizer) or _low_precision(optimizer):
         return DeltaReader()
     return reader
 
@@ -191,18 +255,105 @@ def _quantized(group: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v if k == "params" else _quantize(v) for k, v in group.items()}
 
 
+def _is_hyperparameter(optimizer: Optimizer, key: str) -> bool:
+    """A constructor setting (in ``optimizer.defaults``), not a key the optimizer adds while stepping
+    (pytorch-optimizer's integer ``group["step"]``, Prodigy's ``d_numerator``)."""
+    return key not in _IRRELEVANT_KEYS and key in optimizer.defaults
+
+
 def reference_key(optimizer: Optimizer, group: Mapping[str, Any]) -> tuple[Any, ...]:
     """The (quantised) hyper-parameters the reference depends on: when one changes, it is rebuilt."""
-    return (type(optimizer), freeze({k: _quantize(v) for k, v in group.items() if k not in _IRRELEVANT_KEYS}))
+    return (
+        type(optimizer),
+        freeze({k: _quantize(v) for k, v in group.items() if _is_hyperparameter(optimizer, k)}),
+    )
 
 
-def _simulation_kwargs(optimizer_class: type[Optimizer], group: Mapping[str, Any]) -> dict[str, Any]:
-    """The group's settings that the optimizer's constructor accepts (for the Monte Carlo run)."""
+#: Calibrations per param group, at most; later changes keep the last reference (with a warning).
+MAX_CALIBRATIONS = 32
+
+
+class ReferenceKeys:
+    """Per param group, the reference key: the hyper-parameters a scheduler or the user set.
+
+    A key whose value changes *inside* ``optimizer.step()`` is the optimizer's own state (a step
+    counter that pytorch-optimizer keeps in the group and in ``defaults``, Prodigy's ``d``,
+    schedule-free's ``weight_sum``): it leaves the key, and the simulation starts it afresh. Keys
+    moved *between* steps (a scheduler cycling ``momentum``) recalibrate, quantised, at most
+    :data:`MAX_CALIBRATIONS` times per group. Call ``before_step()`` in the pre-hook and
+    ``observe(j, group)`` after the step.
+    """
+
+    def __init__(self, optimizer: Optimizer) -> None:
+        self.optimizer = optimizer
+        #: Keys that the optimizer's own step changed: never part of the key.
+        self.state_keys: set[str] = set()
+        self._before: list[dict[str, Any]] | None = None
+        self._keys: dict[int, tuple[Any, ...]] = {}
+        self._calibrations: dict[int, int] = {}
+
+    def _values(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            k: freeze(_quantize(v))
+            for k, v in group.items()
+            if k not in self.state_keys and _is_hyperparameter(self.optimizer, k)
+        }
+
+    def before_step(self) -> None:
+        self._before = [self._values(group) for group in self.optimizer.param_groups]
+
+    def observe(self, j: int, group: Mapping[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The key of group j and the group as the simulation should see it (state keys left out)."""
+        if self._before is not None and j < len(self._before):
+            before = self._before[j]
+            self.state_keys.update(k for k, v in self._values(group).items() if k in before and before[k] != v)
+        view = {k: v for k, v in group.items() if k not in self.state_keys}
+        key = reference_key(self.optimizer, view)
+        previous = self._keys.get(j)
+        if previous is not None and key != previous:
+            self._calibrations[j] = self._calibrations.get(j, 0) + 1
+            if self._calibrations[j] > MAX_CALIBRATIONS:
+                if self._calibrations[j] == MAX_CALIBRATIONS + 1:
+                    warnings.warn(
+                        f"CLARA: the hyper-parameters of {type(self.optimizer).__name__} group {j} changed "
+                        f"{MAX_CALIBRATIONS} times; the reference keeps its last calibration from now on",
+                        RuntimeWarning,
+                        stacklevel=4,
+                    )
+                return previous, view
+        self._keys[j] = key
+        return key, view
+
+
+def _simulation_kwargs(
+    optimizer: Optimizer, optimizer_class: type[Optimizer], group: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The group's settings that the optimizer's constructor takes (for the Monte Carlo run): its named
+    parameters, and with ``**kwargs`` the keys of ``defaults``; never state the optimizer added."""
     parameters = inspect.signature(optimizer_class.__init__).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     return {
-        k: v for k, v in group.items() if k not in ("params", "name", "initial_lr") and (takes_any or k in parameters)
+        k: v
+        for k, v in group.items()
+        if k not in ("params", "name", "initial_lr") and (k in parameters or (takes_any and k in optimizer.defaults))
     }
+
+
+#: Betas at least this close to 1 are taken for second-moment decays: they change the scale of a step,
+#: which the unit step removes, not how successive steps correlate (Adam's 0.999, ADOPT's 0.9999).
+SECOND_MOMENT_BETA = 0.995
+
+
+def _momentum_beta(group: Mapping[str, Any]) -> float:
+    """The slowest first-moment decay of a group: the largest of its ``betas`` (or ``momentum``, ``beta``)
+    below :data:`SECOND_MOMENT_BETA`. Lion's momentum is its *second* beta (0.99), Adan's the third."""
+    candidates: list[float] = []
+    for key in ("betas", "momentum", "beta"):
+        value = group.get(key)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        candidates += [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    momenta = [b for b in candidates if 0.0 <= b < SECOND_MOMENT_BETA]
+    return max(momenta, default=0.0)
 
 
 def _momentum_horizon(beta: float) -> int:
@@ -236,7 +387,7 @@ def reference_for(optimizer: Optimizer, group: Mapping[str, Any], c: float) -> R
     if name == "RMSprop" and float(group.get("momentum", 0.0)) == 0.0 and not group.get("centered", False):
         return shared(PlainReference(c))
     optimizer_class = type(optimizer) if name is None else getattr(torch.optim, name)
-    kwargs = _simulation_kwargs(optimizer_class, group)
+    kwargs = _simulation_kwargs(optimizer, optimizer_class, group)
     if name in ("Adam", "AdamW"):
         beta1 = float(group["betas"][0])
         return shared(
@@ -247,10 +398,13 @@ def reference_for(optimizer: Optimizer, group: Mapping[str, Any], c: float) -> R
                 control_beta=beta1 if beta1 > 0 else None,
             )
         )
-    beta = float(group["betas"][0]) if "betas" in group else float(group.get("momentum", 0.0) or 0.0)
+    beta = _momentum_beta(group)
     if name == "NAdam":
         return shared(_nadam_reference(c, kwargs, beta))
-    return shared(MonteCarloReference(c, optimizer_class, kwargs, horizon=_momentum_horizon(beta)))
+    horizon = _momentum_horizon(beta)
+    # a long horizon leaves few trials per step at the default budget: keep >= 2048 elements per step
+    budget = max(1 << 19, horizon * 2048)
+    return shared(MonteCarloReference(c, optimizer_class, kwargs, horizon=horizon, budget=budget))
 
 
 def _speed_up_nadam(optimizer: Optimizer, factor: int) -> None:

@@ -44,7 +44,8 @@ def test_a_tuner_before_fit_leaves_the_fit_intact(tuning: str, make_module, trai
     else:
         Tuner(trainer).scale_batch_size(module, max_trials=2, init_val=8)
     trainer.fit(module)
-    assert callback.summary_rows is not None and callback.summary_rows[0].adapted_steps > 0
+    assert callback.summary_rows is not None
+    assert callback.summary_rows[0].adapted_steps > 0
     assert first_lr_used(callback) == pytest.approx(BASE_LR * INITIAL_FACTOR, rel=1e-6)
 
 
@@ -62,7 +63,8 @@ def test_a_tuner_callback_next_to_clara_runs_before_it_and_leaves_the_fit_intact
     trainer = pl.Trainer(callbacks=[callback, tuner], **trainer_kwargs)
     trainer.fit(make_module(sgd))
     if finder == "lr":
-        assert tuner.optimal_lr is not None and len(tuner.optimal_lr.results["lr"]) > 0
+        assert tuner.optimal_lr is not None
+        assert len(tuner.optimal_lr.results["lr"]) > 0
     assert first_lr_used(callback) == pytest.approx(BASE_LR * INITIAL_FACTOR, rel=1e-6)
 
 
@@ -72,7 +74,8 @@ def trained_checkpoint(make_module, trainer_kwargs: dict[str, Any], tmp_path: Pa
     kwargs = {**trainer_kwargs, "enable_checkpointing": True, "max_epochs": 3}
     callback = CLARACallback(c=0.2, d=0.2, fast_start=0)
     pl.Trainer(callbacks=[callback, checkpoint], **kwargs).fit(make_module(sgd))
-    assert callback.summary_rows is not None and callback.summary_rows[0].lr_end > 2 * BASE_LR * INITIAL_FACTOR
+    assert callback.summary_rows is not None
+    assert callback.summary_rows[0].lr_end > 2 * BASE_LR * INITIAL_FACTOR
     return Path(checkpoint.last_model_path)
 
 
@@ -112,9 +115,10 @@ def test_deepspeed_is_refused_although_it_subclasses_ddp(make_module) -> None:
         pass
 
     class StandIn:
-        strategy = DeepSpeedStrategy()
-        optimizers = [sgd(make_module(sgd))]
-        ckpt_path = None
+        def __init__(self) -> None:
+            self.strategy = DeepSpeedStrategy()
+            self.optimizers = [sgd(make_module(sgd))]
+            self.ckpt_path = None
 
     with pytest.raises(NotImplementedError, match="DeepSpeedStrategy strategy"):
         CLARACallback().on_fit_start(StandIn(), None)  # type: ignore[arg-type]
@@ -139,7 +143,8 @@ def test_no_optimizer_warns_and_prints_no_empty_table(make_module, trainer_kwarg
     module.training_step = lambda batch, batch_idx: None
     with pytest.warns(UserWarning, match="nothing to adapt"):
         trainer.fit(module)
-    assert callback.controllers == [] and callback.summary_rows is None
+    assert callback.controllers == []
+    assert callback.summary_rows is None
     assert "CLARA: learning rate used" not in capsys.readouterr().out
 
 
@@ -174,4 +179,5 @@ def test_spawned_fits_are_recognised_for_the_main_process_note() -> None:
 
     spawned = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False)
     single = pl.Trainer(accelerator="cpu", devices=1, logger=False)
-    assert _runs_in_worker_processes(spawned) and not _runs_in_worker_processes(single)
+    assert _runs_in_worker_processes(spawned)
+    assert not _runs_in_worker_processes(single)

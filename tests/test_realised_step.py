@@ -1,0 +1,81 @@
+"""CLARA follows the step the optimizer really took: sparse gradients, bf16 parameters, lr = 0 (issue 12, 10-11).
+
+0.1.0 raised on the first sparse step after the optimizer had updated, counted bf16 updates that had
+rounded away (log F +4.9 against +1.4 from the realised steps) and adapted on steps with lr = 0.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_clara import CLARA
+
+
+def test_sparse_gradients_switch_to_the_realised_step_before_the_optimizer_steps() -> None:
+    torch.manual_seed(0)
+    embedding, head = nn.Embedding(50, 8, sparse=True), nn.Linear(8, 1)
+    params = list(embedding.parameters()) + list(head.parameters())
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    clara = CLARA(optimizer, initial_factor=1.0)
+    assert clara.reader_name == "state"
+
+    def step() -> None:
+        loss = head(embedding(torch.randint(0, 50, (16,)))).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    with pytest.warns(RuntimeWarning, match="sparse gradients"):
+        step()
+    for _ in range(4):
+        step()
+    assert clara.reader_name == "delta"
+    assert clara.num_adapted_steps == 5
+    assert clara.log_factors[0] != 0.0
+
+
+def bf16_run(direction: str, lr: float, steps: int = 20) -> CLARA:
+    torch.manual_seed(0)
+    model = nn.Linear(64, 64).to(torch.bfloat16)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    clara = CLARA(optimizer, c=0.2, d=0.2, fast_start=0, initial_factor=1.0, direction=direction)  # type: ignore[arg-type]
+    x = torch.randn(32, 64).to(torch.bfloat16)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(x).float().pow(2).mean().backward()
+        optimizer.step()
+    return clara
+
+
+def test_bf16_parameters_are_read_from_the_realised_step() -> None:
+    """``auto`` reads bf16 parameters by delta: the same trajectory as direction='delta'."""
+    auto, delta = bf16_run("auto", 1e-5), bf16_run("delta", 1e-5)
+    assert auto.reader_name == "delta"
+    assert auto.log_factors == pytest.approx(delta.log_factors, rel=1e-12)
+
+
+def test_bf16_updates_that_round_away_do_not_adapt() -> None:
+    """lr 1e-9: every Adam update is below bf16's resolution, nothing moves, so nothing adapts."""
+    clara = bf16_run("auto", 1e-9, steps=5)
+    assert clara.num_adapted_steps == 0
+    assert clara.log_factors == [0.0]
+
+
+def test_a_step_with_lr_zero_does_not_adapt() -> None:
+    """A warm-up from zero: the step at lr 0 moved nothing (the Adam state reader saw an intended step)."""
+    param = nn.Parameter(torch.randn(10))
+    optimizer = torch.optim.Adam([param], lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / 3))
+    clara = CLARA(optimizer, c=0.2, d=0.2, fast_start=0, initial_factor=1.0)
+    assert clara.reader_name == "state"
+    log_factors = []
+    for _ in range(5):
+        param.grad = torch.ones(10)
+        optimizer.step()
+        scheduler.step()
+        log_factors.append(clara.log_factors[0])
+    assert log_factors[0] == 0.0  # the step at lr 0
+    assert clara.num_adapted_steps == 4
+    assert log_factors[-1] > 0.0  # agreeing steps afterwards: F rises
