@@ -136,59 +136,59 @@ def _has_parameters(optimizer: Optimizer) -> bool:
 
 
 class CLARACallback(Callback):
-    """Adapt the learning rate of every optimizer in ``Trainer.fit`` with CLARA.
+    """Adapt the learning rate of every optimizer in Trainer.fit with CLARA.
 
     Keep your optimizer and scheduler: while an optimizer steps, its learning rate is
-    ``lr_scheduled * F``; ``F`` rises while successive steps agree and falls when they cancel.
-    Every ``log_every_n_steps`` the callback logs, per optimizer and param group,
-    ``clara/lr-{name}`` (the lr used), ``clara/ratio-{name}`` and ``clara/log_factor-{name}``
-    on the same step axis as ``LearningRateMonitor``. At the end of the fit, rank 0 prints a
-    table of the learning rate used per optimizer and param group (``summary=False`` turns it
-    off), and ``prog_bar=True`` shows the lr used in the progress bar.
+    lr_scheduled * F; F rises while successive steps agree and falls when they cancel.
+    Every log_every_n_steps the callback logs, per optimizer and param group,
+    clara/lr-{name} (the lr used), clara/ratio-{name} and clara/log_factor-{name}
+    on the same step axis as LearningRateMonitor. At the end of the fit, rank 0 prints a
+    table of the learning rate used per optimizer and param group (summary=False turns it
+    off), and prog_bar=True shows the lr used in the progress bar.
 
     Args:
-        c: path memory in (0, 1]; the path averages roughly the last ``1/c`` unit steps (default
-            0.02; the paper's 0.2 with ``rule="paper"``).
+        c: path memory in (0, 1]; the path averages roughly the last 1/c unit steps (default
+            0.02; the paper's 0.2 with rule="paper").
         d: damping > 0: the change of log F per step when all steps agree (default 0.03; with
-            ``rule="paper"``, log F changes by ``d * (r - 1)`` and the default is 1e-3).
+            rule="paper", log F changes by d * (r - 1) and the default is 1e-3).
         initial_factor: F before the first step (default 0.1: CLARA starts 10x below the
-            configured lr and climbs; 1 with ``rule="paper"``).
-        scope: ``"optimizer"`` (one factor per optimizer) or ``"param_group"`` (one per group).
-        direction: ``"auto"``, ``"delta"`` or ``"state"``; see :class:`~lightning_clara.CLARA`.
+            configured lr and climbs; 1 with rule="paper").
+        scope: "optimizer" (one factor per optimizer) or "param_group" (one per group).
+        direction: "auto", "delta" or "state"; see CLARA.
         min_factor: lower bound on F, or None.
         max_factor: upper bound on F, or None.
         min_lr: lower bound on the learning rate used, or None.
         max_lr: upper bound on the learning rate used, or None.
-        log: log the dynamics to ``trainer.loggers``.
-        safeguard: watch the training loss (``training_step``'s loss) with a Page-Hinkley test; on
+        log: log the dynamics to trainer.loggers.
+        safeguard: watch the training loss (training_step's loss) with a Page-Hinkley test; on
             a blow-up undo the last step where a snapshot exists and halve F (see
-            :meth:`~lightning_clara.CLARA.observe_loss`). Costs one device-to-host copy per step.
+            CLARA.observe_loss). Costs one device-to-host copy per step.
         consistency_check_every: under DDP, every this many steps compare F across ranks (one
             small broadcast) and re-synchronise from rank 0 with a warning on drift; None: never.
             DDP needs no collective for correctness: every rank applies the same update.
-        rule: ``"normalized"`` (default) or ``"paper"`` (the paper's exact rule); see
-            :class:`~lightning_clara.CLARA`.
-        unit_step: the paper's unit-step variant (each tensor's step becomes ``lr * s/||s||``).
-        fast_start: for this many adapted steps the damping starts at ``20 d`` and falls linearly
-            to ``d`` (default 50 with ``rule="normalized"``, 0 with ``"paper"``; 0 turns it off),
-            so that a bad initial lr is rescued within short runs; see :class:`~lightning_clara.CLARA`.
+        rule: "normalized" (default) or "paper" (the paper's exact rule); see
+            CLARA.
+        unit_step: the paper's unit-step variant (each tensor's step becomes lr * s/||s||).
+        fast_start: for this many adapted steps the damping starts at 20 d and falls linearly
+            to d (default 50 with rule="normalized", 0 with "paper"; 0 turns it off),
+            so that a bad initial lr is rescued within short runs; see CLARA.
         hold_after: "find, then hold": after this many adapted steps the damping decays
-            exponentially (time constant ``hold_after / 3``), F settles and the schedule takes over
-            (default 600; 0, never, with ``rule="paper"``); see :class:`~lightning_clara.CLARA`.
+            exponentially (time constant hold_after / 3), F settles and the schedule takes over
+            (default 600; 0, never, with rule="paper"); see CLARA.
         target: the ratio the rule steers to (default 0.7; 1, the paper's random walk, with
-            ``rule="paper"``).
-        summary: at the end of a fit that completed, print (on rank 0, with ``rich``, to standard
+            rule="paper").
+        summary: at the end of a fit that completed, print (on rank 0, with rich, to standard
             output) one row per optimizer and param group: the lr used at the first and last
             adapted step, its min and max, the mean ratio, and the adapted steps, NaN/inf-skipped
-            steps, safeguard alarms and rank re-syncs of this fit (the last two with ``safeguard``
-            and ``consistency_check_every``). Independent of the progress bar; nothing is printed
+            steps, safeguard alarms and rank re-syncs of this fit (the last two with safeguard
+            and consistency_check_every). Independent of the progress bar; nothing is printed
             when the fit raised or was interrupted. The bookkeeping reads host-side values only
-            (no device synchronisation per step); ``summary_rows`` keeps the rows afterwards.
-        prog_bar: show the lr used in the progress bar (TQDM or Rich), as ``clara_lr`` for a
-            single param group and ``clara_lr-{name}`` otherwise; logged with ``logger=False``
-            (the loggers get ``clara/lr-{name}`` through ``log``), from a CPU tensor, so no
-            device transfer. Rich's bar shows metrics with ``.3f``: pass
-            ``RichProgressBar(theme=RichProgressBarTheme(metrics_format=".3e"))`` for small lrs.
+            (no device synchronisation per step); summary_rows keeps the rows afterwards.
+        prog_bar: show the lr used in the progress bar (TQDM or Rich), as clara_lr for a
+            single param group and clara_lr-{name} otherwise; logged with logger=False
+            (the loggers get clara/lr-{name} through log), from a CPU tensor, so no
+            device transfer. Rich's bar shows metrics with .3f: pass
+            RichProgressBar(theme=RichProgressBarTheme(metrics_format=".3e")) for small lrs.
     """
 
     def __init__(

@@ -150,6 +150,10 @@ def test_callback_help_shows_the_docstring(example: ModuleType, capsys: pytest.C
     assert "--trainer.callbacks.rule {paper,normalized}" in text
     assert "show the lr used in the progress bar" in text  # from the docstring's Args
     assert "type: float | null, default: null" in text
+    # plain text, not raw Sphinx markup (issue 12, point 13)
+    assert "``" not in text
+    assert ":class:" not in text
+    assert ":meth:" not in text
 
 
 def write_config(tmp_path: Path, **changes: Any) -> Path:
