@@ -216,3 +216,33 @@ class RowNormalised(torch.optim.Optimizer):
 def test_a_user_optimizer_is_probed_too(optimizer_class: type, reason: str) -> None:
     with pytest.raises(ProbeError, match=reason):
         CLARA(optimizer_class(matrix()))
+
+
+# ---------------------------------------------------------------------------------- reference horizon
+def test_the_monte_carlo_horizon_covers_the_paths_own_transient() -> None:
+    """At c = 0.02 the path settles over ~300 updates: 0.1.0's 128-step horizon took a tail still 1.3 %
+    low for the stationary value (r biased up). Independent steps have the closed form c / (2 - c)."""
+    from lightning_clara.reference import MonteCarloReference, PlainReference
+
+    c = 0.02
+    simulated = MonteCarloReference(c, torch.optim.SGD, {"lr": 1.0}, budget=1 << 22)
+    exact = PlainReference(c).stationary(300)
+    assert simulated.stationary(300) == pytest.approx(exact, rel=4e-3)
+
+
+@pytest.mark.parametrize(
+    ("group", "beta"),
+    [
+        ({"betas": (0.9, 0.999)}, 0.9),  # Adam-like: 0.999 is a second moment
+        ({"betas": (0.9, 0.99)}, 0.99),  # Lion: its momentum is the second beta
+        ({"betas": (0.98, 0.92, 0.99)}, 0.99),  # Adan
+        ({"betas": (0.9, 0.9999)}, 0.9),  # ADOPT
+        ({"momentum": 0.9}, 0.9),
+        ({"beta": 0.965}, 0.965),  # Tiger
+        ({}, 0.0),
+    ],
+)
+def test_the_simulated_momentum_is_the_slowest_first_moment_beta(group: dict[str, Any], beta: float) -> None:
+    from lightning_clara.support import _momentum_beta
+
+    assert _momentum_beta(group) == beta
