@@ -286,6 +286,8 @@ class ReferenceKeys:
 
     def __init__(self, optimizer: Optimizer) -> None:
         self.optimizer = optimizer
+        # torch's own optimizers keep their counters in ``state``, never in the group: no watch needed
+        self._watch = _torch_class(optimizer) is None
         #: Keys that the optimizer's own step changed: never part of the key.
         self.state_keys: set[str] = set()
         self._before: list[dict[str, Any]] | None = None
@@ -300,7 +302,8 @@ class ReferenceKeys:
         }
 
     def before_step(self) -> None:
-        self._before = [self._values(group) for group in self.optimizer.param_groups]
+        if self._watch:
+            self._before = [self._values(group) for group in self.optimizer.param_groups]
 
     def observe(self, j: int, group: Mapping[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The key of group j and the group as the simulation should see it (state keys left out)."""

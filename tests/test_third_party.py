@@ -183,33 +183,35 @@ def test_transformers_adafactor_without_lr_is_refused_not_crashed() -> None:
         CLARA(optimizer)
 
 
-class LrFree(torch.optim.Optimizer):
-    """A user optimizer that ignores the lr (a normalised sign step of fixed size)."""
+class GradientStep(torch.optim.Optimizer):
+    """A user optimizer ``p -= lr * update(grad)``; subclasses choose the update."""
 
     def __init__(self, params: Any, lr: float = 1e-3) -> None:
         super().__init__(params, {"lr": lr})
+
+    def update(self, grad: Tensor, lr: float) -> Tensor:
+        raise NotImplementedError
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:  # type: ignore[override]
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    p.add_(torch.sign(p.grad), alpha=-1e-3)
+                    p.sub_(self.update(p.grad, group["lr"]))
 
 
-class RowNormalised(torch.optim.Optimizer):
-    """A user optimizer that normalises each row of a matrix's step: not element-wise."""
+class LrFree(GradientStep):
+    """Ignores the lr: a sign step of fixed size."""
 
-    def __init__(self, params: Any, lr: float = 1e-3) -> None:
-        super().__init__(params, {"lr": lr})
+    def update(self, grad: Tensor, lr: float) -> Tensor:
+        return 1e-3 * torch.sign(grad)
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> None:  # type: ignore[override]
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    g = p.grad if p.dim() < 2 else p.grad / p.grad.norm(dim=-1, keepdim=True)
-                    p.add_(g, alpha=-group["lr"])
+
+class RowNormalised(GradientStep):
+    """Normalises each row of a matrix's gradient: not element-wise."""
+
+    def update(self, grad: Tensor, lr: float) -> Tensor:
+        return lr * (grad if grad.dim() < 2 else grad / grad.norm(dim=-1, keepdim=True))
 
 
 @pytest.mark.parametrize(
