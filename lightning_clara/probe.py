@@ -14,7 +14,6 @@ entry's gradient history changed for (b). It costs a few milliseconds, once per 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from functools import cache
 from typing import Any
 
 import torch
@@ -35,6 +34,10 @@ class ProbeError(TypeError):
     """The optimizer cannot be steered by CLARA; the message says why."""
 
 
+#: (class, frozen settings, build) of the optimizers that passed: probed once per process.
+_PASSED: set[tuple[Any, ...]] = set()
+
+
 def probe_update(
     optimizer_class: type[Optimizer], settings: Mapping[str, Any], build: Callable[..., Optimizer] | None = None
 ) -> None:
@@ -43,8 +46,19 @@ def probe_update(
     ``settings`` are the param group's constructor settings without ``params`` (lr included);
     ``build(params, **settings)`` constructs the optimizer (default: the class itself).
     """
-    frozen = tuple(sorted((k, _hashable(v)) for k, v in settings.items()))
-    _probe(optimizer_class, frozen, build)
+    key: tuple[Any, ...] | None = (
+        optimizer_class,
+        tuple(sorted((k, _hashable(v)) for k, v in settings.items())),
+        build,
+    )
+    try:
+        if key in _PASSED:
+            return
+    except TypeError:  # a setting that cannot be hashed (a dict): probe every time, it is cheap
+        key = None
+    _probe(optimizer_class, dict(settings), build)
+    if key is not None:
+        _PASSED.add(key)
 
 
 def _hashable(value: Any) -> Any:
@@ -55,10 +69,8 @@ def _hashable(value: Any) -> Any:
     return value
 
 
-@cache
-def _probe(optimizer_class: type[Optimizer], settings: tuple[tuple[str, Any], ...], build: Any) -> None:
+def _probe(optimizer_class: type[Optimizer], kwargs: dict[str, Any], build: Callable[..., Optimizer] | None) -> None:
     name = optimizer_class.__name__
-    kwargs = dict(settings)
     lr = kwargs.get("lr")
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
         raise ProbeError(

@@ -251,3 +251,18 @@ def test_the_simulated_momentum_is_the_slowest_first_moment_beta(group: dict[str
     from lightning_clara.support import _momentum_beta
 
     assert _momentum_beta(group) == beta
+
+
+class PlainWithDictSetting(GradientStep):
+    """An element-wise optimizer with an unhashable setting: probed (not cached), then accepted."""
+
+    def __init__(self, params: Any, lr: float = 1e-3, options: dict[str, float] | None = None) -> None:
+        torch.optim.Optimizer.__init__(self, params, {"lr": lr, "options": options or {"scale": 1.0}})
+
+    def update(self, grad: Tensor, lr: float) -> Tensor:
+        return lr * grad
+
+
+def test_an_unhashable_setting_is_probed_without_a_cache() -> None:
+    clara = CLARA(PlainWithDictSetting(matrix()))
+    assert clara.optimizer.param_groups[0]["options"] == {"scale": 1.0}
