@@ -1,6 +1,7 @@
 """Lightning workflows around a fit: tuners, validate(ckpt_path), DeepSpeed, a second fit, Rich's bar.
 
-Each test fails on 0.1.0 (issue 12, points 1-5).
+Each test fails on 0.1.0 (issue 12, points 1-5), except the resume test, the control that shows
+the fix for validate(ckpt_path) did not break a real resume.
 """
 
 from __future__ import annotations
