@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_clara.reference import freeze
+
 __all__ = ["ProbeError", "probe_update"]
 
 _SHAPE = (4, 4)
@@ -46,27 +48,15 @@ def probe_update(
     ``settings`` are the param group's constructor settings without ``params`` (lr included);
     ``build(params, **settings)`` constructs the optimizer (default: the class itself).
     """
-    key: tuple[Any, ...] | None = (
-        optimizer_class,
-        tuple(sorted((k, _hashable(v)) for k, v in settings.items())),
-        build,
-    )
+    key: tuple[Any, ...] | None = (optimizer_class, freeze(dict(settings)), build)
     try:
         if key in _PASSED:
             return
-    except TypeError:  # a setting that cannot be hashed (a dict): probe every time, it is cheap
+    except TypeError:  # a setting freeze cannot make hashable (a set): probe every time, it is cheap
         key = None
     _probe(optimizer_class, dict(settings), build)
     if key is not None:
         _PASSED.add(key)
-
-
-def _hashable(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return tuple(_hashable(v) for v in value)
-    if isinstance(value, Tensor):
-        return tuple(value.flatten().tolist())
-    return value
 
 
 def _probe(optimizer_class: type[Optimizer], kwargs: dict[str, Any], build: Callable[..., Optimizer] | None) -> None:

@@ -104,18 +104,14 @@ class StepRecorder(Callback):
 
 def replay_sgd(lrs: list[float], grads: list[list[Tensor]], lr_base: float, **options: Any) -> SimpleCLARA:
     """Feed the simple loop the plain-SGD steps ``lr * grad`` a run took (in float64); check each lr on the way."""
-    clara = SimpleCLARA([g.shape for g in grads[0]], C, D, plain_sgd_mu(C), **options)
-    assert len(lrs) == len(grads) > 0
-    for t, (lr, step_grads) in enumerate(zip(lrs, grads, strict=True)):
-        assert math.isclose(lr, lr_base * clara.factor, rel_tol=1e-5), (t, lr, lr_base * clara.factor)
-        clara.update([lr * g.double() for g in step_grads])
-    return clara
+    steps = [[lr * g.double() for g in step_grads] for lr, step_grads in zip(lrs, grads, strict=True)]
+    return replay_steps(lrs, steps, lr_base, tolerance=1e-5, **options)
 
 
 def replay_steps(
     lrs: list[float], steps: list[list[Tensor]], lr_base: float, tolerance: float, **options: Any
 ) -> SimpleCLARA:
-    """Feed the simple loop the steps a run really took (what CLARA reads for low-precision parameters)."""
+    """Feed the simple loop the steps a run really took; check each lr used against ``lr_base * F`` on the way."""
     clara = SimpleCLARA([s.shape for s in steps[0]], C, D, plain_sgd_mu(C), **options)
     assert len(lrs) == len(steps) > 0
     for t, (lr, step) in enumerate(zip(lrs, steps, strict=True)):
