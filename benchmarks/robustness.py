@@ -3,7 +3,8 @@
 Logistic regression (one linear layer, no feature scaling, 80/20 split, batch 128, 100 epochs)
 on scikit-learn's breast_cancer, iris, wine and digits, plus an MLP (64-128-10) on digits;
 initial learning rates 1e-6 ... 1; seeds 0-4. Methods: SGD, Adam, their CLARA versions
-(library default, unit-step, and the paper's rule with d = 1e-3), D-Adaptation (DAdaptAdam,
+(library default as ``CLARACallback()`` runs it, with the safeguard and the run's length;
+unit-step; and the paper's rule with d = 1e-3), D-Adaptation (DAdaptAdam,
 d0 = lr0) and Prodigy (d0 = lr0). Prints the table (mean +- std test accuracy), the worst and
 mean over the lr grid per method, the paper's numbers beside ours, and writes
 ``benchmarks/results/robustness.json``.
@@ -115,7 +116,11 @@ def run_one(task: str, method: Method, lr0: float, seed: int, epochs: int) -> di
     if method.clara is not None:
         options = dict(method.clara)
         preset = options.pop("preset", None)
-        clara = CLARA.paper(optimizer, **options) if preset == "paper" else CLARA(optimizer, **options)
+        if preset == "paper":
+            clara = CLARA.paper(optimizer, **options)
+        else:  # as CLARACallback() runs it: the safeguard fed the loss, the run's length known
+            steps = epochs * math.ceil(len(x_train) / 128)
+            clara = CLARA(optimizer, **{"safeguard": True, "total_steps": steps, **options})
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     for _ in range(epochs):
@@ -126,6 +131,8 @@ def run_one(task: str, method: Method, lr0: float, seed: int, epochs: int) -> di
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if clara is not None and clara.safeguard is not None:
+                clara.observe_loss(loss.detach())
     with torch.no_grad():
         accuracy = float((model(x_test).argmax(1) == y_test).float().mean()) * 100
     final_lr = clara.lr_used[0] if clara is not None else float(optimizer.param_groups[0]["lr"])

@@ -7,6 +7,7 @@ optimizer's ``step()`` through torch's step hooks, so it runs exactly on real op
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -131,6 +132,17 @@ def _runs_in_worker_processes(trainer: pl.Trainer) -> bool:
     return type(launcher).__name__ == "_MultiProcessingLauncher"
 
 
+def _estimated_steps(trainer: pl.Trainer) -> int | None:
+    """The Trainer's estimate of the fit's optimizer steps, or None where it is unknown or infinite."""
+    try:
+        steps = trainer.estimated_stepping_batches
+    except Exception:  # a stand-in trainer, or a loader without a length: the defaults apply
+        return None
+    if isinstance(steps, bool) or not isinstance(steps, (int, float)) or not math.isfinite(steps) or steps < 1:
+        return None
+    return int(steps)
+
+
 def _has_parameters(optimizer: Optimizer) -> bool:
     return any(group["params"] for group in optimizer.param_groups)
 
@@ -162,7 +174,10 @@ class CLARACallback(Callback):
         log: log the dynamics to trainer.loggers.
         safeguard: watch the training loss (training_step's loss) with a Page-Hinkley test; on
             a blow-up undo the last step where a snapshot exists and halve F (see
-            CLARA.observe_loss). Costs one device-to-host copy per step.
+            CLARA.observe_loss). On by default: it lets Adam and AdamW steer to their lower
+            target (0.55, which reaches their tuned lr) and catches a climb into a broken
+            network. Costs one device-to-host copy of the loss per step and two parameter
+            snapshots; safeguard=False keeps the target at 0.7 for every optimizer.
         consistency_check_every: under DDP, every this many steps compare F across ranks (one
             small broadcast) and re-synchronise from rank 0 with a warning on drift; None: never.
             DDP needs no collective for correctness: every rank applies the same update.
@@ -175,8 +190,11 @@ class CLARACallback(Callback):
         hold_after: "find, then hold": after this many adapted steps the damping decays
             exponentially (time constant hold_after / 3), F settles and the schedule takes over
             (default 600; 0, never, with rule="paper"); see CLARA.
-        target: the ratio the rule steers to (default 0.7; 1, the paper's random walk, with
-            rule="paper").
+        target: the ratio the rule steers to (default 0.7; 0.55 for Adam and AdamW with the
+            safeguard; 1, the paper's random walk, with rule="paper").
+        total_steps: the optimizer steps of the fit, for the run-length defaults of hold_after
+            and d (a short fit finds in its first 40 %); None: the Trainer's
+            estimated_stepping_batches, when it is finite.
         summary: at the end of a fit that completed, print (on rank 0, with rich, to standard
             output) one row per optimizer and param group: the lr used at the first and last
             adapted step, its min and max, the mean ratio, and the adapted steps, NaN/inf-skipped
@@ -204,13 +222,14 @@ class CLARACallback(Callback):
         min_lr: float | None = None,
         max_lr: float | None = None,
         log: bool = True,
-        safeguard: bool = False,
+        safeguard: bool = True,
         consistency_check_every: int | None = None,
         rule: Rule = "normalized",
         unit_step: bool = False,
         fast_start: int | None = None,
         hold_after: int | None = None,
         target: float | None = None,
+        total_steps: int | None = None,
         summary: bool = True,
         prog_bar: bool = False,
     ) -> None:
@@ -234,6 +253,7 @@ class CLARACallback(Callback):
             "fast_start": fast_start,
             "hold_after": hold_after,
             "target": target,
+            "total_steps": total_steps,
         }
         if not isinstance(safeguard, bool):
             raise TypeError(f"safeguard must be a bool, got {type(safeguard).__name__} {safeguard!r}")
@@ -292,6 +312,16 @@ class CLARACallback(Callback):
             self._fit_summary = FitSummary()
             for controller in self.controllers:
                 self._fit_summary.track(controller)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The run's length, for the run-length defaults of d and hold_after: here, not in on_fit_start,
+        # because estimating it there would load the train dataloader before a resumed fit restores it.
+        if self._options["total_steps"] is None and self.controllers:
+            steps = _estimated_steps(trainer)
+            self._fit_options = {**self._fit_options, "total_steps": steps}
+            for controller in self.controllers:
+                controller.set_total_steps(steps)
 
     @override
     def on_before_optimizer_step(
@@ -364,7 +394,7 @@ class CLARACallback(Callback):
             return
         if [len(names) for names in self.names] != [len(c.optimizer.param_groups) for c in self.controllers]:
             self.names = self._names()  # a group was added
-        self._feed_safeguard(outputs, stepped)
+        self._feed_safeguard(trainer, outputs, stepped)
         if self.prog_bar:
             self._show_in_progress_bar(pl_module, stepped)
         if not self.log or not trainer.loggers or not trainer._logger_connector.should_update_logs:
@@ -376,13 +406,20 @@ class CLARACallback(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 
-    def _feed_safeguard(self, outputs: Any, stepped: list[int]) -> None:
-        """Give the batch loss (the one the step's gradient came from) to the optimizers that stepped."""
+    def _feed_safeguard(self, trainer: pl.Trainer, outputs: Any, stepped: list[int]) -> None:
+        """Give the batch loss (the one the step's gradient came from) to the optimizers that stepped.
+
+        Under DDP each rank holds the loss of its own shard of the batch: the mean over ranks (one
+        small all-reduce, which every rank runs here) makes every rank raise the same alarms, so F
+        and the restored parameters stay identical across ranks.
+        """
         if not self._options["safeguard"]:
             return
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is None:
             return
+        if isinstance(loss, torch.Tensor) and trainer.world_size > 1:
+            loss = trainer.strategy.reduce(loss.detach(), reduce_op="mean")
         for index in stepped:
             self.controllers[index].observe_loss(loss)
 

@@ -39,6 +39,7 @@ from lightning_clara.support import (
     check_supported,
     reader_for,
     reference_for,
+    safeguarded_target,
     unwrap,
 )
 
@@ -59,6 +60,13 @@ RULE_DEFAULTS: dict[str, dict[str, Any]] = {
 #: After ``hold_after`` adapted steps the damping decays as ``exp(-(t - hold_after) / tau)`` with
 #: ``tau = HOLD_DECAY * hold_after``: by ``2 * hold_after`` it is 5 % of ``d``, later it vanishes.
 HOLD_DECAY = 1.0 / 3.0
+#: A run known to be short (``total_steps``) finds in its first ``SHORT_RUN_FIND`` part:
+#: ``hold_after`` becomes ``SHORT_RUN_FIND * total_steps`` within ``SHORT_RUN_HOLD``, and ``d``
+#: grows so that ``d * hold_after`` (how far the find can move log F) stays that of the defaults.
+#: Measured: a 600-step LM from lr0 1e-5 needs it (benchmarks/RESULTS.md); 3000-step runs keep the
+#: defaults, as a 3000-step MLP ran away at twice the default d.
+SHORT_RUN_FIND = 0.4
+SHORT_RUN_HOLD = (240, 600)
 #: The damping's multiplier at the first step of a fast start; it falls linearly to 1.
 FAST_START_GAIN = 20.0
 #: |log F| never exceeds this (F in [1e-26, 1e26]): F stays finite and non-zero whatever happens.
@@ -86,13 +94,19 @@ def validate_options(
     fast_start: Any = None,
     hold_after: Any = None,
     target: Any = None,
+    total_steps: Any = None,
 ) -> dict[str, Any]:
     """Check CLARA's options; raise ``TypeError``/``ValueError`` naming the argument and its range.
 
-    Options given as None take the default of their ``rule`` (:data:`RULE_DEFAULTS`).
+    Options given as None take the default of their ``rule`` (:data:`RULE_DEFAULTS`); with
+    ``rule="normalized"`` and ``total_steps`` given, ``hold_after`` and ``d`` left at None follow
+    the run's length (:func:`run_length_defaults`).
     """
     rule = check_choice("rule", rule, ("paper", "normalized"))
+    total_steps = None if total_steps is None else check_positive_int("total_steps", total_steps)
     defaults = RULE_DEFAULTS[rule]
+    if rule == "normalized" and total_steps is not None:
+        defaults = {**defaults, **run_length_defaults(total_steps, hold_after is None, d is None)}
     c, d, fast_start, hold_after, initial_factor, target = (
         defaults[name] if value is None else value
         for name, value in (
@@ -107,6 +121,7 @@ def validate_options(
     options = {
         "c": check_in_range("c", c, 0.0, 1.0, low_open=True),
         "rule": rule,
+        "total_steps": total_steps,
         "scope": check_choice("scope", scope, ("optimizer", "param_group")),
         "direction": check_choice("direction", direction, ("auto", "delta", "state")),
         "min_factor": check_optional_positive("min_factor", min_factor),
@@ -156,6 +171,25 @@ def validate_options(
         if options[low] is not None and options[high] is not None and options[low] > options[high]:
             raise ValueError(f"{low} ({options[low]}) must be <= {high} ({options[high]})")
     return options
+
+
+def run_length_defaults(total_steps: int, hold_unset: bool, d_unset: bool) -> dict[str, Any]:
+    """The normalized rule's ``hold_after`` and ``d`` for a run of ``total_steps`` optimizer steps.
+
+    The find takes the first 40 % of a short run (at least ``SHORT_RUN_HOLD[0]`` steps) and at most
+    the default ``hold_after``; ``d`` (only when ``hold_after`` is not set either) scales inversely,
+    so that the find can move log F as far as with the defaults. Runs of 1500 steps or more keep
+    the defaults.
+    """
+    if not hold_unset:
+        return {}
+    defaults = RULE_DEFAULTS["normalized"]
+    low, high = SHORT_RUN_HOLD
+    hold = min(high, max(low, int(SHORT_RUN_FIND * total_steps)))
+    out: dict[str, Any] = {"hold_after": hold}
+    if d_unset:
+        out["d"] = defaults["d"] * defaults["hold_after"] / hold
+    return out
 
 
 @dataclass
@@ -217,7 +251,10 @@ class CLARA:
         reference: a :class:`~lightning_clara.reference.Reference` to use for every group
             instead of the automatic one.
         safeguard: True (or a :class:`~lightning_clara.safeguard.PageHinkley`) to watch the
-            loss given to :meth:`observe_loss`.
+            loss given to :meth:`observe_loss` (call it every step). With it, Adam and AdamW steer
+            to a lower target (:data:`~lightning_clara.support.SAFEGUARDED_TARGETS`, 0.55), which
+            reaches their tuned lr; without it they keep 0.7, which cannot run away. Costs one
+            host copy of the loss per step and two parameter snapshots. ``CLARACallback`` turns it on.
         sharding: how parameters are sharded across ranks (FSDP/ZeRO-like), see
             :class:`~lightning_clara.distributed.Sharding`; None for whole tensors (DDP too).
         consistency_check_every: under DDP, compare F across ranks every this many steps.
@@ -235,11 +272,15 @@ class CLARA:
             fits its data, successive steps cancel at every lr (r < 1 with or without
             replacement), and a rule that keeps adapting lowers F without end; the hold bounds what
             F can still move to ``d * hold_after / 3`` (x the signal, at most 1) in log F.
-        target: the ratio the rule steers to (default 0.7 with ``rule="normalized"``; 1, the paper's
-            random walk, with ``"paper"``). At a good lr a deep network's steps partly cancel, so
-            ``r = 1`` lies below it; a target below 1 accepts that cancellation. On pure noise
-            (E[r] = 1) it makes log F rise by a known, bounded amount before the hold
-            (docs/algorithm.md).
+        target: the ratio the rule steers to (default 0.7 with ``rule="normalized"``, 0.55 for
+            Adam and AdamW with a safeguard; 1, the paper's random walk, with ``"paper"``). At a
+            good lr a deep network's steps partly cancel, so ``r = 1`` lies below it; a target
+            below 1 accepts that cancellation. On pure noise (E[r] = 1) it makes log F rise by a
+            known, bounded amount before the hold (docs/algorithm.md).
+        total_steps: the number of optimizer steps the run will take, if known (the callback
+            passes the Trainer's estimate). A short run finds faster: with ``rule="normalized"``,
+            ``hold_after`` left at None becomes ``0.4 * total_steps`` (between 240 and 600) and
+            ``d`` left at None grows as ``0.03 * 600 / hold_after``. None: the defaults.
 
     Example::
 
@@ -278,6 +319,7 @@ class CLARA:
         fast_start: int | None = None,
         hold_after: int | None = None,
         target: float | None = None,
+        total_steps: int | None = None,
     ) -> None:
         optimizer = unwrap(optimizer)  # Fabric's wrapper: hook the optimizer it wraps
         check_supported(optimizer)
@@ -301,7 +343,10 @@ class CLARA:
             fast_start=fast_start,
             hold_after=hold_after,
             target=target,
+            total_steps=total_steps,
         )
+        if target is None and options["rule"] == "normalized" and options["safeguard"] is not None:
+            options["target"] = safeguarded_target(optimizer) or options["target"]
         self.c: float = options["c"]
         self.d: float = options["d"]
         self.scope: Scope = options["scope"]
@@ -320,6 +365,8 @@ class CLARA:
         self.fast_start: int = options["fast_start"]
         self.hold_after: int = options["hold_after"]
         self.target: float = options["target"]
+        self.total_steps: int | None = options["total_steps"]
+        self._given_schedule = {"d": d, "hold_after": hold_after}  # None: the rule's (run-length) default
         self.consistency_check_every: int | None = options["consistency_check_every"]
         every = self.consistency_check_every
         self._guard = None if every is None else RankConsistencyGuard(every)
@@ -357,6 +404,18 @@ class CLARA:
             optimizer.register_step_post_hook(self._after_step),
         ]
         optimizer._clara_controller = self  # type: ignore[attr-defined]
+
+    def set_total_steps(self, total_steps: int | None) -> None:
+        """Give the run's length once it is known (``total_steps`` of the constructor, later).
+
+        ``d`` and ``hold_after`` that were not set explicitly take their run-length defaults
+        (:func:`run_length_defaults`); a pure function of ``total_steps``, so a resumed run that
+        gives the same length continues with the same schedule. ``CLARACallback`` calls it in
+        ``on_train_start``, once the Trainer's ``estimated_stepping_batches`` is known without
+        loading the data early.
+        """
+        options = validate_options(rule=self.rule, total_steps=total_steps, **self._given_schedule)
+        self.total_steps, self.d, self.hold_after = options["total_steps"], options["d"], options["hold_after"]
 
     # ------------------------------------------------------------------ public read-only state
     @property

@@ -32,12 +32,19 @@ class CLARATrainerCallback(TrainerCallback):
     The Trainer's scheduler keeps setting the base lr; the lr used is ``lr_scheduled * F``. At each
     logging step the callback adds, per param group, ``clara/lr``, ``clara/ratio`` and
     ``clara/log_factor`` (suffixed ``-pg{j}`` when there are several groups, as the Trainer's
-    decay / no-decay split makes). CLARA's state is not written to the Trainer's checkpoints: a
+    decay / no-decay split makes). ``total_steps`` defaults to the Trainer's ``max_steps``. The
+    Trainer does not hand its callbacks the loss of every step, so there is no safeguard here (and
+    Adam keeps the target 0.7). CLARA's state is not written to the Trainer's checkpoints: a
     resumed run starts its paths and F afresh.
     """
 
     def __init__(self, **options: Any) -> None:
         validate_options(**options)
+        if options.get("safeguard"):
+            raise ValueError(
+                "CLARATrainerCallback: safeguard needs the loss of every step, which the Trainer does not give "
+                "its callbacks; leave safeguard off (Adam then keeps the target 0.7)"
+            )
         self.options = options
         self.controller: CLARA | None = None
 
@@ -52,7 +59,10 @@ class CLARATrainerCallback(TrainerCallback):
         if optimizer is None:
             raise ValueError("CLARATrainerCallback: the Trainer passed no optimizer to on_train_begin")
         self._detach()
-        self.controller = CLARA(optimizer, **self.options)  # unwraps accelerate's AcceleratedOptimizer
+        options = dict(self.options)
+        if options.get("total_steps") is None and state.max_steps > 0:
+            options["total_steps"] = state.max_steps  # the run-length defaults of hold_after and d
+        self.controller = CLARA(optimizer, **options)  # unwraps accelerate's AcceleratedOptimizer
 
     def on_log(
         self,

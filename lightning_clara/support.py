@@ -117,6 +117,19 @@ def _torch_class(optimizer: Optimizer) -> str | None:
     return None
 
 
+#: The target ratio of the normalized rule for these ``torch.optim`` classes when the safeguard is on.
+#: Adam's ratio has a lower valley than SGD's (0.55-0.6 against 0.7 on the MNIST-1D CNN): at the
+#: default 0.7 it settles 2-3x below the tuned lr; at 0.55 it reaches it, but on an MLP whose valley
+#: lies higher it can climb into a broken network, which the loss watch catches (benchmarks/RESULTS.md).
+SAFEGUARDED_TARGETS: dict[str, float] = {"Adam": 0.55, "AdamW": 0.55}
+
+
+def safeguarded_target(optimizer: Optimizer) -> float | None:
+    """The target for ``optimizer`` with the safeguard on, or None for the rule's default."""
+    name = _torch_class(optimizer)
+    return None if name is None else SAFEGUARDED_TARGETS.get(name)
+
+
 def _step_is_hooked(optimizer: Optimizer) -> bool:
     """Whether ``optimizer.step`` runs torch's step hooks (``Optimizer.__init__`` patches it)."""
     return bool(getattr(type(optimizer).step, "hooked", False))

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_clara import CLARA
 from lightning_clara.controller import RULE_DEFAULTS
-from lightning_clara.support import reference_for
+from lightning_clara.support import SAFEGUARDED_TARGETS, reference_for
 
 #: CLARA 0.1.0's defaults: the collapse these tests must catch.
 CLARA_0_1_0 = {"c": 0.2, "initial_factor": 1.0, "hold_after": 0, "target": 1.0}
@@ -160,6 +160,26 @@ def test_iid_noise_drift_is_the_known_drift(name: str, target: float) -> None:
     expected = predicted_drift(OPTIMIZERS[name](zero_parameters()), RULE_DEFAULTS["normalized"]["c"], target, steps)
     if target == 1.0:
         assert expected == 0.0
+    assert abs(mean - expected) < 4 * error, (mean, expected, error)
+
+
+def test_iid_noise_drift_with_the_safeguarded_adam_target_is_the_known_drift() -> None:
+    """The callback's Adam (safeguard on, target 0.55): the same known, bounded rise on i.i.d. noise."""
+    steps, seeds = 300, 16
+    changes = []
+    for seed in range(seeds):
+        params = zero_parameters()
+        clara = CLARA(OPTIMIZERS["adam"](params), safeguard=True)
+        assert clara.target == SAFEGUARDED_TARGETS["Adam"]
+        start = clara.log_factors[0]
+        changes.append(feed(clara, params, iid_gaussian(seed), steps)[-1] - start)
+    mean = sum(changes) / seeds
+    error = (sum((v - mean) ** 2 for v in changes) / (seeds - 1) / seeds) ** 0.5
+    c = RULE_DEFAULTS["normalized"]["c"]
+    expected = predicted_drift(OPTIMIZERS["adam"](zero_parameters()), c, SAFEGUARDED_TARGETS["Adam"], steps)
+    assert expected > predicted_drift(
+        OPTIMIZERS["adam"](zero_parameters()), c, RULE_DEFAULTS["normalized"]["target"], steps
+    )
     assert abs(mean - expected) < 4 * error, (mean, expected, error)
 
 

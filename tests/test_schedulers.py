@@ -178,7 +178,7 @@ def test_lr_used_is_scheduled_lr_times_factor_at_every_step(
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     module = make_module(configure)
-    clara_callback = CLARACallback(c=C, d=D, initial_factor=1.0)
+    clara_callback = CLARACallback(c=C, d=D, safeguard=False, initial_factor=1.0)
     recorder = StepRecorder(clara_callback)
     trainer = Trainer(**{**trainer_kwargs, "max_epochs": EPOCHS, "callbacks": [clara_callback, recorder]})
     trainer.fit(module)

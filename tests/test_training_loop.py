@@ -145,7 +145,7 @@ def test_accumulation_adapts_and_logs_on_the_optimizer_step_axis(
     total = epochs * math.ceil(STEPS_PER_EPOCH / accumulate)
     module = make_module(sgd())
     initial_net = copy.deepcopy(module.net)
-    callback, recorder, counter = CLARACallback(c=C, d=D), LRRecorder(), StepRecorder()
+    callback, recorder, counter = CLARACallback(c=C, d=D, safeguard=False), LRRecorder(), StepRecorder()
     logger = CSVLogger(tmp_path, name="logs")
     trainer = make_trainer(
         trainer_kwargs,
@@ -199,7 +199,7 @@ def test_bf16_precision_keeps_fp32_paths(
     output_dtypes: list[torch.dtype] = []
     module.net[0].register_forward_hook(lambda m, args, out: output_dtypes.append(out.dtype))
     # target 1 and F from 1: F moves but the lr stays where bf16 rounding cannot make the run chaotic
-    options = {"target": 1.0, "initial_factor": 1.0}
+    options = {"target": 1.0, "initial_factor": 1.0, "safeguard": False}
     callback, recorder, counter = CLARACallback(c=C, d=D, **options), LRRecorder(), StepRecorder(keep_grads=True)
     trainer = make_trainer(trainer_kwargs, [callback, recorder, counter], max_epochs=epochs, precision=precision)
     trainer.fit(module)
@@ -232,7 +232,7 @@ def test_fp16_mixed_on_cpu_runs_as_bf16_mixed(
 ) -> None:
     """Lightning does not raise for precision="16-mixed" on CPU: it warns and uses bf16-mixed (no scaler)."""
     module = make_module(sgd(), dataset=_float32(regression_data)).float()
-    callback, counter = CLARACallback(c=C, d=D), StepRecorder()
+    callback, counter = CLARACallback(c=C, d=D, safeguard=False), StepRecorder()
     with pytest.warns(UserWarning, match="fp16 is not supported on CPU"):
         trainer = make_trainer(trainer_kwargs, [callback, counter], precision="16-mixed")
     assert trainer.precision == "bf16-mixed"
@@ -255,7 +255,7 @@ def test_fp16_grad_scaler_skips_are_not_adapted_in_lightning(
     module = make_module(sgd(), dataset=_float32(regression_data)).float()
     scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
     plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
-    callback, recorder, counter = CLARACallback(c=C, d=D), LRRecorder(), StepRecorder(keep_grads=True)
+    callback, recorder, counter = CLARACallback(c=C, d=D, safeguard=False), LRRecorder(), StepRecorder(keep_grads=True)
     trainer = make_trainer(trainer_kwargs, [callback, recorder, counter], max_epochs=epochs, plugins=[plugin])
     trainer.fit(module)
 
@@ -398,7 +398,7 @@ def test_manual_gan_adapts_each_optimizer_on_its_own_steps(trainer_kwargs: dict[
     module = TinyGAN(d_every)
     gen, disc = copy.deepcopy(module.generator), copy.deepcopy(module.discriminator)
     logger = RecordingLogger()
-    callback, recorder, counter = CLARACallback(c=C, d=D), LRRecorder(), StepRecorder()
+    callback, recorder, counter = CLARACallback(c=C, d=D, safeguard=False), LRRecorder(), StepRecorder()
     trainer = make_trainer(
         trainer_kwargs, [callback, recorder, counter], max_epochs=epochs, logger=logger, log_every_n_steps=1
     )
@@ -465,7 +465,7 @@ def test_clipped_step_is_the_adapted_direction(
     initial_net = copy.deepcopy(make_module(sgd()).net)
     for direction in ("auto", "delta"):
         module = make_module(sgd())
-        callback, recorder = CLARACallback(c=C, d=D, direction=direction), LRRecorder()
+        callback, recorder = CLARACallback(c=C, d=D, safeguard=False, direction=direction), LRRecorder()
         trainer = make_trainer(
             trainer_kwargs,
             [callback, recorder],
@@ -576,7 +576,7 @@ def test_supported_strategies_are_accepted_by_inheritance(
         pass
 
     module = make_module(sgd())
-    callback = CLARACallback(c=C, d=D)
+    callback = CLARACallback(c=C, d=D, safeguard=False)
     trainer = make_trainer(trainer_kwargs, [callback], strategy=MySingleDevice(device=torch.device("cpu")))
     trainer.fit(module)
     assert callback.controllers[0].num_adapted_steps == STEPS_PER_EPOCH

@@ -61,6 +61,7 @@ def test_add_clara_adapts_the_trainers_optimizer_and_logs_through_it(tmp_path: P
     controller = callback.controller
     assert controller is not None
     assert controller.num_adapted_steps == 29  # the warm-up's first step has lr 0: nothing moved
+    assert (controller.total_steps, controller.hold_after) == (30, 240)  # the Trainer's max_steps
     assert not controller.attached  # detached at train end: the optimizer's lr is its scheduler's again
     # F moved from its initial value, and the lr used is the scheduled lr times F
     last = training_logs[-1]
@@ -82,3 +83,8 @@ def test_the_callback_passed_to_the_trainer_also_adapts(tmp_path: Path) -> None:
 def test_bad_options_fail_when_the_callback_is_made() -> None:
     with pytest.raises(ValueError, match="c"):
         CLARATrainerCallback(c=2.0)
+
+
+def test_the_safeguard_is_refused_as_the_trainer_gives_no_per_step_loss() -> None:
+    with pytest.raises(ValueError, match="safeguard"):
+        CLARATrainerCallback(safeguard=True)
