@@ -31,7 +31,7 @@ __all__ = ["FitSummary", "GroupSummary", "summary_table"]
 TITLE = "CLARA: learning rate used over the fit"
 CAPTION = (
     "lr: the lr used, lr_scheduled × F, at the adapted steps\n"
-    "r: the path ratio (1 on noise; above the target, 0.7 by default, it raises the lr)"
+    "r: the path ratio (1 on noise; above the target, 0.7 or 0.55 for Adam with the safeguard, it raises the lr)"
 )
 
 
