@@ -199,8 +199,9 @@ def test_bf16_precision_keeps_fp32_paths(
     output_dtypes: list[torch.dtype] = []
     module.net[0].register_forward_hook(lambda m, args, out: output_dtypes.append(out.dtype))
     # target 1 and F from 1: F moves but the lr stays where bf16 rounding cannot make the run chaotic
-    options = {"target": 1.0, "initial_factor": 1.0, "safeguard": False}
-    callback, recorder, counter = CLARACallback(c=C, d=D, **options), LRRecorder(), StepRecorder(keep_grads=True)
+    options = {"target": 1.0, "initial_factor": 1.0}
+    callback = CLARACallback(c=C, d=D, safeguard=False, **options)
+    recorder, counter = LRRecorder(), StepRecorder(keep_grads=True)
     trainer = make_trainer(trainer_kwargs, [callback, recorder, counter], max_epochs=epochs, precision=precision)
     trainer.fit(module)
 
