@@ -77,7 +77,7 @@ class Recorder(L.Callback):
 
 
 def fit(shard: bool) -> tuple[Recorder, CLARACallback, L.Trainer]:
-    recorder, callback = Recorder(), CLARACallback(d=0.2, safeguard=False)
+    recorder, callback = Recorder(), CLARACallback(d=0.2)  # the safeguard on, as by default
     if shard:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -102,6 +102,7 @@ def driver(out: Path) -> None:
         "factor": controller.lr_factor,
         "steps": controller.num_adapted_steps,
         "local_path_sizes": [state.path.numel() for state in controller._tensors.values()],
+        "safeguard": controller.safeguard.state_dict() if controller.safeguard is not None else None,
     }
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
@@ -129,6 +130,19 @@ def test_every_rank_uses_the_single_process_learning_rates(sharded_run: list[dic
     assert rank0["lrs"] == pytest.approx(expected, rel=1e-9)
     assert rank0["factor"] == pytest.approx(callback.controllers[0].lr_factor, rel=1e-9)
     assert rank0["steps"] == rank1["steps"] == STEPS_PER_EPOCH * EPOCHS
+
+
+def test_the_safeguard_sees_the_same_global_loss_on_every_rank(sharded_run: list[dict[str, Any]]) -> None:
+    """Each rank's shard of the batch has its own loss; the callback feeds the mean over ranks, which is
+    the single-process loss of the whole batch, so the detector's statistics agree across ranks and with it."""
+    _, callback, _ = fit(shard=False)
+    single = callback.controllers[0].safeguard
+    assert single is not None
+    rank0, rank1 = sharded_run
+    assert rank0["safeguard"]["count"] == rank1["safeguard"]["count"] == STEPS_PER_EPOCH * EPOCHS
+    for key in ("mean", "variance", "excess"):
+        assert rank0["safeguard"][key] == rank1["safeguard"][key]
+        assert rank0["safeguard"][key] == pytest.approx(getattr(single, key), rel=1e-9, abs=1e-12)
 
 
 def test_each_rank_keeps_only_its_shard_of_the_paths(sharded_run: list[dict[str, Any]]) -> None:
