@@ -61,12 +61,13 @@ RULE_DEFAULTS: dict[str, dict[str, Any]] = {
 #: ``tau = HOLD_DECAY * hold_after``: by ``2 * hold_after`` it is 5 % of ``d``, later it vanishes.
 HOLD_DECAY = 1.0 / 3.0
 #: A run known to be short (``total_steps``) finds in its first ``SHORT_RUN_FIND`` part:
-#: ``hold_after`` becomes ``SHORT_RUN_FIND * total_steps`` within ``SHORT_RUN_HOLD``, and ``d``
-#: grows so that ``d * hold_after`` (how far the find can move log F) stays that of the defaults.
+#: ``hold_after`` becomes ``SHORT_RUN_FIND * total_steps``, at least ``SHORT_RUN_MIN_HOLD`` and at
+#: most the default ``hold_after``, and ``d`` grows so that ``d * hold_after`` (how far the find
+#: can move log F) stays that of the defaults.
 #: Measured: a 600-step LM from lr0 1e-5 needs it (benchmarks/RESULTS.md); 3000-step runs keep the
 #: defaults, as a 3000-step MLP ran away at twice the default d.
 SHORT_RUN_FIND = 0.4
-SHORT_RUN_HOLD = (240, 600)
+SHORT_RUN_MIN_HOLD = 240
 #: The damping's multiplier at the first step of a fast start; it falls linearly to 1.
 FAST_START_GAIN = 20.0
 #: |log F| never exceeds this (F in [1e-26, 1e26]): F stays finite and non-zero whatever happens.
@@ -176,7 +177,7 @@ def validate_options(
 def run_length_defaults(total_steps: int, hold_unset: bool, d_unset: bool) -> dict[str, Any]:
     """The normalized rule's ``hold_after`` and ``d`` for a run of ``total_steps`` optimizer steps.
 
-    The find takes the first 40 % of a short run (at least ``SHORT_RUN_HOLD[0]`` steps) and at most
+    The find takes the first 40 % of a short run (at least ``SHORT_RUN_MIN_HOLD`` steps) and at most
     the default ``hold_after``; ``d`` (only when ``hold_after`` is not set either) scales inversely,
     so that the find can move log F as far as with the defaults. Runs of 1500 steps or more keep
     the defaults.
@@ -184,8 +185,7 @@ def run_length_defaults(total_steps: int, hold_unset: bool, d_unset: bool) -> di
     if not hold_unset:
         return {}
     defaults = RULE_DEFAULTS["normalized"]
-    low, high = SHORT_RUN_HOLD
-    hold = min(high, max(low, int(SHORT_RUN_FIND * total_steps)))
+    hold = min(defaults["hold_after"], max(SHORT_RUN_MIN_HOLD, int(SHORT_RUN_FIND * total_steps)))
     out: dict[str, Any] = {"hold_after": hold}
     if d_unset:
         out["d"] = defaults["d"] * defaults["hold_after"] / hold

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from lightning_clara import CLARA, CLARACallback
-from lightning_clara.controller import RULE_DEFAULTS, SHORT_RUN_HOLD, run_length_defaults
+from lightning_clara.controller import RULE_DEFAULTS, SHORT_RUN_MIN_HOLD, run_length_defaults
 from lightning_clara.support import SAFEGUARDED_TARGETS
 
 DEFAULT = RULE_DEFAULTS["normalized"]
@@ -55,7 +55,7 @@ def test_an_explicit_target_and_the_paper_rule_keep_their_target() -> None:
 # ---------------------------------------------------------------------------------------------- run length
 @pytest.mark.parametrize(
     ("total_steps", "hold"),
-    [(1, SHORT_RUN_HOLD[0]), (600, 240), (1000, 400), (1500, 600), (3000, 600), (100_000, SHORT_RUN_HOLD[1])],
+    [(1, SHORT_RUN_MIN_HOLD), (600, 240), (1000, 400), (1500, 600), (3000, 600), (100_000, DEFAULT["hold_after"])],
 )
 def test_a_known_run_length_sets_the_hold_and_keeps_the_find_budget(total_steps: int, hold: int) -> None:
     clara = CLARA(torch.optim.SGD(params(), lr=0.1), total_steps=total_steps)
@@ -115,7 +115,7 @@ def test_the_callback_watches_the_loss_and_reads_the_run_length(make_module, tra
 
     trainer = pl.Trainer(callbacks=[callback, Probe()], **{**trainer_kwargs, "max_epochs": 3})
     trainer.fit(make_module(adam))
-    assert seen == {"target": SAFEGUARDED_TARGETS["Adam"], "total": 3 * 8, "hold": SHORT_RUN_HOLD[0], "watched": True}
+    assert seen == {"target": SAFEGUARDED_TARGETS["Adam"], "total": 3 * 8, "hold": SHORT_RUN_MIN_HOLD, "watched": True}
     assert trainer.estimated_stepping_batches == 24
 
 
