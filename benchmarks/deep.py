@@ -37,7 +37,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,7 @@ STEPS = {"cnn": 3000, "mlp": 3000, "lm": 600}
 #: Every this many steps the lr used is recorded for the plots.
 RECORD_EVERY = 10
 #: CLARA's defaults of version 0.1.0, kept to show the collapse the new defaults fix.
-CLARA_0_1_0 = {"c": 0.2, "initial_factor": 1.0, "hold_after": 0, "target": 1.0, "safeguard": False}
+CLARA_0_1_0 = {"c": 0.2, "initial_factor": 1.0, "hold_after": 0, "target": 1.0, "safeguard": False, "sample": None}
 #: What ``CLARACallback()`` gives a Trainer: the safeguard on (fed the loss every step) and the run's
 #: length known (``trainer.estimated_stepping_batches``).
 CALLBACK_DEFAULTS = {"safeguard": True}
@@ -441,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="steps per run (default: per task)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--quick", action="store_true", help="a few steps of every method, for the test suite")
+    parser.add_argument(
+        "--sample", default=None, help="CLARA's sample for the CLARA methods but 0.1.0's: an int or 'none' (full paths)"
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results" / "deep.json")
     args = parser.parse_args(argv)
     known = {m.name: m for m in METHODS}
@@ -448,6 +451,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {list(known)}")
     methods = [known[m] for m in args.methods]
+    if args.sample is not None:
+        sample = None if args.sample.lower() == "none" else int(args.sample)
+        methods = [
+            replace(m, clara={"sample": sample, **m.clara}) if m.clara is not None else m for m in methods
+        ]  # 0.1.0's own "sample": None wins
     if args.quick:
         args.seeds, args.lrs, args.steps = 1, [1e-3], 30
     jobs = [

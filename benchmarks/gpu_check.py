@@ -1,12 +1,16 @@
 """GPU checks (run where a CUDA device is available; CI has none).
 
-1. CLARA on CUDA parameters follows the same trajectory as on the CPU (SGD, Adam, fused Adam).
+1. CLARA on CUDA parameters follows the same trajectory as on the CPU (SGD, Adam, fused Adam), with
+   sampled paths (the default; the 256x128 weight is sampled) and with full paths.
 2. One adapted step makes exactly one synchronising device-to-host copy (torch's sync debug mode).
 3. Path buffers stay fp32 for bf16 parameters, on the parameters' device.
 4. Lightning fits on the GPU with precision "bf16-mixed" and "16-mixed" (a real GradScaler):
    F stays finite, adapted steps equal optimizer steps (scaler-skipped steps change nothing).
 
     python benchmarks/gpu_check.py        # prints PASS/FAIL lines, exits 1 on any failure
+
+The per-step cost on CUDA, with kernel launches and synchronisations counted:
+``python benchmarks/overhead.py --device cuda``.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ def check(name: str, condition: bool, detail: str = "") -> None:
         FAILURES.append(name)
 
 
-def trajectory(device: str, kind: str, steps: int = 60) -> list[float]:
+def trajectory(device: str, kind: str, steps: int = 60, sample: int | None = 4096) -> list[float]:
     """F after each step for a fixed synthetic gradient stream (drift + noise)."""
     generator = torch.Generator().manual_seed(0)
     shapes = [(256, 128), (128,), (10, 256), (10,)]
@@ -39,7 +43,7 @@ def trajectory(device: str, kind: str, steps: int = 60) -> list[float]:
         optimizer = torch.optim.Adam(params, lr=1e-3)
     else:
         optimizer = torch.optim.Adam(params, lr=1e-3, fused=True)
-    clara = CLARA(optimizer)
+    clara = CLARA(optimizer, sample=sample)
     out = []
     for _ in range(steps):
         for p in params:
@@ -55,15 +59,16 @@ def main() -> int:
         return 1
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     for kind in ("sgd", "adam", "adam_fused"):
-        cpu = trajectory("cpu", "adam" if kind == "adam_fused" else kind)
-        gpu = trajectory("cuda", kind)
-        error = max(abs(math.log(a / b)) for a, b in zip(cpu, gpu, strict=True))
-        moved = abs(math.log(cpu[-1]))
-        check(
-            f"trajectory-{kind}",
-            error < 1e-4 and moved > 0.01,
-            f"max |log F_gpu - log F_cpu| = {error:.2e}, |log F| = {moved:.3f}",
-        )
+        for sample in (4096, None):
+            cpu = trajectory("cpu", "adam" if kind == "adam_fused" else kind, sample=sample)
+            gpu = trajectory("cuda", kind, sample=sample)
+            error = max(abs(math.log(a / b)) for a, b in zip(cpu, gpu, strict=True))
+            moved = abs(math.log(cpu[-1] / cpu[0]))
+            check(
+                f"trajectory-{kind}-sample-{sample}",
+                error < 1e-4 and moved > 0.01,
+                f"max |log F_gpu - log F_cpu| = {error:.2e}, |log F| = {moved:.3f}",
+            )
 
     # synchronisations per adapted step
     params = [
@@ -93,7 +98,7 @@ def main() -> int:
     clara = CLARA(optimizer)
     params[0].grad = torch.randn_like(params[0])
     optimizer.step()
-    path = next(iter(clara._tensors.values())).path
+    path = clara._sampled.buckets[0].path
     check(
         "bf16-paths-fp32", path.dtype == torch.float32 and path.device.type == "cuda", f"{path.dtype} on {path.device}"
     )

@@ -1,21 +1,26 @@
-"""What CLARA costs: per-step time in units of one foreach Adam step, end-to-end ratios, memory.
+"""What CLARA costs per step: in units of one foreach Adam step, end to end, and in memory.
 
 All numbers are measured side by side in one run (interleaved repetitions, medians), so the
-ratios hold on a loaded machine even when the absolute times do not.
+ratios hold on a loaded machine even when the absolute times do not. Every table compares the
+default (sampled paths, ``sample=4096``) with full paths (``sample=None``, the state reader where
+one exists: 0.1.0's hot path).
 
-    python benchmarks/overhead.py              # ~1M, ~6M, ~25M parameters (a few minutes on 2 cores)
+    python benchmarks/overhead.py              # the issue's targets and the scaling tables (~10 min on 2 cores)
     python benchmarks/overhead.py --smoke      # seconds: keeps the script working (tested)
-    python benchmarks/overhead.py --device cuda
+    python benchmarks/overhead.py --device cuda  # also counts kernel launches and blocking syncs
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
+import math
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,20 +33,31 @@ HERE = Path(__file__).resolve().parent
 #: F pinned to 1: CLARA does all its work every step, but the repeated steps on fixed gradients
 #: cannot drive the lr to a blow-up (whose NaN steps would take another code path) mid-benchmark.
 PINNED = {"min_factor": 1.0, "max_factor": 1.0}
+#: The engines compared: the default and 0.1.0's full paths.
+ENGINES = {"sampled": {}, "full": {"sample": None}}
+#: (parameters, tensors) of the per-step targets (issue 13).
+TARGETS = ((6.3e6, 50), (26e6, 200))
+TENSOR_COUNTS = (10, 100, 1000)
+MODEL_SIZES = (1e6, 6.3e6, 26e6, 100e6)
 
 
-def make_params(total: int, width: int, device: str) -> list[torch.nn.Parameter]:
-    """Square weight matrices plus biases (like an MLP) adding up to about ``total`` parameters."""
+def make_params(total: float, tensors: int, device: str) -> list[torch.nn.Parameter]:
+    """``tensors / 2`` square weight matrices, each with its bias (like an MLP), about ``total`` entries."""
+    pairs = max(1, tensors // 2)
+    width = max(1, round(math.sqrt(total / pairs)))
     params = []
-    count = 0
-    while count < total:
-        weight = torch.nn.Parameter(torch.randn(width, width, device=device) * 0.01)
-        bias = torch.nn.Parameter(torch.zeros(width, device=device))
-        params += [weight, bias]
-        count += weight.numel() + bias.numel()
+    for _ in range(pairs):
+        params.append(torch.nn.Parameter(torch.randn(width, width, device=device) * 0.01))
+        params.append(torch.nn.Parameter(torch.zeros(width, device=device)))
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     return params
+
+
+def make_optimizer(kind: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=1e-3, foreach=True)
+    return torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=True)
 
 
 def _sync(device: str) -> None:
@@ -67,10 +83,12 @@ def time_steps(setups: dict[str, Callable[[], None]], device: str, repeats: int,
 
 
 def persistent_bytes(clara: Any) -> int:
-    """Bytes CLARA keeps between steps: paths plus the direction reader's buffers."""
+    """Bytes CLARA keeps between steps: paths, sample indices, the direction reader's buffers."""
     from lightning_clara.directions import DeltaReader
 
     total = sum(state.path.numel() * state.path.element_size() for state in clara._tensors.values())
+    if clara._sampled is not None:
+        total += clara._sampled.persistent_bytes()
     reader = clara._reader
     stores = [reader._snapshots, reader._previous] if isinstance(reader, DeltaReader) else []
     stores.append(getattr(reader, "_scratch", {}))  # the state readers' CPU scratch, the delta's undo copy
@@ -79,111 +97,76 @@ def persistent_bytes(clara: Any) -> int:
     return total
 
 
-def per_step_costs(total: int, width: int, device: str, repeats: int, steps: int) -> dict[str, Any]:
-    """CLARA's cost per optimizer step, in foreach-Adam steps, for each optimizer and reader."""
+def step_costs(total: float, tensors: int, kinds: tuple[str, ...], device: str, repeats: int, steps: int) -> dict:
+    """CLARA's cost per optimizer step, in foreach-Adam steps and in ms, per optimizer and engine."""
     from lightning_clara import CLARA
 
-    results: dict[str, Any] = {}
-    rows = {
-        "Adam (foreach)": ("adam", None),
-        "SGD": ("sgd", None),
-        "SGD+CLARA state": ("sgd", "state"),
-        "SGD+CLARA delta": ("sgd", "delta"),
-        "Adam+CLARA state": ("adam", "state"),
-        "Adam+CLARA delta": ("adam", "delta"),
-    }
     setups: dict[str, Callable[[], None]] = {}
+    claras: dict[str, Any] = {}
     keep: list[Any] = []
     numel = 0
-    claras: dict[str, Any] = {}
-    for name, (kind, direction) in rows.items():
-        params = make_params(total, width, device)
-        numel = sum(p.numel() for p in params)
-        if kind == "adam":
-            optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=1e-3, foreach=True)
-        else:
-            optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=True)
-        if direction is not None:
-            claras[name] = CLARA(optimizer, direction=direction, **PINNED)
-        keep.append((params, optimizer))
-        setups[name] = optimizer.step
+    for kind in ("adam", *[k for k in kinds if k != "adam"]):
+        for engine in ("none", *ENGINES):
+            params = make_params(total, tensors, device)
+            numel = sum(p.numel() for p in params)
+            optimizer = make_optimizer(kind, params)
+            if engine != "none":
+                claras[f"{kind}/{engine}"] = CLARA(optimizer, **PINNED, **ENGINES[engine])
+            keep.append((params, optimizer))
+            setups[f"{kind}/{engine}"] = optimizer.step
     seconds = time_steps(setups, device, repeats, steps)
-    adam = seconds["Adam (foreach)"]
-    for name, (kind, direction) in rows.items():
-        base = seconds["Adam (foreach)"] if kind == "adam" else seconds["SGD"]
-        entry = {"seconds": seconds[name]}
-        if direction is not None:
-            entry["clara_cost_in_adam_steps"] = (seconds[name] - base) / adam
-            entry["extra_bytes_per_param"] = persistent_bytes(claras[name]) / numel
-        results[name] = entry
-    for name in ("D-Adaptation", "Prodigy"):
-        results[name] = _peer_cost(name, total, width, device, repeats, steps, adam)
-    del keep
+    adam = seconds["adam/none"]
+    rows: dict[str, Any] = {}
+    for name, clara in claras.items():
+        kind = name.split("/")[0]
+        added = seconds[name] - seconds[f"{kind}/none"]
+        rows[name] = {
+            "seconds": seconds[name],
+            "added_ms": added * 1e3,
+            "cost_in_adam_steps": added / adam,
+            "extra_bytes_per_param": persistent_bytes(clara) / numel,
+        }
+    del keep, claras
     gc.collect()
-    return {"numel": numel, "tensors": len(make_params(total, width, "cpu")), "rows": results}
+    return {"numel": numel, "tensors": tensors, "adam_ms": adam * 1e3, "rows": rows}
 
 
-def _peer_cost(name: str, total: int, width: int, device: str, repeats: int, steps: int, adam: float) -> dict[str, Any]:
-    """A learning-rate-free peer's step time relative to Adam, and its state beyond Adam's."""
-    try:
-        if name == "D-Adaptation":
-            from dadaptation import DAdaptAdam as Peer
-        else:
-            from prodigyopt import Prodigy as Peer
-    except ImportError:
-        return {"missing": True}
-    params = make_params(total, width, device)
-    optimizer = Peer(params, lr=1.0)
-    reference = torch.optim.Adam(make_params(total, width, device), lr=1e-3, foreach=True)
-    seconds = time_steps({"peer": optimizer.step, "adam": reference.step}, device, repeats, steps)
-    numel = sum(p.numel() for p in params)
-    state_bytes = sum(
-        t.numel() * t.element_size()
-        for s in optimizer.state.values()
-        for t in s.values()
-        if isinstance(t, torch.Tensor)
-    )
-    adam_bytes = 8 * numel  # exp_avg + exp_avg_sq in fp32
-    return {
-        "seconds": seconds["peer"],
-        "cost_in_adam_steps": seconds["peer"] / seconds["adam"] - 1.0,
-        "extra_bytes_per_param": (state_bytes - adam_bytes) / numel,
-    }
+def _deep_models() -> Any:
+    """benchmarks/deep.py's MNIST-1D models (loaded from the file: the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location("clara_deep_benchmark", HERE / "deep.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[spec.name] = module  # type: ignore[union-attr]  # its dataclasses look themselves up there
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
 
 
-def end_to_end(device: str, repeats: int, steps: int, smoke: bool) -> dict[str, float]:
-    """Training-step time with / without CLARACallback's controller, for a small CNN and an MLP."""
+def end_to_end(device: str, repeats: int, steps: int) -> dict[str, dict[str, float]]:
+    """MNIST-1D training-step time (batch 100, forward + backward + step) with CLARA over without, - 1."""
     from lightning_clara import CLARA
 
-    def cnn() -> torch.nn.Module:
-        return torch.nn.Sequential(
-            torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-            torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-            torch.nn.Flatten(), torch.nn.Linear(64 * 8 * 8, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10),
-        )  # fmt: skip
-
-    def mlp() -> torch.nn.Module:
-        return torch.nn.Sequential(
-            torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 512), torch.nn.ReLU(),
-            torch.nn.Linear(512, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10),
-        )  # fmt: skip
-
-    batch = 8 if smoke else 64
-    x = torch.randn(batch, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
-    out = {}
-    for model_name, factory in (("cnn", cnn), ("mlp", mlp)):
-        for opt_name in ("sgd", "adam"):
+    deep = _deep_models()
+    factories = {
+        "cnn": deep.CNN,
+        "mlp": lambda: torch.nn.Sequential(
+            *(torch.nn.Linear(40, 100), torch.nn.ReLU(), torch.nn.Linear(100, 100), torch.nn.ReLU()),
+            torch.nn.Linear(100, 10),
+        ),
+    }
+    x = torch.randn(100, 40, device=device)
+    y = torch.randint(0, 10, (100,), device=device)
+    out: dict[str, dict[str, float]] = {}
+    for model_name, factory in factories.items():
+        for kind in ("sgd", "adam"):
             setups = {}
             keep = []
-            for with_clara in (False, True):
+            for engine in ("none", *ENGINES):
                 torch.manual_seed(0)
                 model = factory().to(device)
-                if opt_name == "sgd":
+                if kind == "sgd":
                     optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
                 else:
                     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-                clara = CLARA(optimizer, **PINNED) if with_clara else None
+                clara = None if engine == "none" else CLARA(optimizer, **PINNED, **ENGINES[engine])
 
                 def train_step(model: torch.nn.Module = model, optimizer: torch.optim.Optimizer = optimizer) -> None:
                     loss = torch.nn.functional.cross_entropy(model(x), y)
@@ -192,54 +175,118 @@ def end_to_end(device: str, repeats: int, steps: int, smoke: bool) -> dict[str, 
                     optimizer.step()
 
                 keep.append((model, optimizer, clara))
-                setups["with" if with_clara else "without"] = train_step
+                setups[engine] = train_step
             seconds = time_steps(setups, device, repeats, steps)
-            out[f"{model_name}/{opt_name}"] = seconds["with"] / seconds["without"] - 1.0
+            out[f"{model_name}/{kind}"] = {engine: seconds[engine] / seconds["none"] - 1.0 for engine in ENGINES} | {
+                "step_us": seconds["none"] * 1e6
+            }
     return out
+
+
+def cuda_launches(device: str) -> dict[str, Any]:
+    """Kernel launches and blocking synchronisations of one Adam+CLARA step on CUDA (26M in 200 tensors)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lightning_clara import CLARA
+
+    out: dict[str, Any] = {}
+    for engine, options in (("none", None), *ENGINES.items()):
+        params = make_params(26e6, 200, device)
+        optimizer = make_optimizer("adam", params)
+        if options is not None:
+            CLARA(optimizer, **PINNED, **options)
+        for _ in range(3):
+            optimizer.step()
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as syncs:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")  # every synchronising call inside the steps warns
+            try:
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    optimizer.step()
+                    optimizer.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+        kernels = sum(1 for event in prof.events() if event.device_type.name == "CUDA")
+        out[engine] = {"kernels_per_step": kernels / 2, "syncs_per_step": len(syncs) / 2}
+    return out
+
+
+def _table(title: str, columns: list[str]) -> Table:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="right")
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--sizes", nargs="+", type=float, default=[1e6, 6e6, 25e6])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for the test suite")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    targets, counts, sizes = TARGETS, TENSOR_COUNTS, MODEL_SIZES
     if args.smoke:
-        args.sizes, args.repeats, args.steps = [2e4], 2, 1
+        targets, counts, sizes, args.repeats, args.steps = ((2e4, 4),), (4,), (2e4,), 2, 1
     out = args.out or HERE / "results" / f"overhead-{args.device.split(':')[0]}.json"
     console = Console(width=160)
     report: dict[str, Any] = {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads()}
     if args.device.startswith("cuda"):
         report["gpu"] = torch.cuda.get_device_name()
-    table = Table(title=f"CLARA per-step cost on {args.device} (in foreach-Adam steps; persistent bytes/param)")
-    for column in ("parameters", "tensors", "method", "step time", "cost (Adam steps)", "extra B/param"):
-        table.add_column(column, justify="right")
-    for size in args.sizes:
-        width = 512 if size < 2e6 else 1024
-        costs = per_step_costs(int(size), width, args.device, args.repeats, args.steps)
-        report[f"{int(size)}"] = costs
+    columns = ["parameters", "tensors", "optimizer", "engine", "added per step", "cost (Adam steps)", "extra B/param"]
+
+    def add_rows(table: Table, costs: dict[str, Any]) -> None:
         for name, row in costs["rows"].items():
-            cost = row.get("clara_cost_in_adam_steps", row.get("cost_in_adam_steps"))
+            kind, engine = name.split("/")
             table.add_row(
-                f"{costs['numel'] / 1e6:.1f}M",
-                str(costs["tensors"]),
-                name,
-                "-" if "seconds" not in row else f"{row['seconds'] * 1e3:.2f} ms",
-                "-" if cost is None else f"{cost:+.3f}",
-                "-" if "extra_bytes_per_param" not in row else f"{row['extra_bytes_per_param']:.1f}",
-            )
+                f"{costs['numel'] / 1e6:.2f}M", str(costs["tensors"]), kind, engine, f"{row['added_ms']:.3f} ms",
+                f"{row['cost_in_adam_steps']:+.3f}", f"{row['extra_bytes_per_param']:.2f}",
+            )  # fmt: skip
+
+    table = _table("CLARA's added cost per optimizer step (targets: <= 0.1 Adam steps)", columns)
+    report["targets"] = []
+    for total, tensors in targets:
+        costs = step_costs(total, tensors, ("adam", "sgd"), args.device, args.repeats, args.steps)
+        report["targets"].append(costs)
+        add_rows(table, costs)
     console.print(table)
-    ratios = end_to_end(args.device, args.repeats, max(args.steps, 3), args.smoke)
+
+    small = step_costs(1.5e4, 6, ("adam",), args.device, args.repeats * 3, args.steps * 20)
+    report["small_mlp"] = small
+    table = _table("6-tensor MLP (target: <= 0.5 of its own Adam step)", columns)
+    add_rows(table, small)
+    console.print(table)
+
+    table = _table("Against the tensor count (1M parameters, Adam)", columns)
+    report["tensor_counts"] = []
+    for tensors in counts:
+        costs = step_costs(1e6 if not args.smoke else 2e4, tensors, ("adam",), args.device, args.repeats, args.steps)
+        report["tensor_counts"].append(costs)
+        add_rows(table, costs)
+    console.print(table)
+
+    table = _table("Against the model size (100 tensors, Adam): sampled stays flat in ms", columns)
+    report["model_sizes"] = []
+    for total in sizes:
+        tensors = 100 if not args.smoke else 4
+        costs = step_costs(total, tensors, ("adam",), args.device, max(3, args.repeats // 2), args.steps)
+        report["model_sizes"].append(costs)
+        add_rows(table, costs)
+    console.print(table)
+
+    ratios = end_to_end(args.device, args.repeats, max(args.steps, 3) * (1 if args.smoke else 10))
     report["end_to_end_overhead"] = ratios
-    e2e = Table(title="End-to-end training step: time with CLARA / without - 1")
-    e2e.add_column("model/optimizer")
-    e2e.add_column("overhead", justify="right")
-    for name, ratio in ratios.items():
-        e2e.add_row(name, f"{ratio * 100:+.1f} %")
+    e2e = _table("End to end, MNIST-1D training step (batch 100): with CLARA / without - 1", ["model/optimizer",
+                 "step without", *ENGINES])  # fmt: skip
+    for name, row in ratios.items():
+        e2e.add_row(name, f"{row['step_us']:.0f} us", *(f"{row[engine] * 100:+.1f} %" for engine in ENGINES))
     console.print(e2e)
+    if args.device.startswith("cuda"):
+        report["cuda_launches"] = cuda_launches(args.device)
+        console.print(report["cuda_launches"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     console.print(f"wrote {out}")

@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -245,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lrs", nargs="+", type=float, default=list(LEARNING_RATES))
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--smoke", action="store_true", help="tiny grid, for the test suite")
+    parser.add_argument("--sample", default=None, help="CLARA's sample for the CLARA methods: an int or 'none'")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "robustness.json")
     parser.add_argument("--plot-only", type=Path, default=None, help="redraw the PNG from a saved JSON")
     args = parser.parse_args(argv)
@@ -259,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {list(known)}")
     methods = [known[m] for m in args.methods]
+    if args.sample is not None:
+        sample = None if args.sample.lower() == "none" else int(args.sample)
+        methods = [replace(m, clara={"sample": sample, **m.clara}) if m.clara is not None else m for m in methods]
     if args.smoke:
         methods = [m for m in methods if m.base in ("sgd", "adam")]
     jobs = [

@@ -23,6 +23,7 @@ from typing_extensions import override
 
 from lightning_clara.controller import CLARA, Rule, Scope, validate_options
 from lightning_clara.distributed import Sharding
+from lightning_clara.sampling import DEFAULT_SAMPLE
 from lightning_clara.summary import FitSummary, GroupSummary, summary_table
 from lightning_clara.support import DirectionChoice, unwrap
 
@@ -195,6 +196,9 @@ class CLARACallback(Callback):
         total_steps: the optimizer steps of the fit, for the run-length defaults of hold_after
             and d (a short fit finds in its first 40 %); None: the Trainer's
             estimated_stepping_batches, when it is finite.
+        sample: keep each tensor's path on a fixed sample of at most this many coordinates
+            (default 4096): the per-step cost no longer grows with the model; None keeps full
+            paths (the paper's exact statistic); see CLARA.
         summary: at the end of a fit that completed, print (on rank 0, with rich, to standard
             output) one row per optimizer and param group: the lr used at the first and last
             adapted step, its min and max, the mean ratio, and the adapted steps, NaN/inf-skipped
@@ -230,6 +234,7 @@ class CLARACallback(Callback):
         hold_after: int | None = None,
         target: float | None = None,
         total_steps: int | None = None,
+        sample: int | None = DEFAULT_SAMPLE,
         summary: bool = True,
         prog_bar: bool = False,
     ) -> None:
@@ -254,6 +259,7 @@ class CLARACallback(Callback):
             "hold_after": hold_after,
             "target": target,
             "total_steps": total_steps,
+            "sample": sample,
         }
         if not isinstance(safeguard, bool):
             raise TypeError(f"safeguard must be a bool, got {type(safeguard).__name__} {safeguard!r}")

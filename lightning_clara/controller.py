@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -33,6 +33,7 @@ from lightning_clara.distributed import RankConsistencyGuard, Sharding
 from lightning_clara.path import path_dtype_for, update_paths, update_sharded_paths
 from lightning_clara.reference import PlainReference, Reference, shared
 from lightning_clara.safeguard import PageHinkley
+from lightning_clara.sampling import DEFAULT_SAMPLE, SampledPaths
 from lightning_clara.support import (
     DirectionChoice,
     ReferenceKeys,
@@ -48,7 +49,8 @@ __all__ = ["CLARA", "validate_options"]
 Scope = Literal["optimizer", "param_group"]
 Variant = Literal["clara", "salera"]
 Rule = Literal["paper", "normalized"]
-_STATE_FORMAT = 1
+#: 2 adds ``config["sample"]`` and sampled paths (1-D, the sample's entries); 1 (full paths) still loads.
+_STATE_FORMAT = 2
 #: The options left at None take their rule's default: ``rule="paper"`` is the paper's exact rule
 #: (arXiv 2508.05408: c = 0.2, d = 1e-3, F starts at 1, no fast start, no hold, target 1);
 #: ``"normalized"`` is the library's "find, then hold" default, measured on deep networks with
@@ -96,12 +98,14 @@ def validate_options(
     hold_after: Any = None,
     target: Any = None,
     total_steps: Any = None,
+    sample: Any = DEFAULT_SAMPLE,
 ) -> dict[str, Any]:
     """Check CLARA's options; raise ``TypeError``/``ValueError`` naming the argument and its range.
 
     Options given as None take the default of their ``rule`` (:data:`RULE_DEFAULTS`); with
     ``rule="normalized"`` and ``total_steps`` given, ``hold_after`` and ``d`` left at None follow
-    the run's length (:func:`run_length_defaults`).
+    the run's length (:func:`run_length_defaults`). ``sample`` becomes None (full paths) where a
+    feature reads whole tensors: ``direction="state"``, ``unit_step=True``, ``variant="salera"``.
     """
     rule = check_choice("rule", rule, ("paper", "normalized"))
     total_steps = None if total_steps is None else check_positive_int("total_steps", total_steps)
@@ -164,6 +168,15 @@ def validate_options(
         if consistency_check_every is None
         else check_positive_int("consistency_check_every", consistency_check_every)
     )
+    sample = None if sample is None else check_positive_int("sample", sample)
+    if direction == "state" or unit_step or variant == "salera":
+        sample = None  # these read or rescale whole tensors
+    if sample is not None and sharding is not None and sharding.offset is None:
+        raise ValueError(
+            "sampled paths on sharded parameters need Sharding.offset (where each rank's shard starts in "
+            "the flattened tensor); give it, or pass sample=None for full paths"
+        )
+    options["sample"] = sample
     if unit_step and direction == "state":
         raise ValueError("unit_step=True needs the realised step: use direction='auto' or 'delta', not 'state'")
     if variant == "salera" and (unit_step or direction != "auto"):
@@ -204,17 +217,16 @@ class _TensorState:
 class _Pending:
     """A step whose per-tensor results are still on their way to the host (CUDA)."""
 
-    items: list[tuple[int, Tensor]]
-    curves: dict[int, dict[int, list[float]]]
     host_buffers: list[Tensor]
     ready: Any  # torch.cuda.Event
-    device: torch.device
+    finish: Callable[[list[Tensor], bool], None]  # the host part, given the buffers and ``collectives``
 
 
 @dataclass
 class _GroupReference:
     key: tuple[Any, ...]
     curves: dict[int, list[float]]
+    param_ids: tuple[int, ...] = ()  # the group's tensors when the curves were built
 
 
 class CLARA:
@@ -281,6 +293,13 @@ class CLARA:
             passes the Trainer's estimate). A short run finds faster: with ``rule="normalized"``,
             ``hold_after`` left at None becomes ``0.4 * total_steps`` (between 240 and 600) and
             ``d`` left at None grows as ``0.03 * 600 / hold_after``. None: the defaults.
+        sample: keep each tensor's path on a fixed sample of at most this many coordinates
+            (default 4096; tensors with fewer entries keep all of them, so small models are
+            unchanged). The realised step is read on the sample (gathered before and after the
+            step), so a step costs O(sample x tensors) whatever the model's size, for every
+            optimizer. The sample is spread over the tensor and chosen from its position and size
+            only (identical on every rank and after a resume). None: full paths, the paper's exact
+            statistic (also what ``direction="state"``, ``unit_step`` and ``variant="salera"`` use).
 
     Example::
 
@@ -320,6 +339,7 @@ class CLARA:
         hold_after: int | None = None,
         target: float | None = None,
         total_steps: int | None = None,
+        sample: int | None = DEFAULT_SAMPLE,
     ) -> None:
         optimizer = unwrap(optimizer)  # Fabric's wrapper: hook the optimizer it wraps
         check_supported(optimizer)
@@ -344,6 +364,7 @@ class CLARA:
             hold_after=hold_after,
             target=target,
             total_steps=total_steps,
+            sample=sample,
         )
         if target is None and options["rule"] == "normalized" and options["safeguard"] is not None:
             options["target"] = safeguarded_target(optimizer) or options["target"]
@@ -366,6 +387,7 @@ class CLARA:
         self.hold_after: int = options["hold_after"]
         self.target: float = options["target"]
         self.total_steps: int | None = options["total_steps"]
+        self.sample: int | None = options["sample"]
         self._given_schedule = {"d": d, "hold_after": hold_after}  # None: the rule's (run-length) default
         self.consistency_check_every: int | None = options["consistency_check_every"]
         every = self.consistency_check_every
@@ -374,8 +396,15 @@ class CLARA:
             raise RuntimeError("this optimizer already has a CLARA controller attached; detach() it first")
 
         self.optimizer = optimizer
-        if self.variant == "salera":
-            self._reader: DirectionReader = GradientReader()
+        self._sampled: SampledPaths | None = None
+        self._reader: DirectionReader | None
+        if self.sample is not None:
+            self._sampled = self._sampled_paths(self.sample)
+            # the sample gives the step; the full snapshots remain only for the safeguard's restore
+            view = None if self.sharding is None else self.sharding.local
+            self._reader = DeltaReader(keep_snapshots=True, view=view) if self.safeguard is not None else None
+        elif self.variant == "salera":
+            self._reader = GradientReader()
         else:
             needs_delta = self.unit_step or self.sharding is not None
             self._reader = reader_for(optimizer, "delta" if needs_delta else self.direction)
@@ -404,6 +433,14 @@ class CLARA:
             optimizer.register_step_post_hook(self._after_step),
         ]
         optimizer._clara_controller = self  # type: ignore[attr-defined]
+
+    def _sampled_paths(self, m: int) -> SampledPaths:
+        if self.sharding is None:
+            return SampledPaths(m, full_numel=lambda p: p.numel(), local=lambda p: p)
+        sharding = self.sharding
+        return SampledPaths(
+            m, sharding.full_numel, sharding.local, offset=sharding.offset, sum_across_shards=sharding.sum_across_shards
+        )
 
     def set_total_steps(self, total_steps: int | None) -> None:
         """Give the run's length once it is known (``total_steps`` of the constructor, later).
@@ -489,8 +526,10 @@ class CLARA:
 
     @property
     def reader_name(self) -> str:
-        """The direction reader in use (``"state"`` or ``"delta"``)."""
-        return self._reader.name
+        """Where the step comes from: ``"sample"`` (sampled paths), ``"state"`` or ``"delta"``."""
+        if self._sampled is not None:
+            return "sample"
+        return self._reader.name  # type: ignore[union-attr]
 
     @property
     def attached(self) -> bool:
@@ -504,7 +543,8 @@ class CLARA:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._reader.release()
+        if self._reader is not None:
+            self._reader.release()  # the paths stay: state_dict still holds them after detaching
         if getattr(self.optimizer, "_clara_controller", None) is self:
             self.optimizer._clara_controller = None  # type: ignore[attr-defined]
 
@@ -533,16 +573,22 @@ class CLARA:
         group = self.optimizer.param_groups[j]
         key, hyperparameters = self._reference_keys.observe(j, group)
         cached = self._references[j]
+        param_ids = tuple(map(id, group["params"]))
+        if cached is not None and cached.key == key and cached.param_ids == param_ids:
+            return cached  # nearly every step: no hyper-parameter and no tensor changed
         sizes = {self._numel(p) for p in group["params"]}
         if cached is None or cached.key != key or not sizes <= cached.curves.keys():
             reference = self._reference_for(hyperparameters)
             curves = {n: curve.tolist() for n, curve in reference.curves(sorted(sizes)).items()}
             cached = _GroupReference(key, curves)
             self._references[j] = cached
+        cached.param_ids = param_ids
         return cached
 
     def _numel(self, param: Tensor) -> int:
-        """The tensor size the reference uses: the full size when parameters are sharded."""
+        """The tensor size the reference uses: the full size when parameters are sharded, at most the sample."""
+        if self._sampled is not None:
+            return self._sampled.size(param)
         return param.numel() if self.sharding is None else int(self.sharding.full_numel(param))
 
     def _reference_for(self, group: dict[str, Any]) -> Reference:
@@ -589,7 +635,18 @@ class CLARA:
         self._finish_pending(collectives=True)
         self._sync_scopes()
         self._reference_keys.before_step()
-        if not self._reader.needs_snapshot and self.variant != "salera" and self._has_sparse_gradients():
+        if self._sampled is not None:
+            if self._reader is not None:  # the safeguard's restore points
+                self._reader.before_step(list(self._trainable()))
+            self._sampled.before_step(
+                [
+                    (j, i, param)
+                    for j, group in enumerate(optimizer.param_groups)
+                    for i, param in enumerate(group["params"])
+                    if param.requires_grad
+                ]
+            )
+        elif not self._reader.needs_snapshot and self.variant != "salera" and self._has_sparse_gradients():  # type: ignore[union-attr]
             # the state readers read the gradient; a sparse one has no norm: read the realised step instead
             self._reader.release()
             self._reader = DeltaReader()
@@ -599,8 +656,8 @@ class CLARA:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        if self._reader.needs_snapshot:
-            self._reader.before_step(list(self._trainable()))
+        if self._sampled is None and self._reader.needs_snapshot:  # type: ignore[union-attr]
+            self._reader.before_step(list(self._trainable()))  # type: ignore[union-attr]
         bases: list[Any] = []
         used: list[float] = []
         for j, group in enumerate(optimizer.param_groups):
@@ -656,6 +713,9 @@ class CLARA:
         return any(param.grad is not None and param.grad.is_sparse for param in self._trainable())
 
     def _adapt(self, optimizer: Optimizer) -> None:
+        if self._sampled is not None:
+            self._adapt_sampled(optimizer)
+            return
         # 1. directions, bucketed by (device, path dtype) so each bucket is one set of foreach kernels
         buckets: dict[tuple[torch.device, torch.dtype], list[tuple[int, Tensor, Tensor]]] = defaultdict(list)
         curves: dict[int, dict[int, list[float]]] = {}
@@ -691,31 +751,64 @@ class CLARA:
                 self._take_unit_steps(entries, update.moved, update.step_norms)
             results.append(torch.stack([update.squared_norms, update.moved.double(), update.non_finite.double()]))
             items.extend((j, param) for j, param, _ in entries)
-        if any(result.device.type == "cuda" for result in results):
-            # copy to pinned host memory without waiting; the host part runs at the next step's
-            # pre-hook (or when a property is read), when the GPU has long finished: no stall here
-            host_buffers = []
-            for result in results:
-                if result.device.type == "cuda":
-                    buffer = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
-                    buffer.copy_(result, non_blocking=True)
-                    host_buffers.append(buffer)
-                else:
-                    host_buffers.append(result.cpu())
-            event = torch.cuda.Event()
-            event.record()
-            self._pending = _Pending(items, curves, host_buffers, event, next(iter(buckets))[0])
+        device = next(iter(buckets))[0]
+
+        def finish(buffers: list[Tensor], collectives: bool) -> None:
+            self._finish(items, curves, torch.cat(buffers, dim=1).tolist(), device, collectives)
+
+        self._hand_over(results, finish)
+
+    def _adapt_sampled(self, optimizer: Optimizer) -> None:
+        """The sampled step: every bucket's paths on device, then one copy of per-tensor sums to the host."""
+        sampled = self._sampled
+        assert sampled is not None
+        references = [self._group_reference(j) for j in range(len(optimizer.param_groups))]
+        steps = sampled.update(
+            self.c, lambda j, size: references[j].curves[size], [id(reference) for reference in references]
+        )
+        if not steps:
             return
-        host = torch.cat([result.cpu() for result in results], dim=1).tolist()
-        self._finish(items, curves, host, next(iter(buckets))[0], collectives=True)
+        groups = [bucket.groups for bucket in sampled.buckets]
+        device = sampled.buckets[0].device
+
+        def finish(buffers: list[Tensor], collectives: bool) -> None:
+            if self.scope == "optimizer":
+                totals = torch.cat(buffers, dim=1).sum(dim=1, keepdim=True) if len(buffers) > 1 else buffers[0]
+                sums = totals.sum(dim=1, keepdim=True)
+            else:
+                sums = torch.zeros(4, len(self._log_factors), dtype=torch.float64)
+                for rows, group in zip(buffers, groups, strict=True):
+                    sums.index_add_(1, group, rows)
+            squared, expected, moved, non_finite = sums.tolist()
+            self._apply_rule(squared, expected, [int(v) for v in moved], int(sum(non_finite)), device, collectives)
+
+        self._hand_over([step.rows for step in steps], finish)
+
+    def _hand_over(self, results: list[Tensor], finish: Callable[[list[Tensor], bool], None]) -> None:
+        """Run the host part of a step, ``finish``, on the step's device results: at once on the CPU;
+        on CUDA after a copy to pinned host memory that nothing waits for: ``finish`` runs at the next
+        pre-hook (or when a property is read), when the GPU has long finished, so nothing stalls."""
+        if not any(result.device.type == "cuda" for result in results):
+            finish([result.cpu() for result in results], True)
+            return
+        host_buffers = []
+        for result in results:
+            if result.device.type == "cuda":
+                buffer = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
+                buffer.copy_(result, non_blocking=True)
+                host_buffers.append(buffer)
+            else:
+                host_buffers.append(result.cpu())
+        event = torch.cuda.Event()
+        event.record()
+        self._pending = _Pending(host_buffers, event, finish)
 
     def _finish_pending(self, collectives: bool) -> None:
         """Run the host part of the last step if it was deferred (CUDA), and a deferred guard check."""
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.ready.synchronize()
-            host = torch.cat(pending.host_buffers, dim=1).tolist()
-            self._finish(pending.items, pending.curves, host, pending.device, collectives)
+            pending.finish(pending.host_buffers, collectives)
         if collectives and self._guard_due is not None:
             device, self._guard_due = self._guard_due, None
             self._log_factors = self._guard.check(self._log_factors, device)  # type: ignore[union-attr]
@@ -749,6 +842,19 @@ class CLARA:
             squared[scope] += host[0][k]
             expected[scope] += curve[min(state.count, len(curve) - 1)]
             moved[scope] += 1
+        self._apply_rule(squared, expected, moved, non_finite, device, collectives)
+
+    def _apply_rule(
+        self,
+        squared: list[float],
+        expected: list[float],
+        moved: list[int],
+        non_finite: int,
+        device: torch.device,
+        collectives: bool,
+    ) -> None:
+        """The rule on each scope's sums: ``r = sum ||p||^2 / sum mu``, then log F moves (float64)."""
+        scopes = len(self._log_factors)
         adapted = False
         damping = self._damping()
         for scope in range(scopes):
@@ -870,10 +976,16 @@ class CLARA:
     def state_dict(self) -> dict[str, Any]:
         """Plain values and tensors keyed by (group index, position in group): checkpoint-safe."""
         self._sync_scopes()
+        sampled = {} if self._sampled is None else self._sampled.export()
         tensors: list[list[dict[str, Any] | None]] = []
         for group in self.optimizer.param_groups:
             row: list[dict[str, Any] | None] = []
             for param in group["params"]:
+                if self._sampled is not None:
+                    entry = sampled.get(param)
+                    shape = tuple(param.shape) if self.sharding is None else None  # a manual shard's shape is local
+                    row.append(None if entry is None else {"path": entry[0], "count": entry[1], "shape": shape})
+                    continue
                 state = self._tensors.get(param)
                 row.append(None if state is None else {"path": state.path.detach().clone(), "count": state.count})
             tensors.append(row)
@@ -889,6 +1001,7 @@ class CLARA:
                 "scope": self.scope,
                 "variant": self.variant,
                 "unit_step": self.unit_step,
+                "sample": self.sample,
             },
             "log_factors": list(self._log_factors),
             "ratios": list(self._ratios),
@@ -901,7 +1014,7 @@ class CLARA:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore paths, counters and factors saved by :meth:`state_dict` (matched by position)."""
         self._settle()
-        if not isinstance(state_dict, dict) or state_dict.get("format") != _STATE_FORMAT:
+        if not isinstance(state_dict, dict) or state_dict.get("format") not in (1, _STATE_FORMAT):
             raise ValueError("not a CLARA state dict (missing or unknown 'format')")
         saved_scope = state_dict["config"]["scope"]
         if saved_scope != self.scope:
@@ -911,11 +1024,28 @@ class CLARA:
             len(row) != len(group["params"]) for row, group in zip(groups, self.optimizer.param_groups, strict=True)
         ):
             raise ValueError("state dict does not match the optimizer's param groups (count or sizes differ)")
+        saved_sample = state_dict["config"].get("sample")
+        same_paths = saved_sample == self.sample
         for row, group in zip(groups, self.optimizer.param_groups, strict=True):
             for entry, param in zip(row, group["params"], strict=True):
+                if entry is None or not same_paths:
+                    continue
+                if self._sampled is not None:
+                    saved_shape = entry.get("shape")
+                    if saved_shape is not None and self.sharding is None and tuple(saved_shape) != tuple(param.shape):
+                        raise ValueError(
+                            f"saved sampled path of a parameter of shape {tuple(saved_shape)} does not match "
+                            f"parameter of shape {tuple(param.shape)}"
+                        )
+                    if entry["path"].numel() != self._sampled.size(param):
+                        raise ValueError(
+                            f"saved sampled path of {entry['path'].numel()} entries does not match the sample of "
+                            f"{self._sampled.size(param)} entries of a parameter of shape {tuple(param.shape)}"
+                        )
+                    continue
                 if self.sharding is not None:
                     break
-                if entry is not None and tuple(entry["path"].shape) != tuple(self._local(param).shape):
+                if tuple(entry["path"].shape) != tuple(self._local(param).shape):
                     raise ValueError(
                         f"saved path of shape {tuple(entry['path'].shape)} does not match parameter of "
                         f"shape {tuple(self._local(param).shape)}"
@@ -927,6 +1057,26 @@ class CLARA:
         if self.safeguard is not None and state_dict.get("safeguard") is not None:
             self.safeguard.load_state_dict(state_dict["safeguard"])
         self._tensors = {}
+        if not same_paths:
+            warnings.warn(
+                f"CLARA: the checkpoint's paths were kept with sample={saved_sample!r}, this controller keeps "
+                f"sample={self.sample!r}: the paths restart (factors and step counters are restored)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            if self._sampled is not None:
+                self._sampled.release()
+            self._sync_scopes()
+            return
+        if self._sampled is not None:
+            saved: dict[Tensor, tuple[Tensor, int]] = {}
+            for row, group in zip(groups, self.optimizer.param_groups, strict=True):
+                for entry, param in zip(row, group["params"], strict=True):
+                    if entry is not None:
+                        saved[param] = (entry["path"].detach().flatten(), int(entry["count"]))
+            self._sampled.load(saved)
+            self._sync_scopes()
+            return
         if self.sharding is not None:
             # a checkpoint holds one rank's path shards: loading them on another rank would be
             # silently wrong, so sharded runs restore factors and counters and restart the paths

@@ -45,19 +45,26 @@ class Sharding:
         full_numel: the unsharded number of elements of the tensor a local shard belongs to
             (the reference depends on the full size).
         sum_across_shards: in-place SUM of a small tensor across the shard group.
+        local: maps a parameter to the tensor holding this rank's shard.
+        offset: where this rank's shard starts in the flattened full tensor (its entries are the
+            full tensor's flat entries ``offset .. offset + local.numel() - 1``). Sampled paths need
+            it to pick the sample in global coordinates; None: only full paths (``sample=None``).
     """
 
     full_numel: Callable[[Tensor], int]
     sum_across_shards: Callable[[Tensor], None] = field(default_factory=ShardSum)
     local: Callable[[Tensor], Tensor] = field(default=lambda tensor: tensor)
-    """Maps a parameter to the tensor holding this rank's shard (identity for manual sharding)."""
+    offset: Callable[[Tensor], int] | None = None
 
     @classmethod
     def for_dtensors(cls, group: dist.ProcessGroup | None = None) -> Sharding:
         """FSDP2 (``torch.distributed.fsdp.fully_shard``) and other DTensor-sharded parameters on a
         1-D mesh: the full size is the DTensor's, the local shard ``to_local()``, and norms are
-        summed over ``group`` (default: all ranks)."""
-        return cls(full_numel=_dtensor_numel, sum_across_shards=ShardSum(group), local=_dtensor_local)
+        summed over ``group`` (default: all ranks). The shards must be row blocks (``Shard(0)``,
+        FSDP2's layout) for sampled paths."""
+        return cls(
+            full_numel=_dtensor_numel, sum_across_shards=ShardSum(group), local=_dtensor_local, offset=_dtensor_offset
+        )
 
 
 def _dtensor_numel(tensor: Tensor) -> int:
@@ -68,6 +75,25 @@ def _dtensor_local(tensor: Tensor) -> Tensor:
     """The local shard of a DTensor (a view sharing storage), or the tensor itself."""
     to_local = getattr(tensor, "to_local", None)
     return to_local() if callable(to_local) else tensor
+
+
+def _dtensor_offset(tensor: Tensor) -> int:
+    """The flat position of this rank's row block in the full tensor (``Shard(0)`` on a 1-D mesh)."""
+    placements = getattr(tensor, "placements", None)
+    if placements is None:
+        raise TypeError(
+            f"CLARA sampled paths on sharded parameters: a {type(tensor).__name__} is not a DTensor; "
+            "shard every parameter, or pass sample=None"
+        )
+    if len(placements) != 1 or not placements[0].is_shard(0):
+        raise ValueError(
+            f"CLARA sampled paths need row-sharded DTensors (Shard(0) on a 1-D mesh), got {placements}; "
+            "pass sample=None for full paths"
+        )
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, placements)
+    return int(offset[0]) * math.prod(tensor.shape[1:]) if tensor.shape else 0
 
 
 class RankConsistencyGuard:

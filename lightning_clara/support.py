@@ -307,6 +307,9 @@ class ReferenceKeys:
         self._before: list[dict[str, Any]] | None = None
         self._keys: dict[int, tuple[Any, ...]] = {}
         self._calibrations: dict[int, int] = {}
+        #: Per group, the raw hyper-parameters last seen and what observe returned for them: a step
+        #: that changed none of them (nearly every step) skips the quantising (torch optimizers only).
+        self._last: dict[int, tuple[tuple[Any, ...], tuple[tuple[Any, ...], dict[str, Any]]]] = {}
 
     def _values(self, group: Mapping[str, Any]) -> dict[str, Any]:
         return {
@@ -321,6 +324,14 @@ class ReferenceKeys:
 
     def observe(self, j: int, group: Mapping[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The key of group j and the group as the simulation should see it (state keys left out)."""
+        raw: tuple[Any, ...] | None = None
+        if not self._watch:
+            raw = tuple((k, v) for k, v in group.items() if _is_hyperparameter(self.optimizer, k))
+            last = self._last.get(j)
+            if any(isinstance(v, torch.Tensor) for _, v in raw):
+                raw = None  # a tensor compares by identity in a tuple: its value may have moved
+            elif last is not None and last[0] == raw:
+                return last[1]
         if self._before is not None and j < len(self._before):
             before = self._before[j]
             self.state_keys.update(k for k, v in self._values(group).items() if k in before and before[k] != v)
@@ -339,6 +350,8 @@ class ReferenceKeys:
                     )
                 return previous, view
         self._keys[j] = key
+        if raw is not None:
+            self._last[j] = (raw, (key, view))
         return key, view
 
 

@@ -54,6 +54,7 @@ class SimpleCLARA:
         hold_after: int | None = None,
         target: float | None = None,
         initial_factor: float | None = None,
+        samples: Sequence[Tensor | None] | None = None,
     ) -> None:
         # None: the library's default for the rule (normalized: F from 0.1, target 0.7; paper: 1, 1)
         normalized = rule == "normalized"
@@ -63,7 +64,12 @@ class SimpleCLARA:
         self.target = (0.7 if normalized else 1.0) if target is None else target
         initial_factor = (0.1 if normalized else 1.0) if initial_factor is None else initial_factor
         self.adapted = 0
-        self.paths = [torch.zeros(shape, dtype=torch.float64) for shape in shapes]
+        # samples[k]: flat indices of tensor k's sampled coordinates (its path lives on them), or None
+        self.samples = list(samples) if samples is not None else [None] * len(shapes)
+        self.paths = [
+            torch.zeros(shape if index is None else (index.numel(),), dtype=torch.float64)
+            for shape, index in zip(shapes, self.samples, strict=True)
+        ]
         self.counts = [0] * len(shapes)
         self.log_factor = math.log(initial_factor)
         self.ratio: float | None = None
@@ -79,6 +85,8 @@ class SimpleCLARA:
             if step is None:
                 continue
             step = step.detach().to(torch.float64)
+            if self.samples[k] is not None:
+                step = step.flatten()[self.samples[k]]
             norm = float(step.norm())
             if norm == 0.0 or not math.isfinite(norm):
                 continue

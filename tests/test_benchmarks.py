@@ -37,17 +37,25 @@ def test_robustness_smoke_writes_a_summary(tmp_path: Path) -> None:
 
 
 def test_overhead_smoke_reports_costs_and_memory(tmp_path: Path) -> None:
-    """The tiny run measures every reader and reports the persistent memory CLARA keeps."""
+    """The tiny run measures both engines on every table and reports the memory CLARA keeps."""
     out = tmp_path / "overhead.json"
     run_script("overhead.py", "--smoke", "--out", str(out))
     report = json.loads(out.read_text())
-    sizes = [key for key, value in report.items() if isinstance(value, dict) and "rows" in value]
-    assert len(sizes) == 1
-    rows = report[sizes[0]]["rows"]
-    # fp32 parameters: the path is 4 bytes per parameter, the delta reader's snapshot 4 more
-    assert rows["SGD+CLARA state"]["extra_bytes_per_param"] == 4.0
-    assert rows["Adam+CLARA delta"]["extra_bytes_per_param"] == 8.0
+    for table in ("targets", "tensor_counts", "model_sizes"):
+        assert report[table], table
+    (target,) = report["targets"]
+    rows = target["rows"]
+    assert set(rows) == {"adam/sampled", "adam/full", "sgd/sampled", "sgd/full"}
+    # 2e4 parameters in 4 tensors (two 100x100 weights, two biases): full paths keep 4 B per parameter
+    # (+4 B of scratch for Adam's state reader on the CPU); sampled paths, per tensor, a path row of 4096
+    # fp32 entries (the biases' rows zero-padded) and, beyond it, a step row and the weights' 4096 int32
+    # indices: at most 2 x m x 4 B
+    assert rows["sgd/full"]["extra_bytes_per_param"] == 4.0
+    assert rows["adam/full"]["extra_bytes_per_param"] == 8.0
+    m, tensors = 4096, 4
+    assert rows["adam/sampled"]["extra_bytes_per_param"] * target["numel"] <= tensors * (m * 4 + 2 * m * 4) + 1024
     assert set(report["end_to_end_overhead"]) == {"cnn/sgd", "cnn/adam", "mlp/sgd", "mlp/adam"}
+    assert set(report["small_mlp"]["rows"]) == {"adam/sampled", "adam/full"}
 
 
 def test_synthetic_smoke_raises_the_learning_rate(tmp_path: Path) -> None:

@@ -205,22 +205,24 @@ def clara_state(checkpoint_path: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- 1. acceptance
-@pytest.mark.parametrize("direction", ["auto", "delta"])
+@pytest.mark.parametrize("direction", ["auto", "delta", "sample"])
 def test_lr_trajectory_matches_reference_loop(
     direction: str, make_module: MakeModule, regression_data: TensorDataset, trainer_kwargs: dict[str, Any]
 ) -> None:
     """The key acceptance test: Trainer.fit + CLARACallback reproduces the simple loop step by step.
 
-    ``auto`` reads SGD's direction from the gradient, ``delta`` from a parameter snapshot: both must agree.
+    ``auto`` reads SGD's direction from the gradient, ``delta`` from a parameter snapshot (both with full
+    paths), ``sample`` gathers the default sample (every entry of these small tensors): all must agree.
     """
     epochs = 3
     module = make_module(sgd())
     initial_net = copy.deepcopy(module.net)
-    callback, recorder = CLARACallback(c=C, d=D, safeguard=False, direction=direction), LRRecorder()
+    reader = {"direction": "auto"} if direction == "sample" else {"direction": direction, "sample": None}
+    callback, recorder = CLARACallback(c=C, d=D, safeguard=False, **reader), LRRecorder()
     trainer = make_trainer(trainer_kwargs, [callback, recorder], max_epochs=epochs)
     trainer.fit(module)
 
-    assert callback.controllers[0].reader_name == ("state" if direction == "auto" else "delta")
+    assert callback.controllers[0].reader_name == {"auto": "state", "delta": "delta", "sample": "sample"}[direction]
     reference = run_reference(initial_net, regression_data, epochs=epochs, lr_at=lambda t: LR)
     used = recorder.first_group()
     assert trainer.global_step == epochs * STEPS_PER_EPOCH == len(used)
@@ -417,7 +419,8 @@ def test_checkpoint_holds_clara_state(
     assert len(tensors) == len(reference.clara.paths) == 4
     for entry, path, count in zip(tensors, reference.clara.paths, reference.clara.counts, strict=True):
         assert entry["count"] == count == epochs * STEPS_PER_EPOCH
-        torch.testing.assert_close(entry["path"].to(torch.float64), path, rtol=1e-6, atol=1e-9)
+        # the default sample keeps every entry of these small tensors, flattened in row-major order
+        torch.testing.assert_close(entry["path"].to(torch.float64).reshape(path.shape), path, rtol=1e-6, atol=1e-9)
 
 
 def test_resume_continues_factor_and_matches_uninterrupted_run(

@@ -167,15 +167,18 @@ TRAJECTORY_CASES = {
 }
 
 
-@pytest.mark.parametrize("direction", ["auto", "delta"])
+@pytest.mark.parametrize("direction", ["auto", "delta", "sample"])
 @pytest.mark.parametrize("case", sorted(TRAJECTORY_CASES))
 def test_matches_simple_loop_step_by_step(case: str, direction: str) -> None:
     """lr used, ratio and factor agree with the loop at every one of 200 steps (relative error < 1e-6)."""
     make_optimizer, make_step, lr, d = TRAJECTORY_CASES[case]
     mu = plain_sgd_mu(C) if case == "sgd" else library_mu(make_optimizer(make_params()))
-    library, library_params, clara = run_library(make_optimizer, STEPS, c=C, d=d, direction=direction)
+    sample = {"sample": None} if direction != "sample" else {}
+    library, library_params, clara = run_library(
+        make_optimizer, STEPS, c=C, d=d, direction="auto" if direction == "sample" else direction, **sample
+    )
     loop, loop_params = run_loop(make_step, mu, lr, d, STEPS)
-    assert clara.reader_name == ("delta" if direction == "delta" else "state")
+    assert clara.reader_name == {"auto": "state", "delta": "delta", "sample": "sample"}[direction]
     for t, (got, want) in enumerate(zip(library, loop, strict=True)):
         for name, a, b in zip(("lr used", "ratio", "factor"), got, want, strict=True):
             assert relative_error(a, b) < RTOL, f"step {t}: {name} {a!r} vs loop {b!r}"
@@ -208,7 +211,7 @@ def test_state_and_delta_readers_give_the_same_trajectory(
     """
     options = {"c": C, "d": 0.05, "fast_start": 0}
     state, state_params, state_clara = run_library(make_optimizer, 100, direction="state", **options)
-    delta, delta_params, delta_clara = run_library(make_optimizer, 100, direction="delta", **options)
+    delta, delta_params, delta_clara = run_library(make_optimizer, 100, direction="delta", sample=None, **options)
     assert (state_clara.reader_name, delta_clara.reader_name) == ("state", "delta")
     for t, (got, want) in enumerate(zip(state, delta, strict=True)):
         for name, a, b in zip(("lr used", "ratio", "factor"), got, want, strict=True):
@@ -493,11 +496,14 @@ def _trained(params: list[Tensor], **kwargs: Any) -> CLARA:
 
 def test_load_state_dict_rejects_mismatches() -> None:
     """Wrong shapes, a different tensor count or another scope are refused rather than silently misapplied."""
-    state = _trained(make_params()).state_dict()
+    state = _trained(make_params(), sample=None).state_dict()
 
     transposed = [p.detach().T.clone().requires_grad_() if p.dim() == 2 else p for p in make_params()]
     with pytest.raises(ValueError, match="shape"):
-        CLARA(torch.optim.SGD(transposed, lr=0.01)).load_state_dict(copy.deepcopy(state))
+        CLARA(torch.optim.SGD(transposed, lr=0.01), sample=None).load_state_dict(copy.deepcopy(state))
+    sampled = _trained(make_params()).state_dict()  # the same size, another shape: the sample means other entries
+    with pytest.raises(ValueError, match="shape"):
+        CLARA(torch.optim.SGD(transposed, lr=0.01)).load_state_dict(copy.deepcopy(sampled))
     with pytest.raises(ValueError, match="param groups"):
         CLARA(torch.optim.SGD(make_params()[:3], lr=0.01)).load_state_dict(copy.deepcopy(state))
     with pytest.raises(ValueError, match="scope"):

@@ -73,10 +73,11 @@ C = 0.2
 D = 0.05  # large enough that F moves by tens of percent within 32 steps
 LRS = {"sgd": 0.05, "adam": 0.01}
 #: CLARACallback options per optimizer: SGD with the paper's rule (the one reference_loop.py writes
-#: out), Adam with the library's default rule.
+#: out), Adam with the library's default rule on sampled paths of 4 coordinates per tensor (every
+#: tensor of the net is larger: the sample, not the whole tensor, must agree across ranks).
 CLARA_OPTIONS: dict[str, dict[str, Any]] = {
     "sgd": {"c": C, "d": D, "rule": "paper", "safeguard": False},
-    "adam": {"c": C, "d": D, "safeguard": False},
+    "adam": {"c": C, "d": D, "safeguard": False, "sample": 4},
 }
 CHECK_EVERY = 2
 LOG_EVERY = 2

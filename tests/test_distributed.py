@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,10 +40,15 @@ def _shard(tensor: torch.Tensor, rank: int) -> torch.Tensor:
     return flat[rank * size : (rank + 1) * size].clone()
 
 
-def _single_process_trajectory(optimizer_name: str) -> list[float]:
+#: Full paths (per-tensor partial sums reduced) and sampled paths of 4 coordinates (the sampled step
+#: summed across shards); the 30-entry tensor's sample straddles both shards.
+SAMPLES = (None, 4)
+
+
+def _single_process_trajectory(optimizer_name: str, sample: int | None) -> list[float]:
     params = [torch.zeros(shape, dtype=torch.float64, requires_grad=True) for shape in SHAPES]
     optimizer = _make_optimizer(optimizer_name, params)
-    clara = CLARA(optimizer, d=0.05, direction="delta")
+    clara = CLARA(optimizer, d=0.05, direction="delta", sample=sample)
     out = []
     for step in range(STEPS):
         for param, grad in zip(params, _gradients(step), strict=True):
@@ -67,12 +73,13 @@ def _sharded_worker(rank: int, store: str, out_dir: str) -> None:
     _init(rank, store)
     try:
         for optimizer_name in ("sgd", "adam"):
-            _sharded_run(rank, out_dir, optimizer_name)
+            for sample in SAMPLES:
+                _sharded_run(rank, out_dir, optimizer_name, sample)
     finally:
         dist.destroy_process_group()
 
 
-def _sharded_run(rank: int, out_dir: str, optimizer_name: str) -> None:
+def _sharded_run(rank: int, out_dir: str, optimizer_name: str, sample: int | None) -> None:
     """One rank's run: local halves of every tensor, gradients sharded the same way."""
     full_sizes = {}
     params = []
@@ -81,14 +88,16 @@ def _sharded_run(rank: int, out_dir: str, optimizer_name: str) -> None:
         full_sizes[id(local)] = math.prod(shape)
         params.append(local)
     optimizer = _make_optimizer(optimizer_name, params)
-    clara = CLARA(optimizer, d=0.05, sharding=Sharding(full_numel=lambda p: full_sizes[id(p)]))
+    offset = {id(p): rank * math.ceil(math.prod(shape) / WORLD) for p, shape in zip(params, SHAPES, strict=True)}
+    sharding = Sharding(full_numel=lambda p: full_sizes[id(p)], offset=lambda p: min(offset[id(p)], full_sizes[id(p)]))
+    clara = CLARA(optimizer, d=0.05, sharding=sharding, sample=sample)
     trajectory = []
     for step in range(STEPS):
         for param, grad in zip(params, _gradients(step), strict=True):
             param.grad = _shard(grad, rank)
         optimizer.step()
         trajectory.append(clara.lr_factor)
-    torch.save(trajectory, Path(out_dir) / f"{optimizer_name}{rank}.pt")
+    torch.save(trajectory, Path(out_dir) / f"{optimizer_name}-{sample}-{rank}.pt")
 
 
 def spawn_ranks(worker: Callable[..., None], tmp_path: Path) -> None:
@@ -111,11 +120,13 @@ def test_sharded_reduction_matches_single_process(tmp_path: Path) -> None:
     """Two ranks holding halves of every tensor reproduce the single-process factor trajectory."""
     spawn_ranks(_sharded_worker, tmp_path)
     for optimizer_name in ("sgd", "adam"):
-        expected = _single_process_trajectory(optimizer_name)
-        assert abs(math.log(expected[-1])) > 0.05  # the factor moved, so the comparison means something
-        for rank in range(WORLD):
-            got = torch.load(tmp_path / f"{optimizer_name}{rank}.pt")
-            assert got == pytest.approx(expected, rel=1e-9), (optimizer_name, rank)
+        for sample in SAMPLES:
+            expected = _single_process_trajectory(optimizer_name, sample)
+            assert abs(math.log(expected[-1] / expected[0])) > 0.05  # the factor moved: the comparison means something
+            for rank in range(WORLD):
+                got = torch.load(tmp_path / f"{optimizer_name}-{sample}-{rank}.pt")
+                assert got == pytest.approx(expected, rel=1e-9), (optimizer_name, sample, rank)
+    assert _single_process_trajectory("adam", 4) != pytest.approx(_single_process_trajectory("adam", None), rel=1e-6)
 
 
 def _guard_worker(rank: int, store: str, out_dir: str) -> None:
@@ -193,7 +204,7 @@ def _fsdp2_worker(rank: int, store: str, out_dir: str) -> None:
 
         model = _fsdp2_model()
         fully_shard(model)
-        trajectory, clara = _fsdp2_trajectory(model, {"sharding": Sharding.for_dtensors()})
+        trajectory, clara = _fsdp2_trajectory(model, {"sharding": Sharding.for_dtensors(), "sample": None})
         local_sizes = [state.path.numel() for state in clara._tensors.values()]
         torch.save({"factors": trajectory, "local_sizes": local_sizes}, Path(out_dir) / f"fsdp{rank}.pt")
     finally:
@@ -201,10 +212,11 @@ def _fsdp2_worker(rank: int, store: str, out_dir: str) -> None:
 
 
 def test_fsdp2_fully_shard_matches_single_process(tmp_path: Path) -> None:
-    """torch's FSDP2 on 2 CPU ranks (DTensor parameters sharded on dim 0): CLARA with
-    ``Sharding.for_dtensors()`` keeps only local path shards and reproduces the unsharded run."""
+    """torch's FSDP2 on 2 CPU ranks (DTensor parameters sharded on dim 0): CLARA with full paths and
+    ``Sharding.for_dtensors()`` keeps only local path shards and reproduces the unsharded run (sampled
+    paths under FSDP2: tests/test_model_parallel.py)."""
     spawn_ranks(_fsdp2_worker, tmp_path)
-    expected, _ = _fsdp2_trajectory(_fsdp2_model(), {})
+    expected, _ = _fsdp2_trajectory(_fsdp2_model(), {"sample": None})
     initial = RULE_DEFAULTS["normalized"]["initial_factor"]
     assert abs(math.log(expected[-1] / initial)) > 0.05  # the factor moved from where it started
     full_sizes = [p.numel() for p in _fsdp2_model().parameters()]
@@ -222,16 +234,56 @@ def test_sharded_resume_restores_factors_and_restarts_paths() -> None:
     sharding = Sharding(full_numel=lambda p: p.numel())  # one process: the sum across shards is a no-op
     params = [torch.zeros(6, dtype=torch.float64, requires_grad=True)]
     optimizer = torch.optim.SGD(params, lr=0.1)
-    clara = CLARA(optimizer, d=0.2, sharding=sharding)
+    clara = CLARA(optimizer, d=0.2, sharding=sharding, sample=None)
     for step in range(10):
         params[0].grad = 1.0 + torch.randn(6, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
         optimizer.step()
     state = clara.state_dict()
     assert any(entry is not None for entry in state["tensors"][0])
     fresh = [torch.zeros(6, dtype=torch.float64, requires_grad=True)]
-    restored = CLARA(torch.optim.SGD(fresh, lr=0.1), d=0.2, sharding=sharding)
+    restored = CLARA(torch.optim.SGD(fresh, lr=0.1), d=0.2, sharding=sharding, sample=None)
     with pytest.warns(RuntimeWarning, match="paths restart"):
         restored.load_state_dict(state)
     assert restored.lr_factor == clara.lr_factor
     assert restored.num_adapted_steps == clara.num_adapted_steps == 10
     assert restored.state_dict()["tensors"] == [[None]]
+
+
+def test_sharded_sampled_paths_resume_exactly() -> None:
+    """Sampled paths are whole on every rank (the step is summed across shards), so a checkpoint from any
+    rank restores them: no restart, and the factor continues as if uninterrupted."""
+    sharding = Sharding(full_numel=lambda p: p.numel(), offset=lambda p: 0)  # one process: one shard
+
+    def gradient(step: int) -> torch.Tensor:
+        return 1.0 + torch.randn(60, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
+
+    def controller() -> tuple[list[torch.Tensor], CLARA]:
+        params = [torch.zeros(60, dtype=torch.float64, requires_grad=True)]
+        return params, CLARA(torch.optim.SGD(params, lr=0.1), d=0.2, sharding=sharding, sample=8)
+
+    params, clara = controller()
+    factors = []
+    for step in range(20):
+        params[0].grad = gradient(step)
+        clara.optimizer.step()
+        factors.append(clara.lr_factor)
+        if step == 9:
+            state, saved = clara.state_dict(), params[0].detach().clone()
+    fresh, restored = controller()
+    with torch.no_grad():
+        fresh[0].copy_(saved)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "paths restart"
+        restored.load_state_dict(state)
+    resumed = []
+    for step in range(10, 20):
+        fresh[0].grad = gradient(step)
+        restored.optimizer.step()
+        resumed.append(restored.lr_factor)
+    assert resumed == factors[10:]
+
+
+def test_sampled_paths_on_manual_shards_need_the_offset() -> None:
+    params = [torch.zeros(6, requires_grad=True)]
+    with pytest.raises(ValueError, match=r"Sharding\.offset"):
+        CLARA(torch.optim.SGD(params, lr=0.1), sharding=Sharding(full_numel=lambda p: p.numel()))

@@ -24,8 +24,14 @@ from lightning_clara import CLARA
 from lightning_clara.controller import RULE_DEFAULTS
 from lightning_clara.support import SAFEGUARDED_TARGETS, reference_for
 
-#: CLARA 0.1.0's defaults: the collapse these tests must catch.
-CLARA_0_1_0 = {"c": 0.2, "initial_factor": 1.0, "hold_after": 0, "target": 1.0}
+#: CLARA 0.1.0's defaults: the collapse these tests must catch (full paths: 0.1.0 read the state).
+CLARA_0_1_0 = {
+    "c": 0.2,
+    "initial_factor": 1.0,
+    "hold_after": 0,
+    "target": 1.0,
+    "sample": None,
+}  # full paths, state reader
 EPOCHS = 75
 #: The acceptance of the adaptation issue: the final lr within this factor of the tuned fixed lr.
 WITHIN = 30.0

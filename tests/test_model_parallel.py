@@ -23,6 +23,9 @@ from torch import nn
 from lightning_clara import CLARACallback
 
 STEPS_PER_EPOCH, EPOCHS, GLOBAL_BATCH, WORLD = 8, 3, 16, 2
+#: Coordinates per sampled path: smaller than three of the four tensors, so the sample (chosen in
+#: global coordinates) straddles the shards.
+SAMPLE = 4
 
 
 def dataset() -> torch.utils.data.TensorDataset:
@@ -71,13 +74,19 @@ class Recorder(L.Callback):
 
     def __init__(self) -> None:
         self.lrs: list[float] = []
+        self.paths: list[list[float]] = []
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The sampled paths, read before CLARACallback detaches (and frees them) at the fit's end."""
+        (callback,) = (c for c in trainer.callbacks if isinstance(c, CLARACallback))
+        self.paths = [path.tolist() for path, _ in callback.controllers[0]._sampled.export().values()]
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         trainer.optimizers[0].register_step_pre_hook(lambda opt, *_: self.lrs.append(float(opt.param_groups[0]["lr"])))
 
 
 def fit(shard: bool) -> tuple[Recorder, CLARACallback, L.Trainer]:
-    recorder, callback = Recorder(), CLARACallback(d=0.2)  # the safeguard on, as by default
+    recorder, callback = Recorder(), CLARACallback(d=0.2, sample=SAMPLE)  # the safeguard on, as by default
     if shard:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -101,7 +110,7 @@ def driver(out: Path) -> None:
         "lrs": recorder.lrs,
         "factor": controller.lr_factor,
         "steps": controller.num_adapted_steps,
-        "local_path_sizes": [state.path.numel() for state in controller._tensors.values()],
+        "paths": recorder.paths,
         "safeguard": controller.safeguard.state_dict() if controller.safeguard is not None else None,
     }
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
@@ -145,12 +154,16 @@ def test_the_safeguard_sees_the_same_global_loss_on_every_rank(sharded_run: list
         assert rank0["safeguard"][key] == pytest.approx(getattr(single, key), rel=1e-9, abs=1e-12)
 
 
-def test_each_rank_keeps_only_its_shard_of_the_paths(sharded_run: list[dict[str, Any]]) -> None:
-    """Paths are DTensor-local: the two ranks' shards add up to the full parameter sizes."""
-    full = [p.numel() for p in Regression(shard=False).parameters()]
+def test_every_rank_holds_the_single_process_sampled_paths(sharded_run: list[dict[str, Any]]) -> None:
+    """Each rank gathers the sample's entries of its shard; the summed step gives every rank the whole
+    sampled path, the same as the unsharded run's (so a checkpoint from any rank resumes exactly)."""
+    recorder, _, _ = fit(shard=False)
+    single = recorder.paths
     rank0, rank1 = sharded_run
-    assert [a + b for a, b in zip(rank0["local_path_sizes"], rank1["local_path_sizes"], strict=True)] == full
-    assert rank0["local_path_sizes"] != full
+    assert [len(p) for p in single] == [min(p.numel(), SAMPLE) for p in Regression(shard=False).parameters()]
+    assert rank0["paths"] == rank1["paths"]
+    for got, want in zip(rank0["paths"], single, strict=True):
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
 
 
 if __name__ == "__main__":

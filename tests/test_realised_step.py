@@ -6,6 +6,8 @@ rounded away (log F +4.9 against +1.4 from the realised steps) and adapted on st
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -18,7 +20,7 @@ def test_sparse_gradients_switch_to_the_realised_step_before_the_optimizer_steps
     embedding, head = nn.Embedding(50, 8, sparse=True), nn.Linear(8, 1)
     params = list(embedding.parameters()) + list(head.parameters())
     optimizer = torch.optim.SGD(params, lr=0.1)
-    clara = CLARA(optimizer, initial_factor=1.0)
+    clara = CLARA(optimizer, initial_factor=1.0, sample=None)  # full paths: the state reader first
     assert clara.reader_name == "state"
 
     def step() -> None:
@@ -36,11 +38,29 @@ def test_sparse_gradients_switch_to_the_realised_step_before_the_optimizer_steps
     assert clara.log_factors[0] != 0.0
 
 
-def bf16_run(direction: str, lr: float, steps: int = 20) -> CLARA:
+def test_sparse_gradients_need_nothing_with_sampled_paths() -> None:
+    """The sampled step is a difference of parameter entries: a sparse gradient changes nothing."""
+    torch.manual_seed(0)
+    embedding, head = nn.Embedding(50, 8, sparse=True), nn.Linear(8, 1)
+    optimizer = torch.optim.SGD(list(embedding.parameters()) + list(head.parameters()), lr=0.1)
+    clara = CLARA(optimizer, initial_factor=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(5):
+            loss = head(embedding(torch.randint(0, 50, (16,)))).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    assert clara.reader_name == "sample"
+    assert clara.num_adapted_steps == 5
+    assert clara.log_factors[0] != 0.0
+
+
+def bf16_run(direction: str, lr: float, steps: int = 20, sample: int | None = None) -> CLARA:
     torch.manual_seed(0)
     model = nn.Linear(64, 64).to(torch.bfloat16)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    clara = CLARA(optimizer, c=0.2, d=0.2, fast_start=0, initial_factor=1.0, direction=direction)  # type: ignore[arg-type]
+    clara = CLARA(optimizer, c=0.2, d=0.2, fast_start=0, initial_factor=1.0, direction=direction, sample=sample)  # type: ignore[arg-type]
     x = torch.randn(32, 64).to(torch.bfloat16)
     for _ in range(steps):
         optimizer.zero_grad()
@@ -56,9 +76,10 @@ def test_bf16_parameters_are_read_from_the_realised_step() -> None:
     assert auto.log_factors == pytest.approx(delta.log_factors, rel=1e-12)
 
 
-def test_bf16_updates_that_round_away_do_not_adapt() -> None:
+@pytest.mark.parametrize("sample", [None, 4096])
+def test_bf16_updates_that_round_away_do_not_adapt(sample: int | None) -> None:
     """lr 1e-9: every Adam update is below bf16's resolution, nothing moves, so nothing adapts."""
-    clara = bf16_run("auto", 1e-9, steps=5)
+    clara = bf16_run("auto", 1e-9, steps=5, sample=sample)
     assert clara.num_adapted_steps == 0
     assert clara.log_factors == [0.0]
 
@@ -68,7 +89,7 @@ def test_a_step_with_lr_zero_does_not_adapt() -> None:
     param = nn.Parameter(torch.randn(10))
     optimizer = torch.optim.Adam([param], lr=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / 3))
-    clara = CLARA(optimizer, c=0.2, d=0.2, fast_start=0, initial_factor=1.0)
+    clara = CLARA(optimizer, c=0.2, d=0.2, fast_start=0, initial_factor=1.0, sample=None)
     assert clara.reader_name == "state"
     log_factors = []
     for _ in range(5):

@@ -292,10 +292,10 @@ def test_alarm_halves_factor_and_restores_the_parameters_from_before_the_blown_u
     restarted, and the parameters bitwise those from before step t-1. The optimizer's own state is not rolled
     back. Training then goes on past the warm-up without a new alarm."""
     x, y, params = regression()
-    without_safeguard = CLARA(optimizer_class(params, lr=0.02), direction=direction)
+    without_safeguard = CLARA(optimizer_class(params, lr=0.02), direction=direction, sample=None)
     assert without_safeguard.reader_name == ("delta" if direction == "delta" else "state")
     without_safeguard.detach()
-    clara, x, y, params = make_clara(optimizer_class, direction=direction)
+    clara, x, y, params = make_clara(optimizer_class, direction=direction, sample=None)
     assert clara.reader_name == "delta"
     train_quietly(clara, x, y, params)
     assert clara.lr_factor != 1.0

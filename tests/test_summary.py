@@ -260,24 +260,20 @@ def test_bookkeeping_never_settles_a_deferred_step(
 ) -> None:
     """Emulate CUDA's deferred host part on the CPU: every settle must come from CLARA's own pre-hook.
 
-    ``_finish`` called from a step keeps the results pending (as on CUDA) and each settle is
+    ``_hand_over`` keeps every step's results pending (as on CUDA) and each settle is
     traced; with the summary and the progress bar on, and no logger (logging reads settled
     values by design), only CLARA's pre-hook and the final detach may wait for a step.
     """
-    original = CLARA._finish
     waits: list[list[str]] = []
 
     class Ready:
         def synchronize(self) -> None:
             waits.append([frame.name for frame in traceback.extract_stack()])
 
-    def deferred(self: CLARA, items: Any, curves: Any, host: Any, device: Any, collectives: bool) -> None:
-        if any(frame.name == "_finish_pending" for frame in traceback.extract_stack(limit=3)):
-            original(self, items, curves, host, device, collectives)
-        else:
-            self._pending = _Pending(items, curves, [torch.tensor(host, dtype=torch.float64)], Ready(), device)
+    def deferred(self: CLARA, results: list[torch.Tensor], finish: Any) -> None:
+        self._pending = _Pending([result.clone() for result in results], Ready(), finish)
 
-    monkeypatch.setattr(CLARA, "_finish", deferred)
+    monkeypatch.setattr(CLARA, "_hand_over", deferred)
     # the safeguard reads every step's loss on the host, which waits for the step by design
     callback = CLARACallback(d=0.4, prog_bar=True, safeguard=False)
     trainer = Trainer(**{**trainer_kwargs, "max_epochs": 2, "callbacks": [callback]})

@@ -122,8 +122,8 @@ def replay_steps(
 
 def tensor_counts(controller: CLARA) -> list[int]:
     """How often each parameter's path was updated, in optimizer order (untouched tensors count 0)."""
-    params = [p for group in controller.optimizer.param_groups for p in group["params"]]
-    return [controller._tensors[p].count if p in controller._tensors else 0 for p in params]
+    rows = controller.state_dict()["tensors"]
+    return [0 if entry is None else entry["count"] for row in rows for entry in row]
 
 
 # ---------------------------------------------------------------------------------------------- a. accumulation
@@ -209,7 +209,8 @@ def test_bf16_precision_keeps_fp32_paths(
     params = list(module.parameters())
     assert {p.dtype for p in params} == {param_dtype}
     (controller,) = callback.controllers
-    assert [controller._tensors[p].path.dtype for p in params] == [torch.float32] * len(params)
+    paths = [entry["path"] for row in controller.state_dict()["tensors"] for entry in row]
+    assert [path.dtype for path in paths] == [torch.float32] * len(params)
     total = epochs * STEPS_PER_EPOCH
     assert counter.steps == [total]
     assert controller.num_adapted_steps == trainer.global_step == total
@@ -220,9 +221,9 @@ def test_bf16_precision_keeps_fp32_paths(
         reference = replay_sgd(recorder.first_group(), counter.grads[0], LR, **options)
         tolerance = 1e-5
     else:
-        assert controller.reader_name == "delta"
-        # the delta reader's direction is a bf16 tensor (its norm and scaling round at 2^-9), the
-        # replay runs in float64: hence the looser tolerance
+        assert controller.reader_name == "sample"
+        # the sampled step is the exact fp32 difference of the bf16 values, but the parameters (and so
+        # the steps) of a bf16 run differ from the float64 replay's rounding: hence the looser tolerance
         tolerance = 2e-3
         reference = replay_steps(recorder.first_group(), counter.realised[0], LR, tolerance=tolerance, **options)
     assert math.isclose(controller.log_factors[0], reference.log_factor, rel_tol=tolerance, abs_tol=1e-6)
@@ -464,9 +465,10 @@ def test_clipped_step_is_the_adapted_direction(
     lrs: dict[str, list[float]] = {}
     log_factors: dict[str, float] = {}
     initial_net = copy.deepcopy(make_module(sgd()).net)
-    for direction in ("auto", "delta"):
+    for direction in ("auto", "delta", "sample"):
         module = make_module(sgd())
-        callback, recorder = CLARACallback(c=C, d=D, safeguard=False, direction=direction), LRRecorder()
+        reader = {"direction": "auto"} if direction == "sample" else {"direction": direction, "sample": None}
+        callback, recorder = CLARACallback(c=C, d=D, safeguard=False, **reader), LRRecorder()
         trainer = make_trainer(
             trainer_kwargs,
             [callback, recorder],
@@ -475,11 +477,12 @@ def test_clipped_step_is_the_adapted_direction(
             gradient_clip_algorithm=algorithm,
         )
         trainer.fit(module)
-        assert callback.controllers[0].reader_name == ("state" if direction == "auto" else "delta")
+        assert callback.controllers[0].reader_name == {"auto": "state", "delta": "delta", "sample": "sample"}[direction]
         lrs[direction] = recorder.first_group()
         log_factors[direction] = callback.controllers[0].log_factors[0]
-    assert max_relative_error(lrs["delta"], lrs["auto"]) < 1e-9
-    assert math.isclose(log_factors["delta"], log_factors["auto"], rel_tol=1e-9, abs_tol=1e-12)
+    for direction in ("delta", "sample"):
+        assert max_relative_error(lrs[direction], lrs["auto"]) < 1e-9
+        assert math.isclose(log_factors[direction], log_factors["auto"], rel_tol=1e-9, abs_tol=1e-12)
 
     def hand_loop(clip: bool) -> tuple[list[float], float, int]:
         net = copy.deepcopy(initial_net)
@@ -637,11 +640,12 @@ def test_null_model_long_run_stays_within_random_walk_bound() -> None:
 
     # fp32 path after 1e5 EMA updates == float64 EMA of the last 300 unit gradients ((1 - c)^300 ~ 1e-29)
     tail = 300
-    for param, grads in zip(clara.optimizer.param_groups[0]["params"], gradients, strict=True):
-        expected = torch.zeros(param.numel(), dtype=torch.float64)
+    (row,) = clara.state_dict()["tensors"]
+    for entry, grads in zip(row, gradients, strict=True):
+        expected = torch.zeros(grads.shape[1], dtype=torch.float64)
         for g in grads[steps - tail :].double():
             expected = (1 - C) * expected + C * g / g.norm()
-        path = clara._tensors[param].path
+        path = entry["path"]
         assert path.dtype == torch.float32
         torch.testing.assert_close(path.double(), expected, rtol=0.0, atol=2e-6)
 

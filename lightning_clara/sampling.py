@@ -1,0 +1,361 @@
+"""Sampled paths: CLARA's statistic on a fixed sample of at most ``m`` coordinates per tensor.
+
+The ratio only needs, per tensor, the cosines between its recent unit steps. So each tensor
+keeps its path on a fixed coordinate sample: the entries are gathered before the optimizer
+step and again after it, and their difference is the realised step on the sample, whatever
+the optimizer (fused, capturable, bf16, zero lr). A coordinate sample of an i.i.d. Gaussian
+vector is i.i.d. Gaussian, so the null model holds exactly with the reference at the sample's
+size. A step costs O(m x tensors), not O(parameters).
+
+All tensors of one device and dtype live in one :class:`SampleBucket`: a ``(tensors, width)``
+matrix with one row per tensor (rows of tensors smaller than ``width`` are zero-padded), so a
+step is a fixed handful of kernels whatever the tensor count, and every per-tensor sum is a
+row sum (deterministic on every device, so DDP ranks stay bit-identical).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lightning_clara.path import path_dtype_for
+
+__all__ = ["DEFAULT_SAMPLE", "SampleBucket", "SampledTensor", "sample_indices"]
+
+#: Coordinates kept per tensor by default. The reference already treats every tensor above
+#: 4096 entries as the same size (``reference.SIZE_CAP``); the parity study is in
+#: benchmarks/RESULTS.md ("Sampled paths").
+DEFAULT_SAMPLE = 4096
+
+
+def sample_indices(numel: int, m: int, key: tuple[int, ...]) -> Tensor:
+    """``min(numel, m)`` sorted flat indices into a tensor of ``numel`` entries (int64, CPU).
+
+    A tensor with at most ``m`` entries keeps all of them. A larger one is cut into ``m`` strata
+    of consecutive entries and keeps one entry per stratum, at an offset drawn from a generator
+    seeded by ``key`` (the tensor's position in the optimizer and its size): spread over the
+    whole tensor, identical on every rank, after a resume and in every process.
+    """
+    if numel <= m:
+        return torch.arange(numel, dtype=torch.int64)
+    seed = int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little") >> 1
+    generator = torch.Generator().manual_seed(seed)
+    bounds = torch.arange(m + 1, dtype=torch.int64) * numel // m
+    widths = bounds[1:] - bounds[:-1]
+    offsets = (torch.rand(m, generator=generator, dtype=torch.float64) * widths).long()
+    return bounds[:-1] + torch.minimum(offsets, widths - 1)
+
+
+@dataclass
+class SampledTensor:
+    """One parameter tensor in a bucket: where its sample lies in the tensor and in its row.
+
+    ``source`` indexes this rank's data of the tensor (flat, int32 where it fits); ``target``
+    the row entries those values fill (all of ``0 .. length-1`` unless the tensor is sharded).
+    """
+
+    param: Tensor
+    group: int
+    length: int
+    source: Tensor | None  # None: every entry, in order (a tensor with at most m entries)
+    target: Tensor | None  # None: the entries 0 .. length-1 of the row
+
+
+@dataclass
+class SampleStep:
+    """The device results of one bucket's step, read on the host in one copy."""
+
+    rows: Tensor
+    """(4, tensors) float64: ||p||^2 where moved, the reference where moved, moved, non-finite."""
+
+
+class SampleBucket:
+    """The sampled paths of the tensors of one device and dtype, as one ``(tensors, width)`` matrix.
+
+    Args:
+        members: the bucket's tensors, in a fixed order.
+        local: maps a parameter to this rank's data (a DTensor's local shard, or itself).
+        sum_across_shards: for sharded parameters, the in-place SUM across the shard group of the
+            sampled step (each rank fills the entries it holds, zeros elsewhere); None otherwise.
+    """
+
+    def __init__(
+        self,
+        members: Sequence[SampledTensor],
+        local: Callable[[Tensor], Tensor],
+        sum_across_shards: Callable[[Tensor], None] | None,
+    ) -> None:
+        self.members = list(members)
+        self.width = max(1, max(member.length for member in self.members))
+        self._local = local
+        self._sum_across_shards = sum_across_shards
+        first = local(self.members[0].param.detach())
+        self.device, self.dtype = first.device, first.dtype
+        self.path_dtype = path_dtype_for(self.dtype)
+        rows = len(self.members)
+        self.path = torch.zeros(rows, self.width, dtype=self.path_dtype, device=self.device)
+        self.counts = torch.zeros(rows, dtype=torch.int64, device=self.device)
+        self._sources = [None if m.source is None else m.source.to(self.device) for m in self.members]
+        # a sharded rank gathers only the entries it holds, which ``targets`` place in the rows
+        self._targets: Tensor | None = None
+        if sum_across_shards is not None:
+            targets = [m.target + row * self.width for row, m in enumerate(self.members) if m.target is not None]
+            self._targets = compact_index(torch.cat(targets)).to(self.device)
+        self._before: Tensor | None = None
+        if sum_across_shards is None:
+            # the step is taken in place in one persistent (tensors, width) buffer: whole tensors by
+            # one foreach copy / subtraction into row views shaped like them, sampled ones by index
+            self._step = torch.zeros(rows, self.width, dtype=self.path_dtype, device=self.device)
+            whole = [(row, m) for row, m in enumerate(self.members) if m.source is None]
+            self._whole_params = [m.param for _, m in whole]
+            self._whole_rows = [self._step[row, : m.length].view(m.param.shape) for row, m in whole]
+            self._sampled_rows = [
+                (self._step[row, : m.length], m.param, source)
+                for row, (m, source) in enumerate(zip(self.members, self._sources, strict=True))
+                if source is not None
+            ]
+        self.curves = torch.zeros(rows, 1, dtype=torch.float64, device=self.device)
+        self.curve_rows = torch.zeros(rows, dtype=torch.int64, device=self.device)
+        self._curve_keys: tuple[int, ...] | None = None
+        self.groups = torch.tensor([member.group for member in self.members], dtype=torch.int64)
+
+    def _gather(self) -> Tensor:
+        """Sharded: the sampled entries this rank holds, concatenated (their ``targets`` place them)."""
+        pieces = [
+            _flat(self._local(member.param.detach())).index_select(0, source)
+            for member, source in zip(self.members, self._sources, strict=True)
+        ]
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
+
+    def before_step(self) -> None:
+        """Gather the sampled entries before the optimizer changes them."""
+        with torch.no_grad():
+            if self._targets is not None:
+                self._before = self._gather()
+                return
+            if self._whole_params:
+                torch._foreach_copy_(self._whole_rows, self._whole_params)
+            for row, param, source in self._sampled_rows:
+                row.copy_(_flat(param).index_select(0, source))
+            self._before = self._step
+
+    def realised_step(self) -> Tensor:
+        """``theta(before) - theta(after)`` on the sample, as the ``(tensors, width)`` matrix (path dtype)."""
+        with torch.no_grad():
+            if self._targets is None:
+                if self._before is None:
+                    raise RuntimeError("SampleBucket: a step without the pre-step gather")
+                self._before = None
+                if self._whole_params:  # in fp32 for bf16 parameters: the difference is exact there
+                    torch._foreach_sub_(self._whole_rows, self._whole_params)
+                for row, param, source in self._sampled_rows:
+                    row.sub_(_flat(param).index_select(0, source))
+                return self._step
+            after = self._gather()
+            before, self._before = self._before, None
+            if before is None:
+                raise RuntimeError("SampleBucket: a step without the pre-step gather")
+            if self.dtype == self.path_dtype:
+                step = before.sub_(after)
+            else:  # bf16/fp16: the difference of the rounded values, exact in fp32
+                step = before.to(self.path_dtype) - after.to(self.path_dtype)
+            matrix = torch.zeros(len(self.members), self.width, dtype=self.path_dtype, device=self.device)
+            matrix.view(-1).index_put_((self._targets,), step)
+            self._sum_across_shards(matrix)  # type: ignore[misc]
+            return matrix
+
+    def set_curves(self, keys: tuple[int, ...], curves: Sequence[Sequence[float]]) -> None:
+        """The reference curve of every row (padded with its stationary value); ``keys`` say when to rebuild."""
+        self._curve_keys = keys
+        horizon = max(len(curve) for curve in curves)
+        unique: dict[int, int] = {}
+        rows, table = [], []
+        for curve in curves:
+            index = unique.setdefault(id(curve), len(table))
+            if index == len(table):
+                table.append(list(curve) + [curve[-1]] * (horizon - len(curve)))
+            rows.append(index)
+        self.curves = torch.tensor(table, dtype=torch.float64, device=self.device)
+        self.curve_rows = torch.tensor(rows, dtype=torch.int64, device=self.device)
+
+    def curves_current(self, keys: tuple[int, ...]) -> bool:
+        return self._curve_keys == keys
+
+    def update(self, c: float) -> SampleStep:
+        """``p <- (1 - c) p + c s / ||s||`` for every row whose step is finite and non-zero.
+
+        A zero step (no gradient, zero lr) leaves its row alone; a non-finite one resets it. All
+        on the device, in a fixed number of kernels.
+        """
+        step = self.realised_step()
+        with torch.no_grad():
+            norms = torch.linalg.vector_norm(step, dim=1)
+            finite = torch.isfinite(norms)
+            moved = finite & (norms > 0)
+            # a non-finite row decays to 0 (its path resets) and takes no step (its NaNs zeroed first)
+            decay = torch.where(moved, 1.0 - c, finite.to(self.path_dtype))
+            scale = torch.where(moved, c / norms, 0.0)
+            step.nan_to_num_(0.0, 0.0, 0.0)
+            self.path.mul_(decay[:, None]).addcmul_(step, scale[:, None])
+            self.counts = torch.where(finite, self.counts + moved, 0)
+            squared = torch.linalg.vecdot(self.path, self.path, dim=1).double()
+            expected = self.curves[self.curve_rows, self.counts.clamp(max=self.curves.shape[1] - 1)]
+            weight = moved.double()
+            rows = torch.stack([squared * weight, expected * weight, weight, 1.0 - finite.double()])
+        return SampleStep(rows)
+
+    # ------------------------------------------------------------------ checkpointing
+    def export(self) -> dict[Tensor, tuple[Tensor, int]]:
+        """Each tensor's sampled path (its row, unpadded) and count, keyed by parameter."""
+        counts = self.counts.tolist()
+        return {
+            member.param: (self.path[row, : member.length].clone(), int(counts[row]))
+            for row, member in enumerate(self.members)
+        }
+
+    def load(self, saved: dict[Tensor, tuple[Tensor, int]]) -> None:
+        """Take the paths of ``saved`` (as :meth:`export` gives them) for the tensors it holds."""
+        counts = self.counts.tolist()
+        for row, member in enumerate(self.members):
+            entry = saved.get(member.param)
+            if entry is None or entry[0].numel() != member.length:
+                continue
+            self.path[row, : member.length].copy_(entry[0].to(self.path.device, self.path_dtype))
+            counts[row] = entry[1]
+        self.counts.copy_(torch.tensor(counts, dtype=torch.int64))
+
+
+def _flat(tensor: Tensor) -> Tensor:
+    """A 1-D view of a tensor's entries in row-major order (a copy only for a non-contiguous one)."""
+    return tensor.detach().reshape(-1)
+
+
+def shard_sample(indices: Tensor, offset: int, local_numel: int) -> tuple[Tensor, Tensor]:
+    """The entries of a global sample that a shard holds: (their local flat indices, their row positions).
+
+    The shard holds the global flat entries ``offset .. offset + local_numel - 1``.
+    """
+    held = (indices >= offset) & (indices < offset + local_numel)
+    positions = torch.nonzero(held).flatten()
+    return indices[held] - offset, positions
+
+
+def compact_index(indices: Tensor) -> Tensor:
+    """int32 indices where they fit (half the memory; ``index_select`` takes them), else int64."""
+    if indices.numel() == 0 or int(indices.max()) < 2**31 - 1:
+        return indices.to(torch.int32)
+    return indices
+
+
+class SampledPaths:
+    """The sampled paths of one optimizer: one :class:`SampleBucket` per device and dtype.
+
+    The layout follows the trainable tensors: when one is added, frozen or unfrozen, the buckets
+    are rebuilt and every tensor still present keeps its path (a frozen one starts afresh).
+
+    Args:
+        m: coordinates kept per tensor.
+        full_numel: a parameter's unsharded size.
+        local: maps a parameter to this rank's data.
+        offset: for sharded parameters, the flat position of this rank's data in the whole tensor;
+            None when every rank holds whole tensors.
+        sum_across_shards: the in-place SUM across the shard group (sharded parameters only).
+    """
+
+    def __init__(
+        self,
+        m: int,
+        full_numel: Callable[[Tensor], int],
+        local: Callable[[Tensor], Tensor],
+        offset: Callable[[Tensor], int] | None = None,
+        sum_across_shards: Callable[[Tensor], None] | None = None,
+    ) -> None:
+        self.m = m
+        self._full_numel = full_numel
+        self._local = local
+        self._offset = offset
+        self._sum_across_shards = sum_across_shards
+        self.buckets: list[SampleBucket] = []
+        self._layout_key: tuple[tuple[int, int, int], ...] | None = None
+        self._loaded: dict[Tensor, tuple[Tensor, int]] = {}
+
+    def size(self, param: Tensor) -> int:
+        """The sample's size for ``param``: the size of the tensor the reference simulates."""
+        return min(int(self._full_numel(param)), self.m)
+
+    def before_step(self, members: Sequence[tuple[int, int, Tensor]]) -> None:
+        """Gather every trainable tensor's sample; ``members`` are (group, position, parameter)."""
+        key = tuple((j, i, id(param)) for j, i, param in members)
+        if key != self._layout_key:
+            self._relayout(members)
+            self._layout_key = key
+        for bucket in self.buckets:
+            bucket.before_step()
+
+    def _member(self, j: int, i: int, param: Tensor) -> tuple[tuple[torch.device, torch.dtype], SampledTensor]:
+        numel = int(self._full_numel(param))
+        indices = sample_indices(numel, self.m, (j, i, numel))
+        data = self._local(param.detach())
+        if self._offset is None:
+            source = None if numel <= self.m else compact_index(indices)
+            member = SampledTensor(param, j, indices.numel(), source, None)
+        else:
+            held, positions = shard_sample(indices, int(self._offset(param)), data.numel())
+            member = SampledTensor(param, j, indices.numel(), compact_index(held), positions)
+        return (data.device, data.dtype), member
+
+    def _relayout(self, members: Sequence[tuple[int, int, Tensor]]) -> None:
+        kept = {**self.export(), **self._loaded}
+        self._loaded = {}
+        grouped: dict[tuple[torch.device, torch.dtype], list[SampledTensor]] = {}
+        for j, i, param in members:
+            where, member = self._member(j, i, param)
+            grouped.setdefault(where, []).append(member)
+        self.buckets = [SampleBucket(group, self._local, self._sum_across_shards) for group in grouped.values()]
+        for bucket in self.buckets:
+            bucket.load(kept)
+
+    def update(self, c: float, curves: Callable[[int, int], Sequence[float]], keys: Sequence[int]) -> list[SampleStep]:
+        """Step every bucket's paths; ``curves(group, size)`` is a group's reference curve and
+        ``keys[group]`` changes whenever that curve does."""
+        out = []
+        for bucket in self.buckets:
+            bucket_keys = tuple(keys[member.group] for member in bucket.members)
+            if not bucket.curves_current(bucket_keys):
+                bucket.set_curves(bucket_keys, [curves(member.group, member.length) for member in bucket.members])
+            out.append(bucket.update(c))
+        return out
+
+    def export(self) -> dict[Tensor, tuple[Tensor, int]]:
+        """Every tensor's sampled path and count (for checkpoints and relayouts)."""
+        out: dict[Tensor, tuple[Tensor, int]] = dict(self._loaded)
+        for bucket in self.buckets:
+            out.update(bucket.export())
+        return out
+
+    def load(self, saved: dict[Tensor, tuple[Tensor, int]]) -> None:
+        """Restore sampled paths (keyed by parameter) now, and again at the next relayout."""
+        self.buckets, self._layout_key = [], None
+        self._loaded = dict(saved)
+
+    def release(self) -> None:
+        self.buckets, self._layout_key, self._loaded = [], None, {}
+
+    def persistent_bytes(self) -> int:
+        """Bytes kept per tensor between steps: paths, the step buffer, counts and sample indices (not
+        the reference curves, one table row per distinct tensor size: :meth:`reference_bytes`)."""
+        total = 0
+        for bucket in self.buckets:
+            step = getattr(bucket, "_step", None)
+            for tensor in (bucket.path, step, bucket.counts, bucket.curve_rows, bucket._targets, *bucket._sources):
+                if tensor is not None:
+                    total += tensor.numel() * tensor.element_size()
+        return total
+
+    def reference_bytes(self) -> int:
+        """Bytes of the reference-curve tables on the device (one row per distinct size and group)."""
+        return sum(bucket.curves.numel() * bucket.curves.element_size() for bucket in self.buckets)
