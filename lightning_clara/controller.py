@@ -9,11 +9,12 @@ GradScaler skip, an accumulation micro-batch) fires no hook and changes nothing.
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -222,11 +223,17 @@ class _Pending:
     finish: Callable[[list[Tensor], bool], None]  # the host part, given the buffers and ``collectives``
 
 
+_REFERENCE_SERIALS = itertools.count()
+
+
 @dataclass
 class _GroupReference:
     key: tuple[Any, ...]
     curves: dict[int, list[float]]
     param_ids: tuple[int, ...] = ()  # the group's tensors when the curves were built
+    #: Unique per built reference (an ``id`` could be reused once the old one is freed): sampled
+    #: paths rebuild their curve table when it changes.
+    serial: int = field(default_factory=lambda: next(_REFERENCE_SERIALS))
 
 
 class CLARA:
@@ -638,14 +645,7 @@ class CLARA:
         if self._sampled is not None:
             if self._reader is not None:  # the safeguard's restore points
                 self._reader.before_step(list(self._trainable()))
-            self._sampled.before_step(
-                [
-                    (j, i, param)
-                    for j, group in enumerate(optimizer.param_groups)
-                    for i, param in enumerate(group["params"])
-                    if param.requires_grad
-                ]
-            )
+            self._sampled.before_step(optimizer.param_groups)
         elif not self._reader.needs_snapshot and self.variant != "salera" and self._has_sparse_gradients():  # type: ignore[union-attr]
             # the state readers read the gradient; a sparse one has no norm: read the realised step instead
             self._reader.release()
@@ -764,7 +764,7 @@ class CLARA:
         assert sampled is not None
         references = [self._group_reference(j) for j in range(len(optimizer.param_groups))]
         steps = sampled.update(
-            self.c, lambda j, size: references[j].curves[size], [id(reference) for reference in references]
+            self.c, lambda j, size: references[j].curves[size], [reference.serial for reference in references]
         )
         if not steps:
             return

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -126,7 +127,7 @@ class SampleBucket:
     def _gather(self) -> Tensor:
         """Sharded: the sampled entries this rank holds, concatenated (their ``targets`` place them)."""
         pieces = [
-            _flat(self._local(member.param.detach())).index_select(0, source)
+            _take(self._local(member.param.detach()), source)  # type: ignore[arg-type]
             for member, source in zip(self.members, self._sources, strict=True)
         ]
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
@@ -140,7 +141,7 @@ class SampleBucket:
             if self._whole_params:
                 torch._foreach_copy_(self._whole_rows, self._whole_params)
             for row, param, source in self._sampled_rows:
-                row.copy_(_flat(param).index_select(0, source))
+                row.copy_(_take(param, source))
             self._before = self._step
 
     def realised_step(self) -> Tensor:
@@ -153,7 +154,7 @@ class SampleBucket:
                 if self._whole_params:  # in fp32 for bf16 parameters: the difference is exact there
                     torch._foreach_sub_(self._whole_rows, self._whole_params)
                 for row, param, source in self._sampled_rows:
-                    row.sub_(_flat(param).index_select(0, source))
+                    row.sub_(_take(param, source))
                 return self._step
             after = self._gather()
             before, self._before = self._before, None
@@ -174,7 +175,7 @@ class SampleBucket:
         horizon = max(len(curve) for curve in curves)
         unique: dict[int, int] = {}
         rows, table = [], []
-        for curve in curves:
+        for curve in curves:  # the lists stay alive in ``curves``, so their ids are unique here
             index = unique.setdefault(id(curve), len(table))
             if index == len(table):
                 table.append(list(curve) + [curve[-1]] * (horizon - len(curve)))
@@ -229,9 +230,13 @@ class SampleBucket:
         self.counts.copy_(torch.tensor(counts, dtype=torch.int64))
 
 
-def _flat(tensor: Tensor) -> Tensor:
-    """A 1-D view of a tensor's entries in row-major order (a copy only for a non-contiguous one)."""
-    return tensor.detach().reshape(-1)
+def _take(tensor: Tensor, source: Tensor) -> Tensor:
+    """The entries at flat (row-major) positions ``source``, without copying a non-contiguous tensor
+    (a channels-last convolution weight) whole."""
+    tensor = tensor.detach()
+    if tensor.is_contiguous():
+        return tensor.view(-1).index_select(0, source)
+    return torch.take(tensor, source.long())
 
 
 def shard_sample(indices: Tensor, offset: int, local_numel: int) -> tuple[Tensor, Tensor]:
@@ -280,17 +285,25 @@ class SampledPaths:
         self._offset = offset
         self._sum_across_shards = sum_across_shards
         self.buckets: list[SampleBucket] = []
-        self._layout_key: tuple[tuple[int, int, int], ...] | None = None
+        self._layout_key: tuple[tuple[int, ...], ...] | None = None
         self._loaded: dict[Tensor, tuple[Tensor, int]] = {}
 
     def size(self, param: Tensor) -> int:
         """The sample's size for ``param``: the size of the tensor the reference simulates."""
         return min(int(self._full_numel(param)), self.m)
 
-    def before_step(self, members: Sequence[tuple[int, int, Tensor]]) -> None:
-        """Gather every trainable tensor's sample; ``members`` are (group, position, parameter)."""
-        key = tuple((j, i, id(param)) for j, i, param in members)
+    def before_step(self, param_groups: Sequence[dict[str, Any]]) -> None:
+        """Gather every trainable tensor's sample (relaying out first if the trainable tensors changed)."""
+        key = tuple(
+            tuple(id(p) if p.requires_grad else 0 for p in group["params"]) for group in param_groups
+        )  # cheap enough per step; the layout itself is rebuilt only when it changes
         if key != self._layout_key:
+            members = [
+                (j, i, param)
+                for j, group in enumerate(param_groups)
+                for i, param in enumerate(group["params"])
+                if param.requires_grad
+            ]
             self._relayout(members)
             self._layout_key = key
         for bucket in self.buckets:

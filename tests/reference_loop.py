@@ -40,7 +40,9 @@ class SimpleCLARA:
     multiplies ``d`` by ``1 + 19 (1 - t / fast_start)`` at the t-th adapted step (t = 0, 1, ...) while
     positive; the hold (600 steps with the normalized rule, none with the paper's) multiplies it by
     ``exp(-(t - hold_after) / (hold_after / 3))`` once ``t > hold_after``. F starts at
-    ``initial_factor`` (0.1 with the normalized rule, 1 with the paper's).
+    ``initial_factor`` (0.1 with the normalized rule, 1 with the paper's). ``samples[k]``, when
+    given, are the flat indices of tensor k's sampled coordinates (``sample=m``): its path lives on
+    them and its step is the full step at them, and ``mu`` is asked for the sample's size.
     """
 
     def __init__(

@@ -89,3 +89,29 @@ def test_deep_quick_runs_every_method_on_every_task(tmp_path: Path) -> None:
     assert (tmp_path / "deep.png").stat().st_size > 0
     assert "cnn: test accuracy" in stdout
     assert (tmp_path / "deep.txt").exists()
+
+
+def test_parity_report_compares_metrics_and_trajectories(tmp_path: Path) -> None:
+    """Two tiny deep.py-style reports: the table shows full / sampled per lr0, the worst case, and the
+    lr trajectories' distance (a factor 2 everywhere here) beside the seeds' (identical seeds: 1x)."""
+
+    def report(metric: float, scale: float) -> dict:
+        runs = [
+            {
+                "task": "mlp",
+                "method": "Adam+CLARA",
+                "lr0": lr,
+                "seed": seed,
+                "metric": metric + lr,
+                "lrs": [scale, scale],
+            }
+            for lr in (0.1, 1.0)
+            for seed in (0, 1)
+        ]
+        return {"runs": runs}
+
+    full, sampled = tmp_path / "full.json", tmp_path / "sampled.json"
+    full.write_text(json.dumps(report(60.0, 1.0)))
+    sampled.write_text(json.dumps(report(50.0, 2.0)))
+    stdout = run_script("parity.py", str(full), str(sampled))
+    assert "| mlp | Adam+CLARA | 60.1 / 50.1 | 61.0 / 51.0 | 60.1 / 50.1 | 2.00x | 1.00x |" in stdout

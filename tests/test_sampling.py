@@ -240,9 +240,10 @@ def test_bf16_rounding_is_followed_exactly() -> None:
     generator = torch.Generator().manual_seed(0)
     param = torch.randn(50, 40, generator=generator).to(torch.bfloat16)
     paths = SampledPaths(M, full_numel=lambda p: p.numel(), local=lambda p: p)
-    paths.before_step([(0, 0, param)])
+    paths.before_step([{"params": [param.requires_grad_()]}])
     before = param.clone()
-    param.mul_(0.37).add_(1e-3)  # a step that bf16 rounds, crossing magnitudes
+    with torch.no_grad():
+        param.mul_(0.37).add_(1e-3)  # a step that bf16 rounds, crossing magnitudes
     step = paths.buckets[0].realised_step()
     indices = sample_indices(param.numel(), M, (0, 0, param.numel()))
     exact = (before.float() - param.float()).flatten()[indices]
@@ -393,3 +394,44 @@ def test_a_sampled_path_of_the_wrong_size_is_refused() -> None:
     other = CLARA(torch.optim.Adam(make_params(), lr=1e-3), sample=M)
     with pytest.raises(ValueError, match="sampled path"):
         other.load_state_dict(state)
+
+
+def test_a_changed_hyper_parameter_rebuilds_the_sampled_reference() -> None:
+    """A scheduler that moves SGD's momentum: the next step uses the new momentum's reference curves."""
+    params = [torch.zeros(300, dtype=torch.float64, requires_grad=True)]
+    optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    clara = CLARA(optimizer, c=C, sample=M)
+
+    def step() -> None:
+        params[0].grad = torch.randn(300, dtype=torch.float64)
+        optimizer.step()
+
+    def expected_curve() -> list[float]:
+        reference = reference_for(optimizer, optimizer.param_groups[0], C)
+        return reference.curve(M).tolist()
+
+    step()
+    bucket = clara._sampled.buckets[0]
+    first = bucket.curves[0, : len(expected_curve())].tolist()
+    assert first == pytest.approx(expected_curve())
+    optimizer.param_groups[0]["momentum"] = 0.5
+    step()
+    second = bucket.curves[0, : len(expected_curve())].tolist()
+    assert second == pytest.approx(expected_curve())
+    assert second != pytest.approx(first)
+
+
+def test_a_channels_last_weight_is_sampled_in_row_major_order() -> None:
+    """A non-contiguous tensor's sample is the same logical entries as its contiguous copy's."""
+    weight = torch.randn(64, 32, 3, 3).to(memory_format=torch.channels_last).requires_grad_()
+    copy = weight.detach().contiguous().requires_grad_()
+    assert not weight.is_contiguous()
+    runs = []
+    for param in (weight, copy):
+        optimizer = torch.optim.SGD([param], lr=0.1)
+        clara = CLARA(optimizer, sample=M)
+        for step in range(3):
+            param.grad = torch.randn(param.shape, generator=torch.Generator().manual_seed(step)).contiguous()
+            optimizer.step()
+        runs.append(clara._sampled.export()[param][0])
+    torch.testing.assert_close(runs[0], runs[1])
