@@ -769,6 +769,7 @@ class CLARA:
         if not steps:
             return
         groups = [bucket.groups for bucket in sampled.buckets]
+        tensors = sum(len(bucket.members) for bucket in sampled.buckets)
         device = sampled.buckets[0].device
 
         def finish(buffers: list[Tensor], collectives: bool) -> None:
@@ -779,8 +780,9 @@ class CLARA:
                 sums = torch.zeros(4, len(self._log_factors), dtype=torch.float64)
                 for rows, group in zip(buffers, groups, strict=True):
                     sums.index_add_(1, group, rows)
-            squared, expected, moved, non_finite = sums.tolist()
-            self._apply_rule(squared, expected, [int(v) for v in moved], int(sum(non_finite)), device, collectives)
+            squared, expected, moved, finite = sums.tolist()
+            non_finite = tensors - round(sum(finite))
+            self._apply_rule(squared, expected, [round(v) for v in moved], non_finite, device, collectives)
 
         self._hand_over([step.rows for step in steps], finish)
 

@@ -16,6 +16,7 @@ row sum (deterministic on every device, so DDP ranks stay bit-identical).
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -71,7 +72,7 @@ class SampleStep:
     """The device results of one bucket's step, read on the host in one copy."""
 
     rows: Tensor
-    """(4, tensors) float64: ||p||^2 where moved, the reference where moved, moved, non-finite."""
+    """(4, tensors) float64: ||p||^2 where moved, the reference where moved, moved, finite."""
 
 
 class SampleBucket:
@@ -100,6 +101,7 @@ class SampleBucket:
         rows = len(self.members)
         self.path = torch.zeros(rows, self.width, dtype=self.path_dtype, device=self.device)
         self.counts = torch.zeros(rows, dtype=torch.int64, device=self.device)
+        self._ones = torch.ones(rows, dtype=self.path_dtype, device=self.device)
         self._sources = [None if m.source is None else m.source.to(self.device) for m in self.members]
         # a sharded rank gathers only the entries it holds, which ``targets`` place in the rows
         self._targets: Tensor | None = None
@@ -141,7 +143,10 @@ class SampleBucket:
             if self._whole_params:
                 torch._foreach_copy_(self._whole_rows, self._whole_params)
             for row, param, source in self._sampled_rows:
-                row.copy_(_take(param, source))
+                if param.dtype == row.dtype and param.is_contiguous():
+                    torch.index_select(param.detach().view(-1), 0, source, out=row)
+                else:
+                    row.copy_(_take(param, source))
             self._before = self._step
 
     def realised_step(self) -> Tensor:
@@ -194,19 +199,20 @@ class SampleBucket:
         """
         step = self.realised_step()
         with torch.no_grad():
+            # few kernels, whatever the tensor count: a small model's step is only a few of them
             norms = torch.linalg.vector_norm(step, dim=1)
-            finite = torch.isfinite(norms)
+            finite = norms < math.inf  # False for NaN too
             moved = finite & (norms > 0)
-            # a non-finite row decays to 0 (its path resets) and takes no step (its NaNs zeroed first)
-            decay = torch.where(moved, 1.0 - c, finite.to(self.path_dtype))
-            scale = torch.where(moved, c / norms, 0.0)
-            step.nan_to_num_(0.0, 0.0, 0.0)
-            self.path.mul_(decay[:, None]).addcmul_(step, scale[:, None])
-            self.counts = torch.where(finite, self.counts + moved, 0)
+            moved_f = moved.to(self.path_dtype)
+            decay = finite.to(self.path_dtype).sub_(moved_f, alpha=c)  # 1 - c where moved, 0 where not finite
+            scale = moved_f.mul_(c).div_(torch.where(moved, norms, self._ones))  # c / ||s|| where moved, else 0
+            # a non-finite row: 0 * path + 0 * NaN = NaN, zeroed here, so its path restarts from 0
+            self.path.mul_(decay[:, None]).addcmul_(step, scale[:, None]).nan_to_num_(0.0, 0.0, 0.0)
+            self.counts.add_(moved).mul_(finite)
             squared = torch.linalg.vecdot(self.path, self.path, dim=1).double()
             expected = self.curves[self.curve_rows, self.counts.clamp(max=self.curves.shape[1] - 1)]
-            weight = moved.double()
-            rows = torch.stack([squared * weight, expected * weight, weight, 1.0 - finite.double()])
+            rows = torch.stack([squared, expected, moved.double(), finite.double()])
+            rows[:2] *= rows[2]
         return SampleStep(rows)
 
     # ------------------------------------------------------------------ checkpointing

@@ -45,7 +45,8 @@ def test_overhead_smoke_reports_costs_and_memory(tmp_path: Path) -> None:
         assert report[table], table
     (target,) = report["targets"]
     rows = target["rows"]
-    assert set(rows) == {"adam/sampled", "adam/full", "sgd/sampled", "sgd/full"}
+    engines = ("sampled", "full", "sampled+safeguard")
+    assert set(rows) == {f"{kind}/{engine}" for kind in ("adam", "sgd") for engine in engines}
     # 2e4 parameters in 4 tensors (two 100x100 weights, two biases): full paths keep 4 B per parameter
     # (+4 B of scratch for Adam's state reader on the CPU); sampled paths, per tensor, a path row of 4096
     # fp32 entries (the biases' rows zero-padded) and, beyond it, a step row and the weights' 4096 int32
