@@ -304,8 +304,9 @@ class CLARA:
             (default 4096; tensors with fewer entries keep all of them, so small models are
             unchanged). The realised step is read on the sample (gathered before and after the
             step), so a step costs O(sample x tensors) whatever the model's size, for every
-            optimizer. The sample is spread over the tensor and chosen from its position and size
-            only (identical on every rank and after a resume). None: full paths, the paper's exact
+            optimizer. The sample is spread over the tensor (runs of 16 consecutive entries in 256
+            strata) and chosen from its position and size only (identical on every rank and after
+            a resume). None: full paths, the paper's exact
             statistic (also what ``direction="state"``, ``unit_step`` and ``variant="salera"`` use).
 
     Example::

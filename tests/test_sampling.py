@@ -31,7 +31,8 @@ K_SIGMA = 4.0
 
 
 def test_sample_indices_are_one_per_stratum_sorted_and_reproducible() -> None:
-    numel, m = 10_000, 256
+    """Small samples (m < 128): one entry in each of m strata."""
+    numel, m = 10_000, 100
     indices = sample_indices(numel, m, (0, 3, numel))
     assert indices.dtype == torch.int64
     assert indices.numel() == m
@@ -40,7 +41,26 @@ def test_sample_indices_are_one_per_stratum_sorted_and_reproducible() -> None:
     assert bool(((indices >= bounds[:-1]) & (indices < bounds[1:])).all())  # spread: one per stratum
     assert not torch.equal(indices, sample_indices(numel, m, (0, 4, numel)))  # another position, another sample
     # a row-major (100, 100) weight: the sample covers its columns, not one of them
-    assert torch.unique(indices % 100).numel() > 80
+    assert torch.unique(indices % 100).numel() > 50
+
+
+@pytest.mark.parametrize(("numel", "m"), [(1_000_000, 4096), (9000, 4096), (10_000, 256), (4097, 4096)])
+def test_large_samples_are_runs_of_consecutive_entries_in_every_stratum(numel: int, m: int) -> None:
+    """m >= 128 on a tensor of at least 2 m entries: runs of min(16, m // 64) consecutive entries (cache
+    lines, not scattered entries), one per stratum, at least 64 strata, no entry twice."""
+    indices = sample_indices(numel, m, (1, 2, numel))
+    assert indices.numel() == m
+    assert bool((indices[1:] > indices[:-1]).all())  # sorted, so no entry twice
+    assert int(indices[0]) >= 0
+    assert int(indices[-1]) < numel
+    run = min(16, m // 64) if numel >= 2 * m else 1
+    strata = m // run
+    assert strata >= 64
+    bounds = torch.arange(strata + 1) * numel // strata
+    stratum = torch.bucketize(indices, bounds[1:], right=True)
+    assert torch.equal(torch.bincount(stratum, minlength=strata), torch.full((strata,), run))
+    runs = indices.reshape(strata, run)  # m is a multiple of the run length here
+    assert bool((runs[:, -1] - runs[:, 0] == run - 1).all())  # each run: consecutive entries
 
 
 def test_a_tensor_of_at_most_m_entries_keeps_every_coordinate() -> None:
