@@ -272,14 +272,20 @@ def test_bf16_rounding_is_followed_exactly() -> None:
     assert not torch.equal(exact, (before - param).float().flatten()[indices])  # bf16 would have rounded
 
 
-def test_zero_lr_steps_adapt_nothing() -> None:
-    """A warm-up from lr 0: the parameters do not move, so no path moves and F stays put."""
+def trained(make_optimizer: OptimizerFactory, steps: int) -> tuple[list[Tensor], torch.optim.Optimizer, CLARA]:
+    """The MLP's tensors, their optimizer and CLARA (sample m), after ``steps`` steps."""
     params = make_params()
-    optimizer = torch.optim.Adam(params, lr=0.0)
+    optimizer = make_optimizer(params)
     clara = CLARA(optimizer, sample=M)
-    for t in range(5):
+    for t in range(steps):
         compute_grads(params, t)
         optimizer.step()
+    return params, optimizer, clara
+
+
+def test_zero_lr_steps_adapt_nothing() -> None:
+    """A warm-up from lr 0: the parameters do not move, so no path moves and F stays put."""
+    params, optimizer, clara = trained(lambda ps: torch.optim.Adam(ps, lr=0.0), 5)
     assert clara.num_adapted_steps == 0
     assert clara.lr_factor == pytest.approx(0.1)
     optimizer.param_groups[0]["lr"] = 1e-3
@@ -332,12 +338,7 @@ def test_param_group_scope_adapts_each_group_like_its_own_controller() -> None:
 
 
 def test_freezing_a_tensor_keeps_the_other_paths() -> None:
-    params = make_params()
-    optimizer = torch.optim.SGD(params, lr=0.02)
-    clara = CLARA(optimizer, sample=M)
-    for t in range(10):
-        compute_grads(params, t)
-        optimizer.step()
+    params, optimizer, clara = trained(lambda ps: torch.optim.SGD(ps, lr=0.02), 10)
     before = {p: path.clone() for p, (path, _) in clara._sampled.export().items()}
     params[1].requires_grad_(False)
     for p in params:
