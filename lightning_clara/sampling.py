@@ -214,7 +214,7 @@ class SampleBucket:
         """
         step = self.realised_step()
         with torch.no_grad():
-            # few kernels, whatever the tensor count: a small model's step is only a few of them
+            # a fixed number of kernels whatever the tensor count (for a small model, most of its cost)
             norms = torch.linalg.vector_norm(step, dim=1)
             finite = norms < math.inf  # False for NaN too
             moved = finite & (norms > 0)
