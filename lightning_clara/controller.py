@@ -644,8 +644,6 @@ class CLARA:
         self._sync_scopes()
         self._reference_keys.before_step()
         if self._sampled is not None:
-            if self._reader is not None:  # the safeguard's restore points
-                self._reader.before_step(list(self._trainable()))
             self._sampled.before_step(optimizer.param_groups)
         elif not self._reader.needs_snapshot and self.variant != "salera" and self._has_sparse_gradients():  # type: ignore[union-attr]
             # the state readers read the gradient; a sparse one has no norm: read the realised step instead
@@ -657,8 +655,8 @@ class CLARA:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        if self._sampled is None and self._reader.needs_snapshot:  # type: ignore[union-attr]
-            self._reader.before_step(list(self._trainable()))  # type: ignore[union-attr]
+        if self._reader is not None and self._reader.needs_snapshot:  # with sampled paths: the safeguard's
+            self._reader.before_step(list(self._trainable()))  # restore points
         bases: list[Any] = []
         used: list[float] = []
         for j, group in enumerate(optimizer.param_groups):
@@ -775,8 +773,8 @@ class CLARA:
 
         def finish(buffers: list[Tensor], collectives: bool) -> None:
             if self.scope == "optimizer":
-                totals = torch.cat(buffers, dim=1).sum(dim=1, keepdim=True) if len(buffers) > 1 else buffers[0]
-                sums = totals.sum(dim=1, keepdim=True)
+                rows = buffers[0] if len(buffers) == 1 else torch.cat(buffers, dim=1)
+                sums = rows.sum(dim=1, keepdim=True)
             else:
                 sums = torch.zeros(4, len(self._log_factors), dtype=torch.float64)
                 for rows, group in zip(buffers, groups, strict=True):

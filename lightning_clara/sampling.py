@@ -123,6 +123,10 @@ class SampleBucket:
             targets = [m.target + row * self.width for row, m in enumerate(self.members) if m.target is not None]
             self._targets = compact_index(torch.cat(targets)).to(self.device)
         self._before: Tensor | None = None
+        self._step: Tensor | None = None
+        self._whole_params: list[Tensor] = []
+        self._whole_rows: list[Tensor] = []
+        self._sampled_rows: list[tuple[Tensor, Tensor, Tensor]] = []
         if sum_across_shards is None:
             # the step is taken in place in one persistent (tensors, width) buffer: whole tensors by
             # one foreach copy / subtraction into row views shaped like them, sampled ones by index
@@ -152,7 +156,7 @@ class SampleBucket:
     def before_step(self) -> None:
         """Gather the sampled entries before the optimizer changes them."""
         with torch.no_grad():
-            if self._targets is not None:
+            if self._step is None:  # sharded: this rank's entries, placed by ``targets`` after the step
                 self._before = self._gather()
                 return
             if self._whole_params:
@@ -166,20 +170,17 @@ class SampleBucket:
 
     def realised_step(self) -> Tensor:
         """``theta(before) - theta(after)`` on the sample, as the ``(tensors, width)`` matrix (path dtype)."""
+        before, self._before = self._before, None
+        if before is None:
+            raise RuntimeError("SampleBucket: a step without the pre-step gather")
         with torch.no_grad():
-            if self._targets is None:
-                if self._before is None:
-                    raise RuntimeError("SampleBucket: a step without the pre-step gather")
-                self._before = None
+            if self._step is not None:  # not sharded: ``before`` is the step buffer, filled in place
                 if self._whole_params:  # in fp32 for bf16 parameters: the difference is exact there
                     torch._foreach_sub_(self._whole_rows, self._whole_params)
                 for row, param, source in self._sampled_rows:
                     row.sub_(_take(param, source))
                 return self._step
             after = self._gather()
-            before, self._before = self._before, None
-            if before is None:
-                raise RuntimeError("SampleBucket: a step without the pre-step gather")
             if self.dtype == self.path_dtype:
                 step = before.sub_(after)
             else:  # bf16/fp16: the difference of the rounded values, exact in fp32
@@ -343,7 +344,7 @@ class SampledPaths:
         return (data.device, data.dtype), member
 
     def _relayout(self, members: Sequence[tuple[int, int, Tensor]]) -> None:
-        kept = {**self.export(), **self._loaded}
+        kept = self.export()  # the paths of the old layout, or those waiting since load()
         self._loaded = {}
         grouped: dict[tuple[torch.device, torch.dtype], list[SampledTensor]] = {}
         for j, i, param in members:
@@ -384,8 +385,14 @@ class SampledPaths:
         the reference curves, one table row per distinct tensor size: :meth:`reference_bytes`)."""
         total = 0
         for bucket in self.buckets:
-            step = getattr(bucket, "_step", None)
-            for tensor in (bucket.path, step, bucket.counts, bucket.curve_rows, bucket._targets, *bucket._sources):
+            for tensor in (
+                bucket.path,
+                bucket._step,
+                bucket.counts,
+                bucket.curve_rows,
+                bucket._targets,
+                *bucket._sources,
+            ):
                 if tensor is not None:
                     total += tensor.numel() * tensor.element_size()
         return total
