@@ -98,7 +98,7 @@ def main() -> int:
     clara = CLARA(optimizer)
     params[0].grad = torch.randn_like(params[0])
     optimizer.step()
-    path = clara._sampled.buckets[0].path
+    path = clara.paths.sampled.buckets[0].path
     check(
         "bf16-paths-fp32", path.dtype == torch.float32 and path.device.type == "cuda", f"{path.dtype} on {path.device}"
     )

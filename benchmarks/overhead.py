@@ -101,10 +101,12 @@ def persistent_bytes(clara: Any) -> int:
     """Bytes CLARA keeps between steps: paths, sample indices, the direction reader's buffers."""
     from lightning_clara.directions import DeltaReader
 
-    total = sum(state.path.numel() * state.path.element_size() for state in clara._tensors.values())
-    if clara._sampled is not None:
-        total += clara._sampled.persistent_bytes()
-    reader = clara._reader
+    full = getattr(clara.paths, "tensors", {})  # FullPathStore's per-tensor paths
+    total = sum(state.path.numel() * state.path.element_size() for state in full.values())
+    sampled = getattr(clara.paths, "sampled", None)  # SampledPathStore's buckets
+    if sampled is not None:
+        total += sampled.persistent_bytes()
+    reader = clara.paths.reader
     stores = [reader._snapshots, reader._previous] if isinstance(reader, DeltaReader) else []
     stores.append(getattr(reader, "_scratch", {}))  # the state readers' CPU scratch, the delta's undo copy
     for store in stores:
@@ -185,14 +187,16 @@ def _hooks_seconds(clara: Any, calls: int = 5) -> float:
     """CLARA's own work per step, timed alone: its pre- and post-step hooks around no update (the
     same kernels run; the step just reads as zero). Free of the memory-bound optimizer step's
     run-to-run spread, which at 100M parameters exceeds CLARA's whole cost."""
+    from lightning_clara.stores import trainable
+
     optimizer = clara.optimizer
     best = math.inf
     for _ in range(calls):
-        _sync(str(next(iter(clara._trainable())).device))
+        _sync(str(next(iter(trainable(optimizer))).device))
         start = time.perf_counter()
         clara._before_step(optimizer, (), {})
         clara._after_step(optimizer, (), {})
-        clara._settle()
+        clara._settle(collectives=False)
         best = min(best, time.perf_counter() - start)
     return best
 

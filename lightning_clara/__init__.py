@@ -1,10 +1,11 @@
 """lightning_clara: CLARA (Cumulative Learning Rate Adaptation) for PyTorch and PyTorch Lightning."""
 
 from lightning_clara.controller import CLARA
+from lightning_clara.options import CLARAOptions
 
 __version__ = "0.1.0"
 
-__all__ = ["CLARA", "CLARACallback", "__version__"]
+__all__ = ["CLARA", "CLARACallback", "CLARAOptions", "__version__"]
 
 
 def __getattr__(name: str) -> object:

@@ -7,6 +7,8 @@ optimizer's ``step()`` through torch's step hooks, so it runs exactly on real op
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -21,13 +23,28 @@ from rich.console import Console
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_clara.controller import CLARA, Rule, Scope, validate_options
-from lightning_clara.distributed import Sharding
-from lightning_clara.sampling import DEFAULT_SAMPLE
+from lightning_clara.controller import CLARA, merged_options
+from lightning_clara.options import OPTION_NAMES, CLARAOptions, option_docs, option_parameters
+from lightning_clara.strategies import sharding_for
 from lightning_clara.summary import FitSummary, GroupSummary, summary_table
-from lightning_clara.support import DirectionChoice, unwrap
+from lightning_clara.support import unwrap
 
-__all__ = ["CLARACallback", "optimizer_names"]
+__all__ = ["CALLBACK_OPTIONS", "CLARACallback", "optimizer_names"]
+
+#: The CLARA options the callback takes as keywords (the strategy gives the sharding; the 2017
+#: variant and custom references go through ``options``).
+CALLBACK_OPTIONS: tuple[str, ...] = tuple(n for n in OPTION_NAMES if n not in ("variant", "reference", "sharding"))
+#: Where the callback's default differs from CLARAOptions': it feeds every step's loss to the safeguard.
+CALLBACK_DEFAULTS: dict[str, Any] = {"safeguard": True}
+_CALLBACK_DOCS = {
+    "safeguard": "watch the training loss (training_step's loss) with a Page-Hinkley test; on a blow-up undo "
+    "the last step where a snapshot exists and halve F (see CLARA.observe_loss). On by default: it lets Adam "
+    "and AdamW steer to their lower target (0.55, which reaches their tuned lr) and catches a climb into a "
+    "broken network. Costs one device-to-host copy of the loss per step and two parameter snapshots; "
+    "safeguard=False keeps the target at 0.7 for every optimizer.",
+    "total_steps": "the optimizer steps of the fit, for the run-length defaults of hold_after and d (a short "
+    "fit finds in its first 40 %); None: the Trainer's estimated_stepping_batches, when it is finite.",
+}
 
 
 def optimizer_names(optimizers: Sequence[Optimizer], lr_scheduler_configs: Sequence[Any] = ()) -> list[list[str]]:
@@ -66,52 +83,6 @@ def optimizer_names(optimizers: Sequence[Optimizer], lr_scheduler_configs: Seque
         else:
             out.append([f"{base}/{group.get('name', f'pg{j + 1}')}" for j, group in enumerate(groups)])
     return out
-
-
-#: Strategies whose optimizer steps are identical on every rank, so CLARA needs no collective.
-_REPLICATED_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy")
-#: Strategies CLARA refuses although they derive from a supported one (DeepSpeed subclasses DDP).
-_UNSUPPORTED_STRATEGIES = ("DeepSpeedStrategy",)
-#: Strategies with DTensor-sharded parameters (FSDP2 through ``configure_model``): norms are reduced.
-_DTENSOR_STRATEGIES = ("ModelParallelStrategy",)
-
-
-def _sharding_for(trainer: pl.Trainer) -> Sharding | None:
-    """None for replicated parameters; the DTensor sharding for FSDP2; an error for anything else.
-
-    FSDP1 (``FSDPStrategy``) flattens parameters and DeepSpeed ZeRO partitions them in its own
-    engine: their shard layouts are not wired in yet.
-    """
-    names = [cls.__name__ for cls in type(trainer.strategy).__mro__]
-    if any(name in _UNSUPPORTED_STRATEGIES for name in names):
-        # checked first: DeepSpeedStrategy subclasses DDPStrategy but partitions state in its engine
-        raise _unsupported_strategy(trainer)
-    if any(name in _REPLICATED_STRATEGIES for name in names):
-        return None
-    if any(name in _DTENSOR_STRATEGIES for name in names):
-        meshes = {
-            id(p.device_mesh): p.device_mesh
-            for optimizer in trainer.optimizers
-            for group in optimizer.param_groups
-            for p in group["params"]
-            if hasattr(p, "device_mesh")
-        }
-        if len(meshes) > 1 or any(mesh.ndim != 1 for mesh in meshes.values()):
-            raise NotImplementedError(
-                "CLARACallback supports ModelParallelStrategy with parameters sharded on one 1-D mesh "
-                "(fully_shard over the data-parallel mesh); tensor-parallel or several meshes are not supported yet"
-            )
-        group = next(iter(meshes.values())).get_group() if meshes else None
-        return Sharding.for_dtensors(group)
-    raise _unsupported_strategy(trainer)
-
-
-def _unsupported_strategy(trainer: pl.Trainer) -> NotImplementedError:
-    return NotImplementedError(
-        f"CLARACallback does not support the {type(trainer.strategy).__name__} strategy yet: its shard layout "
-        "(FSDP1 flat parameters, DeepSpeed ZeRO partitions) is not wired in. Supported: single device, DDP "
-        "(ddp, ddp_spawn, ddp_fork, ddp_notebook) and ModelParallelStrategy with FSDP2 (fully_shard)."
-    )
 
 
 def _print_below_progress_bar(trainer: pl.Trainer, pl_module: pl.LightningModule, renderable: Any) -> None:
@@ -160,45 +131,9 @@ class CLARACallback(Callback):
     off), and prog_bar=True shows the lr used in the progress bar.
 
     Args:
-        c: path memory in (0, 1]; the path averages roughly the last 1/c unit steps (default
-            0.02; the paper's 0.2 with rule="paper").
-        d: damping > 0: the change of log F per step when all steps agree (default 0.03; with
-            rule="paper", log F changes by d * (r - 1) and the default is 1e-3).
-        initial_factor: F before the first step (default 0.1: CLARA starts 10x below the
-            configured lr and climbs; 1 with rule="paper").
-        scope: "optimizer" (one factor per optimizer) or "param_group" (one per group).
-        direction: "auto", "delta" or "state"; see CLARA.
-        min_factor: lower bound on F, or None.
-        max_factor: upper bound on F, or None.
-        min_lr: lower bound on the learning rate used, or None.
-        max_lr: upper bound on the learning rate used, or None.
+        options: a CLARAOptions to start from (its safeguard default is False); the keyword options
+            replace its fields. Without it the callback's defaults apply (safeguard=True).
         log: log the dynamics to trainer.loggers.
-        safeguard: watch the training loss (training_step's loss) with a Page-Hinkley test; on
-            a blow-up undo the last step where a snapshot exists and halve F (see
-            CLARA.observe_loss). On by default: it lets Adam and AdamW steer to their lower
-            target (0.55, which reaches their tuned lr) and catches a climb into a broken
-            network. Costs one device-to-host copy of the loss per step and two parameter
-            snapshots; safeguard=False keeps the target at 0.7 for every optimizer.
-        consistency_check_every: under DDP, every this many steps compare F across ranks (one
-            small broadcast) and re-synchronise from rank 0 with a warning on drift; None: never.
-            DDP needs no collective for correctness: every rank applies the same update.
-        rule: "normalized" (default) or "paper" (the paper's exact rule); see
-            CLARA.
-        unit_step: the paper's unit-step variant (each tensor's step becomes lr * s/||s||).
-        fast_start: for this many adapted steps the damping starts at 20 d and falls linearly
-            to d (default 50 with rule="normalized", 0 with "paper"; 0 turns it off),
-            so that a bad initial lr is rescued within short runs; see CLARA.
-        hold_after: "find, then hold": after this many adapted steps the damping decays
-            exponentially (time constant hold_after / 3), F settles and the schedule takes over
-            (default 600; 0, never, with rule="paper"); see CLARA.
-        target: the ratio the rule steers to (default 0.7; 0.55 for Adam and AdamW with the
-            safeguard; 1, the paper's random walk, with rule="paper").
-        total_steps: the optimizer steps of the fit, for the run-length defaults of hold_after
-            and d (a short fit finds in its first 40 %); None: the Trainer's
-            estimated_stepping_batches, when it is finite.
-        sample: keep each tensor's path on a fixed sample of at most this many coordinates
-            (default 4096): the per-step cost no longer grows with the model; None keeps full
-            paths (the paper's exact statistic); see CLARA.
         summary: at the end of a fit that completed, print (on rank 0, with rich, to standard
             output) one row per optimizer and param group: the lr used at the first and last
             adapted step, its min and max, the mean ratio, and the adapted steps, NaN/inf-skipped
@@ -215,55 +150,27 @@ class CLARACallback(Callback):
 
     def __init__(
         self,
+        options: CLARAOptions | None = None,
         *,
-        c: float | None = None,
-        d: float | None = None,
-        initial_factor: float | None = None,
-        scope: Scope = "optimizer",
-        direction: DirectionChoice = "auto",
-        min_factor: float | None = None,
-        max_factor: float | None = None,
-        min_lr: float | None = None,
-        max_lr: float | None = None,
         log: bool = True,
-        safeguard: bool = True,
-        consistency_check_every: int | None = None,
-        rule: Rule = "normalized",
-        unit_step: bool = False,
-        fast_start: int | None = None,
-        hold_after: int | None = None,
-        target: float | None = None,
-        total_steps: int | None = None,
-        sample: int | None = DEFAULT_SAMPLE,
         summary: bool = True,
         prog_bar: bool = False,
+        **overrides: Any,
     ) -> None:
         for flag, value in (("log", log), ("summary", summary), ("prog_bar", prog_bar)):
             if not isinstance(value, bool):
                 raise TypeError(f"{flag} must be a bool, got {type(value).__name__} {value!r}")
-        self._options: dict[str, Any] = {
-            "c": c,
-            "d": d,
-            "initial_factor": initial_factor,
-            "scope": scope,
-            "direction": direction,
-            "min_factor": min_factor,
-            "max_factor": max_factor,
-            "min_lr": min_lr,
-            "max_lr": max_lr,
-            "safeguard": safeguard,
-            "consistency_check_every": consistency_check_every,
-            "rule": rule,
-            "unit_step": unit_step,
-            "fast_start": fast_start,
-            "hold_after": hold_after,
-            "target": target,
-            "total_steps": total_steps,
-            "sample": sample,
-        }
-        if not isinstance(safeguard, bool):
+        unknown = sorted(set(overrides) - set(CALLBACK_OPTIONS))
+        if unknown:
+            raise TypeError(f"CLARACallback got an unexpected keyword argument {unknown[0]!r}")
+        safeguard = overrides.get("safeguard", False if options is None else options.safeguard)
+        if not isinstance(safeguard, bool):  # the callback feeds the loss itself: no detector of your own
             raise TypeError(f"safeguard must be a bool, got {type(safeguard).__name__} {safeguard!r}")
-        validate_options(**self._options)
+        self.options = merged_options(options, overrides if options is not None else {**CALLBACK_DEFAULTS, **overrides})
+        if self.options.sharding is not None:
+            raise ValueError(
+                "CLARACallback takes the sharding from the Trainer's strategy: leave options.sharding None"
+            )
         self.log = log
         self.summary = summary
         self.prog_bar = prog_bar
@@ -273,7 +180,7 @@ class CLARACallback(Callback):
         self._steps_at_batch_start: list[int] = []
         self._restored: dict[str, Any] | None = None
         self._fits_started = 0
-        self._fit_options: dict[str, Any] = self._options
+        self._fit_options = self.options
         self._fit_summary: FitSummary | None = None
         #: The rows of the last summary table (rank 0 with ``summary=True``, after a completed fit).
         self.summary_rows: list[GroupSummary] | None = None
@@ -281,7 +188,7 @@ class CLARACallback(Callback):
     # ------------------------------------------------------------------ attach / detach
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        sharding = _sharding_for(trainer)
+        sharding = sharding_for(trainer)
         restored, self._restored = self._restored, None
         if not getattr(trainer, "ckpt_path", None):
             # only a fit that resumes (``fit(ckpt_path=...)``) continues a saved CLARA state; one that
@@ -305,8 +212,8 @@ class CLARACallback(Callback):
                 "the optimizers again; to continue a fit's factors, resume it with fit(ckpt_path=...)"
             )
         self._fits_started += 1
-        self._fit_options = self._options if sharding is None else {**self._options, "sharding": sharding}
-        self.controllers = [CLARA(optimizer, **self._fit_options) for optimizer in optimizers]
+        self._fit_options = self.options if sharding is None else dataclasses.replace(self.options, sharding=sharding)
+        self.controllers = [CLARA(optimizer, self._fit_options) for optimizer in optimizers]
         self._scheduler_configs = list(getattr(trainer, "lr_scheduler_configs", ()))  # absent on stand-ins
         self.names = self._names()
         self._steps_at_batch_start = [0] * len(self.controllers)
@@ -323,9 +230,9 @@ class CLARACallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The run's length, for the run-length defaults of d and hold_after: here, not in on_fit_start,
         # because estimating it there would load the train dataloader before a resumed fit restores it.
-        if self._options["total_steps"] is None and self.controllers:
+        if self.options.total_steps is None and self.controllers:
             steps = _estimated_steps(trainer)
-            self._fit_options = {**self._fit_options, "total_steps": steps}
+            self._fit_options = dataclasses.replace(self._fit_options, total_steps=steps)
             for controller in self.controllers:
                 controller.set_total_steps(steps)
 
@@ -339,7 +246,7 @@ class CLARACallback(Callback):
             rank_zero_warn(
                 f"CLARACallback: optimizer {type(optimizer).__name__} was created after fit start; attaching CLARA now"
             )
-            self.controllers.append(CLARA(optimizer, **self._fit_options))
+            self.controllers.append(CLARA(optimizer, self._fit_options))
             self.names = self._names()
             if self._fit_summary is not None:
                 self._fit_summary.track(self.controllers[-1])
@@ -419,7 +326,7 @@ class CLARACallback(Callback):
         small all-reduce, which every rank runs here) makes every rank raise the same alarms, so F
         and the restored parameters stay identical across ranks.
         """
-        if not self._options["safeguard"]:
+        if not self.options.safeguard:
             return
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is None:
@@ -502,3 +409,20 @@ class CLARACallback(Callback):
             controller.load_state_dict(state)
         if self._fit_summary is not None:
             self._fit_summary.restart()
+
+
+CLARACallback.__doc__ = f"{CLARACallback.__doc__}{option_docs(CALLBACK_OPTIONS, docs=_CALLBACK_DOCS)}\n"
+CLARACallback.__init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [
+        inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        inspect.Parameter(
+            "options", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=CLARAOptions | None
+        ),
+        *(
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=bool)
+            for name, default in (("log", True), ("summary", True), ("prog_bar", False))
+        ),
+        *option_parameters(CALLBACK_OPTIONS, defaults=CALLBACK_DEFAULTS, types={"safeguard": bool}),
+    ],
+    return_annotation=None,
+)

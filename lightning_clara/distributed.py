@@ -114,10 +114,22 @@ class RankConsistencyGuard:
         self.tolerance = float(tolerance)
         self.group = group
         self.resyncs = 0
+        #: The device of a check that came due where no collective may run (a property read): it runs
+        #: at the next :meth:`run_due`, which every rank reaches.
+        self._due_on: torch.device | None = None
 
     def due(self, adapted_steps: int) -> bool:
         """Whether the check runs after this many adapted steps (identical on every rank)."""
         return is_distributed() and adapted_steps > 0 and adapted_steps % self.every_n_steps == 0
+
+    def mark_due(self, device: torch.device) -> None:
+        """A check is due; :meth:`run_due` runs it."""
+        self._due_on = device
+
+    def run_due(self, log_factors: list[float]) -> list[float]:
+        """Run a check marked due, if any (a collective: call it where every rank does)."""
+        device, self._due_on = self._due_on, None
+        return log_factors if device is None else self.check(log_factors, device)
 
     def check(self, log_factors: list[float], device: torch.device) -> list[float]:
         """Rank 0's log factors (after warning if this rank's differed)."""

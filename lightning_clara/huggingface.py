@@ -16,12 +16,14 @@ values reach ``trainer.state.log_history``, but not the integrations that ran be
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from torch.optim import Optimizer
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from lightning_clara.controller import CLARA, validate_options
+from lightning_clara.controller import CLARA, merged_options
+from lightning_clara.options import CLARAOptions
 
 __all__ = ["CLARATrainerCallback", "add_clara"]
 
@@ -38,14 +40,13 @@ class CLARATrainerCallback(TrainerCallback):
     resumed run starts its paths and F afresh.
     """
 
-    def __init__(self, **options: Any) -> None:
-        validate_options(**options)
-        if options.get("safeguard"):
+    def __init__(self, options: CLARAOptions | None = None, **overrides: Any) -> None:
+        self.options = merged_options(options, overrides)
+        if self.options.safeguard:
             raise ValueError(
                 "CLARATrainerCallback: safeguard needs the loss of every step, which the Trainer does not give "
                 "its callbacks; leave safeguard off (Adam then keeps the target 0.7)"
             )
-        self.options = options
         self.controller: CLARA | None = None
 
     def on_train_begin(
@@ -59,10 +60,11 @@ class CLARATrainerCallback(TrainerCallback):
         if optimizer is None:
             raise ValueError("CLARATrainerCallback: the Trainer passed no optimizer to on_train_begin")
         self._detach()
-        options = dict(self.options)
-        if options.get("total_steps") is None and state.max_steps > 0:
-            options["total_steps"] = state.max_steps  # the run-length defaults of hold_after and d
-        self.controller = CLARA(optimizer, **options)  # unwraps accelerate's AcceleratedOptimizer
+        options = self.options
+        if options.total_steps is None and state.max_steps > 0:
+            # the run-length defaults of hold_after and d
+            options = dataclasses.replace(options, total_steps=state.max_steps)
+        self.controller = CLARA(optimizer, options)  # unwraps accelerate's AcceleratedOptimizer
 
     def on_log(
         self,
@@ -106,8 +108,8 @@ class CLARATrainerCallback(TrainerCallback):
             self.controller.detach()
 
 
-def add_clara(trainer: Trainer, **options: Any) -> CLARATrainerCallback:
+def add_clara(trainer: Trainer, options: CLARAOptions | None = None, **overrides: Any) -> CLARATrainerCallback:
     """Add a :class:`CLARATrainerCallback` ahead of the Trainer's reporting integrations and return it."""
-    callback = CLARATrainerCallback(**options)
+    callback = CLARATrainerCallback(options, **overrides)
     trainer.callback_handler.callbacks.insert(0, callback)
     return callback

@@ -21,7 +21,7 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -213,13 +213,17 @@ def _uses_device_state(optimizer: Optimizer) -> bool:
     )
 
 
+#: The snapshot-free state readers, by torch optimizer class: a new one is one class and one row.
+STATE_READERS: dict[str, Callable[[], DirectionReader]] = {
+    "Adam": AdamStateReader,
+    "AdamW": AdamStateReader,
+    "SGD": SGDStateReader,
+}
+
+
 def _state_reader(optimizer: Optimizer) -> DirectionReader | None:
-    name = _torch_class(optimizer)
-    if name in ("Adam", "AdamW"):
-        return AdamStateReader()
-    if name == "SGD":
-        return SGDStateReader()
-    return None
+    make = STATE_READERS.get(_torch_class(optimizer) or "")
+    return None if make is None else make()
 
 
 def _low_precision(optimizer: Optimizer) -> bool:
@@ -390,51 +394,83 @@ def _momentum_horizon(beta: float) -> int:
     return max(128, math.ceil(12.0 / (1.0 - beta))) if beta < 1 else 128
 
 
-def reference_for(optimizer: Optimizer, group: Mapping[str, Any], c: float) -> Reference:
-    """The null-model reference of one param group (shared process-wide, so computed once per key)."""
-    group = _quantized(group)
-    name = _torch_class(optimizer)
-    if name in ("Adagrad", "Adadelta", "ASGD"):
+def _plain_reference(optimizer: Optimizer, group: Mapping[str, Any], c: float) -> Reference:
+    """Steps with no memory of the previous ones: a plain random walk (closed form)."""
+    return shared(PlainReference(c))
+
+
+def _sgd_reference(optimizer: Optimizer, group: Mapping[str, Any], c: float) -> Reference:
+    momentum = float(group.get("momentum", 0.0))
+    dampening = float(group.get("dampening", 0.0))
+    nesterov = bool(group.get("nesterov", False))
+    if momentum == 0.0:
         return shared(PlainReference(c))
-    if name == "SGD":
-        momentum = float(group.get("momentum", 0.0))
-        dampening = float(group.get("dampening", 0.0))
-        nesterov = bool(group.get("nesterov", False))
-        if momentum == 0.0:
-            return shared(PlainReference(c))
-        if dampening == 0.0 and not nesterov:
-            return shared(HeavyBallReference(c, momentum))
-        return shared(
-            MonteCarloReference(
-                c,
-                torch.optim.SGD,
-                {"lr": 1.0, "momentum": momentum, "dampening": dampening, "nesterov": nesterov},
-                # dampening only changes the first step, so heavy-ball is the exact tail; Nesterov is not heavy-ball
-                control_beta=None if nesterov else momentum,
-                horizon=_momentum_horizon(momentum),
-            )
+    if dampening == 0.0 and not nesterov:
+        return shared(HeavyBallReference(c, momentum))
+    return shared(
+        MonteCarloReference(
+            c,
+            torch.optim.SGD,
+            {"lr": 1.0, "momentum": momentum, "dampening": dampening, "nesterov": nesterov},
+            # dampening only changes the first step, so heavy-ball is the exact tail; Nesterov is not heavy-ball
+            control_beta=None if nesterov else momentum,
+            horizon=_momentum_horizon(momentum),
         )
-    if name == "RMSprop" and float(group.get("momentum", 0.0)) == 0.0 and not group.get("centered", False):
+    )
+
+
+def _rmsprop_reference(optimizer: Optimizer, group: Mapping[str, Any], c: float) -> Reference:
+    if float(group.get("momentum", 0.0)) == 0.0 and not group.get("centered", False):
         return shared(PlainReference(c))
+    return _simulated_reference(optimizer, group, c)
+
+
+def _adam_reference(optimizer: Optimizer, group: Mapping[str, Any], c: float) -> Reference:
+    beta1 = float(group["betas"][0])
+    return shared(
+        MonteCarloReference(
+            c,
+            torch.optim.Adam,
+            {"betas": tuple(float(b) for b in group["betas"]), "amsgrad": bool(group.get("amsgrad", False))},
+            control_beta=beta1 if beta1 > 0 else None,
+        )
+    )
+
+
+def _nadam_family_reference(optimizer: Optimizer, group: Mapping[str, Any], c: float) -> Reference:
+    kwargs = _simulation_kwargs(optimizer, torch.optim.NAdam, group)
+    return shared(_nadam_reference(c, kwargs, _momentum_beta(group)))
+
+
+def _simulated_reference(optimizer: Optimizer, group: Mapping[str, Any], c: float) -> Reference:
+    """Any other optimizer: simulate it on pure noise, over its momentum's horizon."""
+    name = _torch_class(optimizer)
     optimizer_class = type(optimizer) if name is None else getattr(torch.optim, name)
     kwargs = _simulation_kwargs(optimizer, optimizer_class, group)
-    if name in ("Adam", "AdamW"):
-        beta1 = float(group["betas"][0])
-        return shared(
-            MonteCarloReference(
-                c,
-                torch.optim.Adam,
-                {"betas": tuple(float(b) for b in group["betas"]), "amsgrad": bool(group.get("amsgrad", False))},
-                control_beta=beta1 if beta1 > 0 else None,
-            )
-        )
-    beta = _momentum_beta(group)
-    if name == "NAdam":
-        return shared(_nadam_reference(c, kwargs, beta))
-    horizon = _momentum_horizon(beta)
+    horizon = _momentum_horizon(_momentum_beta(group))
     # a long horizon leaves few trials per step at the default budget: keep >= 2048 elements per step
     budget = max(1 << 19, horizon * 2048)
     return shared(MonteCarloReference(c, optimizer_class, kwargs, horizon=horizon, budget=budget))
+
+
+#: The null-model reference by torch optimizer class; any other optimizer is simulated
+#: (:func:`_simulated_reference`). A new family is one function and one row.
+REFERENCE_FAMILIES: dict[str, Callable[[Optimizer, Mapping[str, Any], float], Reference]] = {
+    "Adagrad": _plain_reference,
+    "Adadelta": _plain_reference,
+    "ASGD": _plain_reference,
+    "SGD": _sgd_reference,
+    "RMSprop": _rmsprop_reference,
+    "Adam": _adam_reference,
+    "AdamW": _adam_reference,
+    "NAdam": _nadam_family_reference,
+}
+
+
+def reference_for(optimizer: Optimizer, group: Mapping[str, Any], c: float) -> Reference:
+    """The null-model reference of one param group (shared process-wide, so computed once per key)."""
+    family = REFERENCE_FAMILIES.get(_torch_class(optimizer) or "", _simulated_reference)
+    return family(optimizer, _quantized(group), c)
 
 
 def _speed_up_nadam(optimizer: Optimizer, factor: int) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from lightning_clara.controller import RULE_DEFAULTS
+from lightning_clara.options import RULE_DEFAULTS
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "lightning_cli.py"
@@ -124,8 +124,8 @@ def test_instantiated_callback_has_the_yaml_values(example: ModuleType, tmp_path
     args = clara_args()
     assert (callback.summary, callback.prog_bar) == (args["summary"], args["prog_bar"])
     for key in ("c", "d", "rule", "scope", "direction", "max_lr", "safeguard"):
-        assert callback._options[key] == args[key], key
-    assert callback._options["min_lr"] is None  # not in the YAML: the default
+        assert getattr(callback.options, key) == args[key], key
+    assert callback.options.min_lr is None  # not in the YAML: the default
 
 
 def test_print_config_shows_every_clara_option(

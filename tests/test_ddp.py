@@ -58,7 +58,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.hooks import RemovableHandle
 
 from lightning_clara import CLARACallback
-from lightning_clara.controller import RULE_DEFAULTS
+from lightning_clara.options import RULE_DEFAULTS
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "ddp.py"

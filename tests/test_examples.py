@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_clara.controller import RULE_DEFAULTS
+from lightning_clara.options import RULE_DEFAULTS
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits.py"

@@ -20,7 +20,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from lightning_clara.controller import RULE_DEFAULTS
+from lightning_clara.options import RULE_DEFAULTS
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

@@ -1,4 +1,4 @@
-"""The default rule's promises on deep networks and under both null models (docs/algorithm.md).
+"""The default rule's promises on deep networks and under both null models (docs/default-rule.md).
 
 * No collapse: in a long shuffled run (75 epochs of a small data set) the lr used at the end stays
   within 30x of the tuned fixed lr. CLARA 0.1.0's defaults (c = 0.2, no hold) collapse there.
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_clara import CLARA
-from lightning_clara.controller import RULE_DEFAULTS
+from lightning_clara.options import RULE_DEFAULTS
 from lightning_clara.support import SAFEGUARDED_TARGETS, reference_for
 
 #: CLARA 0.1.0's defaults: the collapse these tests must catch (full paths: 0.1.0 read the state).

@@ -79,7 +79,7 @@ class Recorder(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The sampled paths, read before CLARACallback detaches (and frees them) at the fit's end."""
         (callback,) = (c for c in trainer.callbacks if isinstance(c, CLARACallback))
-        self.paths = [path.tolist() for path, _ in callback.controllers[0]._sampled.export().values()]
+        self.paths = [path.tolist() for path, _ in callback.controllers[0].paths.sampled.export().values()]
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         trainer.optimizers[0].register_step_pre_hook(lambda opt, *_: self.lrs.append(float(opt.param_groups[0]["lr"])))

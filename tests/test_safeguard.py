@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_clara import CLARA, CLARACallback
-from lightning_clara.controller import LOG_FACTOR_LIMIT
+from lightning_clara.rule import LOG_FACTOR_LIMIT
 from lightning_clara.safeguard import PageHinkley
 
 STREAM = 2000

@@ -157,7 +157,7 @@ def test_the_sample_is_what_makes_the_noise_null() -> None:
     params = [torch.zeros(2000, dtype=torch.float64, requires_grad=True)]
     clara = CLARA(torch.optim.Adam(params, lr=1e-3), c=C, rule="paper", sample=1)
     reference = reference_for(clara.optimizer, clara.optimizer.param_groups[0], C)
-    assert clara._group_reference(0).curves == {1: reference.curve(1).tolist()}
+    assert clara.references.get(0).curves == {1: reference.curve(1).tolist()}
 
 
 # ------------------------------------------------------------------------------- the loop reference
@@ -304,7 +304,7 @@ def test_a_non_finite_step_resets_only_that_row() -> None:
     params[1].grad[0] = float("nan")
     with pytest.warns(RuntimeWarning, match="NaN/inf"):
         optimizer.step()
-    paths = clara._sampled.export()
+    paths = clara.paths.sampled.export()
     assert float(paths[params[1]][0].abs().sum()) == 0.0
     assert paths[params[1]][1] == 0
     assert paths[params[0]][1] == 2
@@ -339,13 +339,13 @@ def test_param_group_scope_adapts_each_group_like_its_own_controller() -> None:
 
 def test_freezing_a_tensor_keeps_the_other_paths() -> None:
     params, optimizer, clara = trained(lambda ps: torch.optim.SGD(ps, lr=0.02), 10)
-    before = {p: path.clone() for p, (path, _) in clara._sampled.export().items()}
+    before = {p: path.clone() for p, (path, _) in clara.paths.sampled.export().items()}
     params[1].requires_grad_(False)
     for p in params:
         p.grad = None
     params[0].grad = torch.zeros_like(params[0])  # a zero step: no path moves, only the layout changes
     optimizer.step()
-    after = clara._sampled.export()
+    after = clara.paths.sampled.export()
     assert params[1] not in after
     for p in (params[0], params[2], params[3]):
         torch.testing.assert_close(after[p][0], before[p], rtol=0, atol=0)
@@ -359,12 +359,12 @@ def test_memory_per_sampled_tensor_is_the_path_plus_its_indices() -> None:
     clara = CLARA(optimizer)
     params[0].grad = torch.randn(1000, 1000)
     optimizer.step()
-    bucket = clara._sampled.buckets[0]
-    per_tensor = clara._sampled.persistent_bytes()
-    assert clara._sampled.reference_bytes() == bucket.curves.numel() * 8
+    bucket = clara.paths.sampled.buckets[0]
+    per_tensor = clara.paths.sampled.persistent_bytes()
+    assert clara.paths.sampled.reference_bytes() == bucket.curves.numel() * 8
     m = DEFAULT_SAMPLE
     assert per_tensor <= m * 4 + 2 * m * 4 + 64
-    assert clara._reader is None  # no full snapshot without a safeguard
+    assert clara.paths.reader is None  # no full snapshot without a safeguard
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -405,7 +405,7 @@ def test_a_checkpoint_with_other_paths_restores_the_factor_and_restarts_the_path
     assert any("paths restart" in str(w.message) for w in caught)
     assert clara.lr_factor == pytest.approx(full.lr_factor)
     assert clara.num_adapted_steps == 30
-    assert clara._sampled.export() == {}
+    assert clara.paths.sampled.export() == {}
 
 
 def test_a_sampled_path_of_the_wrong_size_is_refused() -> None:
@@ -432,7 +432,7 @@ def test_a_changed_hyper_parameter_rebuilds_the_sampled_reference() -> None:
         return reference.curve(M).tolist()
 
     step()
-    bucket = clara._sampled.buckets[0]
+    bucket = clara.paths.sampled.buckets[0]
     first = bucket.curves[0, : len(expected_curve())].tolist()
     assert first == pytest.approx(expected_curve())
     optimizer.param_groups[0]["momentum"] = 0.5
@@ -454,5 +454,5 @@ def test_a_channels_last_weight_is_sampled_in_row_major_order() -> None:
         for step in range(3):
             param.grad = torch.randn(param.shape, generator=torch.Generator().manual_seed(step)).contiguous()
             optimizer.step()
-        runs.append(clara._sampled.export()[param][0])
+        runs.append(clara.paths.sampled.export()[param][0])
     torch.testing.assert_close(runs[0], runs[1])

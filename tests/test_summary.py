@@ -22,9 +22,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from rich.console import Console
 from torch.optim import Optimizer
 
-from lightning_clara import CLARA, CLARACallback
-from lightning_clara.controller import _Pending
+from lightning_clara import CLARACallback
 from lightning_clara.summary import TITLE, GroupSummary, summary_table
+from lightning_clara.transfer import HostTransfer
 
 MakeModule = Callable[..., LightningModule]
 STEPS_PER_EPOCH = 8  # 64 samples, batch size 8 (conftest's regression data)
@@ -260,7 +260,7 @@ def test_bookkeeping_never_settles_a_deferred_step(
 ) -> None:
     """Emulate CUDA's deferred host part on the CPU: every settle must come from CLARA's own pre-hook.
 
-    ``_hand_over`` keeps every step's results pending (as on CUDA) and each settle is
+    ``HostTransfer.send`` keeps every step's results pending (as on CUDA) and each settle is
     traced; with the summary and the progress bar on, and no logger (logging reads settled
     values by design), only CLARA's pre-hook and the final detach may wait for a step.
     """
@@ -270,10 +270,10 @@ def test_bookkeeping_never_settles_a_deferred_step(
         def synchronize(self) -> None:
             waits.append([frame.name for frame in traceback.extract_stack()])
 
-    def deferred(self: CLARA, results: list[torch.Tensor], finish: Any) -> None:
-        self._pending = _Pending([result.clone() for result in results], Ready(), finish)
+    def deferred(self: HostTransfer, results: list[torch.Tensor], finish: Any) -> None:
+        self.defer([result.clone() for result in results], Ready(), finish)
 
-    monkeypatch.setattr(CLARA, "_hand_over", deferred)
+    monkeypatch.setattr(HostTransfer, "send", deferred)
     # the safeguard reads every step's loss on the host, which waits for the step by design
     callback = CLARACallback(d=0.4, prog_bar=True, safeguard=False)
     trainer = Trainer(**{**trainer_kwargs, "max_epochs": 2, "callbacks": [callback]})

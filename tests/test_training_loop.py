@@ -610,8 +610,8 @@ def null_run(seed: int, steps: int) -> tuple[CLARA, list[Tensor], list[float], l
         for param, grads in zip(params, gradients, strict=True):
             param.grad = grads[t]
         optimizer.step()
-        log_factors.append(clara._log_factors[0])
-        ratios.append(clara._ratios[0])  # type: ignore[arg-type]
+        log_factors.append(clara._state.log_factors[0])
+        ratios.append(clara._state.ratios[0])  # type: ignore[arg-type]
     return clara, list(gradients), log_factors, ratios
 
 

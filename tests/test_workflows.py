@@ -19,7 +19,7 @@ from lightning.pytorch.tuner import Tuner
 
 from lightning_clara import CLARACallback
 from lightning_clara import callback as callback_module
-from lightning_clara.controller import RULE_DEFAULTS
+from lightning_clara.options import RULE_DEFAULTS
 
 BASE_LR = 0.01
 INITIAL_FACTOR = RULE_DEFAULTS["normalized"]["initial_factor"]

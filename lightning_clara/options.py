@@ -1,0 +1,338 @@
+"""CLARA's options, declared once: a frozen record of what the user gave, and what it resolves to.
+
+:class:`CLARAOptions` holds the values as given (None: the rule's default) and checks them when it
+is made, with messages that name the argument and its range. :meth:`CLARAOptions.resolve` turns it
+into :class:`Settings`, the concrete numbers one controller runs with. ``CLARA``, ``CLARACallback``
+and the Transformers callback all take these options; their signatures and the option docs in
+their docstrings are built from :data:`OPTION_DOCS` and the fields below (so LightningCLI sees
+typed, documented arguments).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import textwrap
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Literal
+
+from lightning_clara._validation import (
+    check_choice,
+    check_in_range,
+    check_non_negative_int,
+    check_optional_positive,
+    check_positive_int,
+)
+from lightning_clara.distributed import Sharding
+from lightning_clara.reference import Reference
+from lightning_clara.rule import Bounds, Schedule
+from lightning_clara.safeguard import PageHinkley
+from lightning_clara.sampling import DEFAULT_SAMPLE
+
+__all__ = ["OPTION_DOCS", "RULE_DEFAULTS", "CLARAOptions", "Settings", "run_length_defaults"]
+
+Scope = Literal["optimizer", "param_group"]
+Variant = Literal["clara", "salera"]
+Rule = Literal["paper", "normalized"]
+DirectionChoice = Literal["auto", "delta", "state"]
+
+#: The options left at None take their rule's default: ``rule="paper"`` is the paper's exact rule
+#: (arXiv 2508.05408: c = 0.2, d = 1e-3, F starts at 1, no fast start, no hold, target 1);
+#: ``"normalized"`` is the library's "find, then hold" default, measured on deep networks with
+#: shuffled loaders (benchmarks/RESULTS.md, section "Deep networks").
+RULE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "normalized": {"c": 0.02, "d": 0.03, "fast_start": 50, "hold_after": 600, "initial_factor": 0.1, "target": 0.7},
+    "paper": {"c": 0.2, "d": 1e-3, "fast_start": 0, "hold_after": 0, "initial_factor": 1.0, "target": 1.0},
+}
+#: A run known to be short (``total_steps``) finds in its first ``SHORT_RUN_FIND`` part:
+#: ``hold_after`` becomes ``SHORT_RUN_FIND * total_steps``, at least ``SHORT_RUN_MIN_HOLD`` and at
+#: most the default ``hold_after``, and ``d`` grows so that ``d * hold_after`` (how far the find
+#: can move log F) stays that of the defaults.
+#: Measured: a 600-step LM from lr0 1e-5 needs it (benchmarks/RESULTS.md); 3000-step runs keep the
+#: defaults, as a 3000-step MLP ran away at twice the default d.
+SHORT_RUN_FIND = 0.4
+SHORT_RUN_MIN_HOLD = 240
+
+#: One line of documentation per option, in plain text (LightningCLI prints it as is).
+OPTION_DOCS: dict[str, str] = {
+    "c": "path memory in (0, 1]; the path averages roughly the last 1/c unit steps (default 0.02; the "
+    "paper's 0.2 with rule='paper'). The longer memory sees the drift of a deep network under its "
+    "oscillating top directions: at c=0.2 the ratio is about 0.6-0.8 over the whole good lr range, at "
+    "0.02 it crosses 1 within 2-3x of the tuned lr.",
+    "d": "damping > 0: with rule='normalized' (default 0.03) the change of log F per step when all steps "
+    "agree; with rule='paper' (default 1e-3) log F moves by d * (r - 1).",
+    "scope": "'optimizer' (one factor, the paper's choice) or 'param_group' (one per group).",
+    "direction": "'auto' (snapshot-free state reader where exact, else the delta), 'delta' (parameter "
+    "snapshot; any optimizer) or 'state' (force the state reader); used with sample=None.",
+    "min_factor": "lower bound on F, or None.",
+    "max_factor": "upper bound on F, or None (log F is clamped, so there is no wind-up).",
+    "min_lr": "lower bound on the learning rate used, lr_base * F, or None.",
+    "max_lr": "upper bound on the learning rate used, or None.",
+    "initial_factor": "F before the first step (default 0.1; 1 with rule='paper'): starting 10x below the "
+    "given lr lets CLARA climb to a too-large lr instead of diverging before it can act.",
+    "variant": "'clara', or 'salera' (the 2017 rule: normalised raw gradients against a plain random walk, "
+    "whatever the optimizer; for ablations).",
+    "unit_step": "the paper's unit-step variant: each tensor's step becomes lr * s/||s||.",
+    "reference": "a lightning_clara.reference.Reference to use for every group instead of the automatic one.",
+    "safeguard": "True (or a lightning_clara.safeguard.PageHinkley) to watch the loss given to "
+    "CLARA.observe_loss (call it every step). With it, Adam and AdamW steer to a lower target (0.55, "
+    "which reaches their tuned lr); without it they keep 0.7, which cannot run away. Costs one host copy "
+    "of the loss per step and two parameter snapshots.",
+    "sharding": "how parameters are sharded across ranks (FSDP/ZeRO-like), a "
+    "lightning_clara.distributed.Sharding; None for whole tensors (DDP too).",
+    "consistency_check_every": "under DDP, every this many steps compare F across ranks (one small "
+    "broadcast) and re-synchronise from rank 0 with a warning on drift; None: never. DDP needs no "
+    "collective for correctness: every rank applies the same update.",
+    "rule": "'normalized' (default): log F += d * (r / target - 1) / (r_max / target - 1) with r_max the "
+    "largest ratio possible, so one d suits every optimizer; 'paper': the paper's exact rule, "
+    "log F += d * (r - 1), with its defaults.",
+    "fast_start": "for this many adapted steps the damping starts at 20 d and falls linearly to d "
+    "(default 50; 0, off, with rule='paper'), so that a bad initial lr is rescued within short runs. "
+    "The gain depends on the step count only, so log F stays unbiased under the null model.",
+    "hold_after": "'find, then hold': after this many adapted steps the damping decays as "
+    "exp(-(t - hold_after) / (hold_after / 3)), so F settles and the schedule takes over (default 600; "
+    "0, never, with rule='paper').",
+    "target": "the ratio the rule steers to (default 0.7; 0.55 for Adam and AdamW with a safeguard; 1, the "
+    "paper's random walk, with rule='paper'). At a good lr a deep network's steps partly cancel, so a "
+    "target below 1 accepts that cancellation.",
+    "total_steps": "the number of optimizer steps of the run, if known (the Lightning callback uses the "
+    "Trainer's estimate). A short run finds faster: with rule='normalized', hold_after left at None "
+    "becomes 0.4 * total_steps (between 240 and 600) and d left at None grows as 0.03 * 600 / hold_after.",
+    "sample": "keep each tensor's path on a fixed sample of at most this many coordinates (default 4096; "
+    "tensors with fewer entries keep all of them). The step is read on the sample, so a step costs "
+    "O(sample x tensors) whatever the model's size; None: full paths, the paper's exact statistic (also "
+    "what direction='state', unit_step and variant='salera' use).",
+}
+
+
+def run_length_defaults(total_steps: int, hold_unset: bool, d_unset: bool) -> dict[str, Any]:
+    """The normalized rule's ``hold_after`` and ``d`` for a run of ``total_steps`` optimizer steps.
+
+    The find takes the first 40 % of a short run (at least ``SHORT_RUN_MIN_HOLD`` steps) and at most
+    the default ``hold_after``; ``d`` (only when ``hold_after`` is not set either) scales inversely,
+    so that the find can move log F as far as with the defaults. Runs of 1500 steps or more keep
+    the defaults.
+    """
+    if not hold_unset:
+        return {}
+    defaults = RULE_DEFAULTS["normalized"]
+    hold = min(defaults["hold_after"], max(SHORT_RUN_MIN_HOLD, int(SHORT_RUN_FIND * total_steps)))
+    out: dict[str, Any] = {"hold_after": hold}
+    if d_unset:
+        out["d"] = defaults["d"] * defaults["hold_after"] / hold
+    return out
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one controller runs with: every option resolved to a concrete, checked value."""
+
+    rule: Rule
+    c: float
+    d: float
+    fast_start: int
+    hold_after: int
+    initial_factor: float
+    target: float
+    total_steps: int | None
+    scope: Scope
+    direction: DirectionChoice
+    variant: Variant
+    unit_step: bool
+    reference: Reference | None
+    safeguard: PageHinkley | None
+    sharding: Sharding | None
+    consistency_check_every: int | None
+    sample: int | None
+    min_factor: float | None
+    max_factor: float | None
+    min_lr: float | None
+    max_lr: float | None
+
+    @cached_property
+    def schedule(self) -> Schedule:
+        """The rule's record: how log F moves per step."""
+        return Schedule(self.rule, self.d, self.fast_start, self.hold_after, self.target)
+
+    @cached_property
+    def bounds(self) -> Bounds:
+        """The rule's record: where F and the lr used are clamped."""
+        return Bounds(self.min_factor, self.max_factor, self.min_lr, self.max_lr)
+
+
+@dataclass(frozen=True)
+class CLARAOptions:
+    """CLARA's options as given (None: the default of ``rule``), checked when made.
+
+    ``CLARAOptions.paper(**overrides)`` is the paper's exact rule and defaults. Replace fields with
+    ``dataclasses.replace``; the result is checked again. The Args below are :data:`OPTION_DOCS`.
+    """
+
+    c: float | None = None
+    d: float | None = None
+    scope: Scope = "optimizer"
+    direction: DirectionChoice = "auto"
+    min_factor: float | None = None
+    max_factor: float | None = None
+    min_lr: float | None = None
+    max_lr: float | None = None
+    initial_factor: float | None = None
+    variant: Variant = "clara"
+    unit_step: bool = False
+    reference: Reference | None = None
+    safeguard: bool | PageHinkley = False
+    sharding: Sharding | None = None
+    consistency_check_every: int | None = None
+    rule: Rule = "normalized"
+    fast_start: int | None = None
+    hold_after: int | None = None
+    target: float | None = None
+    total_steps: int | None = None
+    sample: int | None = DEFAULT_SAMPLE
+
+    def __post_init__(self) -> None:
+        self.resolve()  # raises TypeError/ValueError naming the argument and its range
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> CLARAOptions:
+        """The paper's exact rule and defaults: ``rule="paper"``, ``c=0.2``, ``d=1e-3``, F starting at 1."""
+        return cls(**{"rule": "paper", **overrides})
+
+    def given(self) -> dict[str, Any]:
+        """The fields as given, by name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def resolve(self, safeguarded_target: float | None = None) -> Settings:
+        """The concrete settings; ``safeguarded_target`` is the optimizer's target with a safeguard, if any.
+
+        Options given as None take the default of their ``rule`` (:data:`RULE_DEFAULTS`); with
+        ``rule="normalized"`` and ``total_steps`` given, ``hold_after`` and ``d`` left at None follow
+        the run's length (:func:`run_length_defaults`). ``sample`` becomes None (full paths) where a
+        feature reads whole tensors: ``direction="state"``, ``unit_step=True``, ``variant="salera"``.
+        ``safeguard=True`` makes a new :class:`PageHinkley` each call (one per controller).
+        """
+        rule = check_choice("rule", self.rule, ("paper", "normalized"))
+        total_steps = None if self.total_steps is None else check_positive_int("total_steps", self.total_steps)
+        rule_values = _rule_values(self, rule, total_steps)
+        values: dict[str, Any] = {
+            "c": check_in_range("c", rule_values["c"], 0.0, 1.0, low_open=True),
+            "rule": rule,
+            "total_steps": total_steps,
+            "scope": check_choice("scope", self.scope, ("optimizer", "param_group")),
+            "direction": check_choice("direction", self.direction, ("auto", "delta", "state")),
+            **{name: check_optional_positive(name, getattr(self, name)) for name in _BOUNDS},
+            "initial_factor": _positive("initial_factor", rule_values["initial_factor"]),
+            "variant": check_choice("variant", self.variant, ("clara", "salera")),
+        }
+        values.update(self._resolve_features())
+        values["d"] = _positive("d", rule_values["d"])
+        values["fast_start"] = check_non_negative_int("fast_start", rule_values["fast_start"])
+        values["hold_after"] = check_non_negative_int("hold_after", rule_values["hold_after"])
+        values["target"] = _positive("target", rule_values["target"])
+        every = self.consistency_check_every
+        values["consistency_check_every"] = (
+            None if every is None else check_positive_int("consistency_check_every", every)
+        )
+        values["sample"] = self._resolve_sample()
+        self._check_combinations(values)
+        if self.target is None and rule == "normalized" and values["safeguard"] is not None and safeguarded_target:
+            values["target"] = safeguarded_target
+        return Settings(**values)
+
+    def _resolve_features(self) -> dict[str, Any]:
+        """``unit_step``, ``reference``, ``safeguard`` and ``sharding``: their types, in that order."""
+        if not isinstance(self.unit_step, bool):
+            raise TypeError(f"unit_step must be a bool, got {type(self.unit_step).__name__} {self.unit_step!r}")
+        if self.reference is not None and not isinstance(self.reference, Reference):
+            raise TypeError(
+                f"reference must be a lightning_clara.reference.Reference or None, got {type(self.reference).__name__}"
+            )
+        if isinstance(self.safeguard, bool):
+            safeguard = PageHinkley() if self.safeguard else None
+        elif isinstance(self.safeguard, PageHinkley):
+            safeguard = self.safeguard
+        else:
+            raise TypeError(f"safeguard must be a bool or a PageHinkley, got {type(self.safeguard).__name__}")
+        sharding = self.sharding
+        if sharding is not None and not isinstance(sharding, Sharding):
+            raise TypeError(
+                f"sharding must be a lightning_clara.distributed.Sharding or None, got {type(sharding).__name__}"
+            )
+        if sharding is not None and (self.direction == "state" or self.variant == "salera"):
+            raise ValueError("sharding needs the delta reader: use direction='auto' or 'delta' and variant='clara'")
+        return {"unit_step": self.unit_step, "reference": self.reference, "safeguard": safeguard, "sharding": sharding}
+
+    def _resolve_sample(self) -> int | None:
+        sample = None if self.sample is None else check_positive_int("sample", self.sample)
+        if self.direction == "state" or self.unit_step or self.variant == "salera":
+            return None  # these read or rescale whole tensors
+        if sample is not None and self.sharding is not None and self.sharding.offset is None:
+            raise ValueError(
+                "sampled paths on sharded parameters need Sharding.offset (where each rank's shard starts in "
+                "the flattened tensor); give it, or pass sample=None for full paths"
+            )
+        return sample
+
+    def _check_combinations(self, values: Mapping[str, Any]) -> None:
+        if self.unit_step and self.direction == "state":
+            raise ValueError("unit_step=True needs the realised step: use direction='auto' or 'delta', not 'state'")
+        if self.variant == "salera" and (self.unit_step or self.direction != "auto"):
+            raise ValueError("variant='salera' reads raw gradients: it takes neither unit_step nor a direction")
+        for low, high in (("min_factor", "max_factor"), ("min_lr", "max_lr")):
+            if values[low] is not None and values[high] is not None and values[low] > values[high]:
+                raise ValueError(f"{low} ({values[low]}) must be <= {high} ({values[high]})")
+
+
+_BOUNDS = ("min_factor", "max_factor", "min_lr", "max_lr")
+_RULE_OPTIONS = ("c", "d", "fast_start", "hold_after", "initial_factor", "target")
+
+
+def _positive(name: str, value: Any) -> float:
+    return check_in_range(name, value, 0.0, math.inf, low_open=True, high_open=True)
+
+
+def _rule_values(options: CLARAOptions, rule: str, total_steps: int | None) -> dict[str, Any]:
+    """The six options that have rule defaults: as given, or the rule's (run-length) default."""
+    defaults = RULE_DEFAULTS[rule]
+    if rule == "normalized" and total_steps is not None:
+        defaults = {**defaults, **run_length_defaults(total_steps, options.hold_after is None, options.d is None)}
+    given = {name: getattr(options, name) for name in _RULE_OPTIONS}
+    return {name: defaults[name] if value is None else value for name, value in given.items()}
+
+
+_FIELD_TYPES = typing.get_type_hints(CLARAOptions)
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(CLARAOptions)}
+
+
+def option_parameters(
+    names: Iterable[str], *, defaults: Mapping[str, Any] | None = None, types: Mapping[str, Any] | None = None
+) -> list[inspect.Parameter]:
+    """Keyword-only signature parameters for the named options (for ``__signature__``: typed, with defaults)."""
+    defaults, types = defaults or {}, types or {}
+    return [
+        inspect.Parameter(
+            name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=defaults.get(name, _FIELD_DEFAULTS[name]),
+            annotation=types.get(name, _FIELD_TYPES[name]),
+        )
+        for name in names
+    ]
+
+
+def option_docs(names: Iterable[str], *, docs: Mapping[str, str] | None = None, indent: str = "        ") -> str:
+    """Google-style ``Args`` entries for the named options, wrapped to the docstring's width."""
+    docs = docs or {}
+    lines = []
+    for name in names:
+        text = f"{name}: {docs.get(name, OPTION_DOCS[name])}"
+        lines.extend(textwrap.wrap(text, 100, initial_indent=indent, subsequent_indent=indent + "    "))
+    return "\n".join(lines)
+
+
+OPTION_NAMES: tuple[str, ...] = tuple(_FIELD_DEFAULTS)
+CLARAOptions.__doc__ = f"{CLARAOptions.__doc__}\n    Args:\n{option_docs(OPTION_NAMES)}\n"

@@ -1,0 +1,211 @@
+"""The rule, in paper order, as pure functions on small records (no torch, no hooks, float64 on the host).
+
+One adapted step: the path store gives each scope's sums (:class:`StepStatistics`): ``sum ||p_k||^2``,
+``sum mu_k`` (the reference at each path's age) and the tensors that moved. Then
+
+1. ``r = sum ||p||^2 / sum mu`` (the paper's ratio);
+2. ``signal = r / target - 1``, divided by its range ``r_max / target - 1`` with ``rule="normalized"``;
+3. ``log F += damping(t) * signal``, clamped by :class:`Bounds`; ``damping(t)`` is ``d`` raised
+   during the fast start and decayed after ``hold_after`` (:class:`Schedule`): a function of the
+   step count only, so log F stays unbiased under the null model.
+
+:func:`adapt` returns the next :class:`FactorState`; ``tests/reference_loop.py`` is the same rule as
+a plain loop, and ``tests/test_rule.py`` holds one against the other.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = [
+    "FAST_START_GAIN",
+    "HOLD_DECAY",
+    "LOG_FACTOR_LIMIT",
+    "Bounds",
+    "FactorState",
+    "Schedule",
+    "StepStatistics",
+    "adapt",
+    "clamp_log_factor",
+    "clamp_to_lr_bounds",
+    "damping",
+    "factor",
+    "lr_for",
+    "signal",
+]
+
+#: After ``hold_after`` adapted steps the damping decays as ``exp(-(t - hold_after) / tau)`` with
+#: ``tau = HOLD_DECAY * hold_after``: by ``2 * hold_after`` it is 5 % of ``d``, later it vanishes.
+HOLD_DECAY = 1.0 / 3.0
+#: The damping's multiplier at the first step of a fast start; it falls linearly to 1.
+FAST_START_GAIN = 20.0
+#: |log F| never exceeds this (F in [1e-26, 1e26]): F stays finite and non-zero whatever happens.
+LOG_FACTOR_LIMIT = 60.0
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How far log F moves per step: the rule, its damping over time, and the ratio it steers to."""
+
+    rule: Literal["paper", "normalized"]
+    d: float
+    fast_start: int
+    hold_after: int
+    target: float
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Where F and the lr used (``lr_base * F``) are clamped; None: unbounded."""
+
+    min_factor: float | None = None
+    max_factor: float | None = None
+    min_lr: float | None = None
+    max_lr: float | None = None
+
+
+@dataclass(frozen=True)
+class StepStatistics:
+    """One step's sums, per scope, from the path store; ``non_finite``: tensors with a NaN/inf step."""
+
+    squared: Sequence[float]  # sum ||p_k||^2 over the tensors that moved
+    expected: Sequence[float]  # sum mu_k(t_k): the random walk's value at each path's age
+    moved: Sequence[int]  # tensors that moved (||s|| > 0, finite)
+    non_finite: int = 0
+
+
+@dataclass(frozen=True)
+class FactorState:
+    """Everything the rule carries from step to step, per scope."""
+
+    log_factors: tuple[float, ...]
+    ratios: tuple[float | None, ...]
+    adapted_steps: int = 0
+    skipped_steps: int = 0
+
+    @classmethod
+    def initial(cls, log_factor: float, scopes: int = 1) -> FactorState:
+        return cls((log_factor,) * scopes, (None,) * scopes)
+
+    def grown(self, scopes: int, log_factor: float) -> FactorState:
+        """With scopes added (param groups added after attaching) at ``log_factor``."""
+        extra = scopes - len(self.log_factors)
+        if extra <= 0:
+            return self
+        return FactorState(
+            self.log_factors + (log_factor,) * extra,
+            self.ratios + (None,) * extra,
+            self.adapted_steps,
+            self.skipped_steps,
+        )
+
+    def with_log_factors(self, log_factors: Sequence[float]) -> FactorState:
+        return FactorState(tuple(log_factors), self.ratios, self.adapted_steps, self.skipped_steps)
+
+
+def damping(schedule: Schedule, adapted_steps: int) -> float:
+    """``d`` x the fast start's gain x the hold's decay, after ``adapted_steps`` adapted steps."""
+    remaining = 1.0 - adapted_steps / schedule.fast_start if schedule.fast_start else 0.0
+    value = schedule.d * (1.0 + (FAST_START_GAIN - 1.0) * max(0.0, remaining))
+    if schedule.hold_after and adapted_steps > schedule.hold_after:
+        value *= math.exp(-(adapted_steps - schedule.hold_after) / (HOLD_DECAY * schedule.hold_after))
+    return value
+
+
+def signal(schedule: Schedule, ratio: float, r_max: float) -> float:
+    """The step of log F per unit of damping: ``r / target - 1``, normalized by its range.
+
+    With ``rule="normalized"``: ||p_k|| <= 1, so r <= r_max = moved / expected; dividing by
+    ``r_max / target - 1`` (known before the step's noise, so still unbiased) makes d the change of
+    log F per step when all steps agree, whatever the optimizer. While young paths fill
+    (t_k < ~1/c) the bound is loose, so the signal is damped until the path has its memory: the
+    tight bound ``(1 - (1-c)^t_k)^2`` climbed 10x faster and ran away on broken networks
+    (benchmarks/RESULTS.md). ``target=1`` is the paper's random walk.
+    """
+    value = ratio / schedule.target - 1.0
+    if schedule.rule == "normalized":
+        headroom = r_max / schedule.target - 1.0
+        value = value / headroom if headroom > 1e-12 else 0.0
+    return value
+
+
+def clamp_log_factor(bounds: Bounds, value: float) -> float:
+    """log F within ``LOG_FACTOR_LIMIT`` and the factor bounds (so F cannot wind up past them)."""
+    value = min(max(value, -LOG_FACTOR_LIMIT), LOG_FACTOR_LIMIT)
+    if bounds.min_factor is not None:
+        value = max(value, math.log(bounds.min_factor))
+    if bounds.max_factor is not None:
+        value = min(value, math.log(bounds.max_factor))
+    return value
+
+
+def factor(bounds: Bounds, log_factor: float) -> float:
+    """F = exp(log F), clamped again after exp so that rounding cannot cross the bounds."""
+    value = math.exp(log_factor)
+    if bounds.min_factor is not None:
+        value = max(value, bounds.min_factor)
+    if bounds.max_factor is not None:
+        value = min(value, bounds.max_factor)
+    return value
+
+
+def lr_for(bounds: Bounds, base: float, log_factor: float) -> float:
+    """The lr used, ``lr_base * F``, within the lr bounds."""
+    lr = base * factor(bounds, log_factor)
+    if bounds.min_lr is not None:
+        lr = max(lr, bounds.min_lr)
+    if bounds.max_lr is not None:
+        lr = min(lr, bounds.max_lr)
+    return lr
+
+
+def clamp_to_lr_bounds(bounds: Bounds, log_factors: Sequence[float], bases: Sequence[Sequence[float]]) -> list[float]:
+    """Keep each scope's log F where the lr bounds still bind (``bases[scope]``: its positive base lrs)."""
+    out = list(log_factors)
+    for scope, members in enumerate(bases):
+        if not members:
+            continue
+        value = out[scope]
+        if bounds.max_lr is not None:
+            value = min(value, math.log(bounds.max_lr / min(members)))
+        if bounds.min_lr is not None:
+            value = max(value, math.log(bounds.min_lr / max(members)))
+        out[scope] = value
+    return out
+
+
+def adapt(
+    state: FactorState,
+    stats: StepStatistics,
+    schedule: Schedule,
+    bounds: Bounds,
+    bases: Sequence[Sequence[float]] | None = None,
+) -> FactorState:
+    """The next state: every scope with a reference (``expected > 0``) takes the rule's step.
+
+    ``bases`` (each scope's positive base lrs) applies the lr bounds to log F; None when there are
+    no lr bounds. A step counts as adapted when at least one scope moved, as skipped when a tensor
+    took a NaN/inf step.
+    """
+    step_damping = damping(schedule, state.adapted_steps)
+    log_factors = list(state.log_factors)
+    ratios = list(state.ratios)
+    adapted = False
+    for scope, (squared, expected, moved) in enumerate(zip(stats.squared, stats.expected, stats.moved, strict=True)):
+        if expected > 0.0:
+            ratio = squared / expected
+            ratios[scope] = ratio
+            step = step_damping * signal(schedule, ratio, moved / expected)
+            log_factors[scope] = clamp_log_factor(bounds, log_factors[scope] + step)
+            adapted = True
+    if bases is not None:
+        log_factors = clamp_to_lr_bounds(bounds, log_factors, bases)
+    return FactorState(
+        tuple(log_factors),
+        tuple(ratios),
+        state.adapted_steps + int(adapted),
+        state.skipped_steps + int(stats.non_finite > 0),
+    )
