@@ -99,6 +99,7 @@ def make_optimizer(method: Method, params: list[torch.nn.Parameter], lr0: float)
 def run_one(task: str, method: Method, lr0: float, seed: int, epochs: int) -> dict[str, Any]:
     """Train once; return final test accuracy (%), final lr used (CLARA) and wall time."""
     from lightning_clara import CLARA
+    from lightning_clara.options import CALLBACK_DEFAULTS
 
     torch.set_num_threads(1)
     x_train, y_train, x_test, y_test = load_task(task, seed)
@@ -120,7 +121,7 @@ def run_one(task: str, method: Method, lr0: float, seed: int, epochs: int) -> di
             clara = CLARA.paper(optimizer, **options)
         else:  # as CLARACallback() runs it: the safeguard fed the loss, the run's length known
             steps = epochs * math.ceil(len(x_train) / 128)
-            clara = CLARA(optimizer, **{"safeguard": True, "total_steps": steps, **options})
+            clara = CLARA(optimizer, **{**CALLBACK_DEFAULTS, "total_steps": steps, **options})
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     for _ in range(epochs):

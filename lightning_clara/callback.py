@@ -24,7 +24,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_clara.controller import CLARA, merged_options
-from lightning_clara.options import OPTION_NAMES, CLARAOptions, option_docs, option_parameters
+from lightning_clara.options import CALLBACK_DEFAULTS, OPTION_NAMES, CLARAOptions, option_docs, option_parameters
 from lightning_clara.strategies import sharding_for
 from lightning_clara.summary import FitSummary, GroupSummary, summary_table
 from lightning_clara.support import unwrap
@@ -34,8 +34,6 @@ __all__ = ["CALLBACK_OPTIONS", "CLARACallback", "optimizer_names"]
 #: The CLARA options the callback takes as keywords (the strategy gives the sharding; the 2017
 #: variant and custom references go through ``options``).
 CALLBACK_OPTIONS: tuple[str, ...] = tuple(n for n in OPTION_NAMES if n not in ("variant", "reference", "sharding"))
-#: Where the callback's default differs from CLARAOptions': it feeds every step's loss to the safeguard.
-CALLBACK_DEFAULTS: dict[str, Any] = {"safeguard": True}
 _CALLBACK_DOCS = {
     "safeguard": "watch the training loss (training_step's loss) with a Page-Hinkley test; on a blow-up undo "
     "the last step where a snapshot exists and halve F (see CLARA.observe_loss). On by default: it lets Adam "

@@ -33,7 +33,7 @@ from lightning_clara.rule import Bounds, Schedule
 from lightning_clara.safeguard import PageHinkley
 from lightning_clara.sampling import DEFAULT_SAMPLE
 
-__all__ = ["OPTION_DOCS", "RULE_DEFAULTS", "CLARAOptions", "Settings", "run_length_defaults"]
+__all__ = ["CALLBACK_DEFAULTS", "OPTION_DOCS", "RULE_DEFAULTS", "CLARAOptions", "Settings", "run_length_defaults"]
 
 Scope = Literal["optimizer", "param_group"]
 Variant = Literal["clara", "salera"]
@@ -56,6 +56,9 @@ RULE_DEFAULTS: dict[str, dict[str, Any]] = {
 #: defaults, as a 3000-step MLP ran away at twice the default d.
 SHORT_RUN_FIND = 0.4
 SHORT_RUN_MIN_HOLD = 240
+#: Where ``CLARACallback``'s default differs from CLARAOptions': it feeds every step's loss to the
+#: safeguard, so it turns the safeguard on (benchmarks that run "as the callback does" read it here).
+CALLBACK_DEFAULTS: dict[str, Any] = {"safeguard": True}
 
 #: One line of documentation per option, in plain text (LightningCLI prints it as is).
 OPTION_DOCS: dict[str, str] = {

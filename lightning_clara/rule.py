@@ -10,7 +10,7 @@ One adapted step: the path store gives each scope's sums (:class:`StepStatistics
    step count only, so log F stays unbiased under the null model.
 
 :func:`adapt` returns the next :class:`FactorState`; ``tests/reference_loop.py`` is the same rule as
-a plain loop, and ``tests/test_rule.py`` holds one against the other.
+a plain loop, and ``tests/rule/test_rule.py`` holds one against the other.
 """
 
 from __future__ import annotations

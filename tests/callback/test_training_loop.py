@@ -18,13 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.plugins.precision import MixedPrecision
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy, Strategy
-from reference_loop import SimpleAdam, SimpleCLARA, plain_sgd_mu, sgd_step
-from test_callback import (
+from helpers import (
     LR,
     STEPS_PER_EPOCH,
     LRRecorder,
@@ -35,6 +29,12 @@ from test_callback import (
     run_reference,
     sgd,
 )
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy, Strategy
+from reference_loop import SimpleAdam, SimpleCLARA, plain_sgd_mu, sgd_step
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, TensorDataset

@@ -19,7 +19,9 @@ import pytest
 import pytorch_optimizer as po
 import schedulefree
 import torch
-from test_optimizers import NOISE_SHAPES, C, D, assert_unit_mean, calibration_allowance, gaussian, make_params
+from helpers import NOISE_SHAPES, C, assert_unit_mean, calibration_allowance, make_params
+from helpers import NULL_D as D
+from helpers import gaussian_split as gaussian
 from torch import Tensor, nn
 
 from lightning_clara import CLARA

@@ -10,99 +10,39 @@ from __future__ import annotations
 import copy
 import math
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from functools import partial
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import csv_series
+from helpers import (
+    LR,
+    STEPS_PER_EPOCH,
+    LRRecorder,
+    RecordingLogger,
+    clara_state,
+    csv_series,
+    make_trainer,
+    max_relative_error,
+    run_reference,
+    sgd,
+)
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from reference_loop import SimpleCLARA, plain_sgd_mu, sgd_step
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, TensorDataset
-from torch.utils.hooks import RemovableHandle
 
 from lightning_clara import CLARA, CLARACallback
 
 C = 0.2
 D = 0.4  # normalized rule: F moves by tens of percent within a few dozen steps (paper-rule d = 0.05 for SGD)
 PAPER_D = 0.05  # for tests that spell out the paper rule, log F += d (r - 1)
-LR = 0.05
-STEPS_PER_EPOCH = 8  # 64 samples, batch size 8
 
 MakeModule = Callable[..., LightningModule]
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-class LRRecorder(Callback):
-    """Records the lr of every param group *as the optimizer's step sees it* (a step pre-hook added last).
-
-    The hook is registered in ``on_train_start``, after ``CLARACallback.on_fit_start`` attached its
-    controllers, so it runs after CLARA's pre-hook and sees ``lr_base * F``.
-    """
-
-    def __init__(self) -> None:
-        self.lrs: list[list[list[float]]] = []  # [optimizer][step][group]
-        self._handles: list[RemovableHandle] = []
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.lrs = [[] for _ in trainer.optimizers]
-        self._handles = [
-            optimizer.register_step_pre_hook(partial(self._record, index))
-            for index, optimizer in enumerate(trainer.optimizers)
-        ]
-
-    def _record(self, index: int, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        self.lrs[index].append([float(group["lr"]) for group in optimizer.param_groups])
-
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def first_group(self, index: int = 0) -> list[float]:
-        """The lr trajectory of optimizer ``index``, first param group."""
-        return [step[0] for step in self.lrs[index]]
-
-
-class RecordingLogger(Logger):
-    """An in-memory logger: every ``log_metrics`` call as ``(step, metrics)``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[tuple[int | None, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "recording"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.records.append((step, {key: float(value) for key, value in metrics.items()}))
-
-    def keys(self) -> set[str]:
-        return {key for _, metrics in self.records for key in metrics}
-
-    def series(self, key: str) -> dict[int, float]:
-        out: dict[int, float] = {}
-        for step, metrics in self.records:
-            if key in metrics:
-                assert step is not None
-                assert step not in out, f"{key} logged twice at step {step}"
-                out[step] = metrics[key]
-        return out
 
 
 def tensorboard_series(log_dir: str) -> dict[str, dict[int, float]]:
@@ -121,58 +61,6 @@ def tensorboard_series(log_dir: str) -> dict[str, dict[int, float]]:
     return out
 
 
-@dataclass
-class ReferenceRun:
-    """Per optimizer step of the simple loop: lr used, then ratio and log F after the step."""
-
-    clara: SimpleCLARA
-    net: nn.Module
-    lrs: list[float] = field(default_factory=list)
-    ratios: list[float] = field(default_factory=list)
-    log_factors: list[float] = field(default_factory=list)
-
-    def log_factor_before(self, step: int) -> float:
-        return 0.0 if step == 0 else self.log_factors[step - 1]
-
-
-def run_reference(
-    net: nn.Module,
-    dataset: TensorDataset,
-    *,
-    epochs: int,
-    lr_at: Callable[[int], float],
-    batch_size: int = 8,
-    accumulate: int = 1,
-    c: float = C,
-    d: float = D,
-    fast_start: int | None = None,
-) -> ReferenceRun:
-    """Plain SGD + ``SimpleCLARA`` by hand, batch for batch what Lightning's automatic loop does.
-
-    Lightning divides the loss by ``accumulate`` and steps every ``accumulate`` batches (and at the
-    end of an epoch); ``lr_at(t)`` is the scheduled lr of optimizer step ``t``.
-    """
-    net = copy.deepcopy(net)
-    params = list(net.parameters())
-    clara = SimpleCLARA([p.shape for p in params], c, d, plain_sgd_mu(c), fast_start=fast_start)
-    run = ReferenceRun(clara, net)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    for _ in range(epochs):
-        for i, (x, y) in enumerate(loader):
-            loss = nn.functional.mse_loss(net(x), y) / accumulate
-            loss.backward()
-            if (i + 1) % accumulate == 0 or i + 1 == len(loader):
-                lr = lr_at(len(run.lrs)) * clara.factor
-                run.lrs.append(lr)
-                clara.update(sgd_step(params, lr))
-                assert clara.ratio is not None
-                run.ratios.append(clara.ratio)
-                run.log_factors.append(clara.log_factor)
-                for p in params:
-                    p.grad = None
-    return run
-
-
 def assert_series_close(actual: dict[int, float], expected: dict[int, float], rtol: float, what: str) -> None:
     """Same steps, and values within ``rtol`` at each; the message lists every mismatching step."""
     assert set(actual) == set(expected), f"{what}: steps {sorted(actual)} vs {sorted(expected)}"
@@ -180,28 +68,6 @@ def assert_series_close(actual: dict[int, float], expected: dict[int, float], rt
         s: (actual[s], expected[s]) for s in sorted(expected) if not math.isclose(actual[s], expected[s], rel_tol=rtol)
     }
     assert not bad, f"{what}: (logged, expected) by step: {bad}"
-
-
-def max_relative_error(actual: Sequence[float], expected: Sequence[float]) -> float:
-    assert len(actual) == len(expected), f"{len(actual)} values vs {len(expected)} expected"
-    assert len(expected) > 0
-    return max(abs(a - e) / abs(e) for a, e in zip(actual, expected, strict=True))
-
-
-def sgd(lr: float = LR) -> Callable[[LightningModule], Optimizer]:
-    """``configure`` for one plain SGD (no momentum) over all parameters."""
-    return lambda module: torch.optim.SGD(module.parameters(), lr=lr)
-
-
-def make_trainer(trainer_kwargs: dict[str, Any], callbacks: list[Callback], **overrides: Any) -> Trainer:
-    return Trainer(**{**trainer_kwargs, **overrides}, callbacks=callbacks)
-
-
-def clara_state(checkpoint_path: str) -> dict[str, Any]:
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-    keys = [key for key in checkpoint["callbacks"] if "CLARACallback" in key]
-    assert len(keys) == 1, f"callback states in checkpoint: {list(checkpoint['callbacks'])}"
-    return checkpoint["callbacks"][keys[0]]
 
 
 # ---------------------------------------------------------------------------------------------- 1. acceptance

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 SKIP_MARKER = "<!-- readme-test: skip -->"
 #: README.md has (at least) the Lightning and the plain-PyTorch usage examples.

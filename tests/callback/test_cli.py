@@ -20,7 +20,7 @@ import yaml
 
 from lightning_clara.options import RULE_DEFAULTS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "lightning_cli.py"
 CONFIG = ROOT / "examples" / "config.yaml"
 TRAIN_BATCHES = 45  # 1,437 training samples (80 % of 1,797) in batches of 32
@@ -149,6 +149,7 @@ def test_callback_help_shows_the_docstring(example: ModuleType, capsys: pytest.C
     assert "--trainer.callbacks.prog_bar {true,false}" in text
     assert "--trainer.callbacks.rule {paper,normalized}" in text
     assert "show the lr used in the progress bar" in text  # from the docstring's Args
+    assert "path memory in (0, 1]" in text  # an option's doc, declared once in OPTION_DOCS
     assert "type: float | null, default: null" in text
     # plain text, not raw Sphinx markup (issue 12, point 13)
     assert "``" not in text

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import RecordingLogger, make_trainer
 from lightning.pytorch import LightningModule, Trainer
-from test_callback import RecordingLogger, make_trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 

@@ -22,7 +22,7 @@ import torch
 
 from lightning_clara.options import RULE_DEFAULTS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 QUICK_STEPS = 2 * 45  # --quick: 2 epochs of ceil(1437 / 32) batches

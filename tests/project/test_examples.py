@@ -12,7 +12,7 @@ import pytest
 
 from lightning_clara.options import RULE_DEFAULTS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DIGITS = ROOT / "examples" / "digits.py"
 
 pytest.importorskip("sklearn", reason="the digits demo needs scikit-learn (in the [test] extras)")

@@ -2,7 +2,7 @@
 
 Every ``Trainer.fit(strategy="ddp_spawn")`` starts two fresh processes that import torch and
 Lightning (the slow part), so the DDP fits are few and run one after the other in ONE driver
-subprocess: this file run as a script (``python tests/test_ddp.py OUT_DIR``), killed with its
+subprocess: this file run as a script (``python tests/distributed/test_ddp.py OUT_DIR``), killed with its
 whole process group if it exceeds :data:`DRIVER_TIMEOUT_S`, so that a deadlock fails the test
 instead of blocking the suite. The fits:
 
@@ -46,7 +46,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import csv_series, make_net, make_regression_data
+from helpers import csv_series, make_net, make_regression_data
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
@@ -60,7 +60,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_clara import CLARACallback
 from lightning_clara.options import RULE_DEFAULTS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "ddp.py"
 
 WORLD = 2
@@ -331,7 +331,8 @@ def driver(out_dir: Path) -> None:
 # ---------------------------------------------------------------------------------------------- fixtures
 def run_with_timeout(command: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
     """Run ``command`` in its own process group; on timeout kill the whole group (spawned ranks included)."""
-    python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    # ROOT for the package, tests/ for the shared helpers the driver script imports
+    python_path = os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": python_path, "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
     env.pop("MASTER_PORT", None)  # Lightning picks a free port
     env["COLUMNS"] = "120"  # rich must not wrap the example's table in a pipe
@@ -534,5 +535,5 @@ def test_ddp_example_runs_on_two_ranks(tmp_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    # The driver: ``python tests/test_ddp.py OUT_DIR`` (spawned ranks import this file as ``__mp_main__``).
+    # The driver: ``python tests/distributed/test_ddp.py OUT_DIR`` (spawned ranks import this file as ``__mp_main__``).
     driver(Path(sys.argv[1]))

@@ -17,30 +17,29 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
-from test_null_model import fixed, run
+from helpers import (
+    ABSOLUTE_GUARD,
+    BASE_SHAPES,
+    K_SIGMA,
+    NOISE_SHAPES,
+    assert_unit_mean,
+    calibration_allowance,
+    fixed,
+    make_params,
+    run,
+)
+from helpers import gaussian_split as gaussian
 from torch import Tensor
 
 from lightning_clara import CLARA
-from lightning_clara.reference import MonteCarloReference, Reference, shared
-from lightning_clara.support import reference_for
 
 C = 0.2
 D = 1e-3
-#: A scalar, a small vector, a mid-size vector and a matrix; three copies of each so that the
-#: per-tensor noise (largest for the scalar) averages down and the mean of r is tight.
-BASE_SHAPES: tuple[tuple[int, ...], ...] = ((1,), (7,), (300,), (20, 30))
-NOISE_SHAPES = BASE_SHAPES * 3
-#: Gaussian checks accept K_SIGMA combined standard errors ...
-K_SIGMA = 4.0
-#: ... and never more than this absolute deviation of the mean ratio from 1.
-ABSOLUTE_GUARD = 0.03
-#: The data's standard error must be small enough for the guard to mean something (typical: 0.5-0.9 %).
-MAX_STANDARD_ERROR = 0.0125
 #: The torch optimizers CLARA documents as supported (written out here, not read from the package).
 SUPPORTED = ("SGD", "Adam", "AdamW", "NAdam", "RAdam", "Adamax", "RMSprop", "Adagrad", "Adadelta", "ASGD")
 
@@ -124,80 +123,6 @@ ALL_FACTORIES: dict[str, OptimizerFactory] = {**OPTIMIZERS, **{k: f for k, (_, f
 
 
 # ----------------------------------------------------------------------------------------- helpers
-
-
-def make_params(shapes: tuple[tuple[int, ...], ...]) -> list[Tensor]:
-    """Zero float64 parameters of the given shapes."""
-    return [torch.zeros(shape, dtype=torch.float64, requires_grad=True) for shape in shapes]
-
-
-def gaussian(params: list[Tensor], seed: int) -> Iterator[list[Tensor]]:
-    """Fresh i.i.d. N(0, 1) gradients every step (one draw per step, split into the tensors)."""
-    generator = torch.Generator().manual_seed(seed)
-    numels = [p.numel() for p in params]
-    total = sum(numels)
-    while True:
-        flat = torch.randn(total, generator=generator, dtype=torch.float64)
-        yield [g.view(p.shape) for g, p in zip(flat.split(numels), params, strict=True)]
-
-
-def reseeded(reference: Reference, seed: int) -> Reference | None:
-    """The same Monte Carlo simulation with other noise (None if nothing in it is simulated)."""
-    if isinstance(reference, MonteCarloReference):
-        return shared(reference.with_seed(seed))
-    return None
-
-
-def summed_curve(reference: Reference, numels: list[int], steps: int) -> Tensor:
-    """M(t) = sum_k mu_k(t) for t = 1..steps (the curve's last value holds beyond its length)."""
-    curves = reference.curves(sorted(set(numels)))
-    t = torch.arange(1, steps + 1)
-    total = torch.zeros(steps, dtype=torch.float64)
-    for n in numels:
-        curve = curves[n]
-        total += curve[t.clamp(max=curve.numel() - 1)]
-    return total
-
-
-def calibration_allowance(optimizer: torch.optim.Optimizer, numels: list[int], window: slice, steps: int) -> float:
-    """Bound on the bias of mean r that the Monte Carlo reference's own sampling error can cause.
-
-    If the reference sum M(t) is off by a relative e(t), E[r_t] = 1 + e(t), so the window's mean r
-    is shifted by mean e(t). The library's curve (seed 0) and the same simulation with seed 1 have
-    independent errors, so their relative difference delta = mean_t(M1/M0 - 1) has variance 2
-    sigma_cal^2. We return |delta| (not |delta|/sqrt(2)): a deliberately generous single-draw
-    estimate of sigma_cal. Closed-form references (plain, heavy-ball) and the heavy-ball tails of
-    control-variate references are exact, which this measures as 0.
-    """
-    reference = reference_for(optimizer, optimizer.param_groups[0], C)
-    other = reseeded(reference, seed=1)
-    if other is None:
-        return 0.0
-    ours = summed_curve(reference, numels, steps)[window]
-    theirs = summed_curve(other, numels, steps)[window]
-    return abs(float((theirs / ours).mean()) - 1.0)
-
-
-def batch_standard_error(window: Tensor, length: int) -> tuple[float, float]:
-    """Standard error of the window's mean from the means of consecutive blocks, and their lag-1 correlation."""
-    blocks = window.numel() // length
-    means = window[: blocks * length].reshape(blocks, length).mean(dim=1)
-    centred = means - means.mean()
-    lag1 = float((centred[1:] * centred[:-1]).sum() / centred.pow(2).sum())
-    return float(means.std()) / math.sqrt(blocks), lag1
-
-
-def assert_unit_mean(ratios: Tensor, burn_in: int, block: int, allowance: float, label: str) -> None:
-    """mean r after burn-in within K_SIGMA * sqrt(SE^2 + allowance^2) of 1, and within the absolute guard."""
-    window = ratios[burn_in:]
-    se, lag1 = batch_standard_error(window, block)
-    blocks = window.numel() // block
-    mean = float(window.mean())
-    detail = f"{label}: mean r {mean:.4f}, se {se:.4f}, Monte Carlo allowance {allowance:.4f}"
-    assert abs(mean - 1.0) <= K_SIGMA * math.hypot(se, allowance), detail
-    assert abs(mean - 1.0) <= ABSOLUTE_GUARD, detail
-    assert abs(lag1) < K_SIGMA / math.sqrt(blocks), f"{label}: blocks too short (lag-1 {lag1:.2f})"
-    assert se < MAX_STANDARD_ERROR, f"{detail}: standard error too large for the guard to bind"
 
 
 # ------------------------------------------------------------------------------------ pure noise

@@ -119,7 +119,9 @@ def driver(out: Path) -> None:
 @pytest.fixture(scope="module")
 def sharded_run(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("model_parallel")
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
+    tests_dir = str(Path(__file__).resolve().parents[1])  # the shared helpers, for the script run
+    python_path = os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": python_path, "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
     env.pop("MASTER_PORT", None)
     result = subprocess.run(
         [sys.executable, __file__, str(out)], capture_output=True, text=True, timeout=240, env=env, check=False

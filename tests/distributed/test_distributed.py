@@ -108,7 +108,7 @@ def spawn_ranks(worker: Callable[..., None], tmp_path: Path) -> None:
     A rank killed by a signal (gloo aborting on a peer's closed socket, seen about once in ten full
     suite runs on a loaded 2-core machine, and once twice in a row) is retried, up to
     ``SPAWN_ATTEMPTS`` times in all, each with a fresh rendezvous file; a Python exception in a rank,
-    its assertions included, is final (the same policy as tests/test_ddp.py).
+    its assertions included, is final (the same policy as tests/distributed/test_ddp.py).
     """
     for attempt in range(SPAWN_ATTEMPTS):
         try:
@@ -221,7 +221,7 @@ def _fsdp2_worker(rank: int, store: str, out_dir: str) -> None:
 def test_fsdp2_fully_shard_matches_single_process(tmp_path: Path) -> None:
     """torch's FSDP2 on 2 CPU ranks (DTensor parameters sharded on dim 0): CLARA with full paths and
     ``Sharding.for_dtensors()`` keeps only local path shards and reproduces the unsharded run (sampled
-    paths under FSDP2: tests/test_model_parallel.py)."""
+    paths under FSDP2: tests/distributed/test_model_parallel.py)."""
     spawn_ranks(_fsdp2_worker, tmp_path)
     expected, _ = _fsdp2_trajectory(_fsdp2_model(), {"sample": None})
     initial = RULE_DEFAULTS["normalized"]["initial_factor"]

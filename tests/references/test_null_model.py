@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
+from helpers import fixed, run
 from torch import Tensor
 
 from lightning_clara import CLARA
@@ -52,35 +53,11 @@ def build(name: str, sizes: tuple[int, ...], d: float = D) -> tuple[list[Tensor]
     return params, CLARA(factory(params), c=C, d=d, rule="paper")  # the drift checks use the paper rule's d (r - 1)
 
 
-def run(clara: CLARA, params: list[Tensor], gradients: Iterator[list[Tensor]], steps: int) -> tuple[Tensor, Tensor]:
-    """Feed ``steps`` gradients; returns r_t and log F after each step (float64 tensors)."""
-    ratios, log_factors = [], []
-    for _ in range(steps):
-        for p, g in zip(params, next(gradients), strict=True):
-            p.grad = g
-        clara.optimizer.step()
-        assert clara.ratio is not None
-        ratios.append(clara.ratio)
-        log_factors.append(clara.log_factors[0])
-    return torch.tensor(ratios, dtype=torch.float64), torch.tensor(log_factors, dtype=torch.float64)
-
-
 def gaussian(params: list[Tensor], seed: int) -> Iterator[list[Tensor]]:
     """I.i.d. standard Gaussian gradients."""
     generator = torch.Generator().manual_seed(seed)
     while True:
         yield [torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in params]
-
-
-def fixed(params: list[Tensor], sign_flips: bool, seed: int = 3) -> Iterator[list[Tensor]]:
-    """One random gradient, repeated (constant) or with alternating sign (+g, -g, ...)."""
-    generator = torch.Generator().manual_seed(seed)
-    g = [torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in params]
-    sign = 1.0
-    while True:
-        yield [sign * x for x in g]
-        if sign_flips:
-            sign = -sign
 
 
 def stationary_mu(name: str, sizes: tuple[int, ...]) -> tuple[float, float]:

@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import LR, LRRecorder, clara_state, make_trainer, max_relative_error, sgd
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from reference_loop import SimpleCLARA, plain_sgd_mu, sgd_step
-from test_callback import LR, LRRecorder, clara_state, make_trainer, max_relative_error, sgd
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.data import TensorDataset

@@ -48,7 +48,7 @@ from packaging.requirements import Requirement
 
 import lightning_clara
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = "lightning_clara"
 VERSION = lightning_clara.__version__
 URL_NAMES = ("Homepage", "Documentation", "Repository", "Issues", "Changelog")
@@ -191,7 +191,12 @@ def test_sdist_holds_what_builds_and_tests_the_package(dists: Dists) -> None:
     assert all(name == top or name.startswith(f"{top}/") for name in members)
     names = {name.removeprefix(f"{top}/") for name in members}
     required = {"README.md", "LICENSE", "CHANGELOG.md", "pyproject.toml", "PKG-INFO", "MANIFEST.in"}
-    required |= _module_files() | {"tests/conftest.py", "tests/test_packaging.py", "examples/digits.py"}
+    required |= _module_files() | {
+        "tests/conftest.py",
+        "tests/helpers.py",
+        "tests/project/test_packaging.py",
+        "examples/digits.py",
+    }
     assert required <= names, f"missing from the sdist: {sorted(required - names)}"
     assert not [n for n in names if "__pycache__" in n or n.endswith((".pyc", ".ckpt"))]
     assert not [n for n in names if n.startswith("benchmarks/results")]  # data, not sources
