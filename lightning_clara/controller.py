@@ -123,6 +123,7 @@ class CLARA:
         """
         self.options = dataclasses.replace(self.options, total_steps=total_steps)
         fresh = dataclasses.replace(self.options, safeguard=False).resolve()
+        # only the schedule moves (the path store's options stay as they were)
         self.settings = dataclasses.replace(
             self.settings, total_steps=fresh.total_steps, d=fresh.d, hold_after=fresh.hold_after
         )
