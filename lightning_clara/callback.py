@@ -23,8 +23,15 @@ from rich.console import Console
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_clara.controller import CLARA, merged_options
-from lightning_clara.options import CALLBACK_DEFAULTS, OPTION_NAMES, CLARAOptions, option_docs, option_parameters
+from lightning_clara.controller import CLARA
+from lightning_clara.options import (
+    CALLBACK_DEFAULTS,
+    OPTION_NAMES,
+    CLARAOptions,
+    merged_options,
+    option_docs,
+    option_parameters,
+)
 from lightning_clara.strategies import sharding_for
 from lightning_clara.summary import FitSummary, GroupSummary, summary_table
 from lightning_clara.support import unwrap

@@ -30,7 +30,14 @@ from torch.utils.hooks import RemovableHandle
 from lightning_clara.checkpoint import export_state, restore_state
 from lightning_clara.distributed import RankConsistencyGuard
 from lightning_clara.lr_swap import LearningRateSwap
-from lightning_clara.options import OPTION_NAMES, CLARAOptions, Settings, option_docs, option_parameters
+from lightning_clara.options import (
+    OPTION_NAMES,
+    CLARAOptions,
+    Settings,
+    merged_options,
+    option_docs,
+    option_parameters,
+)
 from lightning_clara.reference_cache import ReferenceCache
 from lightning_clara.rule import FactorState, StepStatistics, adapt, clamp_log_factor, damping, factor, lr_for
 from lightning_clara.stores import StepInputs, store_for
@@ -40,15 +47,6 @@ from lightning_clara.transfer import HostTransfer
 __all__ = ["CLARA"]
 
 _SETTING_NAMES = frozenset(f.name for f in dataclasses.fields(Settings))
-
-
-def merged_options(options: CLARAOptions | None, overrides: dict[str, Any]) -> CLARAOptions:
-    """``options`` with ``overrides`` replaced (checked again), or the options the overrides give."""
-    if options is None:
-        return CLARAOptions(**overrides)
-    if not isinstance(options, CLARAOptions):
-        raise TypeError(f"options must be a lightning_clara.CLARAOptions or None, got {type(options).__name__}")
-    return dataclasses.replace(options, **overrides) if overrides else options
 
 
 class CLARA:
@@ -122,7 +120,7 @@ class CLARA:
         ``estimated_stepping_batches`` is known without loading the data early.
         """
         self.options = dataclasses.replace(self.options, total_steps=total_steps)
-        fresh = dataclasses.replace(self.options, safeguard=False).resolve()
+        fresh = self.options.resolve()  # only its schedule is read: the running safeguard detector stays
         # only the schedule moves (the path store's options stay as they were)
         self.settings = dataclasses.replace(
             self.settings, total_steps=fresh.total_steps, d=fresh.d, hold_after=fresh.hold_after
@@ -262,8 +260,7 @@ class CLARA:
                 self._swap.used.extend(float(group["lr"]) for group in added)
                 self._sync_scopes()
             scopes = len(self._state.log_factors)
-            per_group = self.settings.scope == "param_group"
-            step = self.paths.step(optimizer, StepInputs(self._swap.used, self.references, scopes, per_group))
+            step = self.paths.step(optimizer, StepInputs(self._swap.used, self.references, scopes))
             if step is not None:
 
                 def finish(buffers: list[Tensor], collectives: bool) -> None:

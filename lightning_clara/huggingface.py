@@ -22,8 +22,8 @@ from typing import Any
 from torch.optim import Optimizer
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from lightning_clara.controller import CLARA, merged_options
-from lightning_clara.options import CLARAOptions
+from lightning_clara.controller import CLARA
+from lightning_clara.options import CLARAOptions, merged_options
 
 __all__ = ["CLARATrainerCallback", "add_clara"]
 

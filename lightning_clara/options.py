@@ -33,7 +33,15 @@ from lightning_clara.rule import Bounds, Schedule
 from lightning_clara.safeguard import PageHinkley
 from lightning_clara.sampling import DEFAULT_SAMPLE
 
-__all__ = ["CALLBACK_DEFAULTS", "OPTION_DOCS", "RULE_DEFAULTS", "CLARAOptions", "Settings", "run_length_defaults"]
+__all__ = [
+    "CALLBACK_DEFAULTS",
+    "OPTION_DOCS",
+    "RULE_DEFAULTS",
+    "CLARAOptions",
+    "Settings",
+    "merged_options",
+    "run_length_defaults",
+]
 
 Scope = Literal["optimizer", "param_group"]
 Variant = Literal["clara", "salera"]
@@ -205,10 +213,6 @@ class CLARAOptions:
         """The paper's exact rule and defaults: ``rule="paper"``, ``c=0.2``, ``d=1e-3``, F starting at 1."""
         return cls(**{"rule": "paper", **overrides})
 
-    def given(self) -> dict[str, Any]:
-        """The fields as given, by name."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
     def resolve(self, safeguarded_target: float | None = None) -> Settings:
         """The concrete settings; ``safeguarded_target`` is the optimizer's target with a safeguard, if any.
 
@@ -288,6 +292,15 @@ class CLARAOptions:
         for low, high in (("min_factor", "max_factor"), ("min_lr", "max_lr")):
             if values[low] is not None and values[high] is not None and values[low] > values[high]:
                 raise ValueError(f"{low} ({values[low]}) must be <= {high} ({values[high]})")
+
+
+def merged_options(options: CLARAOptions | None, overrides: dict[str, Any]) -> CLARAOptions:
+    """``options`` with ``overrides`` replaced (checked again), or the options the overrides give."""
+    if options is None:
+        return CLARAOptions(**overrides)
+    if not isinstance(options, CLARAOptions):
+        raise TypeError(f"options must be a lightning_clara.CLARAOptions or None, got {type(options).__name__}")
+    return dataclasses.replace(options, **overrides) if overrides else options
 
 
 _BOUNDS = ("min_factor", "max_factor", "min_lr", "max_lr")

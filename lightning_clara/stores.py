@@ -68,7 +68,6 @@ class StepInputs:
     lr_used: list[float]  # per group, the lr the step ran at
     references: ReferenceCache
     scopes: int  # how many factors (1, or one per group)
-    per_group: bool  # scope="param_group": group j is scope j
 
 
 class PathStore(ABC):
@@ -79,6 +78,8 @@ class PathStore(ABC):
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        #: scope="param_group": group j is scope j; else every group is scope 0.
+        self.per_group = settings.scope == "param_group"
 
     def before_step(self, optimizer: Optimizer) -> None:
         """In the pre-hook: what must be read before the parameters change."""
@@ -159,7 +160,7 @@ class SampledPathStore(PathStore):
         tensors = sum(len(bucket.members) for bucket in buckets)
 
         def finish(buffers: list[Tensor]) -> StepStatistics:
-            if not inputs.per_group:
+            if not self.per_group:
                 rows = buffers[0] if len(buffers) == 1 else torch.cat(buffers, dim=1)
                 sums = rows.sum(dim=1, keepdim=True)
             else:
@@ -343,7 +344,7 @@ class FullPathStore(PathStore):
                 continue
             state.count += 1
             curve = curves[j][self.reference_size(param)]
-            scope = j if inputs.per_group else 0
+            scope = j if self.per_group else 0
             squared[scope] += host[0][k]
             expected[scope] += curve[min(state.count, len(curve) - 1)]
             moved[scope] += 1

@@ -393,9 +393,10 @@ def run(clara: CLARA, params: list[Tensor], gradients: Iterator[list[Tensor]], s
 
 
 def fixed(params: list[Tensor], sign_flips: bool, seed: int = 3) -> Iterator[list[Tensor]]:
-    """One random gradient, repeated (constant) or with alternating sign (+g, -g, ...)."""
+    """One random gradient (in each parameter's dtype), repeated (steps agree) or with alternating
+    sign (+g, -g, ...: steps cancel)."""
     generator = torch.Generator().manual_seed(seed)
-    g = [torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in params]
+    g = [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in params]
     sign = 1.0
     while True:
         yield [sign * x for x in g]

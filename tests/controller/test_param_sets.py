@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import fixed
 from reference_loop import SimpleCLARA, plain_sgd_mu
 from torch import Tensor
 from torch.optim import Optimizer
@@ -291,17 +292,6 @@ def test_param_group_added_after_attaching_is_adapted(scope: str, direction: str
 # ------------------------------------------------------------------------------------------ bounds
 
 
-def constant(params: list[Tensor], sign_flips: bool, seed: int = 10) -> Iterator[list[Tensor]]:
-    """One random gradient, repeated (steps agree: F would explode) or alternated (F would vanish)."""
-    generator = torch.Generator().manual_seed(seed)
-    base = [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in params]
-    sign = 1.0
-    while True:
-        yield [sign * g for g in base]
-        if sign_flips:
-            sign = -sign
-
-
 def drive(optimizer: Optimizer, params: list[Tensor], gradients: Iterator[list[Tensor]], steps: int) -> None:
     """Feed ``steps`` gradients through ``optimizer.step()``."""
     for _ in range(steps):
@@ -324,13 +314,13 @@ def test_lr_bounds_hold_exactly_in_every_group() -> None:
     optimizer.register_step_pre_hook(lambda *_: factors.append(clara.lr_factor))
 
     # "on the bound" to rounding: the group whose base reaches the bound through F is base * exp(log F)
-    drive(optimizer, params, constant(params, sign_flips=False), 60)
+    drive(optimizer, params, fixed(params, sign_flips=False, seed=10), 60)
     assert seen[-1] == pytest.approx([max_lr, max_lr], rel=1e-12, abs=0.0)
-    drive(optimizer, params, constant(params, sign_flips=True), 8)  # leaves the top within a few steps
+    drive(optimizer, params, fixed(params, sign_flips=True, seed=10), 8)  # leaves the top within a few steps
     assert seen[-1][0] < max_lr
-    drive(optimizer, params, constant(params, sign_flips=True), 60)
+    drive(optimizer, params, fixed(params, sign_flips=True, seed=10), 60)
     assert seen[-1] == pytest.approx([min_lr, min_lr], rel=1e-12, abs=0.0)
-    drive(optimizer, params, constant(params, sign_flips=False), 8)  # and the bottom
+    drive(optimizer, params, fixed(params, sign_flips=False, seed=10), 8)  # and the bottom
     assert seen[-1][1] > min_lr
     for lrs, factor in zip(seen, factors, strict=True):
         for lr, base in zip(lrs, bases, strict=True):
@@ -357,10 +347,10 @@ def test_factor_bounds_hold_exactly(min_factor: float, max_factor: float) -> Non
         factors.append(clara.lr_factor)
 
     optimizer.register_step_post_hook(after)
-    drive(optimizer, params, constant(params, sign_flips=False), 60)
+    drive(optimizer, params, fixed(params, sign_flips=False, seed=10), 60)
     assert clara.lr_factor == pytest.approx(max_factor, rel=1e-12)
     assert seen[-1][0] == pytest.approx(lr * max_factor, rel=1e-12)
-    drive(optimizer, params, constant(params, sign_flips=True), 80)
+    drive(optimizer, params, fixed(params, sign_flips=True, seed=10), 80)
     assert clara.lr_factor == pytest.approx(min_factor, rel=1e-12)
     assert seen[-1][0] == pytest.approx(lr * min_factor, rel=1e-12)
     # never outside, not even by rounding
@@ -373,7 +363,7 @@ FactorPattern = Callable[[list[Tensor]], Iterator[list[Tensor]]]
 
 @pytest.mark.parametrize(
     "pattern",
-    [lambda ps: constant(ps, sign_flips=False), lambda ps: constant(ps, sign_flips=True)],
+    [lambda ps: fixed(ps, sign_flips=False, seed=10), lambda ps: fixed(ps, sign_flips=True, seed=10)],
     ids=["constant", "alternating"],
 )
 def test_factor_is_never_nan_inf_or_zero_without_bounds(pattern: FactorPattern) -> None:
