@@ -9,6 +9,11 @@ Writes ``benchmarks/results/ratio_study.json`` and prints one table per c.
 
     python benchmarks/ratio_study.py --workers 2                   # c = 0.2, 0.05, 0.02 (about 8 min)
     python benchmarks/ratio_study.py --c 0.02 --replacement         # also with replacement
+    python benchmarks/ratio_study.py --suite lm-short gru            # what the loss sees beside r (issue 20)
+
+``--suite TASK ...`` runs tasks of ``suite.py`` instead (the default c, 300 steps, seed 0) and prints,
+per lr, the mean r and the mean training loss over each 50-step window: at a far too large lr the
+ratio can equal the tuned lr's while the loss has stopped falling (what the loss brake reads).
 """
 
 from __future__ import annotations
@@ -69,14 +74,71 @@ def _job(args: tuple[str, str, float, float, bool]) -> dict[str, Any]:
     return measure(*args)
 
 
+def ratio_and_loss(task_name: str, optimizer_name: str, lr: float, steps: int = 300) -> dict[str, Any]:
+    """A suite task at a fixed lr (F pinned, default c): mean r and mean loss per 50-step window."""
+    import suite
+
+    from lightning_clara import CLARA
+
+    torch.set_num_threads(1)
+    task = suite.make_task(task_name, 0, steps)
+    method = deep.Method(optimizer_name, "adam" if optimizer_name == "Adam" else "sgdm")
+    optimizer, _ = deep.make_optimizer(method, list(task.model.parameters()), lr, steps)
+    clara = CLARA(optimizer, min_factor=1.0, max_factor=1.0, initial_factor=1.0)
+    ratios: list[float] = []
+    losses: list[float] = []
+    for batch in deep.batches(task.loader, steps):
+        loss = task.loss(task.model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        ratios.append(clara.ratio if clara.ratio is not None else float("nan"))
+        losses.append(float(loss.detach()))
+    task.model.eval()
+    windows = range(0, steps, 50)
+    return {
+        "task": task_name,
+        "optimizer": optimizer_name,
+        "lr": lr,
+        "metric": task.metric(task.model),
+        "r": [statistics.fmean(v for v in ratios[a : a + 50] if v == v) for a in windows],
+        "loss": [statistics.fmean(losses[a : a + 50]) for a in windows],
+    }
+
+
+def suite_study(tasks: list[str], lrs: list[float], workers: int, out: Path) -> None:
+    jobs = [(task, optimizer, lr) for task in tasks for optimizer in ("Adam", "SGDm") for lr in lrs]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        rows = list(pool.map(ratio_and_loss, *zip(*jobs, strict=True)))
+    console = Console(width=200)
+    table = Table(title="F pinned at 1: mean r / mean training loss per 50-step window, final metric")
+    for column in ("task", "lr", "r per window", "loss per window", "metric"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            f"{row['task']} {row['optimizer']}",
+            f"{row['lr']:g}",
+            " ".join(f"{v:.2f}" for v in row["r"]),
+            " ".join(f"{v:.3f}" for v in row["loss"]),
+            f"{row['metric']:.3f}",
+        )
+    console.print(table)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--c", nargs="+", type=float, default=[0.2, 0.05, 0.02])
     parser.add_argument("--lrs", nargs="+", type=float, default=list(LEARNING_RATES))
     parser.add_argument("--replacement", action="store_true", help="also draw batches with replacement")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--suite", nargs="+", help="suite.py tasks: r beside the training loss, 300 steps")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "ratio_study.json")
     args = parser.parse_args(argv)
+    if args.suite:
+        suite_study(args.suite, args.lrs, args.workers, args.out.with_name("ratio_study-suite.json"))
+        return 0
     jobs = [
         (task, optimizer, lr, c, replacement)
         for c in args.c

@@ -301,7 +301,7 @@ class CLARACallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         # only optimizers that really stepped in this batch: accumulation micro-batches and
-        # optimizers stepped every k-th batch by hand are neither logged nor fed to the safeguard
+        # optimizers stepped every k-th batch by hand are neither logged nor fed the loss
         start = self._steps_at_batch_start
         stepped = [
             index
@@ -312,7 +312,7 @@ class CLARACallback(Callback):
             return
         if [len(names) for names in self.names] != [len(c.optimizer.param_groups) for c in self.controllers]:
             self.names = self._names()  # a group was added
-        self._feed_safeguard(trainer, outputs, stepped)
+        self._feed_loss(trainer, outputs, stepped)
         if self.prog_bar:
             self._show_in_progress_bar(pl_module, stepped)
         if not self.log or not trainer.loggers or not trainer._logger_connector.should_update_logs:
@@ -324,14 +324,14 @@ class CLARACallback(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 
-    def _feed_safeguard(self, trainer: pl.Trainer, outputs: Any, stepped: list[int]) -> None:
+    def _feed_loss(self, trainer: pl.Trainer, outputs: Any, stepped: list[int]) -> None:
         """Give the batch loss (the one the step's gradient came from) to the optimizers that stepped.
 
         Under DDP each rank holds the loss of its own shard of the batch: the mean over ranks (one
-        small all-reduce, which every rank runs here) makes every rank raise the same alarms, so F
-        and the restored parameters stay identical across ranks.
+        small all-reduce, which every rank runs here) gives every rank the same loss brake and the
+        same alarms, so F and the restored parameters stay identical across ranks.
         """
-        if not self.options.safeguard:
+        if not any(self.controllers[index].wants_loss for index in stepped):
             return
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is None:

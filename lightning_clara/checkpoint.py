@@ -12,9 +12,9 @@ from typing import Any
 
 from torch.optim import Optimizer
 
+from lightning_clara.loss_watch import LossWatch
 from lightning_clara.options import Settings
 from lightning_clara.rule import FactorState
-from lightning_clara.safeguard import PageHinkley
 from lightning_clara.stores import PathStore, SavedTensors
 
 __all__ = ["STATE_FORMAT", "export_state", "restore_state"]
@@ -25,10 +25,8 @@ _READABLE_FORMATS = (1, STATE_FORMAT)
 _CONFIG_KEYS = ("rule", "c", "d", "fast_start", "hold_after", "target", "scope", "variant", "unit_step", "sample")
 
 
-def export_state(
-    settings: Settings, factors: FactorState, tensors: SavedTensors, safeguard: PageHinkley | None
-) -> dict[str, Any]:
-    """The state dict of a controller."""
+def export_state(settings: Settings, factors: FactorState, tensors: SavedTensors, losses: LossWatch) -> dict[str, Any]:
+    """The state dict of a controller (``loss_trend``: the loss brake's averages, None without the brake)."""
     return {
         "format": STATE_FORMAT,
         "config": {key: getattr(settings, key) for key in _CONFIG_KEYS},
@@ -37,7 +35,8 @@ def export_state(
         "num_adapted_steps": factors.adapted_steps,
         "num_skipped_steps": factors.skipped_steps,
         "tensors": tensors,
-        "safeguard": None if safeguard is None else safeguard.state_dict(),
+        "safeguard": None if losses.safeguard is None else losses.safeguard.state_dict(),
+        "loss_trend": losses.state_dict(),
     }
 
 
@@ -55,14 +54,16 @@ def _check_layout(state_dict: Any, settings: Settings, optimizer: Optimizer) -> 
 
 
 def restore_state(
-    state_dict: dict[str, Any], settings: Settings, optimizer: Optimizer, paths: PathStore
+    state_dict: dict[str, Any], settings: Settings, optimizer: Optimizer, paths: PathStore, losses: LossWatch
 ) -> FactorState:
-    """Check ``state_dict`` against the controller, load its paths into ``paths`` and return its factors.
+    """Check ``state_dict`` against the controller, load its paths and loss trend and return its factors.
 
     Everything is checked before anything changes: a mismatch raises ``ValueError`` and leaves the
-    controller as it was.
+    controller as it was. A state without ``loss_trend`` (saved before the loss brake) keeps the
+    fresh trend.
     """
     _check_layout(state_dict, settings, optimizer)
+    trend = losses.checked(state_dict.get("loss_trend"))
     saved_sample = state_dict["config"].get("sample")
     same_paths = saved_sample == settings.sample
     if same_paths:
@@ -75,6 +76,8 @@ def restore_state(
     )
     if settings.safeguard is not None and state_dict.get("safeguard") is not None:
         settings.safeguard.load_state_dict(state_dict["safeguard"])
+    if trend is not None:
+        losses.trend = trend
     if same_paths:
         paths.load(state_dict["tensors"], optimizer)
         return factors

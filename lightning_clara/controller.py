@@ -29,6 +29,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_clara.checkpoint import export_state, restore_state
 from lightning_clara.distributed import RankConsistencyGuard
+from lightning_clara.loss_watch import LossWatch
 from lightning_clara.lr_swap import LearningRateSwap
 from lightning_clara.options import (
     OPTION_NAMES,
@@ -93,6 +94,7 @@ class CLARA:
         self._state = FactorState.initial(self._initial_log_factor, 0)
         self._swap = LearningRateSwap()
         self._transfer = HostTransfer()
+        self._losses = LossWatch(self.settings)
         self._steps_seen = 0
         self._sync_scopes()
         for j in range(len(optimizer.param_groups)):
@@ -202,6 +204,11 @@ class CLARA:
         return 0 if self._guard is None else self._guard.resyncs
 
     @property
+    def wants_loss(self) -> bool:
+        """Whether :meth:`observe_loss` changes anything (the loss brake or a safeguard is on)."""
+        return self._losses.wanted
+
+    @property
     def num_safeguard_alarms(self) -> int:
         """How often the safeguard fired (0 without a safeguard)."""
         return 0 if self.safeguard is None else self.safeguard.alarms
@@ -275,9 +282,8 @@ class CLARA:
         bounds = self.settings.bounds
         has_lr_bounds = bounds.min_lr is not None or bounds.max_lr is not None
         before = self._state.adapted_steps
-        self._state = adapt(
-            self._state, stats, self.settings.schedule, bounds, self._scope_bases() if has_lr_bounds else None
-        )
+        bases = self._scope_bases() if has_lr_bounds else None
+        self._state = adapt(self._state, stats, self.settings.schedule, bounds, bases, self._losses.gate)
         if (
             self._state.adapted_steps > before
             and self._guard is not None
@@ -302,22 +308,20 @@ class CLARA:
 
     # ------------------------------------------------------------------ safeguard
     def observe_loss(self, loss: float | Tensor) -> bool:
-        """Feed the training loss of the last step to the safeguard; True if it raised an alarm.
+        """Feed the last step's training loss to the loss brake and the safeguard; True on an alarm.
 
-        Call it after ``optimizer.step()`` with the loss that step's gradient came from (measured
-        at the parameters before the step). On an alarm (a Page-Hinkley detected blow-up, or a
-        NaN/inf loss) the parameters are restored from before the step that led to the bad
-        loss (two steps back: the loss of step t reflects step t-1) where the delta reader keeps
-        snapshots (it does with a safeguard, unless a state reader was asked for), F is halved,
-        the test restarts and a warning is issued. The optimizer's own state is not rolled
-        back. Reading a tensor loss costs one device-to-host copy. Without a safeguard this does
-        nothing and returns False.
+        Call it after ``optimizer.step()`` with the loss that step's gradient came from. The loss
+        brake (``loss_brake``) lets F rise only while the smoothed loss keeps falling. On a
+        safeguard alarm (a blow-up, or a NaN/inf loss) the parameters are restored from before the
+        step that led to it where the delta reader keeps snapshots, F is halved, the test restarts
+        and a warning is issued; the optimizer's own state is not rolled back. A tensor loss costs
+        one device-to-host copy. Without a brake or a safeguard this does nothing.
         """
-        if self.safeguard is None:
+        if not self._losses.wanted:
             return False
         self._settle(collectives=False)
         value = float(loss.detach().float().item()) if isinstance(loss, Tensor) else float(loss)
-        if not self.safeguard.update(value):
+        if not self._losses.observe(value):
             return False
         undone = self.paths.undo()
         halved = [clamp_log_factor(self.settings.bounds, v - math.log(2.0)) for v in self._state.log_factors]
@@ -330,12 +334,12 @@ class CLARA:
     def state_dict(self) -> dict[str, Any]:
         """Plain values and tensors keyed by (group index, position in group): checkpoint-safe."""
         self._sync_scopes()
-        return export_state(self.settings, self._state, self.paths.export(self.optimizer), self.safeguard)
+        return export_state(self.settings, self._state, self.paths.export(self.optimizer), self._losses)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore paths, counters and factors saved by :meth:`state_dict` (matched by position)."""
         self._settle(collectives=False)
-        self._state = restore_state(state_dict, self.settings, self.optimizer, self.paths)
+        self._state = restore_state(state_dict, self.settings, self.optimizer, self.paths, self._losses)
         self._sync_scopes()
 
     def __repr__(self) -> str:

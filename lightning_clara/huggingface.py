@@ -17,8 +17,11 @@ values reach ``trainer.state.log_history``, but not the integrations that ran be
 from __future__ import annotations
 
 import dataclasses
+import functools
+import warnings
 from typing import Any
 
+import torch
 from torch.optim import Optimizer
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
@@ -45,9 +48,28 @@ class CLARATrainerCallback(TrainerCallback):
         if self.options.safeguard:
             raise ValueError(
                 "CLARATrainerCallback: safeguard needs the loss of every step, which the Trainer does not give "
-                "its callbacks; leave safeguard off (Adam then keeps the target 0.7)"
+                "its callbacks; leave safeguard off"
             )
         self.controller: CLARA | None = None
+        self.tapped = False  # add_clara taps the Trainer's training_step for the loss
+        self._loss: torch.Tensor | None = None
+
+    def tap(self, trainer: Trainer) -> None:
+        """Wrap ``trainer.training_step`` so that each step's loss reaches CLARA (what :func:`add_clara` does)."""
+        step = trainer.training_step
+
+        @functools.wraps(step)
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            loss = step(*args, **kwargs)
+            if isinstance(loss, torch.Tensor):
+                loss = loss.detach()
+                if trainer.args.world_size > 1:
+                    loss = trainer.accelerator.reduce(loss, reduction="mean")
+                self._loss = loss if self._loss is None else self._loss + loss
+            return loss
+
+        trainer.training_step = training_step  # type: ignore[method-assign]
+        self.tapped = True
 
     def on_train_begin(
         self,
@@ -65,6 +87,20 @@ class CLARATrainerCallback(TrainerCallback):
             # the run-length defaults of hold_after and d
             options = dataclasses.replace(options, total_steps=state.max_steps)
         self.controller = CLARA(optimizer, options)  # unwraps accelerate's AcceleratedOptimizer
+        self._loss = None
+        if self.controller.wants_loss and not self.tapped:
+            warnings.warn(
+                "CLARATrainerCallback gets no loss when passed in callbacks=: attach it with add_clara(trainer) "
+                "so that the loss brake sees every step's loss",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """After each optimizer step: hand CLARA the loss of that step's batch (all its micro-batches)."""
+        if self.controller is not None and self._loss is not None:
+            self.controller.observe_loss(self._loss)
+        self._loss = None
 
     def on_log(
         self,
@@ -111,5 +147,6 @@ class CLARATrainerCallback(TrainerCallback):
 def add_clara(trainer: Trainer, options: CLARAOptions | None = None, **overrides: Any) -> CLARATrainerCallback:
     """Add a :class:`CLARATrainerCallback` ahead of the Trainer's reporting integrations and return it."""
     callback = CLARATrainerCallback(options, **overrides)
+    callback.tap(trainer)
     trainer.callback_handler.callbacks.insert(0, callback)
     return callback

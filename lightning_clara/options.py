@@ -53,8 +53,24 @@ DirectionChoice = Literal["auto", "delta", "state"]
 #: ``"normalized"`` is the library's "find, then hold" default, measured on deep networks with
 #: shuffled loaders (benchmarks/RESULTS.md, section "Deep networks").
 RULE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "normalized": {"c": 0.02, "d": 0.03, "fast_start": 50, "hold_after": 600, "initial_factor": 0.1, "target": 0.7},
-    "paper": {"c": 0.2, "d": 1e-3, "fast_start": 0, "hold_after": 0, "initial_factor": 1.0, "target": 1.0},
+    "normalized": {
+        "c": 0.02,
+        "d": 0.03,
+        "fast_start": 50,
+        "hold_after": 600,
+        "initial_factor": 0.1,
+        "target": 0.7,
+        "loss_brake": True,
+    },
+    "paper": {
+        "c": 0.2,
+        "d": 1e-3,
+        "fast_start": 0,
+        "hold_after": 0,
+        "initial_factor": 1.0,
+        "target": 1.0,
+        "loss_brake": False,
+    },
 }
 #: A run known to be short (``total_steps``) finds in its first ``SHORT_RUN_FIND`` part:
 #: ``hold_after`` becomes ``SHORT_RUN_FIND * total_steps``, at least ``SHORT_RUN_MIN_HOLD`` and at
@@ -113,6 +129,10 @@ OPTION_DOCS: dict[str, str] = {
     "total_steps": "the number of optimizer steps of the run, if known (the Lightning callback uses the "
     "Trainer's estimate). A short run finds faster: with rule='normalized', hold_after left at None "
     "becomes 0.4 * total_steps (between 240 and 600) and d left at None grows as 0.03 * 600 / hold_after.",
+    "loss_brake": "gate the rule's upward moves with the trend of the losses given to CLARA.observe_loss "
+    "(the callbacks give every step's loss): F rises only while the smoothed loss keeps falling, and comes "
+    "down where the ratio asks for more but the loss has stalled (default True; False with rule='paper'). "
+    "Without losses it does nothing.",
     "sample": "keep each tensor's path on a fixed sample of at most this many coordinates (default 4096; "
     "tensors with fewer entries keep all of them). The step is read on the sample, so a step costs "
     "O(sample x tensors) whatever the model's size; None: full paths, the paper's exact statistic (also "
@@ -149,6 +169,7 @@ class Settings:
     hold_after: int
     initial_factor: float
     target: float
+    loss_brake: bool
     total_steps: int | None
     scope: Scope
     direction: DirectionChoice
@@ -204,6 +225,7 @@ class CLARAOptions:
     target: float | None = None
     total_steps: int | None = None
     sample: int | None = DEFAULT_SAMPLE
+    loss_brake: bool | None = None
 
     def __post_init__(self) -> None:
         self.resolve()  # raises TypeError/ValueError naming the argument and its range
@@ -240,6 +262,7 @@ class CLARAOptions:
         values["fast_start"] = check_non_negative_int("fast_start", rule_values["fast_start"])
         values["hold_after"] = check_non_negative_int("hold_after", rule_values["hold_after"])
         values["target"] = _positive("target", rule_values["target"])
+        values["loss_brake"] = _boolean("loss_brake", rule_values["loss_brake"])
         every = self.consistency_check_every
         values["consistency_check_every"] = (
             None if every is None else check_positive_int("consistency_check_every", every)
@@ -304,7 +327,13 @@ def merged_options(options: CLARAOptions | None, overrides: dict[str, Any]) -> C
 
 
 _BOUNDS = ("min_factor", "max_factor", "min_lr", "max_lr")
-_RULE_OPTIONS = ("c", "d", "fast_start", "hold_after", "initial_factor", "target")
+_RULE_OPTIONS = ("c", "d", "fast_start", "hold_after", "initial_factor", "target", "loss_brake")
+
+
+def _boolean(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool or None, got {type(value).__name__} {value!r}")
+    return value
 
 
 def _positive(name: str, value: Any) -> float:
@@ -312,7 +341,7 @@ def _positive(name: str, value: Any) -> float:
 
 
 def _rule_values(options: CLARAOptions, rule: str, total_steps: int | None) -> dict[str, Any]:
-    """The six options that have rule defaults: as given, or the rule's (run-length) default."""
+    """The options that have rule defaults: as given, or the rule's (run-length) default."""
     defaults = RULE_DEFAULTS[rule]
     if rule == "normalized" and total_steps is not None:
         defaults = {**defaults, **run_length_defaults(total_steps, options.hold_after is None, options.d is None)}

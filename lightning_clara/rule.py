@@ -183,12 +183,15 @@ def adapt(
     schedule: Schedule,
     bounds: Bounds,
     bases: Sequence[Sequence[float]] | None = None,
+    gate: float = 1.0,
 ) -> FactorState:
     """The next state: every scope with a reference (``expected > 0``) takes the rule's step.
 
     ``bases`` (each scope's positive base lrs) applies the lr bounds to log F; None when there are
-    no lr bounds. A step counts as adapted when at least one scope moved, as skipped when a tensor
-    took a NaN/inf step.
+    no lr bounds. ``gate`` (in [-1, 1], :class:`~lightning_clara.loss_trend.LossTrend`) multiplies
+    an upward move while the ratio is below 1: 1 lets the ratio raise F, -1 turns the raise into a
+    fall. A step counts as adapted when at least one scope moved, as skipped when a tensor took a
+    NaN/inf step.
     """
     step_damping = damping(schedule, state.adapted_steps)
     log_factors = list(state.log_factors)
@@ -198,7 +201,10 @@ def adapt(
         if expected > 0.0:
             ratio = squared / expected
             ratios[scope] = ratio
-            step = step_damping * signal(schedule, ratio, moved / expected)
+            value = signal(schedule, ratio, moved / expected)
+            if value > 0.0 and ratio < 1.0:  # r >= 1 (steps agree more than noise's): the lr is too small
+                value *= gate
+            step = step_damping * value
             log_factors[scope] = clamp_log_factor(bounds, log_factors[scope] + step)
             adapted = True
     if bases is not None:

@@ -84,7 +84,7 @@ def test_lr_trajectory_matches_reference_loop(
     module = make_module(sgd())
     initial_net = copy.deepcopy(module.net)
     reader = {"direction": "auto"} if direction == "sample" else {"direction": direction, "sample": None}
-    callback, recorder = CLARACallback(c=C, d=D, safeguard=False, **reader), LRRecorder()
+    callback, recorder = CLARACallback(c=C, d=D, safeguard=False, loss_brake=False, **reader), LRRecorder()
     trainer = make_trainer(trainer_kwargs, [callback, recorder], max_epochs=epochs)
     trainer.fit(module)
 
@@ -133,7 +133,11 @@ def test_logged_values_and_step_axis_match_lr_monitor(
     else:
         logger = TensorBoardLogger(tmp_path, name="logs")
     recorder = LRRecorder()
-    callbacks = [LearningRateMonitor(logging_interval="step"), CLARACallback(c=C, d=D, safeguard=False), recorder]
+    callbacks = [
+        LearningRateMonitor(logging_interval="step"),
+        CLARACallback(c=C, d=D, safeguard=False, loss_brake=False),
+        recorder,
+    ]
     trainer = make_trainer(trainer_kwargs, callbacks, max_epochs=epochs, logger=logger, log_every_n_steps=every)
     trainer.fit(module)
 
@@ -258,7 +262,7 @@ def _fit_with_checkpoint(
     module = make_module(sgd())
     # no fast start: with it the toy net's lr grows until a ReLU dies, and the checks below
     # (every tensor stepped every step) are about the checkpoint, not about that
-    callback, recorder = CLARACallback(c=C, d=D, safeguard=False, fast_start=0), LRRecorder()
+    callback, recorder = CLARACallback(c=C, d=D, safeguard=False, loss_brake=False, fast_start=0), LRRecorder()
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     trainer = make_trainer(
         trainer_kwargs, [callback, recorder, checkpoint], max_epochs=epochs, enable_checkpointing=True
@@ -380,7 +384,7 @@ def test_gradient_accumulation_adapts_once_per_optimizer_step(
     epochs, batch_size, accumulate = 2, 4, 4
     module = make_module(sgd(), batch_size=batch_size)
     initial_net = copy.deepcopy(module.net)
-    callback, recorder = CLARACallback(c=C, d=D, safeguard=False), LRRecorder()
+    callback, recorder = CLARACallback(c=C, d=D, safeguard=False, loss_brake=False), LRRecorder()
     trainer = make_trainer(trainer_kwargs, [callback, recorder], max_epochs=epochs, accumulate_grad_batches=accumulate)
     trainer.fit(module)
 
@@ -429,7 +433,7 @@ def test_scheduler_composes_multiplicatively(
 
     module = make_module(configure)
     initial_net = copy.deepcopy(module.net)
-    callback, recorder = CLARACallback(c=C, d=D, safeguard=False), LRRecorder()
+    callback, recorder = CLARACallback(c=C, d=D, safeguard=False, loss_brake=False), LRRecorder()
     trainer = make_trainer(trainer_kwargs, [callback, recorder], max_epochs=epochs)
     trainer.fit(module)
 
@@ -455,7 +459,7 @@ def test_scheduler_composes_multiplicatively(
 def test_controllers_detach_after_fit(make_module: MakeModule, trainer_kwargs: dict[str, Any]) -> None:
     """After fit the optimizer is plain again: base lr, no CLARA hooks, a step changes nothing in CLARA."""
     module = make_module(sgd())
-    callback = CLARACallback(c=C, d=D, safeguard=False)
+    callback = CLARACallback(c=C, d=D, safeguard=False, loss_brake=False)
     trainer = make_trainer(trainer_kwargs, [callback], max_epochs=1)
     trainer.fit(module)
 
@@ -493,7 +497,7 @@ def test_manual_optimization_adapts_each_optimizer_independently(
 
     module = make_module(configure, manual=True, step_every=every)
     net = copy.deepcopy(module.net)
-    callback, recorder = CLARACallback(c=C, d=D, safeguard=False), LRRecorder()
+    callback, recorder = CLARACallback(c=C, d=D, safeguard=False, loss_brake=False), LRRecorder()
     trainer = make_trainer(trainer_kwargs, [callback, recorder], max_epochs=epochs)
     trainer.fit(module)
 
@@ -547,7 +551,7 @@ def test_param_group_added_mid_fit_is_logged_and_shown(
     regression_data: TensorDataset, trainer_kwargs: dict[str, Any], tmp_path: Path
 ) -> None:
     """A group added after fit start gets its own names in the logs, the progress bar and the summary."""
-    callback = CLARACallback(c=C, d=D, safeguard=False, prog_bar=True)
+    callback = CLARACallback(c=C, d=D, safeguard=False, loss_brake=False, prog_bar=True)
     logger = CSVLogger(tmp_path, name="growing")
     trainer = make_trainer(trainer_kwargs, [callback], logger=logger, log_every_n_steps=1)
     trainer.fit(_GrowingModule(regression_data))

@@ -10,6 +10,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")  # in the test extra: never skipped in CI
 
+from lightning_clara import CLARA  # noqa: E402
 from lightning_clara.huggingface import CLARATrainerCallback, add_clara  # noqa: E402
 
 
@@ -71,10 +72,35 @@ def test_add_clara_adapts_the_trainers_optimizer_and_logs_through_it(tmp_path: P
     )
 
 
+def test_add_clara_feeds_the_loss_brake_every_steps_loss(tmp_path: Path) -> None:
+    """The tapped training_step hands CLARA each optimizer step's loss, as the Lightning callback does."""
+    trainer = tiny_trainer(tmp_path)
+    callback = add_clara(trainer)
+    seen: list[float] = []
+    observe = CLARA.observe_loss
+
+    def recording(self: CLARA, loss: object) -> bool:
+        seen.append(float(loss))  # type: ignore[arg-type]
+        return observe(self, loss)  # type: ignore[arg-type]
+
+    CLARA.observe_loss = recording  # type: ignore[method-assign]
+    try:
+        trainer.train()
+    finally:
+        CLARA.observe_loss = observe  # type: ignore[method-assign]
+    assert callback.controller is not None
+    assert callback.controller.wants_loss
+    assert len(seen) == 30  # one loss per optimizer step
+    assert callback.controller._losses.trend.count == 30
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert sum(seen[:10]) / 10 == pytest.approx(logged[0], rel=1e-4)  # the Trainer's own mean of those losses
+
+
 def test_the_callback_passed_to_the_trainer_also_adapts(tmp_path: Path) -> None:
     callback = CLARATrainerCallback(c=0.1)
     trainer = tiny_trainer(tmp_path, callbacks=[callback])
-    trainer.train()
+    with pytest.warns(UserWarning, match="add_clara"):
+        trainer.train()
     assert callback.controller is not None
     assert callback.controller.num_adapted_steps == 29
     assert callback.controller.c == 0.1

@@ -116,3 +116,36 @@ def test_parity_report_compares_metrics_and_trajectories(tmp_path: Path) -> None
     sampled.write_text(json.dumps(report(50.0, 2.0)))
     stdout = run_script("parity.py", str(full), str(sampled))
     assert "| mlp | Adam+CLARA | 60.1 / 50.1 | 61.0 / 51.0 | 60.1 / 50.1 | 2.00x | 1.00x |" in stdout
+
+
+def test_suite_quick_runs_every_task_and_method_and_resumes(tmp_path: Path) -> None:
+    """Every task of the default-rule suite, every baseline, peer and CLARA row; a rerun runs nothing."""
+    out = tmp_path / "suite.jsonl"
+    stdout = run_script("suite.py", "--quick", "--workers", "1", "--out", str(out))
+    assert "80 runs to do" in stdout  # 10 tasks x (Adam, SGDm, AdamW-cos, DoG, Prodigy, 3 CLARA rows)
+    runs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(runs) == 80
+    assert {r["task"] for r in runs} == {
+        "mlp",
+        "cnn",
+        "lm-short",
+        "gru",
+        "mse",
+        "lm-long",
+        "resnet-bn",
+        "cnn-long",
+        "mlp-256",
+        "finetune",
+    }
+    clara = [r for r in runs if r["method"].endswith("+CLARA")]
+    assert len(clara) == 30
+    assert {r["tag"] for r in clara} == {"default"}
+    assert all(len(r["lrs"]) >= 2 and r["final_lr"] > 0 for r in runs)
+    summary = json.loads((tmp_path / "suite-default-summary.json").read_text())
+    assert summary["lm-short"]["split"] == "choose"
+    assert summary["finetune"]["split"] == "confirm"
+    assert {"regret", "tuned_lr", "worst"} <= summary["mlp"]["Adam"].keys()
+    assert (tmp_path / "suite-default.png").stat().st_size > 0
+    again = run_script("suite.py", "--quick", "--workers", "1", "--out", str(out))
+    assert "0 runs to do" in again
+    assert len(out.read_text().splitlines()) == 80

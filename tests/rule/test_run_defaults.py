@@ -144,7 +144,7 @@ def test_under_ddp_the_safeguard_sees_the_loss_averaged_over_ranks() -> None:
         return torch.tensor(7.0)
 
     trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(reduce=reduce))
-    callback._feed_safeguard(trainer, {"loss": torch.tensor(3.0)}, [0])  # type: ignore[arg-type]
+    callback._feed_loss(trainer, {"loss": torch.tensor(3.0)}, [0])  # type: ignore[arg-type]
     safeguard = callback.controllers[0].safeguard
     assert safeguard is not None
     assert reduced == [3.0]
