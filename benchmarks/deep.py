@@ -13,7 +13,7 @@ for the LM), 3000 steps (75 epochs) for MNIST-1D and 600 for the LM; initial lea
 1e-5 ... 1e-1; seeds 0 and 1. The metric is the final test accuracy (%) for MNIST-1D and the
 final validation loss (nats per character) for the LM. Methods: Adam, SGD with momentum 0.9 and
 AdamW (weight decay 0.01) with 5 % linear warm-up and cosine decay, each without and with CLARA
-(as ``CLARACallback()`` runs it: the safeguard fed the loss every step, ``total_steps`` known),
+(as ``CLARACallback()`` runs it: fed the loss every step, ``total_steps`` known),
 Adam with CLARA's 0.1.0 defaults (the collapse), and the peers DoG
 (learning-rate free, run once per seed), Prodigy and D-Adaptation (``d0 = lr0``), Mechanic
 (wrapping Adam at ``lr0``) and schedule-free AdamW (at ``lr0``; evaluated in eval mode).
@@ -56,10 +56,15 @@ STEPS = {"cnn": 3000, "mlp": 3000, "lm": 600}
 #: Every this many steps the lr used is recorded for the plots.
 RECORD_EVERY = 10
 #: CLARA's defaults of version 0.1.0, kept to show the collapse the new defaults fix.
-CLARA_0_1_0 = {"c": 0.2, "initial_factor": 1.0, "hold_after": 0, "target": 1.0, "safeguard": False, "sample": None}
-#: What ``CLARACallback()`` gives a Trainer: the safeguard on (fed the loss every step) and the run's
-#: length known (``trainer.estimated_stepping_batches``).
-CALLBACK_DEFAULTS = {"safeguard": True}
+CLARA_0_1_0 = {
+    "c": 0.2,
+    "initial_factor": 1.0,
+    "hold_after": 0,
+    "target": 1.0,
+    "safeguard": False,
+    "loss_brake": False,
+    "sample": None,
+}
 
 
 @dataclass(frozen=True)
@@ -289,7 +294,7 @@ def run_one(task_name: str, method: Method, lr0: float, seed: int, steps: int) -
     optimizer, scheduler = make_optimizer(method, list(task.model.parameters()), lr0, steps)
     clara = None
     if method.clara is not None:
-        clara = CLARA(optimizer, **{**CALLBACK_DEFAULTS, "total_steps": steps, **method.clara})
+        clara = CLARA(optimizer, **{"total_steps": steps, **method.clara})
     lrs: list[float] = []
     start = time.perf_counter()
     for step, batch in enumerate(batches(task.loader, steps)):
@@ -297,8 +302,8 @@ def run_one(task_name: str, method: Method, lr0: float, seed: int, steps: int) -
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if clara is not None and clara.safeguard is not None:
-            clara.observe_loss(loss.detach())
+        if clara is not None:
+            clara.observe_loss(loss.detach())  # as CLARACallback does: every step's loss
         if scheduler is not None:
             scheduler.step()
         if step % RECORD_EVERY == 0 or step == steps - 1:

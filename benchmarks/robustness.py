@@ -3,7 +3,7 @@
 Logistic regression (one linear layer, no feature scaling, 80/20 split, batch 128, 100 epochs)
 on scikit-learn's breast_cancer, iris, wine and digits, plus an MLP (64-128-10) on digits;
 initial learning rates 1e-6 ... 1; seeds 0-4. Methods: SGD, Adam, their CLARA versions
-(library default as ``CLARACallback()`` runs it, with the safeguard and the run's length;
+(library default as ``CLARACallback()`` runs it, fed every step's loss and the run's length;
 unit-step; and the paper's rule with d = 1e-3), D-Adaptation (DAdaptAdam,
 d0 = lr0) and Prodigy (d0 = lr0). Prints the table (mean +- std test accuracy), the worst and
 mean over the lr grid per method, the paper's numbers beside ours, and writes
@@ -99,7 +99,6 @@ def make_optimizer(method: Method, params: list[torch.nn.Parameter], lr0: float)
 def run_one(task: str, method: Method, lr0: float, seed: int, epochs: int) -> dict[str, Any]:
     """Train once; return final test accuracy (%), final lr used (CLARA) and wall time."""
     from lightning_clara import CLARA
-    from lightning_clara.options import CALLBACK_DEFAULTS
 
     torch.set_num_threads(1)
     x_train, y_train, x_test, y_test = load_task(task, seed)
@@ -119,9 +118,9 @@ def run_one(task: str, method: Method, lr0: float, seed: int, epochs: int) -> di
         preset = options.pop("preset", None)
         if preset == "paper":
             clara = CLARA.paper(optimizer, **options)
-        else:  # as CLARACallback() runs it: the safeguard fed the loss, the run's length known
+        else:  # as CLARACallback() runs it: fed every step's loss, the run's length known
             steps = epochs * math.ceil(len(x_train) / 128)
-            clara = CLARA(optimizer, **{**CALLBACK_DEFAULTS, "total_steps": steps, **options})
+            clara = CLARA(optimizer, **{"total_steps": steps, **options})
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     for _ in range(epochs):
@@ -132,7 +131,7 @@ def run_one(task: str, method: Method, lr0: float, seed: int, epochs: int) -> di
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if clara is not None and clara.safeguard is not None:
+            if clara is not None:
                 clara.observe_loss(loss.detach())
     with torch.no_grad():
         accuracy = float((model(x_test).argmax(1) == y_test).float().mean()) * 100

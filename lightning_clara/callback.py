@@ -25,7 +25,6 @@ from typing_extensions import override
 
 from lightning_clara.controller import CLARA
 from lightning_clara.options import (
-    CALLBACK_DEFAULTS,
     OPTION_NAMES,
     CLARAOptions,
     merged_options,
@@ -42,11 +41,10 @@ __all__ = ["CALLBACK_OPTIONS", "CLARACallback", "optimizer_names"]
 #: variant and custom references go through ``options``).
 CALLBACK_OPTIONS: tuple[str, ...] = tuple(n for n in OPTION_NAMES if n not in ("variant", "reference", "sharding"))
 _CALLBACK_DOCS = {
-    "safeguard": "watch the training loss (training_step's loss) with a Page-Hinkley test; on a blow-up undo "
-    "the last step where a snapshot exists and halve F (see CLARA.observe_loss). On by default: it lets Adam "
-    "and AdamW steer to their lower target (0.55, which reaches their tuned lr) and catches a climb into a "
-    "broken network. Costs one device-to-host copy of the loss per step and two parameter snapshots; "
-    "safeguard=False keeps the target at 0.7 for every optimizer.",
+    "safeguard": "also watch the training loss (training_step's loss) with a Page-Hinkley test; on a blow-up "
+    "undo the last step where a snapshot exists and halve F (see CLARA.observe_loss). Off by default, as in "
+    "CLARA: the loss brake, fed the same loss, is on. With it Adam and AdamW steer to 0.55. Costs two "
+    "parameter snapshots.",
     "total_steps": "the optimizer steps of the fit, for the run-length defaults of hold_after and d (a short "
     "fit finds in its first 40 %); None: the Trainer's estimated_stepping_batches, when it is finite.",
 }
@@ -136,8 +134,8 @@ class CLARACallback(Callback):
     off), and prog_bar=True shows the lr used in the progress bar.
 
     Args:
-        options: a CLARAOptions to start from (its safeguard default is False); the keyword options
-            replace its fields. Without it the callback's defaults apply (safeguard=True).
+        options: a CLARAOptions to start from; the keyword options replace its fields. The defaults
+            are CLARA's: the callback runs the same algorithm as ``CLARA`` fed every step's loss.
         log: log the dynamics to trainer.loggers.
         summary: at the end of a fit that completed, print (on rank 0, with rich, to standard
             output) one row per optimizer and param group: the lr used at the first and last
@@ -171,7 +169,7 @@ class CLARACallback(Callback):
         safeguard = overrides.get("safeguard", False if options is None else options.safeguard)
         if not isinstance(safeguard, bool):  # the callback feeds the loss itself: no detector of your own
             raise TypeError(f"safeguard must be a bool, got {type(safeguard).__name__} {safeguard!r}")
-        self.options = merged_options(options, overrides if options is not None else {**CALLBACK_DEFAULTS, **overrides})
+        self.options = merged_options(options, overrides)
         if self.options.sharding is not None:
             raise ValueError(
                 "CLARACallback takes the sharding from the Trainer's strategy: leave options.sharding None"
@@ -427,7 +425,7 @@ CLARACallback.__init__.__signature__ = inspect.Signature(  # type: ignore[attr-d
             inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=bool)
             for name, default in (("log", True), ("summary", True), ("prog_bar", False))
         ),
-        *option_parameters(CALLBACK_OPTIONS, defaults=CALLBACK_DEFAULTS, types={"safeguard": bool}),
+        *option_parameters(CALLBACK_OPTIONS, types={"safeguard": bool}),
     ],
     return_annotation=None,
 )

@@ -283,7 +283,8 @@ class CLARA:
         has_lr_bounds = bounds.min_lr is not None or bounds.max_lr is not None
         before = self._state.adapted_steps
         bases = self._scope_bases() if has_lr_bounds else None
-        self._state = adapt(self._state, stats, self.settings.schedule, bounds, bases, self._losses.gate)
+        losses = self._losses
+        self._state = adapt(self._state, stats, self.settings.schedule, bounds, bases, losses.gate, losses.fitted)
         if (
             self._state.adapted_steps > before
             and self._guard is not None

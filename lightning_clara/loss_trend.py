@@ -15,8 +15,11 @@ The gate maps it to [-1, 1]: ``+1`` when the loss falls clearly (z >= 2 * Z_FALL
 z = Z_FALLING, ``-1`` when it is flat or rising (z <= 0). The rule multiplies an upward move
 (signal > 0) by the gate: raising F is allowed while raising helps, and where the ratio asks for
 more but the loss has stalled, F comes down instead, as an online range test backs off. Downward
-moves never pass the gate. Without losses (``observe_loss`` never called) the gate is 1: the
-statistic alone, and the null model's promises, as before.
+moves never pass the gate, and neither do raises where the steps agree more than a random walk's
+(r >= 1: a too-small lr, whose slow loss decrease the test may not see), unless the network fits
+its data: once the smoothed loss is below ``FITTED`` of the first losses' mean, steps agree because
+the margins grow, and F is not raised at all. Without losses (``observe_loss`` never called) the
+gate is 1: the statistic alone, and the null model's promises, as before.
 """
 
 from __future__ import annotations
@@ -24,12 +27,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["WARMUP", "Z_FALLING", "LossTrend"]
+__all__ = ["FITTED", "WARMUP", "Z_FALLING", "LossTrend"]
 
 #: z-score of the trend at which the gate is 0 (hold F); twice it opens the gate fully.
 Z_FALLING = 2.0
 #: Losses observed before the gate acts (the variance of the loss settles first).
 WARMUP = 10
+#: The network fits its training data once the smoothed loss is below this part of its first losses':
+#: from there on agreeing steps only grow its margins (r rose to 2.5 at a training loss of 1e-4 on a
+#: batch-256 MLP, and the climb broke the network; benchmarks/RESULTS.md, section 6).
+FITTED = 0.05
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,7 @@ class LossTrend:
     fast: float = 0.0  # raw (uncorrected) averages: (1 - a) m + a x from m = 0
     slow: float = 0.0
     second: float = 0.0  # raw fast average of squared deviations from the fast average
+    initial: float = 0.0  # the mean of the first WARMUP losses: the untrained network's loss
 
     def observed(self, loss: float) -> LossTrend:
         """With one more loss (a NaN/inf loss is not a trend: it is left out)."""
@@ -48,12 +56,14 @@ class LossTrend:
             return self
         a, b = self.rate, self.rate / 2.0
         deviation = loss - self._corrected(self.fast, a) if self.count else 0.0
+        initial = self.initial + (loss - self.initial) / (self.count + 1) if self.count < WARMUP else self.initial
         return LossTrend(
             self.rate,
             self.count + 1,
             self.fast + a * (loss - self.fast),
             self.slow + b * (loss - self.slow),
             self.second + a * (deviation * deviation - self.second),
+            initial,
         )
 
     def _corrected(self, raw: float, rate: float, count: int | None = None) -> float:
@@ -78,12 +88,26 @@ class LossTrend:
             return 1.0
         return min(1.0, max(-1.0, self.z / Z_FALLING - 1.0))
 
+    @property
+    def fitted(self) -> bool:
+        """Whether the smoothed loss has fallen below ``FITTED`` of the untrained network's (a positive loss)."""
+        if self.count < WARMUP or self.initial <= 0.0:
+            return False
+        return self._corrected(self.fast, self.rate) < FITTED * self.initial
+
     def state_dict(self) -> dict[str, float | int]:
-        return {"count": self.count, "fast": self.fast, "slow": self.slow, "second": self.second}
+        return {
+            "count": self.count,
+            "fast": self.fast,
+            "slow": self.slow,
+            "second": self.second,
+            "initial": self.initial,
+        }
 
     @classmethod
     def from_state(cls, rate: float, state: dict[str, float | int]) -> LossTrend:
-        return cls(rate, int(state["count"]), float(state["fast"]), float(state["slow"]), float(state["second"]))
+        values = (float(state[key]) for key in ("fast", "slow", "second", "initial"))
+        return cls(rate, int(state["count"]), *values)
 
 
 def _difference_scale(a: float, b: float, count: int) -> float:

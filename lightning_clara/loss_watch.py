@@ -29,6 +29,11 @@ class LossWatch:
         """The factor on the rule's upward moves (1 without the brake or before it has seen enough losses)."""
         return self.trend.gate if self.brake else 1.0
 
+    @property
+    def fitted(self) -> bool:
+        """Whether the brake sees a network that fits its training data (no raise, whatever the ratio)."""
+        return self.brake and self.trend.fitted
+
     def observe(self, loss: float) -> bool:
         """Feed one step's loss; True when the safeguard raises an alarm."""
         if self.brake:
@@ -44,7 +49,7 @@ class LossWatch:
             return None
         if not isinstance(state, dict):
             raise ValueError(f"loss_trend must be a dict or None, got {type(state).__name__}")
-        for key in ("count", "fast", "slow", "second"):
+        for key in ("count", "fast", "slow", "second", "initial"):
             value = state.get(key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"loss_trend[{key!r}] must be a finite number, got {value!r}")

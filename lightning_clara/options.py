@@ -34,7 +34,6 @@ from lightning_clara.safeguard import PageHinkley
 from lightning_clara.sampling import DEFAULT_SAMPLE
 
 __all__ = [
-    "CALLBACK_DEFAULTS",
     "OPTION_DOCS",
     "RULE_DEFAULTS",
     "CLARAOptions",
@@ -80,9 +79,6 @@ RULE_DEFAULTS: dict[str, dict[str, Any]] = {
 #: defaults, as a 3000-step MLP ran away at twice the default d.
 SHORT_RUN_FIND = 0.4
 SHORT_RUN_MIN_HOLD = 240
-#: Where ``CLARACallback``'s default differs from CLARAOptions': it feeds every step's loss to the
-#: safeguard, so it turns the safeguard on (benchmarks that run "as the callback does" read it here).
-CALLBACK_DEFAULTS: dict[str, Any] = {"safeguard": True}
 
 #: One line of documentation per option, in plain text (LightningCLI prints it as is).
 OPTION_DOCS: dict[str, str] = {
@@ -106,9 +102,9 @@ OPTION_DOCS: dict[str, str] = {
     "unit_step": "the paper's unit-step variant: each tensor's step becomes lr * s/||s||.",
     "reference": "a lightning_clara.reference.Reference to use for every group instead of the automatic one.",
     "safeguard": "True (or a lightning_clara.safeguard.PageHinkley) to watch the loss given to "
-    "CLARA.observe_loss (call it every step). With it, Adam and AdamW steer to a lower target (0.55, "
-    "which reaches their tuned lr); without it they keep 0.7, which cannot run away. Costs one host copy "
-    "of the loss per step and two parameter snapshots.",
+    "CLARA.observe_loss with a Page-Hinkley test: on a blow-up, restore the parameters and halve F "
+    "(default False in every API). With it, Adam and AdamW steer to a lower target (0.55). Costs two "
+    "parameter snapshots.",
     "sharding": "how parameters are sharded across ranks (FSDP/ZeRO-like), a "
     "lightning_clara.distributed.Sharding; None for whole tensors (DDP too).",
     "consistency_check_every": "under DDP, every this many steps compare F across ranks (one small "
@@ -123,7 +119,7 @@ OPTION_DOCS: dict[str, str] = {
     "hold_after": "'find, then hold': after this many adapted steps the damping decays as "
     "exp(-(t - hold_after) / (hold_after / 3)), so F settles and the schedule takes over (default 600; "
     "0, never, with rule='paper').",
-    "target": "the ratio the rule steers to (default 0.7; 0.55 for Adam and AdamW with a safeguard; 1, the "
+    "target": "the ratio the rule steers to (default 0.7; 0.55 for Adam and AdamW with safeguard=True; 1, the "
     "paper's random walk, with rule='paper'). At a good lr a deep network's steps partly cancel, so a "
     "target below 1 accepts that cancellation.",
     "total_steps": "the number of optimizer steps of the run, if known (the Lightning callback uses the "

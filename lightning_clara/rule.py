@@ -184,6 +184,7 @@ def adapt(
     bounds: Bounds,
     bases: Sequence[Sequence[float]] | None = None,
     gate: float = 1.0,
+    fitted: bool = False,
 ) -> FactorState:
     """The next state: every scope with a reference (``expected > 0``) takes the rule's step.
 
@@ -202,7 +203,9 @@ def adapt(
             ratio = squared / expected
             ratios[scope] = ratio
             value = signal(schedule, ratio, moved / expected)
-            if value > 0.0 and ratio < 1.0:  # r >= 1 (steps agree more than noise's): the lr is too small
+            if value > 0.0 and fitted:  # the network fits its data: agreeing steps grow its margins
+                value *= min(gate, 0.0)
+            elif value > 0.0 and ratio < 1.0:  # r >= 1 (steps agree more than noise's): the lr is too small
                 value *= gate
             step = step_damping * value
             log_factors[scope] = clamp_log_factor(bounds, log_factors[scope] + step)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lightning_clara import CLARA
-from lightning_clara.loss_trend import WARMUP, Z_FALLING, LossTrend
+from lightning_clara.loss_trend import FITTED, WARMUP, Z_FALLING, LossTrend
 from lightning_clara.rule import Bounds, FactorState, Schedule, StepStatistics, adapt
 
 
@@ -127,3 +127,22 @@ def test_the_trend_is_checkpointed_and_bad_values_are_refused() -> None:
             anticorrelated_run(None).load_state_dict(bad)
     with pytest.raises(TypeError, match="loss_brake"):
         CLARA(torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1), loss_brake=1)
+
+
+def test_a_fitted_network_gets_no_raise_whatever_the_ratio() -> None:
+    """Once the smoothed loss is below FITTED of the first losses', agreeing steps (margin growth) raise nothing."""
+    schedule = Schedule("normalized", 0.1, 0, 0, 0.7)
+    state = FactorState.initial(0.0)
+    agreeing = StepStatistics([3.0], [1.0], [4])  # r = 3 >= 1: without the fit, never gated
+    assert adapt(state, agreeing, schedule, Bounds(), gate=-1.0).log_factors[0] > 0
+    assert adapt(state, agreeing, schedule, Bounds(), gate=1.0, fitted=True).log_factors[0] == 0.0
+    assert adapt(state, agreeing, schedule, Bounds(), gate=-1.0, fitted=True).log_factors[0] < 0
+    down = StepStatistics([0.3], [1.0], [4])
+    assert adapt(state, down, schedule, Bounds(), fitted=True) == adapt(state, down, schedule, Bounds())
+    assert 0.0 < FITTED < 1.0
+    decaying = [2.3 * math.exp(-t / 20) for t in range(200)]
+    trend = fed(decaying)
+    assert trend.initial == pytest.approx(statistics.fmean(decaying[:WARMUP]))
+    assert trend.fitted
+    assert not fed(decaying[:40]).fitted
+    assert not fed([-1.0 + 0.001 * t for t in range(200)]).fitted  # a loss that can be negative: no fit test

@@ -103,7 +103,8 @@ def adam(module: Any) -> torch.optim.Optimizer:
     return torch.optim.Adam(module.parameters(), lr=1e-3)
 
 
-def test_the_callback_watches_the_loss_and_reads_the_run_length(make_module, trainer_kwargs) -> None:
+def test_the_callback_runs_clara_defaults_fed_every_loss_and_reads_the_run_length(make_module, trainer_kwargs) -> None:
+    """One default in every API: CLARA's, with the loss brake fed every step's loss (no safeguard)."""
     callback = CLARACallback()
     seen: dict[str, Any] = {}
 
@@ -111,11 +112,19 @@ def test_the_callback_watches_the_loss_and_reads_the_run_length(make_module, tra
         def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
             (controller,) = callback.controllers
             seen.update(target=controller.target, total=controller.total_steps, hold=controller.hold_after)
-            seen.update(watched=controller.safeguard is not None)
+            seen.update(watched=controller.wants_loss, safeguard=controller.safeguard is not None)
+            seen.update(losses=controller._losses.trend.count)
 
     trainer = pl.Trainer(callbacks=[callback, Probe()], **{**trainer_kwargs, "max_epochs": 3})
     trainer.fit(make_module(adam))
-    assert seen == {"target": SAFEGUARDED_TARGETS["Adam"], "total": 3 * 8, "hold": SHORT_RUN_MIN_HOLD, "watched": True}
+    assert seen == {
+        "target": DEFAULT["target"],
+        "total": 3 * 8,
+        "hold": SHORT_RUN_MIN_HOLD,
+        "watched": True,
+        "safeguard": False,
+        "losses": 3 * 8 - 1,  # before the last batch: every earlier step's loss reached the brake
+    }
     assert trainer.estimated_stepping_batches == 24
 
 
