@@ -135,7 +135,7 @@ class CLARACallback(Callback):
 
     Args:
         options: a CLARAOptions to start from; the keyword options replace its fields. The defaults
-            are CLARA's: the callback runs the same algorithm as ``CLARA`` fed every step's loss.
+            are CLARA's: the callback runs the same algorithm as CLARA fed every step's loss.
         log: log the dynamics to trainer.loggers.
         summary: at the end of a fit that completed, print (on rank 0, with rich, to standard
             output) one row per optimizer and param group: the lr used at the first and last

@@ -280,9 +280,8 @@ class CLARA:
     def _finish(self, stats: StepStatistics, device: torch.device, collectives: bool) -> None:
         """The host part of a step: the rule on each scope's sums moves log F (float64)."""
         bounds = self.settings.bounds
-        has_lr_bounds = bounds.min_lr is not None or bounds.max_lr is not None
         before = self._state.adapted_steps
-        bases = self._scope_bases() if has_lr_bounds else None
+        bases = self._scope_bases() if bounds.min_lr is not None or bounds.max_lr is not None else None
         losses = self._losses
         self._state = adapt(self._state, stats, self.settings.schedule, bounds, bases, losses.gate, losses.fitted)
         if (

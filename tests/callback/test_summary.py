@@ -274,8 +274,8 @@ def test_bookkeeping_never_settles_a_deferred_step(
         self.defer([result.clone() for result in results], Ready(), finish)
 
     monkeypatch.setattr(HostTransfer, "send", deferred)
-    # the safeguard reads every step's loss on the host, which waits for the step by design
-    callback = CLARACallback(d=0.4, prog_bar=True, safeguard=False)
+    # the loss brake and the safeguard read every step's loss on the host, which waits for the step
+    callback = CLARACallback(d=0.4, prog_bar=True, safeguard=False, loss_brake=False)
     trainer = Trainer(**{**trainer_kwargs, "max_epochs": 2, "callbacks": [callback]})
     trainer.fit(make_module(sgd))
     steps = 2 * STEPS_PER_EPOCH

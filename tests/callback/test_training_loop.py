@@ -468,7 +468,7 @@ def test_clipped_step_is_the_adapted_direction(
     for direction in ("auto", "delta", "sample"):
         module = make_module(sgd())
         reader = {"direction": "auto"} if direction == "sample" else {"direction": direction, "sample": None}
-        callback, recorder = CLARACallback(c=C, d=D, safeguard=False, **reader), LRRecorder()
+        callback, recorder = CLARACallback(c=C, d=D, safeguard=False, loss_brake=False, **reader), LRRecorder()
         trainer = make_trainer(
             trainer_kwargs,
             [callback, recorder],

@@ -86,7 +86,7 @@ class Recorder(L.Callback):
 
 
 def fit(shard: bool) -> tuple[Recorder, CLARACallback, L.Trainer]:
-    recorder, callback = Recorder(), CLARACallback(d=0.2, sample=SAMPLE)  # the safeguard on, as by default
+    recorder, callback = Recorder(), CLARACallback(d=0.2, sample=SAMPLE, safeguard=True)  # and the loss brake
     if shard:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -112,6 +112,7 @@ def driver(out: Path) -> None:
         "steps": controller.num_adapted_steps,
         "paths": recorder.paths,
         "safeguard": controller.safeguard.state_dict() if controller.safeguard is not None else None,
+        "loss_trend": controller.state_dict()["loss_trend"],
     }
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
@@ -154,6 +155,10 @@ def test_the_safeguard_sees_the_same_global_loss_on_every_rank(sharded_run: list
     for key in ("mean", "variance", "excess"):
         assert rank0["safeguard"][key] == rank1["safeguard"][key]
         assert rank0["safeguard"][key] == pytest.approx(getattr(single, key), rel=1e-9, abs=1e-12)
+    # the loss brake reads the same global loss: one trend on every rank, the single process's
+    trend = callback.controllers[0].state_dict()["loss_trend"]
+    assert rank0["loss_trend"] == rank1["loss_trend"]
+    assert rank0["loss_trend"] == pytest.approx(trend, rel=1e-9, abs=1e-12)
 
 
 def test_every_rank_holds_the_single_process_sampled_paths(sharded_run: list[dict[str, Any]]) -> None:
