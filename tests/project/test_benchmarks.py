@@ -140,7 +140,8 @@ def test_suite_quick_runs_every_task_and_method_and_resumes(tmp_path: Path) -> N
     clara = [r for r in runs if r["method"].endswith("+CLARA")]
     assert len(clara) == 30
     assert {r["tag"] for r in clara} == {"default"}
-    assert all(len(r["lrs"]) >= 2 and r["final_lr"] > 0 for r in runs)
+    assert all(len(r["lrs"]) >= 2 and r["final_lr"] >= 0 for r in runs)  # the cosine ends at 0
+    assert all(r["final_lr"] > 0 for r in runs if not r["method"].startswith("AdamW-cos"))
     summary = json.loads((tmp_path / "suite-default-summary.json").read_text())
     assert summary["lm-short"]["split"] == "choose"
     assert summary["finetune"]["split"] == "confirm"
