@@ -285,18 +285,19 @@ def effective_lr(optimizer: torch.optim.Optimizer) -> float:
 
 
 # ---------------------------------------------------------------------------------------- one run
-def run_one(task_name: str, method: Method, lr0: float, seed: int, steps: int) -> dict[str, Any]:
-    """Train once; return the final metric, the lr used over the steps and the wall time."""
+def train(task: Task, method: Method, lr0: float, steps: int) -> dict[str, Any]:
+    """Train ``task`` once as ``CLARACallback()`` would (every step's loss to CLARA, the run's length known).
+
+    Returns the final metric (NaN if the run diverged), the lr used every ``RECORD_EVERY`` steps,
+    the safeguard's alarms and the wall time. ``suite.py`` trains its tasks with it too.
+    """
     from lightning_clara import CLARA
 
-    torch.set_num_threads(1)
-    task = make_task(task_name, seed)
     optimizer, scheduler = make_optimizer(method, list(task.model.parameters()), lr0, steps)
-    clara = None
-    if method.clara is not None:
-        clara = CLARA(optimizer, **{"total_steps": steps, **method.clara})
+    clara = None if method.clara is None else CLARA(optimizer, **{"total_steps": steps, **method.clara})
     lrs: list[float] = []
     start = time.perf_counter()
+    task.model.train()
     for step, batch in enumerate(batches(task.loader, steps)):
         loss = task.loss(task.model, batch)
         optimizer.zero_grad(set_to_none=True)
@@ -310,11 +311,20 @@ def run_one(task_name: str, method: Method, lr0: float, seed: int, steps: int) -
             lrs.append(clara.lr_used[0] if clara is not None else effective_lr(optimizer))
     if method.base == "schedulefree":
         optimizer.eval()  # schedule-free evaluates at its averaged point
+    task.model.eval()
     metric = task.metric(task.model)
-    if not math.isfinite(metric):
-        metric = 0.0 if task.higher_is_better else math.log(text_tokens()[2])  # diverged: chance level
     alarms = 0 if clara is None else clara.num_safeguard_alarms
     return {"metric": metric, "final_lr": lrs[-1], "lrs": lrs, "alarms": alarms, "seconds": time.perf_counter() - start}
+
+
+def run_one(task_name: str, method: Method, lr0: float, seed: int, steps: int) -> dict[str, Any]:
+    """Train once on one thread; a diverged run scores chance level."""
+    torch.set_num_threads(1)
+    task = make_task(task_name, seed)
+    result = train(task, method, lr0, steps)
+    if not math.isfinite(result["metric"]):
+        result["metric"] = 0.0 if task.higher_is_better else math.log(text_tokens()[2])
+    return result
 
 
 def _job(args: tuple[str, Method, float, int, int]) -> tuple[tuple[str, str, float, int], dict[str, Any]]:

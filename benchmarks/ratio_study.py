@@ -39,25 +39,36 @@ WINDOWS = {"early": (100, 500), "mid": (500, 1500), "late": (2000, 3000)}
 STEPS = 3000
 
 
-def measure(task_name: str, optimizer_name: str, lr: float, c: float, replacement: bool) -> dict[str, Any]:
-    """One run at a fixed lr with F pinned; mean r per window and the final metric."""
+def pinned_run(
+    task: deep.Task, optimizer_name: str, lr: float, c: float | None, steps: int
+) -> tuple[list[float], list[float]]:
+    """One run at a fixed lr with F pinned (``c`` None: the default): r and the training loss per step."""
     from lightning_clara import CLARA
 
-    torch.set_num_threads(1)
-    task = deep.make_task(task_name, seed=0)
-    if replacement:
-        sampler = RandomSampler(task.loader.dataset, replacement=True, generator=torch.Generator().manual_seed(1000))
-        task.loader = DataLoader(task.loader.dataset, batch_size=task.loader.batch_size, sampler=sampler)
     method = deep.Method(optimizer_name, "adam" if optimizer_name == "Adam" else "sgdm")
-    optimizer, _ = deep.make_optimizer(method, list(task.model.parameters()), lr, STEPS)
+    optimizer, _ = deep.make_optimizer(method, list(task.model.parameters()), lr, steps)
     clara = CLARA(optimizer, c=c, min_factor=1.0, max_factor=1.0, initial_factor=1.0)
     ratios: list[float] = []
-    for batch in deep.batches(task.loader, STEPS):
+    losses: list[float] = []
+    for batch in deep.batches(task.loader, steps):
         loss = task.loss(task.model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         ratios.append(clara.ratio if clara.ratio is not None else float("nan"))
+        losses.append(float(loss.detach()))
+    task.model.eval()
+    return ratios, losses
+
+
+def measure(task_name: str, optimizer_name: str, lr: float, c: float, replacement: bool) -> dict[str, Any]:
+    """One run at a fixed lr with F pinned; mean r per window and the final metric."""
+    torch.set_num_threads(1)
+    task = deep.make_task(task_name, seed=0)
+    if replacement:
+        sampler = RandomSampler(task.loader.dataset, replacement=True, generator=torch.Generator().manual_seed(1000))
+        task.loader = DataLoader(task.loader.dataset, batch_size=task.loader.batch_size, sampler=sampler)
+    ratios, _ = pinned_run(task, optimizer_name, lr, c, STEPS)
     means = {name: statistics.fmean(ratios[a:b]) for name, (a, b) in WINDOWS.items()}
     return {
         "task": task_name,
@@ -78,23 +89,10 @@ def ratio_and_loss(task_name: str, optimizer_name: str, lr: float, steps: int = 
     """A suite task at a fixed lr (F pinned, default c): mean r and mean loss per 50-step window."""
     import suite
 
-    from lightning_clara import CLARA
-
     torch.set_num_threads(1)
     task = suite.make_task(task_name, 0, steps)
-    method = deep.Method(optimizer_name, "adam" if optimizer_name == "Adam" else "sgdm")
-    optimizer, _ = deep.make_optimizer(method, list(task.model.parameters()), lr, steps)
-    clara = CLARA(optimizer, min_factor=1.0, max_factor=1.0, initial_factor=1.0)
-    ratios: list[float] = []
-    losses: list[float] = []
-    for batch in deep.batches(task.loader, steps):
-        loss = task.loss(task.model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        ratios.append(clara.ratio if clara.ratio is not None else float("nan"))
-        losses.append(float(loss.detach()))
-    task.model.eval()
+    task.model.train()
+    ratios, losses = pinned_run(task, optimizer_name, lr, None, steps)
     windows = range(0, steps, 50)
     return {
         "task": task_name,

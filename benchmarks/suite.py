@@ -62,14 +62,13 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from deep import CNN, Method, Task, TinyLM, batches, effective_lr, make_optimizer, mnist1d, text_tokens
+from deep import CNN, RECORD_EVERY, Method, Task, TinyLM, batches, mnist1d, text_tokens, train
 
 HERE = Path(__file__).resolve().parent
 #: The lr0 grid CLARA's worst case is taken over.
 LEARNING_RATES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 #: The baselines' grid: half decades from 1e-4 to 1e-1 (what "tuned" means here; no task is tuned at 1e-5).
 BASELINE_RATES = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
-RECORD_EVERY = 10
 DEFAULT_OUT = HERE / "results" / "suite.jsonl"
 
 
@@ -290,7 +289,7 @@ def make_task(name: str, seed: int, steps: int | None = None) -> Task:
     raise ValueError(f"unknown task {name!r}")
 
 
-def failed_value(name: str, task: Task) -> float:
+def failed_value(name: str) -> float:
     """What a diverged run (non-finite metric) scores: chance accuracy, the uniform LM, the mean predictor."""
     metric = SPECS[name].metric
     if metric == "accuracy":
@@ -302,38 +301,14 @@ def failed_value(name: str, task: Task) -> float:
 
 # ---------------------------------------------------------------------------------------- one run
 def run_one(task_name: str, method: Method, lr0: float, seed: int, steps: int) -> dict[str, Any]:
-    """Train once; CLARA, if any, is fed every step's loss and knows the run's length (as the callback does)."""
-    from lightning_clara import CLARA
-
+    """Train once on one thread, as ``CLARACallback()`` runs CLARA (``deep.train``); a diverged run scores
+    :func:`failed_value`."""
     torch.set_num_threads(1)
     task = make_task(task_name, seed, steps)
-    task.model.train()
-    optimizer, scheduler = make_optimizer(method, list(task.model.parameters()), lr0, steps)
-    clara = None if method.clara is None else CLARA(optimizer, **{"total_steps": steps, **method.clara})
-    lrs: list[float] = []
-    start = time.perf_counter()
-    for step, batch in enumerate(batches(task.loader, steps)):
-        loss = task.loss(task.model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if clara is not None:
-            clara.observe_loss(loss.detach())
-        if scheduler is not None:
-            scheduler.step()
-        if step % RECORD_EVERY == 0 or step == steps - 1:
-            lrs.append(clara.lr_used[0] if clara is not None else effective_lr(optimizer))
-    task.model.eval()
-    metric = task.metric(task.model)
-    if not math.isfinite(metric):
-        metric = failed_value(task_name, task)
-    return {
-        "metric": metric,
-        "final_lr": lrs[-1],
-        "lrs": lrs,
-        "alarms": 0 if clara is None else clara.num_safeguard_alarms,
-        "seconds": time.perf_counter() - start,
-    }
+    result = train(task, method, lr0, steps)
+    if not math.isfinite(result["metric"]):
+        result["metric"] = failed_value(task_name)
+    return result
 
 
 @dataclass(frozen=True)

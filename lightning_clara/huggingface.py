@@ -47,8 +47,8 @@ class CLARATrainerCallback(TrainerCallback):
         self.options = merged_options(options, overrides)
         if self.options.safeguard:
             raise ValueError(
-                "CLARATrainerCallback: safeguard needs the loss of every step, which the Trainer does not give "
-                "its callbacks; leave safeguard off"
+                "CLARATrainerCallback does not offer the safeguard (it restores parameters the Trainer's "
+                "checkpoints do not know of); leave safeguard off: the loss brake watches the loss"
             )
         self.controller: CLARA | None = None
         self.tapped = False  # add_clara taps the Trainer's training_step for the loss
