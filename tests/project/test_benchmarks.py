@@ -121,7 +121,7 @@ def test_parity_report_compares_metrics_and_trajectories(tmp_path: Path) -> None
 def test_suite_quick_runs_every_task_and_method_and_resumes(tmp_path: Path) -> None:
     """Every task of the default-rule suite, every baseline, peer and CLARA row; a rerun runs nothing."""
     out = tmp_path / "suite.jsonl"
-    stdout = run_script("suite.py", "--quick", "--workers", "1", "--out", str(out))
+    stdout = run_script("suite.py", "--quick", "--workers", "2", "--out", str(out))
     assert "80 runs to do" in stdout  # 10 tasks x (Adam, SGDm, AdamW-cos, DoG, Prodigy, 3 CLARA rows)
     runs = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(runs) == 80
