@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["FITTED", "WARMUP", "Z_FALLING", "LossTrend"]
+__all__ = ["FITTED", "STATE_KEYS", "WARMUP", "Z_FALLING", "LossTrend"]
 
 #: z-score of the trend at which the gate is 0 (hold F); twice it opens the gate fully.
 Z_FALLING = 2.0
@@ -96,18 +96,15 @@ class LossTrend:
         return self._corrected(self.fast, self.rate) < FITTED * self.initial
 
     def state_dict(self) -> dict[str, float | int]:
-        return {
-            "count": self.count,
-            "fast": self.fast,
-            "slow": self.slow,
-            "second": self.second,
-            "initial": self.initial,
-        }
+        return {key: getattr(self, key) for key in STATE_KEYS}
 
     @classmethod
     def from_state(cls, rate: float, state: dict[str, float | int]) -> LossTrend:
-        values = (float(state[key]) for key in ("fast", "slow", "second", "initial"))
-        return cls(rate, int(state["count"]), *values)
+        return cls(rate, int(state["count"]), *(float(state[key]) for key in STATE_KEYS[1:]))
+
+
+#: What a checkpoint keeps of a :class:`LossTrend` (its rate is the controller's c), in field order.
+STATE_KEYS = ("count", "fast", "slow", "second", "initial")
 
 
 def _difference_scale(a: float, b: float, count: int) -> float:

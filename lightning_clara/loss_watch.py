@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from lightning_clara.loss_trend import LossTrend
+from lightning_clara.loss_trend import STATE_KEYS, LossTrend
 from lightning_clara.options import Settings
 
 __all__ = ["LossWatch"]
@@ -49,7 +49,7 @@ class LossWatch:
             return None
         if not isinstance(state, dict):
             raise ValueError(f"loss_trend must be a dict or None, got {type(state).__name__}")
-        for key in ("count", "fast", "slow", "second", "initial"):
+        for key in STATE_KEYS:
             value = state.get(key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"loss_trend[{key!r}] must be a finite number, got {value!r}")

@@ -127,8 +127,9 @@ OPTION_DOCS: dict[str, str] = {
     "becomes 0.4 * total_steps (between 240 and 600) and d left at None grows as 0.03 * 600 / hold_after.",
     "loss_brake": "gate the rule's upward moves with the trend of the losses given to CLARA.observe_loss "
     "(the callbacks give every step's loss): F rises only while the smoothed loss keeps falling, and comes "
-    "down where the ratio asks for more but the loss has stalled (default True; False with rule='paper'). "
-    "Without losses it does nothing.",
+    "down where the ratio (below 1) asks for more but the loss has stalled; once the smoothed loss is below 5 % "
+    "of the first losses' (the network fits its data) F is not raised at all (default True; False with "
+    "rule='paper'). Without losses it does nothing.",
     "sample": "keep each tensor's path on a fixed sample of at most this many coordinates (default 4096; "
     "tensors with fewer entries keep all of them). The step is read on the sample, so a step costs "
     "O(sample x tensors) whatever the model's size; None: full paths, the paper's exact statistic (also "
