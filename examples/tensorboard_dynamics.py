@@ -9,14 +9,16 @@ script reads those scalars back from the event files with TensorBoard's ``EventA
 and draws two figures with matplotlib:
 
 * ``<out-dir>/clara_dynamics.png`` (``--dynamics-png``): the lr used, the ratio r and log F
-  of the CLARA runs against the optimizer step;
-* ``docs/images/clara_rescue.png`` (``--rescue-png``; the README picture): the lr used and the
-  training loss of all four runs, with the test accuracy in the legend.
+  of the CLARA runs against the optimizer step, with the hold (where the rule stops acting) shaded;
+* ``<out-dir>/clara_rescue.png`` (``--rescue-png``): the lr used and the training loss of all
+  four runs, with the test accuracy in the legend.
 
-::
+Everything goes under ``--out-dir`` (ignored by git); ``--readme-pictures`` writes the two PNGs
+to ``docs/images/`` instead, where the README shows them (the one way to change tracked files)::
 
     python examples/tensorboard_dynamics.py            # about 20 seconds on one CPU core
-    python examples/tensorboard_dynamics.py --quick    # a 2-epoch smoke run; the README picture is left alone
+    python examples/tensorboard_dynamics.py --quick    # a 2-epoch smoke run
+    python examples/tensorboard_dynamics.py --readme-pictures   # regenerate the README's pictures
     tensorboard --logdir lightning_logs/tensorboard_dynamics/tb
 
 Needs scikit-learn, tensorboard and matplotlib besides the package (``pip install -e ".[examples]"``).
@@ -60,7 +62,7 @@ LOG_EVERY = 5
 FULL_EPOCHS = 20
 QUICK_EPOCHS = 2
 ROOT = Path(__file__).resolve().parents[1]
-README_PNG = ROOT / "docs" / "images" / "clara_rescue.png"
+README_IMAGES = ROOT / "docs" / "images"
 #: torch.optim class per ``--*-lr`` option; also the ``{name}`` in the logged tags.
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"SGD": torch.optim.SGD, "Adam": torch.optim.Adam}
 OPTIONS: dict[str, dict[str, float]] = {"SGD": {"momentum": 0.9}, "Adam": {}}
@@ -81,6 +83,8 @@ class Run:
     steps: int = 0
     seconds: float = 0.0
     log_dir: str = ""
+    hold_after: int = 0  # CLARA runs: the step after which the damping decays (F settles)
+    target: float = float("nan")  # CLARA runs: the ratio the rule steers to
     scalars: dict[str, Series] = field(default_factory=dict, repr=False)
 
     @property
@@ -188,6 +192,9 @@ def train(run: Run, args: argparse.Namespace) -> None:
     run.test_accuracy = float(metrics["test_acc"])
     run.steps = trainer.global_step
     run.final_lr = clara.controllers[0].lr_used[0] if clara is not None else run.initial_lr
+    if clara is not None:
+        run.hold_after = clara.controllers[0].settings.hold_after
+        run.target = clara.controllers[0].settings.target
     run.log_dir = logger.log_dir
     run.scalars = read_scalars(Path(logger.log_dir))
 
@@ -229,8 +236,14 @@ def plot_dynamics(runs: list[Run], path: Path) -> None:
     ratio_ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     ratio_ax.yaxis.set_minor_formatter(NullFormatter())
     ratio_ax.set_ylabel("ratio r  (clara/ratio-*)")
+    hold_after = min(run.hold_after for run in clara_runs)
+    targets = "/".join(f"{t:g}" for t in sorted({run.target for run in clara_runs}))
+    for ax in axes:
+        ax.axvspan(hold_after, max(run.steps for run in clara_runs), color="0.5", alpha=0.12, linewidth=0)
     ratio_ax.set_title(
-        "r > target (0.7) raises the lr, r < target lowers it (faint: every logged value)", fontsize="medium"
+        f"r > target ({targets}) raises the lr, r < target lowers it, until the hold (shaded, from step "
+        f"{hold_after}):\nthen the rule's steps fade out and F settles whatever r does (faint: every logged value)",
+        fontsize="medium",
     )
     factor_ax.axhline(0.0, color="black", linewidth=0.8, linestyle="--")
     factor_ax.set_ylabel("log F  (clara/log_factor-*)")
@@ -314,8 +327,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--rescue-png",
         type=Path,
         default=None,
-        help=f"where the README picture goes (default: {README_PNG.relative_to(ROOT)} in this repository; "
-        "with --quick: <out-dir>/clara_rescue.png)",
+        help="where the lr-and-loss picture goes (default: <out-dir>/clara_rescue.png)",
+    )
+    parser.add_argument(
+        "--readme-pictures",
+        action="store_true",
+        help=f"write both PNGs to {README_IMAGES.relative_to(ROOT)}/, the README's pictures (tracked files)",
     )
     parser.add_argument("--quick", action="store_true", help=f"a {QUICK_EPOCHS}-epoch smoke run (seconds)")
     args = parser.parse_args(argv)
@@ -325,10 +342,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--epochs must be >= 1")
     if args.sgd_lr <= 0 or args.adam_lr <= 0:
         parser.error("--sgd-lr and --adam-lr must be > 0")
-    if args.dynamics_png is None:
-        args.dynamics_png = args.out_dir / "clara_dynamics.png"
-    if args.rescue_png is None:
-        args.rescue_png = args.out_dir / "clara_rescue.png" if args.quick else README_PNG
+    if args.readme_pictures and (args.dynamics_png or args.rescue_png):
+        parser.error("--readme-pictures chooses where both PNGs go: drop --dynamics-png / --rescue-png")
+    picture_dir = README_IMAGES if args.readme_pictures else args.out_dir
+    args.dynamics_png = args.dynamics_png or picture_dir / "clara_dynamics.png"
+    args.rescue_png = args.rescue_png or picture_dir / "clara_rescue.png"
     return args
 
 

@@ -28,8 +28,8 @@ from lightning_clara.options import (
     OPTION_NAMES,
     CLARAOptions,
     merged_options,
-    option_docs,
     option_parameters,
+    with_option_docs,
 )
 from lightning_clara.strategies import sharding_for
 from lightning_clara.summary import FitSummary, GroupSummary, summary_table
@@ -245,7 +245,8 @@ class CLARACallback(Callback):
     ) -> None:
         # The adaptation runs in the optimizer's own step hooks; here we only make sure that an
         # optimizer swapped in after fit start (e.g. by another callback) is not silently left out.
-        if getattr(unwrap(optimizer), "_clara_controller", None) is None:
+        # Lightning's parameter-less stand-in (configure_optimizers returned None) has nothing to adapt.
+        if getattr(unwrap(optimizer), "_clara_controller", None) is None and _has_parameters(optimizer):
             rank_zero_warn(
                 f"CLARACallback: optimizer {type(optimizer).__name__} was created after fit start; attaching CLARA now"
             )
@@ -414,7 +415,7 @@ class CLARACallback(Callback):
             self._fit_summary.restart()
 
 
-CLARACallback.__doc__ = f"{CLARACallback.__doc__}{option_docs(CALLBACK_OPTIONS, docs=_CALLBACK_DOCS)}\n"
+CLARACallback.__doc__ = with_option_docs(CLARACallback.__doc__, CALLBACK_OPTIONS, docs=_CALLBACK_DOCS)
 CLARACallback.__init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
     [
         inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),

@@ -36,8 +36,8 @@ from lightning_clara.options import (
     CLARAOptions,
     Settings,
     merged_options,
-    option_docs,
     option_parameters,
+    with_option_docs,
 )
 from lightning_clara.reference_cache import ReferenceCache
 from lightning_clara.rule import FactorState, StepStatistics, adapt, clamp_log_factor, damping, factor, lr_for
@@ -363,7 +363,7 @@ def _alarm_message(loss: float, new_factor: float, undone: int | None) -> str:
     return f"CLARA safeguard: the training loss blew up ({loss:.4g}); F halved to {new_factor:.4g}{restored}"
 
 
-CLARA.__doc__ = f"{CLARA.__doc__}{option_docs(OPTION_NAMES)}\n"
+CLARA.__doc__ = with_option_docs(CLARA.__doc__, OPTION_NAMES)
 CLARA.__init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
     [
         inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),

@@ -376,5 +376,15 @@ def option_docs(names: Iterable[str], *, docs: Mapping[str, str] | None = None, 
     return "\n".join(lines)
 
 
+def with_option_docs(doc: str | None, names: Iterable[str], *, docs: Mapping[str, str] | None = None) -> str:
+    """``doc`` with the named options' ``Args`` entries appended at the entries' own indentation.
+
+    The docstring's trailing indentation (the spaces before its closing quotes) is dropped first:
+    left in place it would indent the first appended entry further, and docstring parsers (help(),
+    LightningCLI) would read it as the continuation of the entry before it.
+    """
+    return f"{(doc or '').rstrip()}\n{option_docs(names, docs=docs)}\n"
+
+
 OPTION_NAMES: tuple[str, ...] = tuple(_FIELD_DEFAULTS)
-CLARAOptions.__doc__ = f"{CLARAOptions.__doc__}\n    Args:\n{option_docs(OPTION_NAMES)}\n"
+CLARAOptions.__doc__ = with_option_docs(f"{(CLARAOptions.__doc__ or '').rstrip()}\n\n    Args:", OPTION_NAMES)

@@ -30,8 +30,9 @@ __all__ = ["FitSummary", "GroupSummary", "summary_table"]
 
 TITLE = "CLARA: learning rate used over the fit"
 CAPTION = (
-    "lr: the lr used, lr_scheduled × F, at the adapted steps\n"
-    "r: the path ratio (1 on noise; above the target, 0.7 or 0.55 for Adam with the safeguard, it raises the lr)"
+    "lr: the lr used (lr_scheduled × F) at the adapted steps. r: the path ratio (1 on noise); the rule "
+    "raises the lr while r > target and lowers it below, until its hold. skipped: steps with a NaN/inf "
+    "update, not adapted."
 )
 
 
@@ -60,39 +61,53 @@ def _number(value: float | None, spec: str) -> str:
     return "-" if value is None or not math.isfinite(value) else format(value, spec)
 
 
+def _lr(value: float | None) -> str:
+    """Three significant digits, with a short exponent below 1e-3 (``1.23e-5``): lrs span decades."""
+    if value is None or not math.isfinite(value):
+        return "-"
+    if value == 0 or 1e-3 <= abs(value) < 1e4:
+        return format(value, ".3g")
+    mantissa, exponent = format(value, ".2e").split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def _per_optimizer(rows: Sequence[GroupSummary], field_name: str, label: str) -> str | None:
+    """``label: Adam 2, SGD 0`` for a count every group of an optimizer shares; None if no row has it."""
+    counts = {row.name.split("/")[0]: value for row in rows if (value := getattr(row, field_name)) is not None}
+    return f"{label}: " + ", ".join(f"{name} {value}" for name, value in counts.items()) if counts else None
+
+
+def _caption(rows: Sequence[GroupSummary]) -> str:
+    """The legend, then the per-optimizer counts that only some fits have (outside the columns: 80 wide)."""
+    counts = (
+        _per_optimizer(rows, "safeguard_alarms", "safeguard alarms"),
+        _per_optimizer(rows, "resyncs", "rank re-syncs"),
+    )
+    return "\n".join([CAPTION, *filter(None, counts)])
+
+
 def summary_table(rows: Sequence[GroupSummary], *, title: str | None = TITLE) -> Table:
     """A ``rich`` table, one row per param group: lr start → end, min, max, mean r and the step counts.
 
-    Learning rates have three significant digits (``.3g``); ``-`` marks a value that does not
-    exist (no adapted step). It fits an 80-column terminal: with long numbers the start → end column wraps at its arrow.
+    Learning rates have three significant digits and a short exponent (``1.23e-5``); ``-`` marks a
+    value that does not exist (no adapted step). Every column fits an 80-column terminal on one
+    line; only a long group name folds.
     """
-    alarms = any(row.safeguard_alarms is not None for row in rows)
-    resyncs = any(row.resyncs is not None for row in rows)
-    table = Table(title=title, caption=CAPTION, caption_justify="left", show_edge=False)
-    table.add_column("group", justify="left", no_wrap=True)
-    # the one column that may wrap (at its arrow) when the terminal is narrow; numbers never do
-    table.add_column("lr start → end", justify="right")
-    for header in ("lr min", "lr max", "mean r", "steps", "skipped"):
+    table = Table(title=title, caption=_caption(rows), caption_justify="left", show_edge=False, pad_edge=False)
+    # the one column that may fold when the terminal is narrow; numbers never do
+    table.add_column("group", justify="left", overflow="fold", min_width=6)
+    for header in ("lr start → end", "lr min", "lr max", "mean r", "steps", "skipped"):
         table.add_column(header, justify="right", no_wrap=True)
-    if alarms:
-        table.add_column("alarms", justify="right", no_wrap=True)
-    if resyncs:
-        table.add_column("resyncs", justify="right", no_wrap=True)
     for row in rows:
-        cells = [
+        table.add_row(
             row.name,
-            "-" if row.lr_start is None else f"{_number(row.lr_start, '.3g')} → {_number(row.lr_end, '.3g')}",
-            _number(row.lr_min, ".3g"),
-            _number(row.lr_max, ".3g"),
+            "-" if row.lr_start is None else f"{_lr(row.lr_start)} → {_lr(row.lr_end)}",
+            _lr(row.lr_min),
+            _lr(row.lr_max),
             _number(row.mean_ratio, ".3f"),
             str(row.adapted_steps),
             str(row.skipped_steps),
-        ]
-        if alarms:
-            cells.append("-" if row.safeguard_alarms is None else str(row.safeguard_alarms))
-        if resyncs:
-            cells.append("-" if row.resyncs is None else str(row.resyncs))
-        table.add_row(*cells)
+        )
     return table
 
 

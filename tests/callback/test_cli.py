@@ -99,7 +99,7 @@ def test_quick_fit_runs_and_prints_the_summary(quick_fit: tuple[subprocess.Compl
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     out = completed.stdout
     assert out.count("CLARA: learning rate used over the fit") == 1
-    assert "alarms" in out  # the column exists only with safeguard=True, set in the YAML
+    assert "safeguard alarms: SGD" in out  # the count exists only with safeguard=True, set in the YAML
     row = next(line for line in out.splitlines() if line.strip().startswith("SGD"))
     cells = [cell.strip() for cell in row.split("│")]
     start, end = (float(x) for x in cells[1].split("→"))
@@ -157,6 +157,58 @@ def test_callback_help_shows_the_docstring(example: ModuleType, capsys: pytest.C
     assert ":meth:" not in text
 
 
+def option_texts() -> dict[str, str]:
+    """Each CLARACallback argument's documentation: the docstring's own entries, the options' declared text."""
+    import docstring_parser
+
+    from lightning_clara import CLARACallback
+    from lightning_clara.callback import _CALLBACK_DOCS, CALLBACK_OPTIONS
+    from lightning_clara.options import OPTION_DOCS
+
+    own = {p.arg_name: p.description for p in docstring_parser.parse(CLARACallback.__doc__).params}
+    texts = {name: own[name] for name in ("options", "log", "summary", "prog_bar")}
+    texts |= {name: _CALLBACK_DOCS.get(name, OPTION_DOCS[name]) for name in CALLBACK_OPTIONS}
+    return {name: " ".join((text or "").split()) for name, text in texts.items()}
+
+
+def test_each_option_help_sits_under_its_option(example: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+    """LightningCLI's help: every option's text below that option and no other (issue 23: c's text once ended
+    prog_bar's, and --trainer.callbacks.c had none)."""
+    with pytest.raises(SystemExit):
+        example.main(["fit", "--trainer.callbacks.help", "lightning_clara.CLARACallback"])
+    out = capsys.readouterr().out
+    blocks = {
+        match.group(1): " ".join(match.group(2).split())
+        for match in re.finditer(r"^  --trainer\.callbacks\.(\w+)[^\n]*\n((?:(?!  --)[^\n]*\n?)*)", out, re.M)
+    }
+    texts = option_texts()
+    assert set(texts) == set(blocks) - {"help"}
+    for name, text in texts.items():
+        opening = " ".join(text.split()[:4])  # argparse re-wraps the rest
+        owners = [option for option, block in blocks.items() if opening in block]
+        assert owners == [name], f"{name}'s help ({opening!r}) is under {owners}"
+
+
+def test_help_shows_every_option_as_its_own_entry() -> None:
+    """help(): each option an ``Args`` entry at the entries' indentation, in CLARA, CLARACallback and CLARAOptions."""
+    import inspect
+
+    from lightning_clara import CLARA, CLARACallback, CLARAOptions
+    from lightning_clara.callback import CALLBACK_OPTIONS
+    from lightning_clara.options import OPTION_NAMES
+
+    for cls in (CLARA, CLARACallback, CLARAOptions):
+        lines = inspect.cleandoc(cls.__doc__ or "").splitlines()
+        args = lines.index("Args:")
+        entries = [line for line in lines[args + 1 :] if re.match(r"^    \w+: ", line)]
+        names = [line.split(":")[0].strip() for line in entries]
+        assert set(CALLBACK_OPTIONS if cls is CLARACallback else OPTION_NAMES) <= set(names), cls.__name__
+        assert len(names) == len(set(names)), cls.__name__
+        for line in lines[args + 1 :]:  # an entry or its continuation, nothing deeper or shallower
+            assert not line or line.startswith("    "), (cls.__name__, line)
+            assert not line.startswith("             "), (cls.__name__, line)
+
+
 def write_config(tmp_path: Path, **changes: Any) -> Path:
     config = yaml.safe_load(CONFIG.read_text())
     for entry in config["trainer"]["callbacks"]:
@@ -167,27 +219,15 @@ def write_config(tmp_path: Path, **changes: Any) -> Path:
     return path
 
 
-def test_invalid_literal_is_a_parse_error(
-    example: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    config = write_config(tmp_path, rule="bogus")
-    with pytest.raises(SystemExit) as exit_info:
-        example.main(["fit", "--config", str(config), *quick_overrides(tmp_path)])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "Expected a typing.Literal['paper', 'normalized']. Got value: bogus" in err
-
-
 def test_out_of_range_value_names_the_argument(example: ModuleType, tmp_path: Path) -> None:
     config = write_config(tmp_path, c=2.0)
     with pytest.raises(ValueError, match=re.escape("c must be in (0.0, 1.0], got 2.0")):
         example.main(["--config", str(config), *quick_overrides(tmp_path)], run=False)
 
 
-def test_out_of_range_value_fails_the_command(tmp_path: Path) -> None:
-    config = write_config(tmp_path, d=-1.0)
+def run_cli(config: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    completed = subprocess.run(
+    return subprocess.run(
         [sys.executable, str(EXAMPLE), "fit", "--config", str(config), *quick_overrides(tmp_path)],
         cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": python_path},
@@ -196,6 +236,27 @@ def test_out_of_range_value_fails_the_command(tmp_path: Path) -> None:
         timeout=300,
         check=False,
     )
-    assert completed.returncode != 0
-    assert "d must be in (0.0, inf), got -1.0" in completed.stderr
+
+
+def test_out_of_range_value_fails_the_command(tmp_path: Path) -> None:
+    """What the README says: exit 1 before training, a traceback ending in the union report, our message first."""
+    completed = run_cli(write_config(tmp_path, d=-1.0), tmp_path)
+    assert completed.returncode == 1
+    assert completed.stderr.startswith("Traceback")
+    tail = completed.stderr[
+        completed.stderr.rindex("ValueError: Does not validate against any of the Union subtypes") :
+    ]
+    errors = tail[tail.index("Errors:") :].splitlines()
+    assert errors[1].strip() == "- d must be in (0.0, inf), got -1.0"
     assert "CLARA: learning rate used" not in completed.stdout
+
+
+def test_wrong_choice_is_a_parse_error_naming_the_key(tmp_path: Path) -> None:
+    """What the README says: exit 2 at parse time, the usage, the union report naming the key and the value."""
+    completed = run_cli(write_config(tmp_path, rule="bogus"), tmp_path)
+    assert completed.returncode == 2
+    assert completed.stderr.startswith("usage:")
+    assert 'error: Parser key "trainer.callbacks":' in completed.stderr
+    report = completed.stderr[completed.stderr.index('Parser key "rule":') :].splitlines()
+    assert report[1].strip() == "Expected a typing.Literal['paper', 'normalized']. Got value: bogus"
+    assert "Traceback" not in completed.stderr

@@ -86,47 +86,85 @@ class StepRecorder(Callback):
 def test_table_shows_the_given_rows() -> None:
     rows = [
         GroupSummary("SGD/pg1", 1e-4, 0.107, 9.5e-5, 0.164, 2.30149, 900, 0, safeguard_alarms=1),
-        GroupSummary("SGD/pg2", None, None, None, None, None, 0, 3, safeguard_alarms=None),
+        GroupSummary("SGD/pg2", None, None, None, None, None, 0, 3, safeguard_alarms=1),
     ]
     text = render(summary_table(rows))
     assert TITLE in text
-    for header in ("group", "lr start → end", "lr min", "lr max", "mean r", "steps", "skipped", "alarms"):
+    for header in ("group", "lr start → end", "lr min", "lr max", "mean r", "steps", "skipped"):
         assert header in text
-    assert "resyncs" not in text  # no row has a consistency check
     first = next(line for line in text.splitlines() if "SGD/pg1" in line)
     assert [cell.strip() for cell in first.split("│")] == [
         "SGD/pg1",
-        "0.0001 → 0.107",
-        "9.5e-05",
+        "1e-4 → 0.107",
+        "9.5e-5",
         "0.164",
         "2.301",
         "900",
         "0",
-        "1",
     ]
     second = next(line for line in text.splitlines() if "SGD/pg2" in line)
-    assert [cell.strip() for cell in second.split("│")] == ["SGD/pg2", "-", "-", "-", "-", "0", "3", "-"]
+    assert [cell.strip() for cell in second.split("│")] == ["SGD/pg2", "-", "-", "-", "-", "0", "3"]
+    # a count every group of an optimizer shares: once per optimizer, under the table
+    assert "safeguard alarms: SGD 1" in text
+    assert "rank re-syncs" not in text  # no row has a consistency check
 
 
-def test_table_columns_follow_the_data() -> None:
+def test_per_optimizer_counts_follow_the_data() -> None:
     plain = render(summary_table([GroupSummary("Adam", 0.001, 0.002, 0.001, 0.003, 1.0, 10, 0)]))
-    assert "alarms" not in plain
-    assert "resyncs" not in plain
-    checked = render(summary_table([GroupSummary("Adam", 0.001, 0.002, 0.001, 0.003, 1.0, 10, 0, resyncs=2)]))
-    assert "resyncs" in checked
-    assert "alarms" not in checked
-    row = next(line for line in checked.splitlines() if "Adam" in line)
-    assert row.split("│")[-1].strip() == "2"
+    assert "safeguard alarms" not in plain
+    assert "rank re-syncs" not in plain
+    rows = [
+        GroupSummary("Adam/pg1", 0.001, 0.002, 0.001, 0.003, 1.0, 10, 0, resyncs=2),
+        GroupSummary("Adam/pg2", 0.001, 0.002, 0.001, 0.003, 1.0, 10, 0, resyncs=2),
+        GroupSummary("SGD", 0.001, 0.002, 0.001, 0.003, 1.0, 10, 0, resyncs=0),
+    ]
+    checked = render(summary_table(rows))
+    assert "rank re-syncs: Adam 2, SGD 0" in checked
+    assert "safeguard alarms" not in checked
 
 
-def test_table_fits_a_default_terminal() -> None:
-    rows = [GroupSummary("SGD/pg1", 1.23e-5, 0.000123, 1.23e-5, 0.123, 12.345, 12345, 0, safeguard_alarms=0)]
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (1e-4, "1e-4"),
+        (1.23e-5, "1.23e-5"),
+        (1.274e-4, "1.27e-4"),
+        (0.131, "0.131"),
+        (1.0, "1"),
+        (0.0, "0"),
+        (None, "-"),
+    ],
+)
+def test_learning_rates_are_compact(value: float | None, text: str) -> None:
+    row = next(
+        line
+        for line in render(summary_table([GroupSummary("Adam", value, value, value, value, 1.0, 1, 0)])).splitlines()
+        if line.startswith("Adam")
+    )
+    assert [cell.strip() for cell in row.split("│")][2] == text
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW/no_decay", "a_param_group_named_at_great_length"])
+def test_table_fits_a_default_terminal(name: str) -> None:
+    """Every column on one line at 80 columns, nothing cut; only a long group name folds."""
+    rows = [
+        GroupSummary(name, 1.23e-5, 1.234e-4, 1.23e-5, 0.123, 12.345, 123456, 12345, safeguard_alarms=10, resyncs=3),
+        GroupSummary("SGD/pg2", 1e-4, 0.1, 1e-4, 0.2, 1.2, 100, 0, safeguard_alarms=0, resyncs=0),
+    ]
     text = render(summary_table(rows), width=80)
     assert "…" not in text  # nothing cut
-    assert "1.23e-05 →" in text  # wrapped at the arrow
-    assert "0.000123" in text
-    assert "1.23e-05 → 0.000123" in render(summary_table(rows), width=120)
     assert max(len(line) for line in text.splitlines()) <= 80
+    row = next(line for line in text.splitlines() if line.startswith(name[:6]))
+    assert [cell.strip() for cell in row.split("│")][1:] == [
+        "1.23e-5 → 1.23e-4",
+        "1.23e-5",
+        "0.123",
+        "12.345",
+        "123456",
+        "12345",
+    ]
+    assert "safeguard alarms:" in text
+    assert "rank re-syncs:" in text
 
 
 # ---------------------------------------------------------------------------------------------- in a fit
@@ -182,7 +220,7 @@ def test_summary_per_param_group_and_safeguard(
         assert row.safeguard_alarms == 0
     assert callback.summary_rows[0].lr_start != callback.summary_rows[1].lr_start  # 0.05 vs 0.01
     out = capsys.readouterr().out
-    assert "alarms" in out
+    assert "safeguard alarms: SGD 0" in out
     assert "SGD/pg2" in out
 
 

@@ -7,6 +7,7 @@ the fix for validate(ckpt_path) did not break a real resume.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +151,20 @@ def test_no_optimizer_warns_and_prints_no_empty_table(make_module, trainer_kwarg
     assert callback.controllers == []
     assert callback.summary_rows is None
     assert "CLARA: learning rate used" not in capsys.readouterr().out
+
+
+def test_no_optimizer_in_automatic_optimization_says_one_thing(make_module, trainer_kwargs, monkeypatch) -> None:
+    """configure_optimizers returns None: Lightning steps a parameter-less stand-in; one message, no attach."""
+    messages: list[str] = []
+    monkeypatch.setattr(callback_module, "rank_zero_warn", messages.append)
+    callback = CLARACallback()
+    trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*configure_optimizers.*returned `None`.*")
+        trainer.fit(make_module(lambda module: None))
+    assert len(messages) == 1
+    assert "nothing to adapt" in messages[0]
+    assert callback.controllers == []
 
 
 def test_the_summary_table_is_printed_after_richs_bar_stopped(make_module, trainer_kwargs, monkeypatch) -> None:

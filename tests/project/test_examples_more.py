@@ -20,7 +20,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from lightning_clara.options import RULE_DEFAULTS
+from lightning_clara.options import RULE_DEFAULTS, run_length_defaults
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -128,6 +128,11 @@ def test_dynamics_clara_lifts_the_bad_learning_rate(
     assert with_clara[f"clara/log_factor-{optimizer}"][-1] > math.log(INITIAL_FACTOR)
     # the scheduled lr that LearningRateMonitor sees is never touched by CLARA
     assert with_clara[f"lr-{optimizer}"] == pytest.approx([initial_lr] * len(with_clara[f"lr-{optimizer}"]))
+    # the hold the dynamics picture shades: the run-length default for the fit's steps
+    runs = {run["name"]: run for run in json.loads((out_dir / "summary.json").read_text())["runs"]}
+    assert (
+        runs[f"{optimizer.lower()}-clara"]["hold_after"] == run_length_defaults(QUICK_STEPS, True, True)["hold_after"]
+    )
 
 
 def load_example(script: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
@@ -142,15 +147,21 @@ def load_example(script: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     return module
 
 
-def test_dynamics_quick_run_leaves_the_readme_picture_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dynamics_pictures_go_to_the_out_dir_unless_asked_for_the_readme(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pytest.importorskip("tensorboard", reason="the example logs with TensorBoard")
     pytest.importorskip("matplotlib", reason="the example draws with matplotlib")
     example = load_example("tensorboard_dynamics.py", monkeypatch)
-    quick = example.parse_args(["--quick", "--out-dir", str(tmp_path)])
-    assert quick.rescue_png == tmp_path / "clara_rescue.png"
-    full = example.parse_args(["--out-dir", str(tmp_path)])
-    assert full.rescue_png == ROOT / "docs" / "images" / "clara_rescue.png"
-    assert full.epochs > quick.epochs
+    for argv in (["--quick"], []):
+        args = example.parse_args([*argv, "--out-dir", str(tmp_path)])
+        assert (args.rescue_png, args.dynamics_png) == (tmp_path / "clara_rescue.png", tmp_path / "clara_dynamics.png")
+    readme = example.parse_args(["--readme-pictures"])
+    images = ROOT / "docs" / "images"
+    assert (readme.rescue_png, readme.dynamics_png) == (images / "clara_rescue.png", images / "clara_dynamics.png")
+    with pytest.raises(SystemExit):
+        example.parse_args(["--readme-pictures", "--rescue-png", str(tmp_path / "x.png")])
+    assert example.parse_args([]).epochs > example.parse_args(["--quick"]).epochs
 
 
 # ---------------------------------------------------------------------------- plain_pytorch.py

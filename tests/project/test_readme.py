@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +97,21 @@ def test_block_parser_sees_fences_and_markers() -> None:
     ]
 
 
+def check_transformers_output(stdout: str) -> None:
+    """What the README says the Transformers snippet shows: the lr used starts below the schedule
+    (CLARA starts at 0.1 x learning_rate), climbs past it, and the loss falls."""
+    rows = [tuple(float(x) for x in line.split()) for line in stdout.splitlines() if len(line.split()) == 4]
+    assert len(rows) == 10, stdout
+    (_, scheduled, used, first_loss), last_loss = rows[0], rows[-1][3]
+    assert used < 0.5 * scheduled
+    assert any(used > scheduled for _, scheduled, used, _ in rows[:5])  # caught up by step 150
+    assert last_loss < first_loss - 2.0
+
+
+#: Checks of what a block prints, for the blocks whose README text describes their output.
+OUTPUT_CHECKS: dict[str, Callable[[str], None]] = {"add_clara(trainer)": check_transformers_output}
+
+
 @pytest.mark.parametrize("block", [_param(i, b) for i, b in enumerate(BLOCKS)])
 def test_readme_block_runs(block: Block, tmp_path: Path) -> None:
     script = tmp_path / "readme_block.py"
@@ -115,3 +131,6 @@ def test_readme_block_runs(block: Block, tmp_path: Path) -> None:
     assert completed.returncode == 0, (
         f"README.md:{block.line} failed (exit {completed.returncode}):\n{completed.stdout}\n{completed.stderr}"
     )
+    for marker, check in OUTPUT_CHECKS.items():
+        if marker in block.code:
+            check(completed.stdout)
