@@ -260,26 +260,59 @@ def cuda_launches(device: str) -> dict[str, Any]:
     from lightning_clara import CLARA
 
     out: dict[str, Any] = {}
-    for engine, options in (("none", None), *ENGINES.items()):
+    # "defaults": CLARACallback()'s work per step, the loss brake fed a CUDA loss after every step
+    for engine, options in (("none", None), *ENGINES.items(), ("defaults", {})):
         params = make_params(26e6, 200, device)
         optimizer = make_optimizer("adam", params)
-        if options is not None:
-            CLARA(optimizer, **PINNED, **options)
-        for _ in range(3):
+        clara = None if options is None else CLARA(optimizer, **PINNED, **options)
+
+        # a loss on the device, as training_step returns it
+        loss = params[0][0, 0].detach() * 0 + 1.0 if engine == "defaults" else None
+
+        def step(optimizer: torch.optim.Optimizer = optimizer, clara: Any = clara, loss: Any = loss) -> None:
             optimizer.step()
+            if loss is not None:
+                clara.observe_loss(loss)
+
+        for _ in range(3):
+            step()
         torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as syncs:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")  # every synchronising call inside the steps warns
             try:
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    optimizer.step()
-                    optimizer.step()
+                    step()
+                    step()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize()
         kernels = sum(1 for event in prof.events() if event.device_type.name == "CUDA")
         out[engine] = {"kernels_per_step": kernels / 2, "syncs_per_step": len(syncs) / 2}
+    return out
+
+
+def memory(total: float, tensors: int, device: str) -> dict[str, float]:
+    """Bytes per parameter that CLARA keeps with CLARACallback()'s defaults (and with the safeguard),
+    beside Adam's own state, after a few steps fed their loss (issue 21: <= 0.5 B/param at 34M)."""
+    from lightning_clara import CLARA
+
+    out: dict[str, float] = {}
+    for name, options in (("defaults", {}), ("safeguard", {"safeguard": True})):
+        params = make_params(total, tensors, device)
+        numel = sum(p.numel() for p in params)
+        optimizer = make_optimizer("adam", params)
+        clara = CLARA(optimizer, **PINNED, **options)
+        for _ in range(3):
+            optimizer.step()
+            clara.observe_loss(1.0)
+        state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+        out["parameters"] = numel
+        out["adam_state_bytes_per_param"] = sum(t.numel() * t.element_size() for t in state) / numel
+        out[f"clara_{name}_bytes_per_param"] = (persistent_bytes(clara) + clara.paths.sampled.reference_bytes()) / numel
+        clara.detach()
+        del clara, optimizer, params
+        gc.collect()
     return out
 
 
@@ -319,6 +352,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"{row['cost_in_adam_steps']:+.3f}", f"{row['hooks_ms']:.3f} ms", f"{row['hooks_in_adam_steps']:.3f}",
                 f"{row['extra_bytes_per_param']:.2f}",
             )  # fmt: skip
+
+    report["memory"] = memory(2e4 if args.smoke else 34e6, 4 if args.smoke else 200, args.device)
+    mem = report["memory"]
+    table = _table("Memory per parameter (target: CLARA <= 0.5 B/param with the defaults, 34M parameters)",
+                   ["parameters", "Adam's state", "CLARA, defaults", "CLARA, safeguard=True"])  # fmt: skip
+    table.add_row(
+        f"{mem['parameters'] / 1e6:.2f}M", f"{mem['adam_state_bytes_per_param']:.2f} B",
+        f"{mem['clara_defaults_bytes_per_param']:.2f} B", f"{mem['clara_safeguard_bytes_per_param']:.2f} B",
+    )  # fmt: skip
+    console.print(table)
 
     table = _table("CLARA's added cost per optimizer step (targets: <= 0.1 Adam steps)", columns)
     report["targets"] = []

@@ -122,6 +122,11 @@ def _has_parameters(optimizer: Optimizer) -> bool:
     return any(group["params"] for group in optimizer.param_groups)
 
 
+def _changed(counts: Sequence[int], before: Sequence[int]) -> list[int]:
+    """The indices whose count differs from ``before`` (an optimizer attached since counts from 0)."""
+    return [index for index, count in enumerate(counts) if count != (before[index] if index < len(before) else 0)]
+
+
 class CLARACallback(Callback):
     """Adapt the learning rate of every optimizer in Trainer.fit with CLARA.
 
@@ -181,6 +186,7 @@ class CLARACallback(Callback):
         self.names: list[list[str]] = []
         self._scheduler_configs: list[Any] = []
         self._steps_at_batch_start: list[int] = []
+        self._steps_at_last_log: list[int] = []  # each optimizer's steps when its clara/* were last logged
         self._restored: dict[str, Any] | None = None
         self._fits_started = 0
         self._fit_options = self.options
@@ -219,9 +225,10 @@ class CLARACallback(Callback):
         self.controllers = [CLARA(optimizer, self._fit_options) for optimizer in optimizers]
         self._scheduler_configs = list(getattr(trainer, "lr_scheduler_configs", ()))  # absent on stand-ins
         self.names = self._names()
-        self._steps_at_batch_start = [0] * len(self.controllers)
-        if restored is not None and restored.get("controllers"):
-            # an empty list: saved before CLARA attached (a tuner's checkpoint): nothing to continue
+        self._steps_at_batch_start = self._steps_at_last_log = [0] * len(self.controllers)
+        if restored is not None and restored.get("controllers") != []:
+            # an empty list: saved before CLARA attached (a tuner's checkpoint): nothing to continue;
+            # anything else is checked (ValueError naming the field) before a controller changes
             self._load_controllers(restored)
         if self.summary and rank_zero_only.rank == 0:  # the global rank, set by Lightning's strategies
             # after the controllers attached (and restored): its hooks must run after theirs
@@ -301,12 +308,8 @@ class CLARACallback(Callback):
     ) -> None:
         # only optimizers that really stepped in this batch: accumulation micro-batches and
         # optimizers stepped every k-th batch by hand are neither logged nor fed the loss
-        start = self._steps_at_batch_start
-        stepped = [
-            index
-            for index, controller in enumerate(self.controllers)
-            if controller.num_optimizer_steps != (start[index] if index < len(start) else 0)
-        ]
+        steps = [controller.num_optimizer_steps for controller in self.controllers]
+        stepped = _changed(steps, self._steps_at_batch_start)
         if not stepped:
             return
         if [len(names) for names in self.names] != [len(c.optimizer.param_groups) for c in self.controllers]:
@@ -316,7 +319,9 @@ class CLARACallback(Callback):
             self._show_in_progress_bar(pl_module, stepped)
         if not self.log or not trainer.loggers or not trainer._logger_connector.should_update_logs:
             return
-        metrics = self.metrics(stepped)
+        # every optimizer that stepped since its last log, not only this batch's: two optimizers stepped
+        # on alternate batches with an even log_every_n_steps would otherwise leave one never logged
+        metrics, self._steps_at_last_log = self.metrics(_changed(steps, self._steps_at_last_log)), steps
         if not metrics:
             return
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
@@ -399,11 +404,18 @@ class CLARACallback(Callback):
         # restore after setup): keep the state until on_fit_start attaches the controllers.
         if self.controllers and all(c.attached for c in self.controllers):
             self._load_controllers(state_dict)
+        elif not isinstance(state_dict, dict):
+            raise ValueError(f"CLARACallback state must be a dict, got {type(state_dict).__name__}")
         else:
             self._restored = dict(state_dict)
 
     def _load_controllers(self, state_dict: dict[str, Any]) -> None:
-        saved = state_dict.get("controllers", [])
+        saved = state_dict.get("controllers") if isinstance(state_dict, dict) else None
+        if not isinstance(saved, (list, tuple)):
+            raise ValueError(
+                "CLARACallback state must be a dict whose 'controllers' is a list of CLARA states (one per "
+                f"optimizer), got {state_dict!r:.80}"
+            )
         if len(saved) != len(self.controllers):
             raise ValueError(
                 f"checkpoint holds CLARA state for {len(saved)} optimizer(s), the model configures "

@@ -7,17 +7,21 @@ controller keeps them (another ``sample``) restart, with a warning; factors and 
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
+import torch
+from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_clara.loss_watch import LossWatch
 from lightning_clara.options import Settings
-from lightning_clara.rule import FactorState
+from lightning_clara.rule import LOG_FACTOR_LIMIT, FactorState
 from lightning_clara.stores import PathStore, SavedTensors
 
-__all__ = ["STATE_FORMAT", "export_state", "restore_state"]
+__all__ = ["STATE_FORMAT", "check_state", "export_state", "restore_state"]
 
 STATE_FORMAT = 2
 _READABLE_FORMATS = (1, STATE_FORMAT)
@@ -40,17 +44,93 @@ def export_state(settings: Settings, factors: FactorState, tensors: SavedTensors
     }
 
 
-def _check_layout(state_dict: Any, settings: Settings, optimizer: Optimizer) -> None:
-    if not isinstance(state_dict, dict) or state_dict.get("format") not in _READABLE_FORMATS:
-        raise ValueError("not a CLARA state dict (missing or unknown 'format')")
-    saved_scope = state_dict["config"]["scope"]
-    if saved_scope != settings.scope:
-        raise ValueError(f"state dict was saved with scope={saved_scope!r}, this controller has {settings.scope!r}")
+#: The keys every readable state holds (``safeguard`` and ``loss_trend`` may be absent: older formats).
+_REQUIRED_KEYS = ("format", "config", "log_factors", "ratios", "num_adapted_steps", "num_skipped_steps", "tensors")
+#: ``||p|| <= 1`` for a path of unit steps (a convex combination of unit vectors and 0); the slack
+#: covers a low-precision path's rounding.
+_PATH_NORM_LIMIT = 1.01
+_SAFEGUARD_KEYS = {"count": (0, math.inf), "mean": (-math.inf, math.inf), "variance": (0, math.inf)}
+_SAFEGUARD_KEYS |= {"excess": (-math.inf, math.inf), "alarms": (0, math.inf)}
+
+
+def _number(field: str, value: Any, low: float = -math.inf, high: float = math.inf, *, integer: bool = False) -> None:
+    """A finite real (an int if ``integer``) in [low, high], or ``ValueError`` naming the field and the range."""
+    kind = "an int" if integer else "a finite number"
+    valid_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not valid_type or not math.isfinite(value) or not low <= value <= high:
+        raise ValueError(f"CLARA state: {field} must be {kind} in [{low}, {high}], got {value!r}")
+
+
+def _sequence(field: str, value: Any, length: int) -> Sequence[Any]:
+    if not isinstance(value, (list, tuple)) or len(value) != length:
+        got = f"{type(value).__name__} of length {len(value)}" if isinstance(value, (list, tuple)) else repr(value)
+        raise ValueError(f"CLARA state: {field} must be a list of {length} value(s) (one per scope), got {got}")
+    return value
+
+
+def _check_path(field: str, entry: Any) -> None:
+    """A saved path: a finite tensor no longer than a path of unit steps can be, and its update count."""
+    if entry is None:
+        return
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), Tensor):
+        raise ValueError(f"CLARA state: {field} must be None or a dict with a 'path' tensor, got {entry!r:.80}")
+    _number(f"{field}['count']", entry.get("count"), 0, math.inf, integer=True)
+    path = entry["path"].detach().float()
+    if not bool(torch.isfinite(path).all()):
+        raise ValueError(f"CLARA state: {field}['path'] must be finite, it holds NaN/inf entries")
+    norm = float(torch.linalg.vector_norm(path))
+    if norm > _PATH_NORM_LIMIT:
+        raise ValueError(f"CLARA state: {field}['path'] has norm {norm:.4g}; a path of unit steps has norm <= 1")
+
+
+def check_state(state_dict: Any, settings: Settings, optimizer: Optimizer) -> None:
+    """Raise ``ValueError`` (naming the field and what it must be) unless ``state_dict`` is a CLARA state
+    this controller can load: every entry is checked before anything changes."""
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"CLARA state must be a dict (from CLARA.state_dict()), got {type(state_dict).__name__}")
+    if state_dict.get("format") not in _READABLE_FORMATS:
+        raise ValueError(
+            f"CLARA state: format must be one of {_READABLE_FORMATS}, got {state_dict.get('format')!r} "
+            "(not a CLARA state dict?)"
+        )
+    missing = [key for key in _REQUIRED_KEYS if key not in state_dict]
+    if missing:
+        raise ValueError(f"CLARA state lacks {missing} (keys of a state dict: {list(_REQUIRED_KEYS)})")
+    config = state_dict["config"]
+    if not isinstance(config, dict) or "scope" not in config:
+        raise ValueError(f"CLARA state: config must be a dict with a 'scope', got {config!r:.80}")
+    if config["scope"] != settings.scope:
+        raise ValueError(
+            f"CLARA state: config['scope'] is {config['scope']!r} (the scope it was saved with), "
+            f"this controller has scope={settings.scope!r}"
+        )
+    scopes = 1 if settings.scope == "optimizer" else len(optimizer.param_groups)
+    for j, value in enumerate(_sequence("log_factors", state_dict["log_factors"], scopes)):
+        _number(f"log_factors[{j}]", value, -LOG_FACTOR_LIMIT, LOG_FACTOR_LIMIT)
+    for j, value in enumerate(_sequence("ratios", state_dict["ratios"], scopes)):
+        if value is not None:
+            _number(f"ratios[{j}]", value, 0.0)
+    _number("num_adapted_steps", state_dict["num_adapted_steps"], 0, math.inf, integer=True)
+    _number("num_skipped_steps", state_dict["num_skipped_steps"], 0, math.inf, integer=True)
     groups = state_dict["tensors"]
-    if len(groups) != len(optimizer.param_groups) or any(
-        len(row) != len(group["params"]) for row, group in zip(groups, optimizer.param_groups, strict=True)
+    sizes = [len(group["params"]) for group in optimizer.param_groups]
+    if (
+        not isinstance(groups, (list, tuple))
+        or [len(row) if isinstance(row, (list, tuple)) else None for row in groups] != sizes
     ):
-        raise ValueError("state dict does not match the optimizer's param groups (count or sizes differ)")
+        raise ValueError(
+            f"CLARA state: tensors must hold one list per param group with one entry per parameter "
+            f"(sizes {sizes}), it does not match the optimizer's param groups"
+        )
+    for g, row in enumerate(groups):
+        for k, entry in enumerate(row):
+            _check_path(f"tensors[{g}][{k}]", entry)
+    safeguard = state_dict.get("safeguard")
+    if safeguard is not None:
+        if not isinstance(safeguard, dict):
+            raise ValueError(f"CLARA state: safeguard must be None or a dict, got {type(safeguard).__name__}")
+        for key, (low, high) in _SAFEGUARD_KEYS.items():
+            _number(f"safeguard[{key!r}]", safeguard.get(key), low, high, integer=key in ("count", "alarms"))
 
 
 def restore_state(
@@ -62,7 +142,7 @@ def restore_state(
     controller as it was. A state without ``loss_trend`` (saved before the loss brake) keeps the
     fresh trend.
     """
-    _check_layout(state_dict, settings, optimizer)
+    check_state(state_dict, settings, optimizer)
     trend = losses.checked(state_dict.get("loss_trend"))
     saved_sample = state_dict["config"].get("sample")
     same_paths = saved_sample == settings.sample

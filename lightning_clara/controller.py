@@ -92,7 +92,7 @@ class CLARA:
         self.references = ReferenceCache(optimizer, self.c, self.paths.reference_size, self.settings.reference, plain)
         self._initial_log_factor = clamp_log_factor(self.settings.bounds, math.log(self.settings.initial_factor))
         self._state = FactorState.initial(self._initial_log_factor, 0)
-        self._swap = LearningRateSwap()
+        self._swap = LearningRateSwap(optimizer)
         self._transfer = HostTransfer()
         self._losses = LossWatch(self.settings)
         self._steps_seen = 0
@@ -216,7 +216,7 @@ class CLARA:
     def detach(self) -> None:
         """Remove the hooks, restore base learning rates if a step was interrupted, free buffers."""
         self._settle(collectives=False)
-        self._swap.restore(self.optimizer.param_groups)
+        self._swap.release(self.optimizer.param_groups)
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -234,6 +234,7 @@ class CLARA:
         Properties pass ``collectives=False``: a collective runs only where every rank runs it (the hooks).
         """
         self._transfer.settle(collectives)
+        self._losses.settle()  # after the step's statistics: the order of a CPU run
         if collectives and self._guard is not None:
             self._state = self._state.with_log_factors(self._guard.run_due(list(self._state.log_factors)))
 
@@ -314,20 +315,19 @@ class CLARA:
         brake (``loss_brake``) lets F rise only while the smoothed loss keeps falling. On a
         safeguard alarm (a blow-up, or a NaN/inf loss) the parameters are restored from before the
         step that led to it where the delta reader keeps snapshots, F is halved, the test restarts
-        and a warning is issued; the optimizer's own state is not rolled back. A tensor loss costs
-        one device-to-host copy. Without a brake or a safeguard this does nothing.
+        and a warning is issued; the optimizer's own state is not rolled back. A loss with no step since
+        the last (GradScaler skipped it) is ignored; a CUDA loss reaches the brake one step late, no sync.
         """
         if not self._losses.wanted:
             return False
         self._settle(collectives=False)
-        value = float(loss.detach().float().item()) if isinstance(loss, Tensor) else float(loss)
-        if not self._losses.observe(value):
+        if not self._losses.observe(loss, self._steps_seen):
             return False
         undone = self.paths.undo()
         halved = [clamp_log_factor(self.settings.bounds, v - math.log(2.0)) for v in self._state.log_factors]
         self._state = self._state.with_log_factors(halved)
         self.safeguard.reset()
-        warnings.warn(_alarm_message(value, self.lr_factor, undone), RuntimeWarning, stacklevel=2)
+        warnings.warn(_alarm_message(self._losses.last_loss, self.lr_factor, undone), RuntimeWarning, stacklevel=2)
         return True
 
     # ------------------------------------------------------------------ checkpointing

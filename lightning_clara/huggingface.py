@@ -12,23 +12,31 @@ The Trainer hands its reporting integrations (TensorBoard, W&B ...) each ``logs`
 callbacks passed to ``Trainer(callbacks=...)``; :func:`add_clara` puts the callback first, so those
 integrations see the ``clara/*`` values. A callback passed in ``callbacks=`` still adapts, and its
 values reach ``trainer.state.log_history``, but not the integrations that ran before it.
+
+CLARA's state goes into each Trainer checkpoint (``checkpoint-N/clara_state.pt``) and comes back on
+``train(resume_from_checkpoint=...)``, checked before it is loaded, so log F continues exactly.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import warnings
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from lightning_clara.controller import CLARA
 from lightning_clara.options import CLARAOptions, merged_options
 
-__all__ = ["CLARATrainerCallback", "add_clara"]
+__all__ = ["STATE_FILE", "CLARATrainerCallback", "add_clara"]
+
+#: CLARA's state in a Trainer checkpoint directory, beside the optimizer's.
+STATE_FILE = "clara_state.pt"
 
 
 class CLARATrainerCallback(TrainerCallback):
@@ -37,22 +45,19 @@ class CLARATrainerCallback(TrainerCallback):
     The Trainer's scheduler keeps setting the base lr; the lr used is ``lr_scheduled * F``. At each
     logging step the callback adds, per param group, ``clara/lr``, ``clara/ratio`` and
     ``clara/log_factor`` (suffixed ``-pg{j}`` when there are several groups, as the Trainer's
-    decay / no-decay split makes). ``total_steps`` defaults to the Trainer's ``max_steps``. The
-    Trainer does not hand its callbacks the loss of every step, so there is no safeguard here (and
-    Adam keeps the target 0.7). CLARA's state is not written to the Trainer's checkpoints: a
-    resumed run starts its paths and F afresh.
+    decay / no-decay split makes). ``total_steps`` defaults to the Trainer's ``max_steps``. Each
+    step's loss reaches CLARA (the loss brake, and the safeguard with ``safeguard=True``) when
+    :func:`add_clara` attached the callback. Every Trainer checkpoint holds CLARA's state
+    (:data:`STATE_FILE`); a resumed run loads it, and warns once where the checkpoint has none.
     """
 
     def __init__(self, options: CLARAOptions | None = None, **overrides: Any) -> None:
         self.options = merged_options(options, overrides)
-        if self.options.safeguard:
-            raise ValueError(
-                "CLARATrainerCallback does not offer the safeguard (it restores parameters the Trainer's "
-                "checkpoints do not know of); leave safeguard off: the loss brake watches the loss"
-            )
         self.controller: CLARA | None = None
         self.tapped = False  # add_clara taps the Trainer's training_step for the loss
         self._loss: torch.Tensor | None = None
+        #: The checkpoint ``train(resume_from_checkpoint=...)`` resumes from, as add_clara saw it.
+        self._resume_from: str | None = None
 
     def tap(self, trainer: Trainer) -> None:
         """Wrap ``trainer.training_step`` so that each step's loss reaches CLARA (what :func:`add_clara` does)."""
@@ -69,6 +74,16 @@ class CLARATrainerCallback(TrainerCallback):
             return loss
 
         trainer.training_step = training_step  # type: ignore[method-assign]
+        train = trainer.train
+
+        @functools.wraps(train)
+        def train_and_note_the_checkpoint(resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+            if resume_from_checkpoint is True:
+                resume_from_checkpoint = get_last_checkpoint(trainer.args.output_dir)
+            self._resume_from = resume_from_checkpoint or None
+            return train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+        trainer.train = train_and_note_the_checkpoint  # type: ignore[method-assign]
         self.tapped = True
 
     def on_train_begin(
@@ -88,6 +103,8 @@ class CLARATrainerCallback(TrainerCallback):
             options = dataclasses.replace(options, total_steps=state.max_steps)
         self.controller = CLARA(optimizer, options)  # unwraps accelerate's AcceleratedOptimizer
         self._loss = None
+        if state.global_step > 0:  # the Trainer resumed a checkpoint: continue CLARA where it was
+            self._restore(args, state)
         if self.controller.wants_loss and not self.tapped:
             warnings.warn(
                 "CLARATrainerCallback gets no loss when passed in callbacks=: attach it with add_clara(trainer) "
@@ -117,10 +134,31 @@ class CLARATrainerCallback(TrainerCallback):
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(values)  # the Trainer appended a copy of logs before on_log
 
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """Write CLARA's state into the checkpoint the Trainer has just saved (by the saving process)."""
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if self.controller is not None and args.should_save and os.path.isdir(folder):
+            torch.save(self.controller.state_dict(), os.path.join(folder, STATE_FILE))
+
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self._detach()
+
+    def _restore(self, args: TrainingArguments, state: TrainerState) -> None:
+        """Load the resumed checkpoint's CLARA state (checked first: ValueError naming the field)."""
+        assert self.controller is not None
+        folder = self._resume_from or os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        path = os.path.join(folder, STATE_FILE)
+        if not os.path.isfile(path):
+            warnings.warn(
+                f"CLARATrainerCallback: resuming at step {state.global_step} from a checkpoint without CLARA "
+                f"state ({path} not found): paths and F start afresh",
+                UserWarning,
+                stacklevel=3,
+            )
+            return
+        self.controller.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
     def metrics(self) -> dict[str, float]:
         """The current ``clara/*`` values (empty before the first adapted step)."""

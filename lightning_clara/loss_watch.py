@@ -1,9 +1,18 @@
-"""What CLARA does with the losses it is given: the brake's trend and the safeguard's detector, in one place."""
+"""What CLARA does with the losses it is given: the brake's trend and the safeguard's detector, in one place.
+
+A CUDA loss reaches the brake without a host synchronisation: it is copied to pinned memory with
+``non_blocking=True`` and taken at the next :meth:`LossWatch.settle` (the next step's pre-hook),
+one step late, as the step statistics are. The safeguard, which must judge the step at once,
+still reads its loss when it is given.
+"""
 
 from __future__ import annotations
 
 import math
 from typing import Any
+
+import torch
+from torch import Tensor
 
 from lightning_clara.loss_trend import STATE_KEYS, LossTrend
 from lightning_clara.options import Settings
@@ -18,6 +27,11 @@ class LossWatch:
         self.brake = settings.loss_brake
         self.safeguard = settings.safeguard
         self.trend = LossTrend(settings.c)
+        #: The optimizer step count at the last loss taken; a loss is taken once per step that ran.
+        self.steps_at_last_loss = 0
+        #: The last loss taken (host float), for the safeguard's message.
+        self.last_loss = math.nan
+        self._pending: tuple[Tensor, Any] | None = None  # a CUDA loss on its way: (pinned buffer, event)
 
     @property
     def wanted(self) -> bool:
@@ -34,8 +48,39 @@ class LossWatch:
         """Whether the brake sees a network that fits its training data (no raise, whatever the ratio)."""
         return self.brake and self.trend.fitted
 
-    def observe(self, loss: float) -> bool:
-        """Feed one step's loss; True when the safeguard raises an alarm."""
+    def observe(self, loss: float | Tensor, steps_seen: int) -> bool:
+        """Feed one step's loss; True when the safeguard raises an alarm.
+
+        A loss with no optimizer step since the last one taken (``steps_seen`` unchanged: a step that
+        GradScaler skipped for inf/NaN gradients, or a repeated call) is ignored: the parameters did not
+        move, so there is nothing to judge or undo. A CUDA loss without a safeguard is queued (no sync).
+        """
+        if steps_seen <= self.steps_at_last_loss:
+            return False
+        self.steps_at_last_loss = steps_seen
+        if isinstance(loss, Tensor):
+            loss = loss.detach()
+            if loss.device.type == "cuda" and self.safeguard is None:
+                self.settle()
+                buffer = torch.empty((), dtype=torch.float32, pin_memory=True)
+                buffer.copy_(loss.float().reshape(()), non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                self._pending = (buffer, event)
+                return False
+            loss = float(loss.float().item())
+        return self._take(float(loss))
+
+    def settle(self) -> None:
+        """Take a queued CUDA loss (its copy has long finished by the next step's pre-hook)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            buffer, event = pending
+            event.synchronize()
+            self._take(float(buffer))
+
+    def _take(self, loss: float) -> bool:
+        self.last_loss = loss
         if self.brake:
             self.trend = self.trend.observed(loss)
         return self.safeguard is not None and self.safeguard.update(loss)

@@ -6,22 +6,32 @@ lr (capturable optimizers) is filled in place and restored from a copy.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import types
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import Tensor
+from torch.optim import Optimizer
 
-__all__ = ["LearningRateSwap"]
+__all__ = ["LearningRateSwap", "restore_on_error"]
 
 
 class LearningRateSwap:
-    """Sets the lr used for the duration of one step and puts the base lrs back afterwards."""
+    """Sets the lr used for the duration of one step and puts the base lrs back afterwards (also when
+    the step raises: ``optimizer.step`` is wrapped until :meth:`release`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, optimizer: Optimizer) -> None:
         #: The base lrs while a step runs (floats, or copies of tensor lrs); None outside a step.
         self.bases: list[Any] | None = None
         #: The lr each group used in the last step.
         self.used: list[float] = []
+        self._unwrap = restore_on_error(optimizer, self)
+
+    def release(self, groups: Sequence[dict[str, Any]]) -> None:
+        """Put the base lrs back and unwrap ``optimizer.step`` (on detach)."""
+        self.restore(groups)
+        self._unwrap()
 
     def apply(self, groups: Sequence[dict[str, Any]], lrs: Sequence[float]) -> None:
         bases: list[Any] = []
@@ -51,3 +61,37 @@ class LearningRateSwap:
     def current_bases(self, groups: Sequence[dict[str, Any]]) -> list[Any]:
         """The base lrs: the saved ones inside a step, the groups' outside."""
         return self.bases if self.bases is not None else [group["lr"] for group in groups]
+
+
+def restore_on_error(optimizer: Optimizer, swap: LearningRateSwap) -> Callable[[], None]:
+    """Wrap ``optimizer.step`` so that a step that raises still puts the base lrs back; returns the unwrap.
+
+    Step post-hooks do not run when the step raises, and the lr would stay ``lr_scheduled * F``.
+    The wrapper is a method bound to the optimizer, as torch's own step is, so that a scheduler
+    created later can wrap it again (it reads ``step.__func__``).
+    """
+    own = optimizer.__dict__.get("step")  # an instance attribute: another wrapper (a scheduler's)
+    inner = optimizer.step
+
+    # functools.wraps copies the inner function's attributes too: a scheduler's wrapper carries
+    # ``_wrapped_by_lr_sched``, without which the scheduler warns that the step was overridden
+    @functools.wraps(getattr(inner, "__func__", inner))
+    def step(self: Optimizer, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return inner(*args, **kwargs)
+        except BaseException:
+            swap.restore(self.param_groups)
+            raise
+
+    wrapper = types.MethodType(step, optimizer)
+    optimizer.step = wrapper  # type: ignore[method-assign]
+
+    def unwrap() -> None:
+        if optimizer.__dict__.get("step") is not wrapper:
+            return  # wrapped again since (a scheduler made later): ours stays, harmless once restored
+        if own is None:
+            del optimizer.step
+        else:
+            optimizer.step = own  # type: ignore[method-assign]
+
+    return unwrap

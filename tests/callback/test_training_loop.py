@@ -449,6 +449,40 @@ def test_manual_gan_adapts_each_optimizer_on_its_own_steps(trainer_kwargs: dict[
     assert [d_series[s] for s in d_batches] == pytest.approx(d_lrs, rel=1e-8)
 
 
+class AlternatingGAN(TinyGAN):
+    """The discriminator on even batches, the generator on odd ones: each optimizer steps every other batch."""
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        z, real = batch
+        opt_g, opt_d = self.optimizers()  # type: ignore[misc]
+        if batch_idx % 2 == 0:
+            opt_d.zero_grad()
+            self.manual_backward(discriminator_loss(self.generator, self.discriminator, z, real))
+            opt_d.step()
+        else:
+            opt_g.zero_grad()
+            self.manual_backward(generator_loss(self.generator, self.discriminator, z))
+            opt_g.step()
+
+
+@pytest.mark.parametrize("log_every", [2, 4])
+def test_alternating_optimizers_both_reach_the_logger_with_an_even_interval(
+    trainer_kwargs: dict[str, Any], log_every: int
+) -> None:
+    """Every log step lands on the same parity of batch, where only one optimizer stepped; the other's latest
+    values are logged there too (issue 21), each value once."""
+    logger, callback = RecordingLogger(), CLARACallback(c=C, d=D)
+    trainer = make_trainer(trainer_kwargs, [callback], max_epochs=2, logger=logger, log_every_n_steps=log_every)
+    trainer.fit(AlternatingGAN())
+    batches = 2 * GAN_SAMPLES // GAN_BATCH
+    for name in ("Adam", "SGD"):
+        series = logger.series(f"clara/lr-{name}")
+        assert len(series) == batches // log_every, name
+    g_controller, _ = callback.controllers
+    last_step = max(logger.series("clara/lr-Adam"))
+    assert logger.series("clara/lr-Adam")[last_step] == pytest.approx(g_controller.lr_used[0])
+
+
 # ---------------------------------------------------------------------------------------------- d. clipping
 @pytest.mark.parametrize(("algorithm", "clip_val"), [("norm", 0.5), ("value", 0.1)])
 def test_clipped_step_is_the_adapted_direction(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -29,24 +30,25 @@ class RandomTokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[index], "labels": self.ids[index]}
 
 
-def tiny_trainer(tmp_path: Path, **callbacks: object) -> transformers.Trainer:
+def tiny_trainer(tmp_path: Path, args: dict[str, object] | None = None, **callbacks: object) -> transformers.Trainer:
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=32, n_layer=1, n_head=2)
     model = transformers.GPT2LMHeadModel(config)
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=30,
-        per_device_train_batch_size=8,
-        learning_rate=1e-3,
-        warmup_steps=5,
-        weight_decay=0.01,
-        logging_steps=10,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-    )
-    return transformers.Trainer(model=model, args=args, train_dataset=RandomTokens(), **callbacks)  # type: ignore[arg-type]
+    settings: dict[str, object] = {
+        "output_dir": str(tmp_path),
+        "max_steps": 30,
+        "per_device_train_batch_size": 8,
+        "learning_rate": 1e-3,
+        "warmup_steps": 5,
+        "weight_decay": 0.01,
+        "logging_steps": 10,
+        "report_to": [],
+        "save_strategy": "no",
+        "use_cpu": True,
+        "disable_tqdm": True,
+    }
+    arguments = transformers.TrainingArguments(**(settings | (args or {})))  # type: ignore[arg-type]
+    return transformers.Trainer(model=model, args=arguments, train_dataset=RandomTokens(), **callbacks)  # type: ignore[arg-type]
 
 
 def test_add_clara_adapts_the_trainers_optimizer_and_logs_through_it(tmp_path: Path) -> None:
@@ -111,6 +113,83 @@ def test_bad_options_fail_when_the_callback_is_made() -> None:
         CLARATrainerCallback(c=2.0)
 
 
-def test_the_safeguard_is_refused_as_the_trainer_gives_no_per_step_loss() -> None:
-    with pytest.raises(ValueError, match="safeguard"):
-        CLARATrainerCallback(safeguard=True)
+# ---------------------------------------------------------------------------------------------- checkpoints
+SAVING = {"max_steps": 40, "save_strategy": "steps", "save_steps": 20, "logging_steps": 10}
+
+
+def logged_log_factors(trainer: transformers.Trainer) -> dict[int, float]:
+    return {entry["step"]: entry["clara/log_factor-pg0"] for entry in trainer.state.log_history if "loss" in entry}
+
+
+@pytest.fixture
+def saved_run(tmp_path: Path) -> tuple[Path, dict[int, float]]:
+    """A 40-step run that checkpoints at steps 20 and 40, and its logged log F."""
+    trainer = tiny_trainer(tmp_path, SAVING)
+    add_clara(trainer)
+    trainer.train()
+    return tmp_path, logged_log_factors(trainer)
+
+
+def test_each_checkpoint_holds_claras_state(saved_run: tuple[Path, dict[int, float]]) -> None:
+    from lightning_clara.huggingface import STATE_FILE
+
+    out, logged = saved_run
+    state = torch.load(out / "checkpoint-20" / STATE_FILE, weights_only=True)
+    assert state["num_adapted_steps"] == 19  # the warm-up's first step has lr 0: nothing moved, nothing adapted
+    assert state["log_factors"][0] == pytest.approx(logged[20], rel=1e-12)
+
+
+@pytest.mark.parametrize("attach", ["add_clara", "callbacks"])
+def test_resume_continues_log_f_exactly(saved_run: tuple[Path, dict[int, float]], attach: str) -> None:
+    out, logged = saved_run
+    if attach == "add_clara":
+        resumed = tiny_trainer(out, SAVING)
+        add_clara(resumed)
+    else:  # no access to train()'s argument: the checkpoint at the resumed step under output_dir
+        resumed = tiny_trainer(out, SAVING, callbacks=[CLARATrainerCallback()])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "CLARATrainerCallback gets no loss")
+        resumed.train(resume_from_checkpoint=str(out / "checkpoint-20"))
+    again = logged_log_factors(resumed)  # the resumed log history holds steps 10 and 20 too
+    assert sorted(again) == [10, 20, 30, 40]
+    if attach == "add_clara":  # the same losses reach the brake: the same trajectory
+        assert [again[30], again[40]] == pytest.approx([logged[30], logged[40]], rel=1e-9)
+    callback = next(c for c in resumed.callback_handler.callbacks if isinstance(c, CLARATrainerCallback))
+    assert callback.controller is not None
+    assert callback.controller.num_adapted_steps == 39  # counted on from the checkpoint's 19
+
+
+def test_resume_from_a_checkpoint_without_clara_state_warns_once(saved_run: tuple[Path, dict[int, float]]) -> None:
+    from lightning_clara.huggingface import STATE_FILE
+
+    out, _ = saved_run
+    (out / "checkpoint-20" / STATE_FILE).unlink()
+    resumed = tiny_trainer(out, SAVING)
+    add_clara(resumed)
+    with pytest.warns(UserWarning, match="without CLARA state") as caught:
+        resumed.train(resume_from_checkpoint=str(out / "checkpoint-20"))
+    assert len([w for w in caught if "CLARA state" in str(w.message)]) == 1
+
+
+def test_a_corrupted_clara_state_is_refused_on_resume(saved_run: tuple[Path, dict[int, float]]) -> None:
+    from lightning_clara.huggingface import STATE_FILE
+
+    out, _ = saved_run
+    path = out / "checkpoint-20" / STATE_FILE
+    state = torch.load(path, weights_only=True)
+    state["log_factors"] = [math.nan]
+    torch.save(state, path)
+    resumed = tiny_trainer(out, SAVING)
+    add_clara(resumed)
+    with pytest.raises(ValueError, match=r"log_factors\[0\] must be a finite number"):
+        resumed.train(resume_from_checkpoint=str(out / "checkpoint-20"))
+
+
+def test_the_safeguard_watches_the_trainers_loss(tmp_path: Path) -> None:
+    trainer = tiny_trainer(tmp_path)
+    callback = add_clara(trainer, safeguard=True)
+    trainer.train()
+    assert callback.controller is not None
+    safeguard = callback.controller.safeguard
+    assert safeguard is not None
+    assert safeguard.count + 10 * safeguard.alarms >= 20  # it saw the steps' losses

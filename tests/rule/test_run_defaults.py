@@ -153,6 +153,8 @@ def test_under_ddp_the_safeguard_sees_the_loss_averaged_over_ranks() -> None:
         return torch.tensor(7.0)
 
     trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(reduce=reduce))
+    model(torch.ones(1, 2)).sum().backward()
+    callback.controllers[0].optimizer.step()  # a loss is taken for a step that ran
     callback._feed_loss(trainer, {"loss": torch.tensor(3.0)}, [0])  # type: ignore[arg-type]
     safeguard = callback.controllers[0].safeguard
     assert safeguard is not None

@@ -1,0 +1,231 @@
+"""Fault injection (issue 21): exceptions inside the step, steps GradScaler skips, NaN storms, a fit
+killed with SIGKILL mid-epoch; the corrupted-state cases are in ``tests/controller/test_state_checks.py``.
+
+What must hold: the learning rate a user (or a scheduler) sees outside a step is always the scheduled
+one, a step that never ran is never judged, and one poisoned state raises one alarm, not one per call.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_clara import CLARA
+
+LR = 0.05
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def model_and_data(seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)), torch.randn(32, 4), torch.randn(32, 1)
+
+
+def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.mse_loss(model(x), y)
+
+
+def test_an_exception_inside_the_step_leaves_the_scheduled_lr() -> None:
+    model, x, y = model_and_data()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    clara = CLARA(optimizer)
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss_of(model, x, y).backward()
+        optimizer.step()
+    assert clara.lr_used[0] != LR  # lr used = LR x F
+
+    def failing_closure() -> torch.Tensor:  # runs inside step(), after CLARA's pre-hook set lr x F
+        raise MemoryError("injected: out of memory in the closure's forward")
+
+    with pytest.raises(MemoryError):
+        optimizer.step(failing_closure)
+    assert optimizer.param_groups[0]["lr"] == LR  # not LR x F
+    optimizer.step()  # and the run goes on
+    assert optimizer.param_groups[0]["lr"] == LR
+    assert clara.num_optimizer_steps == 4
+
+
+def test_a_scheduler_made_after_clara_wraps_the_step_again_and_detach_unwraps() -> None:
+    model, x, y = model_and_data()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    clara = CLARA(optimizer)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)  # wraps optimizer.step too
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "lr_scheduler.step() before optimizer.step()" warning
+        for _ in range(4):
+            optimizer.zero_grad()
+            loss_of(model, x, y).backward()
+            optimizer.step()
+            scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(LR / 4)
+    assert clara.num_optimizer_steps == 4
+    bare = torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=LR)
+    CLARA(bare).detach()
+    assert "step" not in bare.__dict__  # nothing of CLARA is left on the optimizer
+
+
+def test_a_step_grad_scaler_skips_with_an_inf_loss_is_not_judged() -> None:
+    """GradScaler skips optimizer.step() for inf gradients; the inf loss of that step must neither halve F
+    nor undo the good steps before it (issue 21, item 6)."""
+    model, x, y = model_and_data()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    clara = CLARA(optimizer, safeguard=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    for _ in range(12):
+        optimizer.zero_grad()
+        loss = loss_of(model, x, y)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        clara.observe_loss(loss)
+    weights = [p.detach().clone() for p in model.parameters()]
+    log_factor = clara.log_factors[0]
+    optimizer.zero_grad()
+    scaler.scale(loss_of(model, x, y) * math.inf).backward()  # inf loss, inf gradients
+    scaler.step(optimizer)  # skipped
+    scaler.update()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert clara.observe_loss(math.inf) is False
+    assert clara.log_factors[0] == log_factor
+    assert clara.num_safeguard_alarms == 0
+    assert all(torch.equal(a, p.detach()) for a, p in zip(weights, model.parameters(), strict=True))
+
+
+def test_a_nan_storm_without_steps_raises_one_alarm() -> None:
+    """The same poisoned state reported again and again (a loop that keeps evaluating a NaN loss without
+    stepping) is one alarm: F is halved once, one warning."""
+    model, x, y = model_and_data()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    clara = CLARA(optimizer, safeguard=True)
+    for _ in range(12):
+        optimizer.zero_grad()
+        loss = loss_of(model, x, y)
+        loss.backward()
+        optimizer.step()
+        clara.observe_loss(loss)
+    optimizer.zero_grad()
+    loss_of(model, x, y).backward()
+    optimizer.step()
+    log_factor = clara.log_factors[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(50):
+            clara.observe_loss(math.nan)
+    assert len([w for w in caught if "safeguard" in str(w.message)]) == 1
+    assert clara.num_safeguard_alarms == 1
+    assert clara.log_factors[0] == pytest.approx(log_factor - math.log(2.0), abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- kill -9
+CHILD = """
+import json, os, signal, sys
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning_clara import CLARACallback
+
+mode, out = sys.argv[1], sys.argv[2]
+torch.manual_seed(0)
+x = torch.randn(64, 4, dtype=torch.float64)
+y = x @ torch.randn(4, 1, dtype=torch.float64)
+
+
+class Batches:  # ordered batches whose position survives a checkpoint (a stateful iterable)
+    def __init__(self):
+        self.batches, self.position, self.start = list(zip(x.split(8), y.split(8))), 0, 0
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        start, self.start = self.start, 0
+        for index in range(start, len(self.batches)):
+            self.position = index + 1
+            yield self.batches[index]
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.start = state["position"]
+
+
+class Model(LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.mse_loss(self.net(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+class KillAt(Callback):  # SIGKILL mid-epoch, after the step-10 checkpoint was written
+    def on_train_batch_end(self, trainer, *args):
+        if mode == "killed" and trainer.global_step == 12:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+clara = CLARACallback(summary=False)
+checkpoints = ModelCheckpoint(dirpath=out, every_n_train_steps=5, save_top_k=-1)
+trainer = Trainer(max_epochs=2, callbacks=[clara, checkpoints, KillAt()], logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, accelerator="cpu", devices=1)
+ckpt = os.path.join(out, "epoch=1-step=10.ckpt") if mode == "resume" else None
+model = Model()
+trainer.fit(model, train_dataloaders=Batches(), ckpt_path=ckpt)
+(controller,) = clara.controllers
+state = controller.state_dict()
+result = {"log_factors": state["log_factors"], "adapted": state["num_adapted_steps"],
+          "params": [p.detach().flatten().tolist() for p in model.parameters()]}
+with open(os.path.join(out, mode + ".json"), "w") as file:
+    json.dump(result, file)
+"""
+
+
+def run_child(mode: str, out: Path) -> subprocess.CompletedProcess[str]:
+    script = out / "child.py"
+    script.write_text(CHILD)
+    python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, str(script), mode, str(out)],
+        env={**os.environ, "PYTHONPATH": python_path, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_a_fit_killed_mid_epoch_resumes_exactly(tmp_path: Path) -> None:
+    """kill -9 at step 12 (mid-epoch 2, the last checkpoint at step 10); resuming from that checkpoint ends
+    with the uninterrupted run's log F, step count and parameters."""
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    full.mkdir()
+    broken.mkdir()
+    done = run_child("full", full)
+    assert done.returncode == 0, done.stderr[-3000:]
+    killed = run_child("killed", broken)
+    assert killed.returncode == -signal.SIGKILL
+    assert (broken / "epoch=1-step=10.ckpt").is_file()
+    assert not (broken / "killed.json").exists()
+    resumed = run_child("resume", broken)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, got = (json.loads((d / f"{m}.json").read_text()) for d, m in ((full, "full"), (broken, "resume")))
+    assert got["adapted"] == expected["adapted"] == 16
+    assert got["log_factors"] == pytest.approx(expected["log_factors"], rel=1e-12)
+    for a, b in zip(got["params"], expected["params"], strict=True):
+        assert a == pytest.approx(b, rel=1e-10, abs=1e-12)
