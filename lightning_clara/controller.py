@@ -25,12 +25,11 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
-from torch.utils.hooks import RemovableHandle
 
 from lightning_clara.checkpoint import export_state, restore_state
 from lightning_clara.distributed import RankConsistencyGuard
 from lightning_clara.loss_watch import LossWatch
-from lightning_clara.lr_swap import LearningRateSwap
+from lightning_clara.lr_swap import LearningRateSwap, StepHooks
 from lightning_clara.options import (
     OPTION_NAMES,
     CLARAOptions,
@@ -92,17 +91,14 @@ class CLARA:
         self.references = ReferenceCache(optimizer, self.c, self.paths.reference_size, self.settings.reference, plain)
         self._initial_log_factor = clamp_log_factor(self.settings.bounds, math.log(self.settings.initial_factor))
         self._state = FactorState.initial(self._initial_log_factor, 0)
-        self._swap = LearningRateSwap(optimizer)
+        self._swap = LearningRateSwap()
         self._transfer = HostTransfer()
         self._losses = LossWatch(self.settings)
         self._steps_seen = 0
         self._sync_scopes()
         for j in range(len(optimizer.param_groups)):
             self.references.get(j)
-        self._handles: list[RemovableHandle] = [
-            optimizer.register_step_pre_hook(self._before_step),
-            optimizer.register_step_post_hook(self._after_step),
-        ]
+        self._hooks = StepHooks(optimizer, self._before_step, self._after_step, self._swap)
         optimizer._clara_controller = self  # type: ignore[attr-defined]
 
     def __getattr__(self, name: str) -> Any:
@@ -196,7 +192,7 @@ class CLARA:
     @property
     def attached(self) -> bool:
         """Whether the step hooks are still registered."""
-        return bool(self._handles)
+        return self._hooks.attached
 
     @property
     def num_resyncs(self) -> int:
@@ -216,10 +212,8 @@ class CLARA:
     def detach(self) -> None:
         """Remove the hooks, restore base learning rates if a step was interrupted, free buffers."""
         self._settle(collectives=False)
-        self._swap.release(self.optimizer.param_groups)
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self._swap.restore(self.optimizer.param_groups)
+        self._hooks.remove()
         self.paths.release()  # the paths stay: state_dict still holds them after detaching
         if getattr(self.optimizer, "_clara_controller", None) is self:
             self.optimizer._clara_controller = None  # type: ignore[attr-defined]

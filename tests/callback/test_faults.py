@@ -56,6 +56,33 @@ def test_an_exception_inside_the_step_leaves_the_scheduled_lr() -> None:
     assert clara.num_optimizer_steps == 4
 
 
+class LoggingAdam(torch.optim.Adam):
+    """A subclass whose step calls super().step(), as custom optimizers do."""
+
+    calls = 0
+
+    def step(self, closure=None):  # type: ignore[no-untyped-def, override]
+        self.calls += 1
+        return super().step(closure)
+
+
+def test_a_subclass_calling_super_step_runs_claras_hooks_once_per_step() -> None:
+    """Once a plain Adam exists, torch has wrapped Adam.step too, so its hooks run in both steps; CLARA
+    must still see one step per call (before: the second post-hook raised, 'a step without the pre-step
+    gather')."""
+    torch.optim.Adam(nn.Linear(2, 1).parameters())  # wraps Adam.step with torch's hook runner
+    model, x, y = model_and_data()
+    optimizer = LoggingAdam(model.parameters(), lr=1e-3)
+    clara = CLARA(optimizer)
+    for _ in range(5):
+        optimizer.zero_grad()
+        loss_of(model, x, y).backward()
+        optimizer.step()
+    assert optimizer.calls == clara.num_optimizer_steps == 5
+    assert clara.num_adapted_steps == 5
+    assert optimizer.param_groups[0]["lr"] == 1e-3
+
+
 def test_a_scheduler_made_after_clara_wraps_the_step_again_and_detach_unwraps() -> None:
     model, x, y = model_and_data()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
