@@ -23,6 +23,7 @@ from rich.console import Console
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_clara.checkpoint import check_state
 from lightning_clara.controller import CLARA
 from lightning_clara.options import (
     OPTION_NAMES,
@@ -225,7 +226,7 @@ class CLARACallback(Callback):
         self.controllers = [CLARA(optimizer, self._fit_options) for optimizer in optimizers]
         self._scheduler_configs = list(getattr(trainer, "lr_scheduler_configs", ()))  # absent on stand-ins
         self.names = self._names()
-        self._steps_at_batch_start = self._steps_at_last_log = [0] * len(self.controllers)
+        self._steps_at_batch_start, self._steps_at_last_log = [0] * len(self.controllers), [0] * len(self.controllers)
         if restored is not None and restored.get("controllers") != []:
             # an empty list: saved before CLARA attached (a tuner's checkpoint): nothing to continue;
             # anything else is checked (ValueError naming the field) before a controller changes
@@ -421,6 +422,8 @@ class CLARACallback(Callback):
                 f"checkpoint holds CLARA state for {len(saved)} optimizer(s), the model configures "
                 f"{len(self.controllers)}"
             )
+        for controller, state in zip(self.controllers, saved, strict=True):  # all checked before any loads
+            check_state(state, controller.settings, controller.optimizer)
         for controller, state in zip(self.controllers, saved, strict=True):
             controller.load_state_dict(state)
         if self._fit_summary is not None:

@@ -8,6 +8,7 @@ controller keeps them (another ``sample``) restart, with a warning; factors and 
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -18,7 +19,7 @@ from torch.optim import Optimizer
 
 from lightning_clara.loss_watch import LossWatch
 from lightning_clara.options import Settings
-from lightning_clara.rule import LOG_FACTOR_LIMIT, FactorState
+from lightning_clara.rule import FactorState
 from lightning_clara.stores import PathStore, SavedTensors
 
 __all__ = ["STATE_FORMAT", "check_state", "export_state", "restore_state"]
@@ -49,8 +50,12 @@ _REQUIRED_KEYS = ("format", "config", "log_factors", "ratios", "num_adapted_step
 #: ``||p|| <= 1`` for a path of unit steps (a convex combination of unit vectors and 0); the slack
 #: covers a low-precision path's rounding.
 _PATH_NORM_LIMIT = 1.01
-_SAFEGUARD_KEYS = {"count": (0, math.inf), "mean": (-math.inf, math.inf), "variance": (0, math.inf)}
-_SAFEGUARD_KEYS |= {"excess": (-math.inf, math.inf), "alarms": (0, math.inf)}
+#: |log F| beyond which exp(log F) overflows; the rule keeps it within LOG_FACTOR_LIMIT, except where
+#: the lr bounds (``min_lr``/``max_lr`` against a tiny or huge base lr) pull it further.
+_LOG_FACTOR_RANGE = math.log(sys.float_info.max)
+#: The safeguard's statistics: counts are ints >= 0; a huge loss can overflow the moments to inf.
+_SAFEGUARD_COUNTS = ("count", "alarms")
+_SAFEGUARD_MOMENTS = ("mean", "variance", "excess")
 
 
 def _number(field: str, value: Any, low: float = -math.inf, high: float = math.inf, *, integer: bool = False) -> None:
@@ -106,7 +111,7 @@ def check_state(state_dict: Any, settings: Settings, optimizer: Optimizer) -> No
         )
     scopes = 1 if settings.scope == "optimizer" else len(optimizer.param_groups)
     for j, value in enumerate(_sequence("log_factors", state_dict["log_factors"], scopes)):
-        _number(f"log_factors[{j}]", value, -LOG_FACTOR_LIMIT, LOG_FACTOR_LIMIT)
+        _number(f"log_factors[{j}]", value, -_LOG_FACTOR_RANGE, _LOG_FACTOR_RANGE)
     for j, value in enumerate(_sequence("ratios", state_dict["ratios"], scopes)):
         if value is not None:
             _number(f"ratios[{j}]", value, 0.0)
@@ -129,8 +134,15 @@ def check_state(state_dict: Any, settings: Settings, optimizer: Optimizer) -> No
     if safeguard is not None:
         if not isinstance(safeguard, dict):
             raise ValueError(f"CLARA state: safeguard must be None or a dict, got {type(safeguard).__name__}")
-        for key, (low, high) in _SAFEGUARD_KEYS.items():
-            _number(f"safeguard[{key!r}]", safeguard.get(key), low, high, integer=key in ("count", "alarms"))
+        for key in _SAFEGUARD_COUNTS:
+            _number(f"safeguard[{key!r}]", safeguard.get(key), 0, math.inf, integer=True)
+        for key in _SAFEGUARD_MOMENTS:
+            value = safeguard.get(key)
+            number = not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value)
+            if not number or (key == "variance" and value < 0):
+                raise ValueError(
+                    f"CLARA state: safeguard[{key!r}] must be a number (not NaN; variance >= 0), got {value!r}"
+                )
 
 
 def restore_state(

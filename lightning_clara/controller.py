@@ -314,7 +314,8 @@ class CLARA:
         """
         if not self._losses.wanted:
             return False
-        self._settle(collectives=False)
+        if not self._losses.queues(loss):  # a queued CUDA loss waits for nothing: the next pre-hook settles
+            self._settle(collectives=False)
         if not self._losses.observe(loss, self._steps_seen):
             return False
         undone = self.paths.undo()

@@ -77,11 +77,12 @@ class CLARATrainerCallback(TrainerCallback):
         train = trainer.train
 
         @functools.wraps(train)
-        def train_and_note_the_checkpoint(resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
-            if resume_from_checkpoint is True:
-                resume_from_checkpoint = get_last_checkpoint(trainer.args.output_dir)
-            self._resume_from = resume_from_checkpoint or None
-            return train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        def train_and_note_the_checkpoint(*args: Any, **kwargs: Any) -> Any:
+            resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
+            if resume is True:  # the Trainer resolves it the same way (and raises if there is none)
+                resume = get_last_checkpoint(trainer.args.output_dir)
+            self._resume_from = resume if isinstance(resume, str) else None
+            return train(*args, **kwargs)
 
         trainer.train = train_and_note_the_checkpoint  # type: ignore[method-assign]
         self.tapped = True
@@ -137,8 +138,16 @@ class CLARATrainerCallback(TrainerCallback):
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         """Write CLARA's state into the checkpoint the Trainer has just saved (by the saving process)."""
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if self.controller is not None and args.should_save and os.path.isdir(folder):
-            torch.save(self.controller.state_dict(), os.path.join(folder, STATE_FILE))
+        if self.controller is None or not args.should_save:
+            return
+        if not os.path.isdir(folder):  # a hyper-parameter search saves under run-*/: not known here
+            warnings.warn(
+                f"CLARATrainerCallback: no checkpoint folder {folder}: CLARA's state was not saved with it",
+                UserWarning,
+                stacklevel=2,
+            )
+            return
+        torch.save(self.controller.state_dict(), os.path.join(folder, STATE_FILE))
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

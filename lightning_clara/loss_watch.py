@@ -58,18 +58,19 @@ class LossWatch:
         if steps_seen <= self.steps_at_last_loss:
             return False
         self.steps_at_last_loss = steps_seen
-        if isinstance(loss, Tensor):
-            loss = loss.detach()
-            if loss.device.type == "cuda" and self.safeguard is None:
-                self.settle()
-                buffer = torch.empty((), dtype=torch.float32, pin_memory=True)
-                buffer.copy_(loss.float().reshape(()), non_blocking=True)
-                event = torch.cuda.Event()
-                event.record()
-                self._pending = (buffer, event)
-                return False
-            loss = float(loss.float().item())
-        return self._take(float(loss))
+        self.settle()  # a queued loss first: the trend sees the losses in order
+        if self.queues(loss):
+            buffer = torch.empty((), dtype=torch.float32, pin_memory=True)
+            buffer.copy_(loss.detach().float().reshape(()), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending = (buffer, event)
+            return False
+        return self._take(float(loss.detach().float().item()) if isinstance(loss, Tensor) else float(loss))
+
+    def queues(self, loss: float | Tensor) -> bool:
+        """Whether ``loss`` is taken later, without a sync (a CUDA tensor, and no safeguard to judge it now)."""
+        return isinstance(loss, Tensor) and loss.device.type == "cuda" and self.safeguard is None
 
     def settle(self) -> None:
         """Take a queued CUDA loss (its copy has long finished by the next step's pre-hook)."""

@@ -16,7 +16,7 @@ from typing import Any
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["LearningRateSwap", "StepHooks", "restore_on_error"]
+__all__ = ["LearningRateSwap", "StepHooks"]
 
 Hook = Callable[[Optimizer, Any, Any], None]
 
@@ -66,13 +66,19 @@ class StepHooks:
     torch runs an optimizer's step hooks in every ``step`` it has wrapped: a subclass whose ``step``
     calls ``super().step()`` runs them twice per step once the parent class was wrapped too (any
     instance of it made in the process). Counting the depth keeps one pre- and one post-hook per step.
+    ``optimizer.step`` is wrapped (a method bound to the optimizer, as torch's own step is, so that a
+    scheduler made later can wrap it again) to put the base lrs back when the step raises. Where the
+    wrapper is bypassed (accelerate swaps in the step it saved before CLARA attached), a pre-hook
+    that finds a step still open outside any wrapped call closes it first, as a raised step left it.
     """
 
     def __init__(self, optimizer: Optimizer, before: Hook, after: Hook, swap: LearningRateSwap) -> None:
-        self.depth = 0
+        self.depth = 0  # pre-hooks run minus post-hooks run
+        self._calls = 0  # wrapped optimizer.step() calls running
+        self._opened_in = 0  # the wrapped calls running when the open step began
         self._before, self._after, self._swap = before, after, swap
         self._handles = [optimizer.register_step_pre_hook(self._pre), optimizer.register_step_post_hook(self._post)]
-        self._unwrap = restore_on_error(optimizer, self._on_error)
+        self._unwrap = self._wrap(optimizer)
 
     @property
     def attached(self) -> bool:
@@ -86,49 +92,51 @@ class StepHooks:
         self._unwrap()
 
     def _pre(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        # nested only inside the wrapped call that opened the step; otherwise a step that raised
+        # outside the wrapper left it open, with its lrs swapped
+        if self.depth and not (self._calls and self._calls == self._opened_in):
+            self.depth = 0
+            self._swap.restore(optimizer.param_groups)
         self.depth += 1
         if self.depth == 1:
+            self._opened_in = self._calls
             self._before(optimizer, args, kwargs)
 
     def _post(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        self.depth = max(0, self.depth - 1)
+        if self.depth == 0:
+            return  # an inner post-hook already closed this step
+        self.depth -= 1
         if self.depth == 0:
             self._after(optimizer, args, kwargs)
 
-    def _on_error(self, groups: Sequence[dict[str, Any]]) -> None:
-        self.depth = 0  # the post-hooks of a step that raised never run
-        self._swap.restore(groups)
+    def _wrap(self, optimizer: Optimizer) -> Callable[[], None]:
+        """Wrap ``optimizer.step``; returns the unwrap."""
+        own = optimizer.__dict__.get("step")  # an instance attribute: another wrapper (a scheduler's)
+        inner = optimizer.step
 
+        # functools.wraps copies the inner function's attributes too: a scheduler's wrapper carries
+        # ``_wrapped_by_lr_sched``, without which the scheduler warns that the step was overridden
+        @functools.wraps(getattr(inner, "__func__", inner))
+        def step(this: Optimizer, *args: Any, **kwargs: Any) -> Any:
+            self._calls += 1
+            try:
+                return inner(*args, **kwargs)
+            except BaseException:
+                self.depth = 0  # the post-hooks of a step that raised never run
+                self._swap.restore(this.param_groups)
+                raise
+            finally:
+                self._calls -= 1
 
-def restore_on_error(optimizer: Optimizer, on_error: Callable[[Sequence[dict[str, Any]]], None]) -> Callable[[], None]:
-    """Wrap ``optimizer.step`` so that ``on_error(param_groups)`` runs when the step raises; returns the unwrap.
+        wrapper = types.MethodType(step, optimizer)
+        optimizer.step = wrapper  # type: ignore[method-assign]
 
-    Step post-hooks do not run when the step raises, and the lr would stay ``lr_scheduled * F``.
-    The wrapper is a method bound to the optimizer, as torch's own step is, so that a scheduler
-    created later can wrap it again (it reads ``step.__func__``).
-    """
-    own = optimizer.__dict__.get("step")  # an instance attribute: another wrapper (a scheduler's)
-    inner = optimizer.step
+        def unwrap() -> None:
+            if optimizer.__dict__.get("step") is not wrapper:
+                return  # wrapped again since (a scheduler made later): ours stays, harmless once restored
+            if own is None:
+                del optimizer.step
+            else:
+                optimizer.step = own  # type: ignore[method-assign]
 
-    # functools.wraps copies the inner function's attributes too: a scheduler's wrapper carries
-    # ``_wrapped_by_lr_sched``, without which the scheduler warns that the step was overridden
-    @functools.wraps(getattr(inner, "__func__", inner))
-    def step(self: Optimizer, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return inner(*args, **kwargs)
-        except BaseException:
-            on_error(self.param_groups)
-            raise
-
-    wrapper = types.MethodType(step, optimizer)
-    optimizer.step = wrapper  # type: ignore[method-assign]
-
-    def unwrap() -> None:
-        if optimizer.__dict__.get("step") is not wrapper:
-            return  # wrapped again since (a scheduler made later): ours stays, harmless once restored
-        if own is None:
-            del optimizer.step
-        else:
-            optimizer.step = own  # type: ignore[method-assign]
-
-    return unwrap
+        return unwrap

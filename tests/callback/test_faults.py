@@ -88,18 +88,47 @@ def test_a_scheduler_made_after_clara_wraps_the_step_again_and_detach_unwraps() 
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     clara = CLARA(optimizer)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)  # wraps optimizer.step too
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no "lr_scheduler.step() before optimizer.step()" warning
-        for _ in range(4):
+
+    def train(steps: int) -> None:
+        for _ in range(steps):
             optimizer.zero_grad()
             loss_of(model, x, y).backward()
             optimizer.step()
             scheduler.step()
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(LR / 4)
-    assert clara.num_optimizer_steps == 4
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "lr_scheduler.step() before optimizer.step()" warning
+        train(4)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(LR / 4)
+        assert clara.num_optimizer_steps == 4
+        clara.detach()  # the scheduler's wrapper sits on top of CLARA's: it stays, and the run goes on
+        train(2)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(LR / 8)
+    assert clara.num_optimizer_steps == 4  # detached: no more steps seen
     bare = torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=LR)
     CLARA(bare).detach()
-    assert "step" not in bare.__dict__  # nothing of CLARA is left on the optimizer
+    assert "step" not in bare.__dict__  # nothing of CLARA is left on an optimizer nobody else wrapped
+
+
+def test_a_step_that_raises_outside_the_wrapper_does_not_stop_the_adaptation() -> None:
+    """accelerate swaps in the step it saved before CLARA attached, so CLARA's wrapper can be bypassed: a
+    step that raises there leaves its lr swapped and no post-hook; the next step closes it and adapts on."""
+    model, x, y = model_and_data()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    clara = CLARA(optimizer)
+
+    def failing_closure() -> torch.Tensor:
+        raise MemoryError("injected")
+
+    with pytest.raises(MemoryError):
+        type(optimizer).step(optimizer, failing_closure)  # the class's step: torch's hooks, not CLARA's wrapper
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss_of(model, x, y).backward()
+        optimizer.step()
+    assert optimizer.param_groups[0]["lr"] == LR
+    assert clara.num_adapted_steps == 3
+    assert clara.lr_used[0] != LR
 
 
 def test_a_step_grad_scaler_skips_with_an_inf_loss_is_not_judged() -> None:
