@@ -70,27 +70,36 @@ def main() -> int:
                 f"max |log F_gpu - log F_cpu| = {error:.2e}, |log F| = {moved:.3f}",
             )
 
-    # synchronisations per adapted step
-    params = [
-        torch.zeros(512, 512, device="cuda", requires_grad=True),
-        torch.zeros(512, device="cuda", requires_grad=True),
-    ]
-    optimizer = torch.optim.Adam(params, lr=1e-3)
-    clara = CLARA(optimizer)
-    for p in params:
-        p.grad = torch.randn_like(p)
-    optimizer.step()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("warn")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for _ in range(5):
-            optimizer.step()
-    torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
-    check("one-sync-per-step", len(syncs) <= 5, f"{len(syncs)} synchronising calls in 5 steps (Adam's own included)")
-    for w in syncs[:6]:
-        print("   ", str(w.message).splitlines()[0][:160])
+    # synchronisations in 5 steps: Adam alone, CLARA's defaults (the NaN/inf gradient check decides on
+    # the host: one per step), and without the check (none of CLARA's own)
+    def syncs_in_five_steps(options: dict | None) -> list[str]:
+        params = [
+            torch.zeros(512, 512, device="cuda", requires_grad=True),
+            torch.zeros(512, device="cuda", requires_grad=True),
+        ]
+        optimizer = torch.optim.Adam(params, lr=1e-3)
+        clara = None if options is None else CLARA(optimizer, **options)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        optimizer.step()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(5):
+                optimizer.step()
+        torch.cuda.set_sync_debug_mode("default")
+        del clara
+        return [str(w.message).splitlines()[0][:160] for w in caught if "synchroniz" in str(w.message).lower()]
+
+    adam_alone = len(syncs_in_five_steps(None))
+    defaults = syncs_in_five_steps({})
+    unchecked = syncs_in_five_steps({"skip_nonfinite": False})
+    check("syncs-defaults", len(defaults) - adam_alone <= 5, f"{len(defaults) - adam_alone} of CLARA's in 5 steps")
+    extra = len(unchecked) - adam_alone
+    check("syncs-skip_nonfinite-off", extra == 0, f"{extra} of CLARA's in 5 steps")
+    for line in defaults[:6]:
+        print("   ", line)
 
     # bf16 parameters: fp32 paths on the same device
     params = [torch.zeros(64, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)]

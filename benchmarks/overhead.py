@@ -35,9 +35,14 @@ HERE = Path(__file__).resolve().parent
 PINNED = {"min_factor": 1.0, "max_factor": 1.0}
 #: The engines compared: the default and 0.1.0's full paths.
 ENGINES = {"sampled": {}, "full": {"sample": None}}
-#: The safeguard's restore keeps two full parameter snapshots whatever the paths (CLARACallback's
-#: default): its cost, on the target sizes only.
-WITH_SAFEGUARD = {**ENGINES, "sampled+safeguard": {"safeguard": True}}
+#: The default without its NaN/inf gradient check (``skip_nonfinite=False``): the check's own cost
+#: is the difference to "sampled".
+NO_CHECK = {"sampled-nocheck": {"skip_nonfinite": False}}
+#: The safeguard's restore keeps two full parameter snapshots whatever the paths: its cost, on the
+#: target sizes only.
+WITH_SAFEGUARD = {**ENGINES, **NO_CHECK, "sampled+safeguard": {"safeguard": True}}
+#: End to end: the default, full paths, and the default without the gradient check.
+END_TO_END = {**ENGINES, **NO_CHECK}
 #: (parameters, tensors) of the per-step targets (issue 13).
 TARGETS = ((6.3e6, 50), (26e6, 200))
 TENSOR_COUNTS = (10, 100, 1000)
@@ -183,6 +188,27 @@ def step_costs(
     return {"numel": numel, "tensors": tensors, "adam_ms": adam * 1e3, "rows": rows}
 
 
+def check_costs(total: float, tensors: int, device: str, repeats: int, steps: int) -> dict[str, float]:
+    """The NaN/inf gradient check (``skip_nonfinite``) alone, against the Adam and SGD steps it guards.
+
+    Timed by itself because its cost is below the run-to-run spread of a whole optimizer step.
+    """
+    from lightning_clara.finite_guard import gradients_finite
+
+    params = make_params(total, tensors, device)
+    adam, sgd = make_optimizer("adam", params), make_optimizer("sgd", params)
+    setups = {"adam": adam.step, "sgd": sgd.step, "check": lambda: gradients_finite(adam)}
+    seconds = time_steps(setups, device, repeats, steps)
+    numel = sum(p.numel() for p in params)
+    return {
+        "numel": numel,
+        "tensors": tensors,
+        "check_ms": seconds["check"] * 1e3,
+        "in_adam_steps": seconds["check"] / seconds["adam"],
+        "in_sgd_steps": seconds["check"] / seconds["sgd"],
+    }
+
+
 def _hooks_seconds(clara: Any, calls: int = 5) -> float:
     """CLARA's own work per step, timed alone: its pre- and post-step hooks around no update (the
     same kernels run; the step just reads as zero). Free of the memory-bound optimizer step's
@@ -229,14 +255,14 @@ def end_to_end(device: str, repeats: int, steps: int) -> dict[str, dict[str, flo
         for kind in ("sgd", "adam"):
             setups = {}
             keep = []
-            for engine in ("none", *ENGINES):
+            for engine in ("none", *END_TO_END):
                 torch.manual_seed(0)
                 model = factory().to(device)
                 if kind == "sgd":
                     optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
                 else:
                     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-                clara = None if engine == "none" else CLARA(optimizer, **PINNED, **ENGINES[engine])
+                clara = None if engine == "none" else CLARA(optimizer, **PINNED, **END_TO_END[engine])
 
                 def train_step(model: torch.nn.Module = model, optimizer: torch.optim.Optimizer = optimizer) -> None:
                     loss = torch.nn.functional.cross_entropy(model(x), y)
@@ -247,7 +273,7 @@ def end_to_end(device: str, repeats: int, steps: int) -> dict[str, dict[str, flo
                 keep.append((model, optimizer, clara))
                 setups[engine] = train_step
             seconds = time_steps(setups, device, repeats, steps)
-            out[f"{model_name}/{kind}"] = {engine: seconds[engine] / seconds["none"] - 1.0 for engine in ENGINES} | {
+            out[f"{model_name}/{kind}"] = {engine: seconds[engine] / seconds["none"] - 1.0 for engine in END_TO_END} | {
                 "step_us": seconds["none"] * 1e6
             }
     return out
@@ -260,14 +286,16 @@ def cuda_launches(device: str) -> dict[str, Any]:
     from lightning_clara import CLARA
 
     out: dict[str, Any] = {}
-    # "defaults": CLARACallback()'s work per step, the loss brake fed a CUDA loss after every step
-    for engine, options in (("none", None), *ENGINES.items(), ("defaults", {})):
+    # "defaults": CLARACallback()'s work per step, the loss brake fed a CUDA loss after every step;
+    # the gradient check's decision is one sync per step, which "defaults-nocheck" leaves out
+    engines = (("none", None), *ENGINES.items(), ("defaults", {}), ("defaults-nocheck", {"skip_nonfinite": False}))
+    for engine, options in engines:
         params = make_params(26e6, 200, device)
         optimizer = make_optimizer("adam", params)
         clara = None if options is None else CLARA(optimizer, **PINNED, **options)
 
         # a loss on the device, as training_step returns it
-        loss = params[0][0, 0].detach() * 0 + 1.0 if engine == "defaults" else None
+        loss = params[0][0, 0].detach() * 0 + 1.0 if engine.startswith("defaults") else None
 
         def step(optimizer: torch.optim.Optimizer = optimizer, clara: Any = clara, loss: Any = loss) -> None:
             optimizer.step()
@@ -371,6 +399,18 @@ def main(argv: list[str] | None = None) -> int:
         add_rows(table, costs)
     console.print(table)
 
+    table = _table("The NaN/inf gradient check alone (skip_nonfinite, on by default)",
+                   ["parameters", "tensors", "check", "in Adam steps", "in SGD-momentum steps"])  # fmt: skip
+    report["gradient_check"] = []
+    for total, tensors in (*targets, (1.5e4, 6)):
+        cost = check_costs(total, tensors, args.device, args.repeats, args.steps * (20 if total < 1e5 else 1))
+        report["gradient_check"].append(cost)
+        table.add_row(
+            f"{cost['numel'] / 1e6:.2f}M", str(tensors), f"{cost['check_ms']:.3f} ms",
+            f"{cost['in_adam_steps']:.3f}", f"{cost['in_sgd_steps']:.3f}",
+        )  # fmt: skip
+    console.print(table)
+
     small = step_costs(1.5e4, 6, ("adam",), args.device, args.repeats * 3, args.steps * 20)
     report["small_mlp"] = small
     table = _table("6-tensor MLP (target: <= 0.5 of its own Adam step)", columns)
@@ -397,9 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     ratios = end_to_end(args.device, args.repeats, max(args.steps, 3) * (1 if args.smoke else 10))
     report["end_to_end_overhead"] = ratios
     e2e = _table("End to end, MNIST-1D training step (batch 100): with CLARA / without - 1", ["model/optimizer",
-                 "step without", *ENGINES])  # fmt: skip
+                 "step without", *END_TO_END])  # fmt: skip
     for name, row in ratios.items():
-        e2e.add_row(name, f"{row['step_us']:.0f} us", *(f"{row[engine] * 100:+.1f} %" for engine in ENGINES))
+        e2e.add_row(name, f"{row['step_us']:.0f} us", *(f"{row[engine] * 100:+.1f} %" for engine in END_TO_END))
     console.print(e2e)
     if args.device.startswith("cuda"):
         report["cuda_launches"] = cuda_launches(args.device)

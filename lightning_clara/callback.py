@@ -365,20 +365,8 @@ class CLARACallback(Callback):
         Optimizers that have not adapted a step yet are left out.
         """
         out: dict[str, float] = {}
-        chosen = range(len(self.controllers)) if optimizers is None else optimizers
-        for index in chosen:
-            controller, names = self.controllers[index], self.names[index]
-            if controller.num_adapted_steps == 0:
-                continue
-            for name, lr, ratio, log_factor in zip(
-                names, controller.lr_used, controller.ratios, controller.log_factors, strict=True
-            ):
-                out[f"clara/lr-{name}"] = lr
-                out[f"clara/log_factor-{name}"] = log_factor
-                if ratio is not None:
-                    out[f"clara/ratio-{name}"] = ratio
-                if controller.safeguard is not None:
-                    out[f"clara/safeguard_alarms-{name}"] = float(controller.num_safeguard_alarms)
+        for index in range(len(self.controllers)) if optimizers is None else optimizers:
+            out.update(_controller_metrics(self.controllers[index], self.names[index]))
         return out
 
     # ------------------------------------------------------------------ checkpoints
@@ -445,3 +433,22 @@ CLARACallback.__init__.__signature__ = inspect.Signature(  # type: ignore[attr-d
     ],
     return_annotation=None,
 )
+
+
+def _controller_metrics(controller: CLARA, names: Sequence[str]) -> dict[str, float]:
+    """One controller's ``clara/*`` values per param group (none before its first adapted step)."""
+    out: dict[str, float] = {}
+    if controller.num_adapted_steps == 0:
+        return out
+    for name, lr, ratio, log_factor in zip(
+        names, controller.lr_used, controller.ratios, controller.log_factors, strict=True
+    ):
+        out[f"clara/lr-{name}"] = lr
+        out[f"clara/log_factor-{name}"] = log_factor
+        if ratio is not None:
+            out[f"clara/ratio-{name}"] = ratio
+        if controller.safeguard is not None:
+            out[f"clara/safeguard_alarms-{name}"] = float(controller.num_safeguard_alarms)
+        if controller.num_skipped_updates:
+            out[f"clara/skipped_updates-{name}"] = float(controller.num_skipped_updates)
+    return out

@@ -30,8 +30,11 @@ _READABLE_FORMATS = (1, STATE_FORMAT)
 _CONFIG_KEYS = ("rule", "c", "d", "fast_start", "hold_after", "target", "scope", "variant", "unit_step", "sample")
 
 
-def export_state(settings: Settings, factors: FactorState, tensors: SavedTensors, losses: LossWatch) -> dict[str, Any]:
-    """The state dict of a controller (``loss_trend``: the loss brake's averages, None without the brake)."""
+def export_state(
+    settings: Settings, factors: FactorState, tensors: SavedTensors, losses: LossWatch, skipped_updates: int = 0
+) -> dict[str, Any]:
+    """The state dict of a controller (``loss_trend``: the loss brake's averages, None without the brake;
+    ``num_skipped_updates``: the updates skipped for non-finite gradients)."""
     return {
         "format": STATE_FORMAT,
         "config": {key: getattr(settings, key) for key in _CONFIG_KEYS},
@@ -39,13 +42,15 @@ def export_state(settings: Settings, factors: FactorState, tensors: SavedTensors
         "ratios": list(factors.ratios),
         "num_adapted_steps": factors.adapted_steps,
         "num_skipped_steps": factors.skipped_steps,
+        "num_skipped_updates": skipped_updates,
         "tensors": tensors,
         "safeguard": None if losses.safeguard is None else losses.safeguard.state_dict(),
         "loss_trend": losses.state_dict(),
     }
 
 
-#: The keys every readable state holds (``safeguard`` and ``loss_trend`` may be absent: older formats).
+#: The keys every readable state holds (``safeguard``, ``loss_trend`` and ``num_skipped_updates`` may
+#: be absent: older states).
 _REQUIRED_KEYS = ("format", "config", "log_factors", "ratios", "num_adapted_steps", "num_skipped_steps", "tensors")
 #: ``||p|| <= 1`` for a path of unit steps (a convex combination of unit vectors and 0); the slack
 #: covers a low-precision path's rounding.
@@ -117,6 +122,7 @@ def check_state(state_dict: Any, settings: Settings, optimizer: Optimizer) -> No
             _number(f"ratios[{j}]", value, 0.0)
     _number("num_adapted_steps", state_dict["num_adapted_steps"], 0, math.inf, integer=True)
     _number("num_skipped_steps", state_dict["num_skipped_steps"], 0, math.inf, integer=True)
+    _number("num_skipped_updates", state_dict.get("num_skipped_updates", 0), 0, math.inf, integer=True)
     groups = state_dict["tensors"]
     sizes = [len(group["params"]) for group in optimizer.param_groups]
     if (

@@ -28,6 +28,7 @@ from torch.optim import Optimizer
 
 from lightning_clara.checkpoint import export_state, restore_state
 from lightning_clara.distributed import RankConsistencyGuard
+from lightning_clara.finite_guard import SkipCounter
 from lightning_clara.loss_watch import LossWatch
 from lightning_clara.lr_swap import LearningRateSwap, StepHooks
 from lightning_clara.options import (
@@ -98,7 +99,9 @@ class CLARA:
         self._sync_scopes()
         for j in range(len(optimizer.param_groups)):
             self.references.get(j)
-        self._hooks = StepHooks(optimizer, self._before_step, self._after_step, self._swap)
+        self._skips = SkipCounter()
+        skips = self._skips if self.settings.skip_nonfinite else None
+        self._hooks = StepHooks(optimizer, self._before_step, self._after_step, self._swap, skips)
         optimizer._clara_controller = self  # type: ignore[attr-defined]
 
     def __getattr__(self, name: str) -> Any:
@@ -183,6 +186,11 @@ class CLARA:
         """Steps in which some tensor's step was NaN/inf; those tensors were left out and their paths reset."""
         self._settle(collectives=False)
         return self._state.skipped_steps
+
+    @property
+    def num_skipped_updates(self) -> int:
+        """Updates skipped for a NaN/inf gradient (``skip_nonfinite``): parameters and optimizer state untouched."""
+        return self._skips.count
 
     @property
     def reader_name(self) -> str:
@@ -288,12 +296,7 @@ class CLARA:
             if collectives:
                 self._settle(collectives=True)
         if stats.non_finite:
-            warnings.warn(
-                f"CLARA: {stats.non_finite} parameter tensor(s) took a NaN/inf step; they were left out of the "
-                "adaptation and their paths were reset",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            _warn_non_finite(stats.non_finite)
 
     def _scope_bases(self) -> list[list[float]]:
         """Per scope, its groups' positive base lrs (where the lr bounds bind)."""
@@ -329,12 +332,14 @@ class CLARA:
     def state_dict(self) -> dict[str, Any]:
         """Plain values and tensors keyed by (group index, position in group): checkpoint-safe."""
         self._sync_scopes()
-        return export_state(self.settings, self._state, self.paths.export(self.optimizer), self._losses)
+        tensors = self.paths.export(self.optimizer)
+        return export_state(self.settings, self._state, tensors, self._losses, self._skips.count)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore paths, counters and factors saved by :meth:`state_dict` (matched by position)."""
         self._settle(collectives=False)
         self._state = restore_state(state_dict, self.settings, self.optimizer, self.paths, self._losses)
+        self._skips.count = int(state_dict.get("num_skipped_updates", 0))
         self._sync_scopes()
 
     def __repr__(self) -> str:
@@ -345,6 +350,15 @@ class CLARA:
             f"hold_after={s.hold_after}, target={s.target}, scope={s.scope!r}, "
             f"reader={self.reader_name!r}, F=[{factors}], steps={self._state.adapted_steps})"
         )
+
+
+def _warn_non_finite(tensors: int) -> None:
+    warnings.warn(
+        f"CLARA: {tensors} parameter tensor(s) took a NaN/inf step; they were left out of the adaptation and "
+        "their paths were reset",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _alarm_message(loss: float, new_factor: float, undone: int | None) -> str:

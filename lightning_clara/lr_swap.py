@@ -3,7 +3,8 @@
 While ``optimizer.step()`` runs each group's lr is the lr used, outside it the base, so a scheduler
 only ever sees and sets the base lr and the lr used is ``lr_scheduled * F``. A tensor lr (capturable
 optimizers) is filled in place and restored from a copy. :class:`StepHooks` runs CLARA's pre- and
-post-step hooks once per outermost step and puts the base lrs back when the step raises.
+post-step hooks once per outermost step, puts the base lrs back when the step raises, and skips an
+update whose gradients are not finite (:mod:`~lightning_clara.finite_guard`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 
 from torch import Tensor
 from torch.optim import Optimizer
+
+from lightning_clara.finite_guard import SkipUpdate, gradients_finite
 
 __all__ = ["LearningRateSwap", "StepHooks"]
 
@@ -72,11 +75,19 @@ class StepHooks:
     that finds a step still open outside any wrapped call closes it first, as a raised step left it.
     """
 
-    def __init__(self, optimizer: Optimizer, before: Hook, after: Hook, swap: LearningRateSwap) -> None:
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        before: Hook,
+        after: Hook,
+        swap: LearningRateSwap,
+        skipped: Callable[[Optimizer], None] | None = None,
+    ) -> None:
         self.depth = 0  # pre-hooks run minus post-hooks run
         self._calls = 0  # wrapped optimizer.step() calls running
         self._opened_in = 0  # the wrapped calls running when the open step began
         self._before, self._after, self._swap = before, after, swap
+        self._skipped = skipped  # None: no finiteness check; else told of each update skipped
         self._handles = [optimizer.register_step_pre_hook(self._pre), optimizer.register_step_post_hook(self._post)]
         self._unwrap = self._wrap(optimizer)
 
@@ -109,6 +120,43 @@ class StepHooks:
         if self.depth == 0:
             self._after(optimizer, args, kwargs)
 
+    def _checked_step(self, optimizer: Optimizer, inner: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+        """``inner`` unless the step's gradients are not finite; then nothing changes and the closure's loss returns.
+
+        Without a closure the gradients exist already and are checked first (no hook runs on a skip).
+        With one, the first call of the closure is checked as it returns, before a torch optimizer
+        reads a gradient: the pre-hook has run, so the lrs are put back here.
+        """
+        positional = bool(args) and callable(args[0])
+        closure = args[0] if positional else kwargs.get("closure")
+        if closure is None:
+            if gradients_finite(optimizer):
+                return inner(*args, **kwargs)
+            self._skipped(optimizer)  # type: ignore[misc]
+            return None
+        checked = False
+
+        def checked_closure() -> Any:
+            nonlocal checked
+            loss = closure()
+            if not checked:
+                checked = True
+                if not gradients_finite(optimizer):
+                    raise SkipUpdate(loss)
+            return loss
+
+        if positional:
+            args = (checked_closure, *args[1:])
+        else:
+            kwargs = {**kwargs, "closure": checked_closure}
+        try:
+            return inner(*args, **kwargs)
+        except SkipUpdate as skip:
+            self.depth = 0  # the post-hook never runs: the step is closed here
+            self._swap.restore(optimizer.param_groups)
+            self._skipped(optimizer)  # type: ignore[misc]
+            return skip.loss
+
     def _wrap(self, optimizer: Optimizer) -> Callable[[], None]:
         """Wrap ``optimizer.step``; returns the unwrap."""
         own = optimizer.__dict__.get("step")  # an instance attribute: another wrapper (a scheduler's)
@@ -120,7 +168,9 @@ class StepHooks:
         def step(this: Optimizer, *args: Any, **kwargs: Any) -> Any:
             self._calls += 1
             try:
-                return inner(*args, **kwargs)
+                if self._skipped is None:
+                    return inner(*args, **kwargs)
+                return self._checked_step(this, inner, args, kwargs)
             except BaseException:
                 self.depth = 0  # the post-hooks of a step that raised never run
                 self._swap.restore(this.param_groups)

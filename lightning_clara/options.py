@@ -130,6 +130,10 @@ OPTION_DOCS: dict[str, str] = {
     "down where the ratio (below 1) asks for more but the loss has stalled; once the smoothed loss is below 5 % "
     "of the first losses' (the network fits its data) F is not raised at all (default True; False with "
     "rule='paper'). Without losses it does nothing.",
+    "skip_nonfinite": "skip an optimizer update whose gradients hold a NaN or inf, as GradScaler does: the "
+    "parameters and the optimizer's state stay as they were, the first skip warns and later ones are counted "
+    "(num_skipped_updates, the summary table) (default True). One fused read of the gradients per step; on CUDA "
+    "its decision costs one synchronisation per step (False: none, and a NaN gradient is stepped as given).",
     "sample": "keep each tensor's path on a fixed sample of at most this many coordinates (default 4096; "
     "tensors with fewer entries keep all of them). The step is read on the sample, so a step costs "
     "O(sample x tensors) whatever the model's size; None: full paths, the paper's exact statistic (also "
@@ -167,6 +171,7 @@ class Settings:
     initial_factor: float
     target: float
     loss_brake: bool
+    skip_nonfinite: bool
     total_steps: int | None
     scope: Scope
     direction: DirectionChoice
@@ -223,6 +228,7 @@ class CLARAOptions:
     total_steps: int | None = None
     sample: int | None = DEFAULT_SAMPLE
     loss_brake: bool | None = None
+    skip_nonfinite: bool = True
 
     def __post_init__(self) -> None:
         self.resolve()  # raises TypeError/ValueError naming the argument and its range
@@ -260,6 +266,7 @@ class CLARAOptions:
         values["hold_after"] = check_non_negative_int("hold_after", rule_values["hold_after"])
         values["target"] = _positive("target", rule_values["target"])
         values["loss_brake"] = _boolean("loss_brake", rule_values["loss_brake"])
+        values["skip_nonfinite"] = _boolean("skip_nonfinite", self.skip_nonfinite, optional=False)
         every = self.consistency_check_every
         values["consistency_check_every"] = (
             None if every is None else check_positive_int("consistency_check_every", every)
@@ -327,9 +334,10 @@ _BOUNDS = ("min_factor", "max_factor", "min_lr", "max_lr")
 _RULE_OPTIONS = ("c", "d", "fast_start", "hold_after", "initial_factor", "target", "loss_brake")
 
 
-def _boolean(name: str, value: Any) -> bool:
+def _boolean(name: str, value: Any, optional: bool = True) -> bool:
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool or None, got {type(value).__name__} {value!r}")
+        kind = "a bool or None" if optional else "a bool"
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__} {value!r}")
     return value
 
 

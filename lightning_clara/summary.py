@@ -41,8 +41,9 @@ class GroupSummary:
     """What the summary shows for one param group (``None``: no adapted step in this fit).
 
     The step counts are per optimizer (every group of an optimizer shows the same), counted in
-    this fit only. ``safeguard_alarms`` is ``None`` without a safeguard and ``resyncs`` ``None``
-    without a rank-consistency check; their columns are shown only when some row has them.
+    this fit only. ``safeguard_alarms`` is ``None`` without a safeguard, ``resyncs`` ``None``
+    without a rank-consistency check and ``skipped_updates`` ``None`` while no update was skipped for
+    non-finite gradients; their lines under the table are shown only when some row has them.
     """
 
     name: str
@@ -55,6 +56,7 @@ class GroupSummary:
     skipped_steps: int
     safeguard_alarms: int | None = None
     resyncs: int | None = None
+    skipped_updates: int | None = None
 
 
 def _number(value: float | None, spec: str) -> str:
@@ -82,6 +84,7 @@ def _caption(rows: Sequence[GroupSummary]) -> str:
     counts = (
         _per_optimizer(rows, "safeguard_alarms", "safeguard alarms"),
         _per_optimizer(rows, "resyncs", "rank re-syncs"),
+        _per_optimizer(rows, "skipped_updates", "updates skipped (NaN/inf gradients)"),
     )
     return "\n".join([CAPTION, *filter(None, counts)])
 
@@ -145,6 +148,7 @@ class _Tracker:
     skipped_base: int = 0
     alarms_base: int = 0
     resyncs_base: int = 0
+    skipped_updates_base: int = 0
     handle: RemovableHandle | None = None
 
     def start(self) -> None:
@@ -157,6 +161,7 @@ class _Tracker:
         self.skipped_base = controller.num_skipped_steps
         self.alarms_base = controller.num_safeguard_alarms
         self.resyncs_base = controller.num_resyncs
+        self.skipped_updates_base = controller.num_skipped_updates
 
     def before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         # Runs after the controller's own pre-hook (registered later): the previous step's results
@@ -186,6 +191,7 @@ class _Tracker:
         alarms = None if controller.safeguard is None else controller.num_safeguard_alarms - self.alarms_base
         checked = controller.consistency_check_every is not None
         resyncs = controller.num_resyncs - self.resyncs_base if checked else None
+        skipped_updates = controller.num_skipped_updates - self.skipped_updates_base or None
         out = []
         for j, name in enumerate(names):
             stats = self.groups[j] if j < len(self.groups) else _GroupStats()
@@ -202,6 +208,7 @@ class _Tracker:
                     skipped_steps=skipped,
                     safeguard_alarms=alarms,
                     resyncs=resyncs,
+                    skipped_updates=skipped_updates,
                 )
             )
         return out

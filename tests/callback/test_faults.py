@@ -285,3 +285,65 @@ def test_a_fit_killed_mid_epoch_resumes_exactly(tmp_path: Path) -> None:
     assert got["log_factors"] == pytest.approx(expected["log_factors"], rel=1e-12)
     for a, b in zip(got["params"], expected["params"], strict=True):
         assert a == pytest.approx(b, rel=1e-10, abs=1e-12)
+
+
+# ------------------------------------------------------------------------ bad batches in a Lightning fit
+class PoisonedRegression(__import__("lightning").pytorch.LightningModule):
+    """A float32 regression fit whose batch ``nan_at`` has a NaN input and whose step ``inf_at`` gets one
+    inf gradient entry (``on_after_backward``): what a corrupt sample or an overflowing op does."""
+
+    def __init__(self, optimizer: str, nan_at: set[int], inf_at: set[int]) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.optimizer, self.nan_at, self.inf_at = optimizer, nan_at, inf_at
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        if batch_idx in self.nan_at:
+            x = x.clone()
+            x[0, 0] = math.nan
+        return nn.functional.mse_loss(self.net(x).float(), y)
+
+    def on_after_backward(self) -> None:
+        if self.trainer.fit_loop.epoch_loop.batch_idx in self.inf_at:
+            self.net[0].weight.grad[1, 1] = math.inf  # type: ignore[index]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer == "SGDm":
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        return getattr(torch.optim, self.optimizer)(self.parameters(), lr=1e-2)
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        generator = torch.Generator().manual_seed(1)
+        x = torch.randn(512, 4, generator=generator)
+        y = x.sum(dim=1, keepdim=True).sin()
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("optimizer", ["SGDm", "Adam", "AdamW"])
+def test_a_fit_with_nan_batches_and_an_inf_gradient_goes_on(
+    optimizer: str, precision: str, trainer_kwargs: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Three NaN batches and one inf gradient entry in 32 steps: four updates skipped, one warning, the
+    optimizer's state finite, the summary counts them; the fit ends where the clean batches lead."""
+    from lightning.pytorch import Trainer
+
+    from lightning_clara import CLARACallback
+
+    module = PoisonedRegression(optimizer, nan_at={5, 6, 20}, inf_at={12})
+    callback = CLARACallback()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(**{**trainer_kwargs, "precision": precision}, callbacks=[callback]).fit(module)
+    clara = callback.controllers[0]
+    assert clara.num_skipped_updates == 4
+    assert clara.num_optimizer_steps == 32 - 4
+    assert sum("skipped an update" in str(w.message) for w in caught) == 1
+    assert all(bool(torch.isfinite(p).all()) for p in module.parameters())
+    state = module.trainer.optimizers[0].state_dict()["state"]
+    assert all(bool(torch.isfinite(v).all()) for s in state.values() for v in s.values() if isinstance(v, torch.Tensor))
+    assert math.isfinite(clara.lr_factor)
+    assert clara.num_safeguard_alarms == 0
+    assert "updates skipped (NaN/inf gradients):" in capsys.readouterr().out

@@ -148,7 +148,19 @@ def test_learning_rates_are_compact(value: float | None, text: str) -> None:
 def test_table_fits_a_default_terminal(name: str) -> None:
     """Every column on one line at 80 columns, nothing cut; only a long group name folds."""
     rows = [
-        GroupSummary(name, 1.23e-5, 1.234e-4, 1.23e-5, 0.123, 12.345, 123456, 12345, safeguard_alarms=10, resyncs=3),
+        GroupSummary(
+            name,
+            1.23e-5,
+            1.234e-4,
+            1.23e-5,
+            0.123,
+            12.345,
+            123456,
+            12345,
+            safeguard_alarms=10,
+            resyncs=3,
+            skipped_updates=1234,
+        ),
         GroupSummary("SGD/pg2", 1e-4, 0.1, 1e-4, 0.2, 1.2, 100, 0, safeguard_alarms=0, resyncs=0),
     ]
     text = render(summary_table(rows), width=80)
@@ -165,6 +177,7 @@ def test_table_fits_a_default_terminal(name: str) -> None:
     ]
     assert "safeguard alarms:" in text
     assert "rank re-syncs:" in text
+    assert "updates skipped (NaN/inf gradients):" in text
 
 
 # ---------------------------------------------------------------------------------------------- in a fit

@@ -193,3 +193,28 @@ def test_the_safeguard_watches_the_trainers_loss(tmp_path: Path) -> None:
     safeguard = callback.controller.safeguard
     assert safeguard is not None
     assert safeguard.count + 10 * safeguard.alarms >= 20  # it saw the steps' losses
+
+
+def test_a_nan_gradient_in_the_trainer_is_skipped(tmp_path: Path) -> None:
+    """Two steps whose embedding gradient holds a NaN (the Trainer clips the norm first, which spreads it):
+    both skipped, one warning, every parameter finite after the run."""
+    trainer = tiny_trainer(tmp_path)
+    callback = add_clara(trainer)
+    calls = {"n": 0}
+
+    def poison(grad: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] in (7, 15):
+            grad = grad.clone()
+            grad[0, 0] = math.nan
+        return grad
+
+    trainer.model.transformer.wte.weight.register_hook(poison)  # type: ignore[union-attr]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    controller = callback.controller
+    assert controller is not None
+    assert (controller.num_skipped_updates, controller.num_optimizer_steps) == (2, 28)
+    assert sum("skipped an update" in str(w.message) for w in caught) == 1
+    assert all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters())

@@ -715,7 +715,7 @@ def test_lr_bounds_hold_exactly_without_wind_up() -> None:
 def test_nan_gradient_warns_and_keeps_factor_finite() -> None:
     """A NaN step is excluded with a RuntimeWarning and counted; F stays finite and the others still adapt."""
     params = synthetic_params()
-    clara = CLARA(torch.optim.SGD(params, lr=1e-3), d=0.1)
+    clara = CLARA(torch.optim.SGD(params, lr=1e-3), d=0.1, skip_nonfinite=False)  # the step runs
     direction = fixed_direction(params)
     drive(clara, params, constant(direction), 5)
     poisoned = [direction[0], torch.full_like(direction[1], math.nan), direction[2]]

@@ -386,7 +386,7 @@ def test_non_finite_gradient_is_skipped_with_a_warning(bad: float, direction: st
     tensors still adapt that step, and the bad tensor's path restarts from zero afterwards."""
     params = make_params((7, 30, 1), seed=15)
     optimizer = torch.optim.Adagrad(params, lr=1e-2) if direction == "delta" else torch.optim.SGD(params, lr=1e-2)
-    clara = CLARA(optimizer, c=C, d=0.1, rule="paper", direction=direction)
+    clara = CLARA(optimizer, c=C, d=0.1, rule="paper", direction=direction, skip_nonfinite=False)
     noise = Noise(16)
     for _ in range(5):
         for p in params:

@@ -365,7 +365,7 @@ def test_undo_after_a_nan_step_restores_finite_parameters() -> None:
     """A NaN gradient makes SGD write NaN into a weight (step t-1, whose own loss was finite: no alarm); the loss
     of step t, measured at those weights, is NaN and alarms at once: the finite parameters from before step t-1
     come back bitwise, although both snapshots were taken around NaN steps. F stays finite and is halved."""
-    clara, x, y, params = make_clara(direction="delta")
+    clara, x, y, params = make_clara(direction="delta", skip_nonfinite=False)
     train_quietly(clara, x, y, params, steps=5)
     before = [p.detach().clone() for p in params]
     clara.optimizer.zero_grad()
@@ -461,9 +461,16 @@ class LinearRegressionModule(LightningModule):
 
 
 def _fit(
-    module: LightningModule, trainer_kwargs: dict[str, Any], safeguard: bool, epochs: int, **overrides: Any
+    module: LightningModule,
+    trainer_kwargs: dict[str, Any],
+    safeguard: bool,
+    epochs: int,
+    skip_nonfinite: bool = False,
+    **overrides: Any,
 ) -> tuple[Any, ...]:
-    callback, logger = CLARACallback(d=1e-3, safeguard=safeguard, initial_factor=1.0), RecordingLogger()
+    """A fit; NaN steps are stepped as given unless ``skip_nonfinite`` (what the safeguard alone does)."""
+    callback = CLARACallback(d=1e-3, safeguard=safeguard, initial_factor=1.0, skip_nonfinite=skip_nonfinite)
+    logger = RecordingLogger()
     trainer: Trainer = make_trainer(
         trainer_kwargs, [callback], max_epochs=epochs, logger=logger, log_every_n_steps=1, **overrides
     )
@@ -508,6 +515,19 @@ def test_nan_loss_never_makes_the_factor_nan(safeguard: bool, trainer_kwargs: di
     if safeguard:
         # every NaN loss is an alarm (immediate, no warm-up needed)
         assert controller.num_safeguard_alarms == len(module.losses) - nan_from
+
+
+@pytest.mark.parametrize("safeguard", [True, False], ids=["safeguard", "plain"])
+def test_nan_losses_are_skipped_with_the_default_guard(safeguard: bool, trainer_kwargs: dict[str, Any]) -> None:
+    """The same NaN storm with skip_nonfinite (the default): no NaN step runs, so the weights stay finite, no
+    alarm fires and F is where the last good step left it."""
+    epochs, nan_from = 3, 5
+    module = LinearRegressionModule(lr=0.01, nan_from=nan_from)
+    controller, _ = _fit(module, trainer_kwargs, safeguard=safeguard, epochs=epochs, skip_nonfinite=True)
+    assert controller.num_optimizer_steps == nan_from
+    assert controller.num_skipped_updates == len(module.losses) - nan_from == 8 * epochs - nan_from
+    assert controller.num_safeguard_alarms == 0
+    assert all(bool(torch.isfinite(p).all()) for p in module.parameters())
 
 
 def test_under_accumulation_only_the_stepping_batches_feed_the_safeguard(trainer_kwargs: dict[str, Any]) -> None:

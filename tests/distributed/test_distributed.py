@@ -191,15 +191,29 @@ def _fsdp2_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
-def _fsdp2_trajectory(model: torch.nn.Module, clara_options: dict) -> tuple[list[float], CLARA]:
+#: The batch whose gradient gets one inf entry: on one rank's shard only under FSDP2.
+_POISONED_BATCH = 20
+
+
+def _fsdp2_trajectory(
+    model: torch.nn.Module, clara_options: dict, poison_shard: bool = True
+) -> tuple[list[float], CLARA]:
+    """F after each of 40 Adam steps; batch ``_POISONED_BATCH`` gets an inf gradient entry (where this
+    process holds it: ``poison_shard``), so that its update is skipped on every rank."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     clara = CLARA(optimizer, d=0.1, **clara_options)
     out = []
-    for x, y in _fsdp2_batches():
+    for t, (x, y) in enumerate(_fsdp2_batches()):
         optimizer.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
-        optimizer.step()
+        if t == _POISONED_BATCH and poison_shard:
+            grad = model[0].weight.grad
+            (grad.to_local() if hasattr(grad, "to_local") else grad)[0, 0] = math.inf  # type: ignore[union-attr]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the skip's warning
+            optimizer.step()
         out.append(clara.lr_factor)
+    assert clara.num_skipped_updates == 1
     return out, clara
 
 
@@ -210,7 +224,9 @@ def _fsdp2_worker(rank: int, store: str, out_dir: str) -> None:
 
         model = _fsdp2_model()
         fully_shard(model)
-        trajectory, clara = _fsdp2_trajectory(model, {"sharding": Sharding.for_dtensors(), "sample": None})
+        # the inf entry sits in rank 1's shard only: rank 0 must skip that update too
+        options = {"sharding": Sharding.for_dtensors(), "sample": None}
+        trajectory, clara = _fsdp2_trajectory(model, options, poison_shard=rank == 1)
         local_sizes = [state.path.numel() for state in clara.paths.tensors.values()]
         torch.save({"factors": trajectory, "local_sizes": local_sizes}, Path(out_dir) / f"fsdp{rank}.pt")
         dist.barrier()
@@ -221,7 +237,8 @@ def _fsdp2_worker(rank: int, store: str, out_dir: str) -> None:
 def test_fsdp2_fully_shard_matches_single_process(tmp_path: Path) -> None:
     """torch's FSDP2 on 2 CPU ranks (DTensor parameters sharded on dim 0): CLARA with full paths and
     ``Sharding.for_dtensors()`` keeps only local path shards and reproduces the unsharded run (sampled
-    paths under FSDP2: tests/distributed/test_model_parallel.py)."""
+    paths under FSDP2: tests/distributed/test_model_parallel.py). An inf gradient entry in one rank's shard
+    skips that update on both ranks, as it does in one process."""
     spawn_ranks(_fsdp2_worker, tmp_path)
     expected, _ = _fsdp2_trajectory(_fsdp2_model(), {"sample": None})
     initial = RULE_DEFAULTS["normalized"]["initial_factor"]

@@ -1,0 +1,92 @@
+"""Skip an optimizer update whose gradients are not finite: parameters and optimizer state stay as they were.
+
+A NaN or inf gradient entry, stepped, poisons the optimizer's state (Adam's moments stay NaN from then
+on) and with it every later step. GradScaler users know the cure from mixed precision: look at the
+gradients first and skip the update. :func:`gradients_finite` is that look, with the fused kernel
+GradScaler uses to find overflows, run with scale 1 (the gradients keep their values): one kernel per
+device that reads every gradient once, about 0.05-0.09 of an Adam step on a CPU (measured in
+``benchmarks/overhead.py``). The decision needs the flag on the host: free on a CPU, one
+synchronisation per step on CUDA (GradScaler makes the same one for optimizers that are not fused).
+
+Gradients exist only once the step's closure has run (Lightning runs ``training_step`` and
+``backward`` inside ``optimizer.step(closure)``), so the check runs right after the closure returns,
+before a torch optimizer touches anything, and :class:`SkipUpdate` carries the closure's loss out of
+the optimizer's step. Under sharding (DTensor gradients) every rank holds a part, so the flag is
+summed over the ranks: they all skip, or none does.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = ["SkipCounter", "SkipUpdate", "gradients_finite"]
+
+
+class SkipUpdate(Exception):
+    """Raised from the step's closure when its gradients are not finite; carries the closure's result."""
+
+    def __init__(self, loss: Any) -> None:
+        super().__init__("the gradients of this step are not finite")
+        self.loss = loss
+
+
+class SkipCounter:
+    """Counts the updates skipped; the first one warns, later ones are only counted (no flood of lines)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, optimizer: Optimizer) -> None:
+        self.count += 1
+        if self.count == 1:
+            warnings.warn(
+                f"CLARA: skipped an update of {type(optimizer).__name__} whose gradients hold NaN/inf; its "
+                "parameters and state are as they were. Later skips are counted without a warning "
+                "(num_skipped_updates, the summary table); skip_nonfinite=False steps them as given",
+                RuntimeWarning,
+                stacklevel=4,  # the caller of optimizer.step()
+            )
+
+
+def gradients_finite(optimizer: Optimizer) -> bool:
+    """Whether every gradient of ``optimizer``'s parameters is finite (True where none exists)."""
+    by_device: dict[torch.device, list[Tensor]] = {}
+    sharded = False
+    for grad in _gradients(optimizer):
+        if _is_dtensor(grad):
+            grad, sharded = grad.to_local(), True
+        if grad.is_sparse:
+            grad = grad._values()  # an uncoalesced duplicate sums to non-finite too
+        by_device.setdefault(grad.device, []).append(grad)
+    found = [_non_finite_flag(device, grads) for device, grads in by_device.items()]
+    if not found:
+        return True
+    flag = found[0] if len(found) == 1 else torch.stack([f.to(found[0].device) for f in found]).sum()
+    if sharded and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flag)  # each rank saw its shard: one decision for all
+    return not bool(flag.item())
+
+
+def _gradients(optimizer: Optimizer) -> Iterator[Tensor]:
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if param.grad is not None:
+                yield param.grad.detach()
+
+
+def _non_finite_flag(device: torch.device, grads: list[Tensor]) -> Tensor:
+    """1.0 on ``device`` if any entry of ``grads`` is NaN or inf: GradScaler's fused check, at scale 1."""
+    flag = torch.zeros(1, device=device)
+    torch._amp_foreach_non_finite_check_and_unscale_(grads, flag, torch.ones(1, device=device))
+    return flag
+
+
+def _is_dtensor(tensor: Tensor) -> bool:
+    return type(tensor).__name__ == "DTensor" and hasattr(tensor, "to_local")
