@@ -347,3 +347,39 @@ def test_a_fit_with_nan_batches_and_an_inf_gradient_goes_on(
     assert math.isfinite(clara.lr_factor)
     assert clara.num_safeguard_alarms == 0
     assert "updates skipped (NaN/inf gradients):" in capsys.readouterr().out
+
+
+class ManualPoisonedRegression(PoisonedRegression):
+    """The same fit with manual optimization: ``manual_backward`` then ``optimizer.step()`` by hand."""
+
+    def __init__(self, nan_at: set[int]) -> None:
+        super().__init__("Adam", nan_at=nan_at, inf_at=set())
+        self.automatic_optimization = False
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        optimizer = self.optimizers()
+        loss = super().training_step(batch, batch_idx)
+        optimizer.zero_grad()  # type: ignore[union-attr]
+        self.manual_backward(loss)
+        optimizer.step()  # type: ignore[union-attr]
+        return loss.detach()
+
+
+@pytest.mark.parametrize("mode", ["manual optimization", "gradient accumulation"])
+def test_bad_batches_are_skipped_in_manual_optimization_and_under_accumulation(mode: str, trainer_kwargs: dict) -> None:
+    """Manual optimization steps through Lightning's do-nothing closure; under accumulation a NaN micro-batch
+    poisons the accumulated gradient, so that one optimizer step (of two batches) is skipped."""
+    from lightning.pytorch import Trainer
+
+    from lightning_clara import CLARACallback
+
+    manual = mode == "manual optimization"
+    module = ManualPoisonedRegression({5, 20}) if manual else PoisonedRegression("Adam", {5, 20}, set())
+    callback = CLARACallback(summary=False)
+    extra = {} if manual else {"accumulate_grad_batches": 2}
+    with pytest.warns(RuntimeWarning, match="skipped an update"):
+        Trainer(**trainer_kwargs, **extra, callbacks=[callback]).fit(module)
+    clara = callback.controllers[0]
+    assert clara.num_skipped_updates == 2
+    assert clara.num_optimizer_steps == (32 if manual else 16) - 2
+    assert all(bool(torch.isfinite(p).all()) for p in module.parameters())

@@ -45,7 +45,7 @@ def test_overhead_smoke_reports_costs_and_memory(tmp_path: Path) -> None:
         assert report[table], table
     (target,) = report["targets"]
     rows = target["rows"]
-    engines = ("sampled", "full", "sampled+safeguard")
+    engines = ("sampled", "full", "sampled-nocheck", "sampled+safeguard")
     assert set(rows) == {f"{kind}/{engine}" for kind in ("adam", "sgd") for engine in engines}
     # 2e4 parameters in 4 tensors (two 100x100 weights, two biases): full paths keep 4 B per parameter
     # (+4 B of scratch for Adam's state reader on the CPU); sampled paths, per tensor, a path row of 4096
@@ -57,6 +57,34 @@ def test_overhead_smoke_reports_costs_and_memory(tmp_path: Path) -> None:
     assert rows["adam/sampled"]["extra_bytes_per_param"] * target["numel"] <= tensors * (m * 4 + 2 * m * 4) + 1024
     assert set(report["end_to_end_overhead"]) == {"cnn/sgd", "cnn/adam", "mlp/sgd", "mlp/adam"}
     assert set(report["small_mlp"]["rows"]) == {"adam/sampled", "adam/full"}
+    # the NaN/inf gradient check timed alone, against the Adam and SGD steps it guards
+    for cost in report["gradient_check"]:
+        assert cost["check_ms"] > 0
+        assert 0 < cost["in_adam_steps"] < cost["in_sgd_steps"]  # an Adam step costs more than an SGD one
+
+
+def test_fingerprints_are_deterministic_and_a_change_is_found(tmp_path: Path) -> None:
+    """Two runs give the same fingerprints; a saved trajectory changed in one step is reported, with the step."""
+    out = tmp_path / "fingerprint.json"
+    run_script("fingerprint.py", "--smoke", "--out", str(out))
+    assert "identical" in run_script("fingerprint.py", "--smoke", "--check", str(out))
+    saved = json.loads(out.read_text())
+    assert set(saved["configs"]) == {"sgd", "adam", "adam-full-paths", "paper-sgd", "nan-skipped"}
+    rows = saved["configs"]["adam"]["steps"]
+    assert len(rows) == saved["steps"] == 20
+    assert len({row[0][0] for row in rows}) > 10  # log F moved: the fingerprint is not of a constant
+    rows[7][0][0] = (float.fromhex(rows[7][0][0]) * (1 + 1e-15)).hex()  # the last bits of log F at step 7
+    saved["configs"]["adam"]["digest"] = "tampered"
+    out.write_text(json.dumps(saved))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "fingerprint.py"), "--smoke", "--check", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 1
+    assert "CHANGED adam: differs from step 7" in result.stdout
 
 
 def test_synthetic_smoke_raises_the_learning_rate(tmp_path: Path) -> None:
