@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["RankConsistencyGuard", "ShardSum", "Sharding", "is_distributed"]
+__all__ = ["RankConsistencyGuard", "ShardSum", "Sharding", "is_distributed", "local_shard"]
 
 
 def is_distributed() -> bool:
@@ -63,7 +63,7 @@ class Sharding:
         summed over ``group`` (default: all ranks). The shards must be row blocks (``Shard(0)``,
         FSDP2's layout) for sampled paths."""
         return cls(
-            full_numel=_dtensor_numel, sum_across_shards=ShardSum(group), local=_dtensor_local, offset=_dtensor_offset
+            full_numel=_dtensor_numel, sum_across_shards=ShardSum(group), local=local_shard, offset=_dtensor_offset
         )
 
 
@@ -71,7 +71,7 @@ def _dtensor_numel(tensor: Tensor) -> int:
     return tensor.numel()  # a DTensor reports its global shape
 
 
-def _dtensor_local(tensor: Tensor) -> Tensor:
+def local_shard(tensor: Tensor) -> Tensor:
     """The local shard of a DTensor (a view sharing storage), or the tensor itself."""
     to_local = getattr(tensor, "to_local", None)
     return to_local() if callable(to_local) else tensor

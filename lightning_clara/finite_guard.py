@@ -26,6 +26,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_clara.distributed import local_shard
+
 __all__ = ["SkipCounter", "SkipUpdate", "gradients_finite"]
 
 
@@ -59,9 +61,9 @@ def gradients_finite(optimizer: Optimizer) -> bool:
     """Whether every gradient of ``optimizer``'s parameters is finite (True where none exists)."""
     by_device: dict[torch.device, list[Tensor]] = {}
     sharded = False
-    for grad in _gradients(optimizer):
-        if _is_dtensor(grad):
-            grad, sharded = grad.to_local(), True
+    for whole in _gradients(optimizer):
+        grad = local_shard(whole)
+        sharded |= grad is not whole
         if grad.is_sparse:
             grad = grad._values()  # an uncoalesced duplicate sums to non-finite too
         by_device.setdefault(grad.device, []).append(grad)
@@ -86,7 +88,3 @@ def _non_finite_flag(device: torch.device, grads: list[Tensor]) -> Tensor:
     flag = torch.zeros(1, device=device)
     torch._amp_foreach_non_finite_check_and_unscale_(grads, flag, torch.ones(1, device=device))
     return flag
-
-
-def _is_dtensor(tensor: Tensor) -> bool:
-    return type(tensor).__name__ == "DTensor" and hasattr(tensor, "to_local")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,11 +66,19 @@ def test_overhead_smoke_reports_costs_and_memory(tmp_path: Path) -> None:
         assert 0 < cost["in_adam_steps"] < cost["in_sgd_steps"]  # an Adam step costs more than an SGD one
 
 
-def test_fingerprints_are_deterministic_and_a_change_is_found(tmp_path: Path) -> None:
-    """Two runs give the same fingerprints; a saved trajectory changed in one step is reported, with the step."""
+def test_fingerprints_are_deterministic_and_a_change_is_found(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two runs give the same fingerprints; a saved trajectory changed in one step is reported, with the step.
+    (In this process: the script's own runs take seconds, its imports most of a subprocess's time.)"""
+    spec = importlib.util.spec_from_file_location("clara_fingerprint", ROOT / "benchmarks" / "fingerprint.py")
+    fingerprint = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[spec.name] = fingerprint  # type: ignore[union-attr]  # its dataclass looks itself up there
+    spec.loader.exec_module(fingerprint)  # type: ignore[union-attr]
     out = tmp_path / "fingerprint.json"
-    run_script("fingerprint.py", "--smoke", "--out", str(out))
-    assert "identical" in run_script("fingerprint.py", "--smoke", "--check", str(out))
+    assert fingerprint.main(["--smoke", "--out", str(out)]) == 0
+    assert fingerprint.main(["--smoke", "--check", str(out)]) == 0
+    assert "identical" in capsys.readouterr().out
     saved = json.loads(out.read_text())
     assert set(saved["configs"]) == {"sgd", "adam", "adam-full-paths", "paper-sgd", "nan-skipped"}
     rows = saved["configs"]["adam"]["steps"]
@@ -76,15 +87,8 @@ def test_fingerprints_are_deterministic_and_a_change_is_found(tmp_path: Path) ->
     rows[7][0][0] = (float.fromhex(rows[7][0][0]) * (1 + 1e-15)).hex()  # the last bits of log F at step 7
     saved["configs"]["adam"]["digest"] = "tampered"
     out.write_text(json.dumps(saved))
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "fingerprint.py"), "--smoke", "--check", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert result.returncode == 1
-    assert "CHANGED adam: differs from step 7" in result.stdout
+    assert fingerprint.main(["--smoke", "--check", str(out)]) == 1
+    assert "CHANGED adam: differs from step 7" in capsys.readouterr().out
 
 
 def test_synthetic_smoke_raises_the_learning_rate(tmp_path: Path) -> None:
