@@ -120,20 +120,19 @@ class StepHooks:
         if self.depth == 0:
             self._after(optimizer, args, kwargs)
 
-    def _checked_step(self, optimizer: Optimizer, inner: Callable[..., Any], args: Any, kwargs: Any) -> Any:
-        """``inner`` unless the step's gradients are not finite; then nothing changes and the closure's loss returns.
+    def _checked(self, optimizer: Optimizer, args: Any, kwargs: Any) -> tuple[Any, Any]:
+        """The step's arguments with its closure checked; :class:`SkipUpdate` where the step must not run.
 
-        Without a closure the gradients exist already and are checked first (no hook runs on a skip).
+        Without a closure the gradients exist already and are checked here (no hook runs on a skip).
         With one, the first call of the closure is checked as it returns, before a torch optimizer
-        reads a gradient: the pre-hook has run, so the lrs are put back here.
+        reads a gradient (the pre-hook has run by then: the wrapper closes the step).
         """
         positional = bool(args) and callable(args[0])
         closure = args[0] if positional else kwargs.get("closure")
         if closure is None:
-            if gradients_finite(optimizer):
-                return inner(*args, **kwargs)
-            self._skipped(optimizer)  # type: ignore[misc]
-            return None
+            if not gradients_finite(optimizer):
+                raise SkipUpdate(None)
+            return args, kwargs
         checked = False
 
         def checked_closure() -> Any:
@@ -146,16 +145,8 @@ class StepHooks:
             return loss
 
         if positional:
-            args = (checked_closure, *args[1:])
-        else:
-            kwargs = {**kwargs, "closure": checked_closure}
-        try:
-            return inner(*args, **kwargs)
-        except SkipUpdate as skip:
-            self.depth = 0  # the post-hook never runs: the step is closed here
-            self._swap.restore(optimizer.param_groups)
-            self._skipped(optimizer)  # type: ignore[misc]
-            return skip.loss
+            return (checked_closure, *args[1:]), kwargs
+        return args, {**kwargs, "closure": checked_closure}
 
     def _wrap(self, optimizer: Optimizer) -> Callable[[], None]:
         """Wrap ``optimizer.step``; returns the unwrap."""
@@ -168,13 +159,16 @@ class StepHooks:
         def step(this: Optimizer, *args: Any, **kwargs: Any) -> Any:
             self._calls += 1
             try:
-                if self._skipped is None:
-                    return inner(*args, **kwargs)
-                return self._checked_step(this, inner, args, kwargs)
-            except BaseException:
-                self.depth = 0  # the post-hooks of a step that raised never run
+                if self._skipped is not None:
+                    args, kwargs = self._checked(this, args, kwargs)
+                return inner(*args, **kwargs)
+            except BaseException as error:
+                self.depth = 0  # the post-hooks of a step that raised (or was skipped) never run
                 self._swap.restore(this.param_groups)
-                raise
+                if not isinstance(error, SkipUpdate) or self._skipped is None:
+                    raise
+                self._skipped(this)  # nothing changed; the closure's loss returns, as from any step
+                return error.loss
             finally:
                 self._calls -= 1
 
