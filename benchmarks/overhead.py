@@ -2,8 +2,8 @@
 
 All numbers are measured side by side in one run (interleaved repetitions, medians), so the
 ratios hold on a loaded machine even when the absolute times do not. Every table compares the
-default (sampled paths, ``sample=4096``) with full paths (``sample=None``, the state reader where
-one exists: 0.1.0's hot path).
+default (sampled paths, ``sample=4096``) with every coordinate (``sample=None``, the paper's exact
+statistic on the same engine).
 
     python benchmarks/overhead.py              # the issue's targets and the scaling tables (~10 min on 2 cores)
     python benchmarks/overhead.py --smoke      # seconds: keeps the script working (tested)
@@ -103,19 +103,12 @@ def time_steps(
 
 
 def persistent_bytes(clara: Any) -> int:
-    """Bytes CLARA keeps between steps: paths, sample indices, the direction reader's buffers."""
-    from lightning_clara.directions import DeltaReader
-
-    full = getattr(clara.paths, "tensors", {})  # FullPathStore's per-tensor paths
-    total = sum(state.path.numel() * state.path.element_size() for state in full.values())
-    sampled = getattr(clara.paths, "sampled", None)  # SampledPathStore's buckets
-    if sampled is not None:
-        total += sampled.persistent_bytes()
-    reader = clara.paths.reader
-    stores = [reader._snapshots, reader._previous] if isinstance(reader, DeltaReader) else []
-    stores.append(getattr(reader, "_scratch", {}))  # the state readers' CPU scratch, the delta's undo copy
-    for store in stores:
-        total += sum(b.numel() * b.element_size() for b in store.values())
+    """Bytes CLARA keeps between steps: paths, step buffers, sample indices, the safeguard's restore point."""
+    total = clara.paths.sampled.persistent_bytes()
+    restore = clara.paths.restore_point
+    if restore is not None:
+        for store in (restore._current, restore._previous):
+            total += sum(b.numel() * b.element_size() for b in store.values())
     return total
 
 

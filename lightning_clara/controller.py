@@ -41,9 +41,10 @@ from lightning_clara.options import (
 )
 from lightning_clara.reference_cache import ReferenceCache
 from lightning_clara.rule import FactorState, StepStatistics, adapt, clamp_log_factor, damping, factor, lr_for
-from lightning_clara.stores import StepInputs, store_for
+from lightning_clara.stores import PathStore, StepInputs
 from lightning_clara.support import check_supported, safeguarded_target, unwrap
 from lightning_clara.transfer import HostTransfer
+from lightning_clara.variants import GradientBucket, UnitStep
 
 __all__ = ["CLARA"]
 
@@ -87,8 +88,8 @@ class CLARA:
         if getattr(optimizer, "_clara_controller", None) is not None:
             raise RuntimeError("this optimizer already has a CLARA controller attached; detach() it first")
         self.optimizer = optimizer
-        self.paths = store_for(self.settings, optimizer)
-        plain = self.settings.variant == "salera"
+        plain = self.settings.variant == "salera"  # SALeRA: gradient paths against a plain random walk
+        self.paths = PathStore(self.settings, GradientBucket if plain else None)
         self.references = ReferenceCache(optimizer, self.c, self.paths.reference_size, self.settings.reference, plain)
         self._initial_log_factor = clamp_log_factor(self.settings.bounds, math.log(self.settings.initial_factor))
         self._state = FactorState.initial(self._initial_log_factor, 0)
@@ -101,6 +102,7 @@ class CLARA:
             self.references.get(j)
         self._skips = SkipCounter()
         skips = self._skips if self.settings.skip_nonfinite else None
+        self._unit_step = UnitStep(optimizer) if self.settings.unit_step else None  # hooks before ours: sees lr used
         self._hooks = StepHooks(optimizer, self._before_step, self._after_step, self._swap, skips)
         optimizer._clara_controller = self  # type: ignore[attr-defined]
 
@@ -194,7 +196,7 @@ class CLARA:
 
     @property
     def reader_name(self) -> str:
-        """Where the step comes from: ``"sample"`` (sampled paths), ``"state"`` or ``"delta"``."""
+        """Where the paths live: ``"sample"`` (a sample of each tensor) or ``"full"`` (``sample=None``)."""
         return self.paths.name
 
     @property
@@ -222,6 +224,8 @@ class CLARA:
         self._settle(collectives=False)
         self._swap.restore(self.optimizer.param_groups)
         self._hooks.remove()
+        if self._unit_step is not None:
+            self._unit_step.remove()
         self.paths.release()  # the paths stay: state_dict still holds them after detaching
         if getattr(self.optimizer, "_clara_controller", None) is self:
             self.optimizer._clara_controller = None  # type: ignore[attr-defined]
@@ -256,7 +260,7 @@ class CLARA:
         self._settle(collectives=True)
         self._sync_scopes()
         self.references.keys.before_step()
-        self.paths.before_step(optimizer)  # gather the sample / snapshot the parameters
+        self.paths.before_step(optimizer)  # gather the sample (and the safeguard's snapshot)
         groups = optimizer.param_groups
         self._swap.apply(groups, [self._lr_for(j, group["lr"]) for j, group in enumerate(groups)])
 
@@ -287,11 +291,8 @@ class CLARA:
         bases = self._scope_bases() if bounds.min_lr is not None or bounds.max_lr is not None else None
         losses = self._losses
         self._state = adapt(self._state, stats, self.settings.schedule, bounds, bases, losses.gate, losses.fitted)
-        if (
-            self._state.adapted_steps > before
-            and self._guard is not None
-            and self._guard.due(self._state.adapted_steps)
-        ):
+        steps = self._state.adapted_steps
+        if self._guard is not None and steps > before and self._guard.due(steps):
             self._guard.mark_due(device)  # a collective: only where every rank runs it, never from a property
             if collectives:
                 self._settle(collectives=True)
@@ -311,7 +312,7 @@ class CLARA:
         Call it after ``optimizer.step()`` with the loss that step's gradient came from. The loss
         brake (``loss_brake``) lets F rise only while the smoothed loss keeps falling. On a
         safeguard alarm (a blow-up, or a NaN/inf loss) the parameters are restored from before the
-        step that led to it where the delta reader keeps snapshots, F is halved, the test restarts
+        step that led to it (the safeguard's restore point), F is halved, the test restarts
         and a warning is issued; the optimizer's own state is not rolled back. A loss with no step since
         the last (GradScaler skipped it) is ignored; a CUDA loss reaches the brake one step late, no sync.
         """
@@ -361,14 +362,12 @@ def _warn_non_finite(tensors: int) -> None:
     )
 
 
-def _alarm_message(loss: float, new_factor: float, undone: int | None) -> str:
+def _alarm_message(loss: float, new_factor: float, undone: int) -> str:
     """The safeguard's warning: what blew up, the halved F, and what was restored."""
     if undone:
         restored = f"; parameters restored from before the last {undone} step(s)"
-    elif undone is not None:
-        restored = "; parameters already restored by the previous alarm (no step since)"
     else:
-        restored = "; no snapshot to restore (use direction='auto' or 'delta' to keep one)"
+        restored = "; parameters already restored by the previous alarm (no step since)"
     return f"CLARA safeguard: the training loss blew up ({loss:.4g}); F halved to {new_factor:.4g}{restored}"
 
 

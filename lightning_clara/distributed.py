@@ -2,9 +2,9 @@
 
 Under DDP every rank holds the whole parameters and applies the same all-reduced update, so
 paths, ratios and factors are identical without any collective: nothing here runs on the
-hot path. Sharded strategies (FSDP, ZeRO) hold a slice of each tensor per rank, so per-tensor
-norms are partial: :class:`ShardSum` sums them across the shard group (one collective per
-step, see :func:`lightning_clara.path.update_sharded_paths`).
+hot path. Sharded strategies (FSDP, ZeRO) hold a slice of each tensor per rank: each rank fills
+the sampled entries it holds and :class:`ShardSum` sums the sampled step across the shard group
+(one collective per step, :class:`~lightning_clara.sampling.SampleBucket`).
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ class Sharding:
         sum_across_shards: in-place SUM of a small tensor across the shard group.
         local: maps a parameter to the tensor holding this rank's shard.
         offset: where this rank's shard starts in the flattened full tensor (its entries are the
-            full tensor's flat entries ``offset .. offset + local.numel() - 1``). Sampled paths need
-            it to pick the sample in global coordinates; None: only full paths (``sample=None``).
+            full tensor's flat entries ``offset .. offset + local.numel() - 1``), so that the sample is
+            picked in global coordinates. Required by CLARA; None only for code that reads sizes.
     """
 
     full_numel: Callable[[Tensor], int]
@@ -83,13 +83,10 @@ def _dtensor_offset(tensor: Tensor) -> int:
     if placements is None:
         raise TypeError(
             f"CLARA sampled paths on sharded parameters: a {type(tensor).__name__} is not a DTensor; "
-            "shard every parameter, or pass sample=None"
+            "shard every parameter"
         )
     if len(placements) != 1 or not placements[0].is_shard(0):
-        raise ValueError(
-            f"CLARA sampled paths need row-sharded DTensors (Shard(0) on a 1-D mesh), got {placements}; "
-            "pass sample=None for full paths"
-        )
+        raise ValueError(f"CLARA sampled paths need row-sharded DTensors (Shard(0) on a 1-D mesh), got {placements}")
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     _, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, placements)

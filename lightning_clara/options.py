@@ -45,7 +45,6 @@ __all__ = [
 Scope = Literal["optimizer", "param_group"]
 Variant = Literal["clara", "salera"]
 Rule = Literal["paper", "normalized"]
-DirectionChoice = Literal["auto", "delta", "state"]
 
 #: The options left at None take their rule's default: ``rule="paper"`` is the paper's exact rule
 #: (arXiv 2508.05408: c = 0.2, d = 1e-3, F starts at 1, no fast start, no hold, target 1);
@@ -89,8 +88,6 @@ OPTION_DOCS: dict[str, str] = {
     "d": "damping > 0: with rule='normalized' (default 0.03) the change of log F per step when all steps "
     "agree; with rule='paper' (default 1e-3) log F moves by d * (r - 1).",
     "scope": "'optimizer' (one factor, the paper's choice) or 'param_group' (one per group).",
-    "direction": "'auto' (snapshot-free state reader where exact, else the delta), 'delta' (parameter "
-    "snapshot; any optimizer) or 'state' (force the state reader); used with sample=None.",
     "min_factor": "lower bound on F, or None.",
     "max_factor": "upper bound on F, or None (log F is clamped, so there is no wind-up).",
     "min_lr": "lower bound on the learning rate used, lr_base * F, or None.",
@@ -99,7 +96,8 @@ OPTION_DOCS: dict[str, str] = {
     "given lr lets CLARA climb to a too-large lr instead of diverging before it can act.",
     "variant": "'clara', or 'salera' (the 2017 rule: normalised raw gradients against a plain random walk, "
     "whatever the optimizer; for ablations).",
-    "unit_step": "the paper's unit-step variant: each tensor's step becomes lr * s/||s||.",
+    "unit_step": "the paper's unit-step variant: each tensor's step becomes lr * s/||s|| (costs one parameter "
+    "snapshot).",
     "reference": "a lightning_clara.reference.Reference to use for every group instead of the automatic one.",
     "safeguard": "True (or a lightning_clara.safeguard.PageHinkley) to watch the loss given to "
     "CLARA.observe_loss with a Page-Hinkley test: on a blow-up, restore the parameters and halve F "
@@ -136,8 +134,8 @@ OPTION_DOCS: dict[str, str] = {
     "its decision costs one synchronisation per step (False: none, and a NaN gradient is stepped as given).",
     "sample": "keep each tensor's path on a fixed sample of at most this many coordinates (default 4096; "
     "tensors with fewer entries keep all of them). The step is read on the sample, so a step costs "
-    "O(sample x tensors) whatever the model's size; None: full paths, the paper's exact statistic (also "
-    "what direction='state', unit_step and variant='salera' use).",
+    "O(sample x tensors) whatever the model's size; None: every coordinate, the paper's exact statistic "
+    "(a path and a step buffer as large as the model; not with sharding).",
 }
 
 
@@ -174,7 +172,6 @@ class Settings:
     skip_nonfinite: bool
     total_steps: int | None
     scope: Scope
-    direction: DirectionChoice
     variant: Variant
     unit_step: bool
     reference: Reference | None
@@ -209,7 +206,6 @@ class CLARAOptions:
     c: float | None = None
     d: float | None = None
     scope: Scope = "optimizer"
-    direction: DirectionChoice = "auto"
     min_factor: float | None = None
     max_factor: float | None = None
     min_lr: float | None = None
@@ -243,8 +239,7 @@ class CLARAOptions:
 
         Options given as None take the default of their ``rule`` (:data:`RULE_DEFAULTS`); with
         ``rule="normalized"`` and ``total_steps`` given, ``hold_after`` and ``d`` left at None follow
-        the run's length (:func:`run_length_defaults`). ``sample`` becomes None (full paths) where a
-        feature reads whole tensors: ``direction="state"``, ``unit_step=True``, ``variant="salera"``.
+        the run's length (:func:`run_length_defaults`).
         ``safeguard=True`` makes a new :class:`PageHinkley` each call (one per controller).
         """
         rule = check_choice("rule", self.rule, ("paper", "normalized"))
@@ -255,7 +250,6 @@ class CLARAOptions:
             "rule": rule,
             "total_steps": total_steps,
             "scope": check_choice("scope", self.scope, ("optimizer", "param_group")),
-            "direction": check_choice("direction", self.direction, ("auto", "delta", "state")),
             **{name: check_optional_positive(name, getattr(self, name)) for name in _BOUNDS},
             "initial_factor": _positive("initial_factor", rule_values["initial_factor"]),
             "variant": check_choice("variant", self.variant, ("clara", "salera")),
@@ -296,26 +290,27 @@ class CLARAOptions:
             raise TypeError(
                 f"sharding must be a lightning_clara.distributed.Sharding or None, got {type(sharding).__name__}"
             )
-        if sharding is not None and (self.direction == "state" or self.variant == "salera"):
-            raise ValueError("sharding needs the delta reader: use direction='auto' or 'delta' and variant='clara'")
+        if sharding is not None and (self.variant == "salera" or self.unit_step):
+            raise ValueError("sharding reads the realised step on the sample: use variant='clara' and unit_step=False")
         return {"unit_step": self.unit_step, "reference": self.reference, "safeguard": safeguard, "sharding": sharding}
 
     def _resolve_sample(self) -> int | None:
         sample = None if self.sample is None else check_positive_int("sample", self.sample)
-        if self.direction == "state" or self.unit_step or self.variant == "salera":
-            return None  # these read or rescale whole tensors
-        if sample is not None and self.sharding is not None and self.sharding.offset is None:
+        if self.sharding is not None and sample is None:
+            raise ValueError(
+                "sample=None (every coordinate) is not supported with sharding: each step would sum whole "
+                "parameters across the shard group; keep a sample (the default, 4096)"
+            )
+        if self.sharding is not None and self.sharding.offset is None:
             raise ValueError(
                 "sampled paths on sharded parameters need Sharding.offset (where each rank's shard starts in "
-                "the flattened tensor); give it, or pass sample=None for full paths"
+                "the flattened tensor)"
             )
         return sample
 
     def _check_combinations(self, values: Mapping[str, Any]) -> None:
-        if self.unit_step and self.direction == "state":
-            raise ValueError("unit_step=True needs the realised step: use direction='auto' or 'delta', not 'state'")
-        if self.variant == "salera" and (self.unit_step or self.direction != "auto"):
-            raise ValueError("variant='salera' reads raw gradients: it takes neither unit_step nor a direction")
+        if self.variant == "salera" and self.unit_step:
+            raise ValueError("variant='salera' reads raw gradients: it does not take unit_step")
         for low, high in (("min_factor", "max_factor"), ("min_lr", "max_lr")):
             if values[low] is not None and values[high] is not None and values[low] > values[high]:
                 raise ValueError(f"{low} ({values[low]}) must be <= {high} ({values[high]})")

@@ -256,7 +256,7 @@ class MonteCarloReference(Reference):
 
     All sizes of :data:`SIZE_GRID` that are needed run in one flat parameter (the update is
     element-wise, so every block of n entries is an independent trial); the step is the
-    parameter's change, as CLARA's delta reader sees it, with weight decay turned off (the
+    parameter's change, as CLARA's sampled step sees it, with weight decay turned off (the
     null model has no loss). Sizes between grid points interpolate in log n. After :data:`_RAW_STEPS` steps
     the curve is smoothed over a window proportional to t, and the stationary value is the
     mean of the last quarter of the horizon. Seeded, hence deterministic.

@@ -1,19 +1,24 @@
-"""SALeRA's "safe" part: a Page-Hinkley test that detects a blow-up of the training loss.
+"""SALeRA's "safe" part: a Page-Hinkley test that detects a blow-up of the training loss, and the
+restore point an alarm rolls the parameters back to.
 
 The test accumulates how far each loss lies above its running mean, in standard deviations
 of the loss's own noise (so it is scale-free), minus a tolerated drift ``delta``, and raises
 an alarm once the accumulated excess passes ``threshold``. A NaN or infinite loss is an
-alarm at once. Framework-free: feed it one float per optimizer step.
+alarm at once. :class:`RestorePoint` keeps the parameters from before the last two steps.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
+
+import torch
+from torch import Tensor
 
 from lightning_clara._validation import check_in_range, check_positive_int
 
-__all__ = ["PageHinkley"]
+__all__ = ["PageHinkley", "RestorePoint"]
 
 
 class PageHinkley:
@@ -82,3 +87,60 @@ class PageHinkley:
         self.variance = float(state["variance"])
         self.excess = float(state["excess"])
         self.alarms = int(state["alarms"])
+
+
+class RestorePoint:
+    """The parameters from before the last two steps, so that an alarm can restore them bit for bit.
+
+    Two parameter-sized buffers (the safeguard's cost), swapped each step, never copied twice.
+
+    Args:
+        view: maps a parameter to the tensor that holds its data on this rank (a DTensor's local
+            shard); the buffers are shaped like the view.
+    """
+
+    def __init__(self, view: Callable[[Tensor], Tensor] | None = None) -> None:
+        self._view = view
+        self._current: dict[Tensor, Tensor] = {}  # theta before the last step
+        self._previous: dict[Tensor, Tensor] = {}  # theta before the step before
+        self._valid_current: set[Tensor] = set()
+        self._valid_previous: set[Tensor] = set()
+
+    def before_step(self, params: Sequence[Tensor]) -> None:
+        """Snapshot ``params`` (the step pre-hook); the last snapshot becomes the previous one."""
+        self._previous, self._current = self._current, self._previous
+        self._valid_previous, self._valid_current = self._valid_current, set(params)
+        views = self._views(params)
+        buffers = []
+        for param, view in zip(params, views, strict=True):
+            buffer = self._current.get(param)
+            if buffer is None or buffer.shape != view.shape or buffer.dtype != view.dtype:
+                buffer = torch.empty_like(view, memory_format=torch.preserve_format)
+                self._current[param] = buffer
+            buffers.append(buffer)
+        if params:
+            with torch.no_grad():
+                torch._foreach_copy_(buffers, views)
+
+    def undo(self) -> int:
+        """Restore the parameters from before the last two steps (or the last one, if only that is
+        held); returns how many steps were undone (0: nothing held since the last undo)."""
+        if not self._valid_current:
+            return 0
+        undone, source = 1, self._current
+        if self._valid_previous >= self._valid_current:
+            undone, source = 2, self._previous
+        params = list(self._valid_current)
+        with torch.no_grad():
+            torch._foreach_copy_(self._views(params), [source[p] for p in params])
+        self._valid_current, self._valid_previous = set(), set()
+        return undone
+
+    def release(self) -> None:
+        self._current.clear()
+        self._previous.clear()
+        self._valid_current, self._valid_previous = set(), set()
+
+    def _views(self, params: Sequence[Tensor]) -> list[Tensor]:
+        detached = [p.detach() for p in params]
+        return detached if self._view is None else [self._view(p) for p in detached]

@@ -24,9 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_clara.path import path_dtype_for
-
-__all__ = ["DEFAULT_SAMPLE", "SampleBucket", "SampledTensor", "sample_indices"]
+__all__ = ["DEFAULT_SAMPLE", "SampleBucket", "SampledTensor", "path_dtype_for", "sample_indices"]
 
 #: Coordinates kept per tensor by default. The reference already treats every tensor above
 #: 4096 entries as the same size (``reference.SIZE_CAP``); the parity study is in
@@ -39,17 +37,22 @@ DEFAULT_SAMPLE = 4096
 RUN_LENGTH = 16
 
 
-def sample_indices(numel: int, m: int, key: tuple[int, ...]) -> Tensor:
+def path_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """Paths are accumulated in fp32 (fp64 for fp64 parameters): bf16 would round small EMA updates away."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def sample_indices(numel: int, m: int | None, key: tuple[int, ...]) -> Tensor:
     """``min(numel, m)`` sorted flat indices into a tensor of ``numel`` entries (int64, CPU).
 
-    A tensor with at most ``m`` entries keeps all of them. A larger one is cut into strata of
-    consecutive entries, one run of ``min(16, m // 64)`` consecutive entries per stratum (single
+    A tensor with at most ``m`` entries (every tensor with ``m=None``) keeps all of them. A larger one
+    is cut into strata of consecutive entries, one run of ``min(16, m // 64)`` consecutive entries per stratum (single
     entries for ``m < 128``, or for a tensor smaller than ``2 m``), at an offset drawn from a
     generator seeded by ``key`` (the tensor's position in the optimizer and its size): spread over
     the whole tensor (at least 64 strata), identical on every rank, after a resume and in every
     process.
     """
-    if numel <= m:
+    if m is None or numel <= m:
         return torch.arange(numel, dtype=torch.int64)
     run = max(1, min(RUN_LENGTH, m // 64)) if numel >= 2 * m else 1
     strata = m // run
@@ -79,6 +82,7 @@ class SampledTensor:
     length: int
     source: Tensor | None  # None: every entry, in order (a tensor with at most m entries)
     target: Tensor | None  # None: the entries 0 .. length-1 of the row
+    maximize: bool = False  # the group maximizes (its gradient points the other way)
 
 
 @dataclass
@@ -168,8 +172,11 @@ class SampleBucket:
                     row.copy_(_take(param, source))
             self._before = self._step
 
-    def realised_step(self) -> Tensor:
-        """``theta(before) - theta(after)`` on the sample, as the ``(tensors, width)`` matrix (path dtype)."""
+    def realised_step(self, lr_used: Sequence[float] = ()) -> Tensor:
+        """``theta(before) - theta(after)`` on the sample, as the ``(tensors, width)`` matrix (path dtype).
+
+        ``lr_used`` (per group, the lr the step ran at) is for variants that do not read the parameters.
+        """
         before, self._before = self._before, None
         if before is None:
             raise RuntimeError("SampleBucket: a step without the pre-step gather")
@@ -207,13 +214,13 @@ class SampleBucket:
     def curves_current(self, keys: tuple[int, ...]) -> bool:
         return self._curve_keys == keys
 
-    def update(self, c: float) -> SampleStep:
+    def update(self, c: float, lr_used: Sequence[float] = ()) -> SampleStep:
         """``p <- (1 - c) p + c s / ||s||`` for every row whose step is finite and non-zero.
 
         A zero step (no gradient, zero lr) leaves its row alone; a non-finite one resets it. All
         on the device, in a fixed number of kernels.
         """
-        step = self.realised_step()
+        step = self.realised_step(lr_used)
         with torch.no_grad():
             # a fixed number of kernels whatever the tensor count (for a small model, most of its cost)
             norms = torch.linalg.vector_norm(step, dim=1)
@@ -282,37 +289,43 @@ class SampledPaths:
     """The sampled paths of one optimizer: one :class:`SampleBucket` per device and dtype.
 
     The layout follows the trainable tensors: when one is added, frozen or unfrozen, the buckets
-    are rebuilt and every tensor still present keeps its path (a frozen one starts afresh).
+    are rebuilt and every tensor still present keeps its path (a frozen one starts afresh). A row
+    longer than :data:`DEFAULT_SAMPLE` (a larger ``m``, or every coordinate with ``m=None``) gets a
+    bucket of its own length, so that the small tensors' rows are not padded to it.
 
     Args:
-        m: coordinates kept per tensor.
+        m: coordinates kept per tensor; None: every coordinate (the paper's exact statistic).
         full_numel: a parameter's unsharded size.
         local: maps a parameter to this rank's data.
         offset: for sharded parameters, the flat position of this rank's data in the whole tensor;
             None when every rank holds whole tensors.
         sum_across_shards: the in-place SUM across the shard group (sharded parameters only).
+        bucket: the bucket class (:class:`SampleBucket`, or a variant that reads another step).
     """
 
     def __init__(
         self,
-        m: int,
+        m: int | None,
         full_numel: Callable[[Tensor], int],
         local: Callable[[Tensor], Tensor],
         offset: Callable[[Tensor], int] | None = None,
         sum_across_shards: Callable[[Tensor], None] | None = None,
+        bucket: type[SampleBucket] | None = None,
     ) -> None:
         self.m = m
         self._full_numel = full_numel
         self._local = local
         self._offset = offset
         self._sum_across_shards = sum_across_shards
+        self._bucket = bucket or SampleBucket
         self.buckets: list[SampleBucket] = []
         self._layout_key: tuple[tuple[int, ...], ...] | None = None
         self._loaded: dict[Tensor, tuple[Tensor, int]] = {}
 
     def size(self, param: Tensor) -> int:
         """The sample's size for ``param``: the size of the tensor the reference simulates."""
-        return min(int(self._full_numel(param)), self.m)
+        numel = int(self._full_numel(param))
+        return numel if self.m is None else min(numel, self.m)
 
     def before_step(self, param_groups: Sequence[dict[str, Any]]) -> None:
         """Gather every trainable tensor's sample (relaying out first if the trainable tensors changed)."""
@@ -321,7 +334,7 @@ class SampledPaths:
         )  # cheap enough per step; the layout itself is rebuilt only when it changes
         if key != self._layout_key:
             members = [
-                (j, i, param)
+                (j, i, param, bool(group.get("maximize", False)))
                 for j, group in enumerate(param_groups)
                 for i, param in enumerate(group["params"])
                 if param.requires_grad
@@ -331,38 +344,47 @@ class SampledPaths:
         for bucket in self.buckets:
             bucket.before_step()
 
-    def _member(self, j: int, i: int, param: Tensor) -> tuple[tuple[torch.device, torch.dtype], SampledTensor]:
+    def _member(self, j: int, i: int, param: Tensor, maximize: bool) -> tuple[tuple[Any, ...], SampledTensor]:
         numel = int(self._full_numel(param))
-        indices = sample_indices(numel, self.m, (j, i, numel))
         data = self._local(param.detach())
-        if self._offset is None:
-            source = None if numel <= self.m else compact_index(indices)
-            member = SampledTensor(param, j, indices.numel(), source, None)
+        if self._offset is None and (self.m is None or numel <= self.m):  # every entry, in order: no indices
+            member = SampledTensor(param, j, numel, None, None, maximize)
+        elif self._offset is None:
+            indices = sample_indices(numel, self.m, (j, i, numel))
+            member = SampledTensor(param, j, indices.numel(), compact_index(indices), None, maximize)
         else:
+            indices = sample_indices(numel, self.m, (j, i, numel))
             held, positions = shard_sample(indices, int(self._offset(param)), data.numel())
-            member = SampledTensor(param, j, indices.numel(), compact_index(held), positions)
-        return (data.device, data.dtype), member
+            member = SampledTensor(param, j, indices.numel(), compact_index(held), positions, maximize)
+        width = member.length if member.length > DEFAULT_SAMPLE else 0  # a long row: a bucket of its own length
+        return (data.device, data.dtype, width), member
 
-    def _relayout(self, members: Sequence[tuple[int, int, Tensor]]) -> None:
+    def _relayout(self, members: Sequence[tuple[int, int, Tensor, bool]]) -> None:
         kept = self.export()  # the paths of the old layout, or those waiting since load()
         self._loaded = {}
-        grouped: dict[tuple[torch.device, torch.dtype], list[SampledTensor]] = {}
-        for j, i, param in members:
-            where, member = self._member(j, i, param)
+        grouped: dict[tuple[Any, ...], list[SampledTensor]] = {}
+        for j, i, param, maximize in members:
+            where, member = self._member(j, i, param, maximize)
             grouped.setdefault(where, []).append(member)
-        self.buckets = [SampleBucket(group, self._local, self._sum_across_shards) for group in grouped.values()]
+        self.buckets = [self._bucket(group, self._local, self._sum_across_shards) for group in grouped.values()]
         for bucket in self.buckets:
             bucket.load(kept)
 
-    def update(self, c: float, curves: Callable[[int, int], Sequence[float]], keys: Sequence[int]) -> list[SampleStep]:
+    def update(
+        self,
+        c: float,
+        curves: Callable[[int, int], Sequence[float]],
+        keys: Sequence[int],
+        lr_used: Sequence[float] = (),
+    ) -> list[SampleStep]:
         """Step every bucket's paths; ``curves(group, size)`` is a group's reference curve and
-        ``keys[group]`` changes whenever that curve does."""
+        ``keys[group]`` changes whenever that curve does; ``lr_used``: per group, the lr the step ran at."""
         out = []
         for bucket in self.buckets:
             bucket_keys = tuple(keys[j] for j in bucket.group_set)  # per group, not per tensor
             if not bucket.curves_current(bucket_keys):
                 bucket.set_curves(bucket_keys, [curves(member.group, member.length) for member in bucket.members])
-            out.append(bucket.update(c))
+            out.append(bucket.update(c, lr_used))
         return out
 
     def export(self) -> dict[Tensor, tuple[Tensor, int]]:

@@ -1,4 +1,4 @@
-"""Which optimizers CLARA supports, and for each the direction reader and the null-model reference.
+"""Which optimizers CLARA supports, and for each the null-model reference.
 
 This is the only module that knows optimizer classes by name. The reference of a param
 group is chosen from exact to general:
@@ -22,12 +22,11 @@ import inspect
 import math
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
-from lightning_clara.directions import AdamStateReader, DeltaReader, DirectionReader, SGDStateReader
 from lightning_clara.probe import probe_update
 from lightning_clara.reference import (
     HeavyBallReference,
@@ -45,12 +44,9 @@ __all__ = [
     "UNSUPPORTED",
     "ReferenceKeys",
     "check_supported",
-    "reader_for",
     "reference_for",
     "reference_key",
 ]
-
-DirectionChoice = Literal["auto", "delta", "state"]
 
 #: torch optimizers with a verified reference; any other ``torch.optim.Optimizer`` subclass
 #: defined outside ``torch.optim`` is calibrated by Monte Carlo, assuming it is element-wise.
@@ -204,54 +200,6 @@ def check_supported(optimizer: Any) -> None:
         for group in optimizer.param_groups:
             settings = _simulation_hyperparameters(_simulation_kwargs(optimizer, optimizer_class, group))
             probe_update(optimizer_class, settings)
-
-
-def _uses_device_state(optimizer: Optimizer) -> bool:
-    """Fused / capturable / differentiable variants keep state that reading would sync on or differ from."""
-    return any(
-        group.get("fused") or group.get("capturable") or group.get("differentiable") for group in optimizer.param_groups
-    )
-
-
-#: The snapshot-free state readers, by torch optimizer class: a new one is one class and one row.
-STATE_READERS: dict[str, Callable[[], DirectionReader]] = {
-    "Adam": AdamStateReader,
-    "AdamW": AdamStateReader,
-    "SGD": SGDStateReader,
-}
-
-
-def _state_reader(optimizer: Optimizer) -> DirectionReader | None:
-    make = STATE_READERS.get(_torch_class(optimizer) or "")
-    return None if make is None else make()
-
-
-def _low_precision(optimizer: Optimizer) -> bool:
-    """Parameters below float32 (``bf16-true``, ``16-true``): small updates round away, so the step the
-    optimizer intended (what a state reader sees) is not the step it took."""
-    return any(
-        p.dtype not in (torch.float32, torch.float64) for group in optimizer.param_groups for p in group["params"]
-    )
-
-
-def reader_for(optimizer: Optimizer, direction: DirectionChoice) -> DirectionReader:
-    """The direction reader: ``auto`` picks the snapshot-free state reader where it is exact, that is
-    where the realised step is the intended one (float32/float64 parameters, no fused or capturable state)."""
-    if direction == "delta":
-        return DeltaReader()
-    reader = _state_reader(optimizer)
-    if direction == "state":
-        if reader is None:
-            raise ValueError(
-                f"direction='state' has no reader for {type(optimizer).__name__} (only SGD, Adam, AdamW); "
-                "use 'delta' or 'auto'"
-            )
-        if _uses_device_state(optimizer):
-            raise ValueError("direction='state' cannot read fused/capturable/differentiable optimizers; use 'delta'")
-        return reader
-    if reader is None or _uses_device_state(optimizer) or _low_precision(optimizer):
-        return DeltaReader()
-    return reader
 
 
 def _quantize(value: Any) -> Any:

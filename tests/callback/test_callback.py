@@ -71,24 +71,22 @@ def assert_series_close(actual: dict[int, float], expected: dict[int, float], rt
 
 
 # ---------------------------------------------------------------------------------------------- 1. acceptance
-@pytest.mark.parametrize("direction", ["auto", "delta", "sample"])
+@pytest.mark.parametrize("sample", [4096, None])
 def test_lr_trajectory_matches_reference_loop(
-    direction: str, make_module: MakeModule, regression_data: TensorDataset, trainer_kwargs: dict[str, Any]
+    sample: int | None, make_module: MakeModule, regression_data: TensorDataset, trainer_kwargs: dict[str, Any]
 ) -> None:
     """The key acceptance test: Trainer.fit + CLARACallback reproduces the simple loop step by step.
 
-    ``auto`` reads SGD's direction from the gradient, ``delta`` from a parameter snapshot (both with full
-    paths), ``sample`` gathers the default sample (every entry of these small tensors): all must agree.
+    The default sample (every entry of these small tensors) and ``sample=None`` (every coordinate) must agree.
     """
     epochs = 3
     module = make_module(sgd())
     initial_net = copy.deepcopy(module.net)
-    reader = {"direction": "auto"} if direction == "sample" else {"direction": direction, "sample": None}
-    callback, recorder = CLARACallback(c=C, d=D, safeguard=False, loss_brake=False, **reader), LRRecorder()
+    callback, recorder = CLARACallback(c=C, d=D, safeguard=False, loss_brake=False, sample=sample), LRRecorder()
     trainer = make_trainer(trainer_kwargs, [callback, recorder], max_epochs=epochs)
     trainer.fit(module)
 
-    assert callback.controllers[0].reader_name == {"auto": "state", "delta": "delta", "sample": "sample"}[direction]
+    assert callback.controllers[0].reader_name == ("full" if sample is None else "sample")
     reference = run_reference(initial_net, regression_data, epochs=epochs, lr_at=lambda t: LR)
     used = recorder.first_group()
     assert trainer.global_step == epochs * STEPS_PER_EPOCH == len(used)
@@ -356,7 +354,7 @@ def test_unsupported_optimizer_raises_at_fit_start(make_module: MakeModule, trai
         ({"d": -1e-3}, ValueError, "d"),
         ({"d": float("nan")}, ValueError, "d"),
         ({"scope": "x"}, ValueError, "scope"),
-        ({"direction": "y"}, ValueError, "direction"),
+        ({"direction": "delta"}, TypeError, "direction"),
         ({"min_lr": 1.0, "max_lr": 0.1}, ValueError, "min_lr"),
         ({"max_lr": 0.0}, ValueError, "max_lr"),
         ({"min_factor": 2.0, "max_factor": 0.5}, ValueError, "min_factor"),
@@ -371,7 +369,7 @@ def test_invalid_arguments_name_the_argument(kwargs: dict[str, Any], error: type
 
 def test_boundary_arguments_are_accepted() -> None:
     """c = 1 is inside (0, 1]; equal lr bounds are allowed."""
-    callback = CLARACallback(c=1.0, d=1e-5, min_lr=0.1, max_lr=0.1, scope="param_group", direction="delta", log=False)
+    callback = CLARACallback(c=1.0, d=1e-5, min_lr=0.1, max_lr=0.1, scope="param_group", sample=None, log=False)
     assert callback.log is False
     assert callback.controllers == []  # nothing attaches before fit
 

@@ -123,7 +123,7 @@ def test_instantiated_callback_has_the_yaml_values(example: ModuleType, tmp_path
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, CLARACallback)]
     args = clara_args()
     assert (callback.summary, callback.prog_bar) == (args["summary"], args["prog_bar"])
-    for key in ("c", "d", "rule", "scope", "direction", "max_lr", "safeguard"):
+    for key in ("c", "d", "rule", "scope", "sample", "max_lr", "safeguard"):
         assert getattr(callback.options, key) == args[key], key
     assert callback.options.min_lr is None  # not in the YAML: the default
 
@@ -139,7 +139,7 @@ def test_print_config_shows_every_clara_option(
     init_args = entry["init_args"]
     assert init_args["d"] == 0.05
     assert init_args["min_lr"] is None  # defaults are filled in
-    assert {"c", "d", "rule", "scope", "direction", "summary", "prog_bar", "consistency_check_every"} <= set(init_args)
+    assert {"c", "d", "rule", "scope", "sample", "summary", "prog_bar", "consistency_check_every"} <= set(init_args)
 
 
 def test_callback_help_shows_the_docstring(example: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:

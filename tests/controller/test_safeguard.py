@@ -274,29 +274,23 @@ def assert_params_equal(params: list[Tensor], expected: list[Tensor]) -> None:
 
 
 RESTORED_TWO = "; parameters restored from before the last 2 step(s)"
-NO_SNAPSHOT = "; no snapshot to restore (use direction='auto' or 'delta' to keep one)"
 ALREADY_RESTORED = "; parameters already restored by the previous alarm (no step since)"
 
 
 @pytest.mark.parametrize(
-    ("optimizer_class", "direction"),
-    [(torch.optim.SGD, "delta"), (torch.optim.SGD, "auto"), (torch.optim.Adam, "auto")],
-    ids=["sgd-delta", "sgd-auto", "adam-auto"],
+    ("optimizer_class", "sample"),
+    [(torch.optim.SGD, None), (torch.optim.SGD, 4096), (torch.optim.Adam, 4096)],
+    ids=["sgd-full", "sgd-sample", "adam-sample"],
 )
 def test_alarm_halves_factor_and_restores_the_parameters_from_before_the_blown_up_step(
-    optimizer_class: type[torch.optim.Optimizer], direction: str
+    optimizer_class: type[torch.optim.Optimizer], sample: int | None
 ) -> None:
-    """With a safeguard every direction but "state" reads the delta and keeps snapshots (so "auto" does too,
-    for SGD and Adam, whose state readers it picks without a safeguard). The loss observed after step t
-    reflects the blown-up step t-1: alarm, RuntimeWarning, log F down by exactly log 2, one alarm, the test
-    restarted, and the parameters bitwise those from before step t-1. The optimizer's own state is not rolled
-    back. Training then goes on past the warm-up without a new alarm."""
-    x, y, params = regression()
-    without_safeguard = CLARA(optimizer_class(params, lr=0.02), direction=direction, sample=None)
-    assert without_safeguard.reader_name == ("delta" if direction == "delta" else "state")
-    without_safeguard.detach()
-    clara, x, y, params = make_clara(optimizer_class, direction=direction, sample=None)
-    assert clara.reader_name == "delta"
+    """The safeguard keeps its restore point whatever the paths (a sample or every coordinate). The loss
+    observed after step t reflects the blown-up step t-1: alarm, RuntimeWarning, log F down by exactly log 2,
+    one alarm, the test restarted, and the parameters bitwise those from before step t-1. The optimizer's own
+    state is not rolled back. Training then goes on past the warm-up without a new alarm."""
+    clara, x, y, params = make_clara(optimizer_class, sample=sample)
+    assert clara.reader_name == ("full" if sample is None else "sample")
     train_quietly(clara, x, y, params)
     assert clara.lr_factor != 1.0
     optimizer_state = copy.deepcopy(clara.optimizer.state_dict()["state"])  # before the two steps of blow_up
@@ -322,7 +316,7 @@ def test_alarm_halves_factor_and_restores_the_parameters_from_before_the_blown_u
 def test_a_loss_without_a_step_since_the_alarm_is_ignored() -> None:
     """A NaN loss right after an alarm, with no step in between (the same poisoned state seen again, or a
     step GradScaler skipped) neither halves F again nor warns; the parameters stay restored (issue 21)."""
-    clara, x, y, params = make_clara(direction="delta")
+    clara, x, y, params = make_clara()
     train_quietly(clara, x, y, params)
     result = blow_up(clara, x, y, params)
     assert result.message.endswith(RESTORED_TWO)
@@ -338,7 +332,7 @@ def test_a_loss_without_a_step_since_the_alarm_is_ignored() -> None:
 def test_undo_restores_the_pre_step_parameters_exactly_after_unit_steps() -> None:
     """The applied steps are CLARA's unit steps rather than the optimizer's: the parameters from before the
     blown-up step come back all the same, bitwise."""
-    clara, x, y, params = make_clara(direction="delta", unit_step=True)
+    clara, x, y, params = make_clara(unit_step=True)
     train_quietly(clara, x, y, params)
     result = blow_up(clara, x, y, params)
     assert result.alarm is True
@@ -365,7 +359,7 @@ def test_undo_after_a_nan_step_restores_finite_parameters() -> None:
     """A NaN gradient makes SGD write NaN into a weight (step t-1, whose own loss was finite: no alarm); the loss
     of step t, measured at those weights, is NaN and alarms at once: the finite parameters from before step t-1
     come back bitwise, although both snapshots were taken around NaN steps. F stays finite and is halved."""
-    clara, x, y, params = make_clara(direction="delta", skip_nonfinite=False)
+    clara, x, y, params = make_clara(skip_nonfinite=False)
     train_quietly(clara, x, y, params, steps=5)
     before = [p.detach().clone() for p in params]
     clara.optimizer.zero_grad()
@@ -388,25 +382,10 @@ def test_undo_after_a_nan_step_restores_finite_parameters() -> None:
     assert_params_equal(params, before)
 
 
-@pytest.mark.parametrize("optimizer_class", [torch.optim.SGD, torch.optim.Adam], ids=["sgd", "adam"])
-def test_alarm_with_the_state_reader_halves_but_cannot_restore(optimizer_class: type[torch.optim.Optimizer]) -> None:
-    """direction="state" with a safeguard keeps no snapshot: F halves, the warning says nothing was restored,
-    and the parameters keep their values from after the last step."""
-    clara, x, y, params = make_clara(optimizer_class, direction="state")
-    assert clara.reader_name == "state"
-    train_quietly(clara, x, y, params)
-    result = blow_up(clara, x, y, params)
-    assert result.alarm is True
-    assert result.message.endswith(NO_SNAPSHOT)
-    assert clara.num_safeguard_alarms == 1
-    assert clara.log_factors[0] == result.log_factor - LOG2
-    assert_params_equal(params, result.after)
-
-
 def test_observe_loss_without_safeguard_is_a_no_op() -> None:
     """No safeguard: observe_loss returns False for any loss, warns nothing and changes nothing."""
     x, y, params = regression()
-    clara = CLARA(torch.optim.SGD(params[:1], lr=0.02), direction="delta")
+    clara = CLARA(torch.optim.SGD(params[:1], lr=0.02))
     assert clara.safeguard is None
     clara.optimizer.zero_grad()
     loss_of(x, y, params).backward()

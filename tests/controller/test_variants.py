@@ -187,14 +187,19 @@ def test_unit_step_leaves_a_tensor_without_step_in_place() -> None:
     assert float((before[0] - params[0].detach()).norm()) == pytest.approx(0.1, rel=1e-12)
 
 
-def test_unit_step_with_state_direction_raises() -> None:
-    """unit_step needs the realised step (a snapshot): direction='state' is refused, 'delta' accepted."""
-    params = make_params()
-    with pytest.raises(ValueError, match=r"unit_step") as excinfo:
-        CLARA(torch.optim.SGD(params, lr=0.1), unit_step=True, direction="state")
-    assert "state" in str(excinfo.value)
-    clara = CLARA(torch.optim.SGD(params, lr=0.1), unit_step=True, direction="delta")
-    assert clara.reader_name == "delta"
+def test_unit_step_ends_with_detach() -> None:
+    """The unit step is an add-on with hooks of its own: detach() removes them, and the optimizer's own step
+    (of length lr * ||g||, here 0.1 * 2) is taken again."""
+    params = make_params(((4,),))
+    clara = CLARA(torch.optim.SGD(params, lr=0.1), c=C, unit_step=True, initial_factor=1.0)
+    set_grads(params, [torch.full((4,), 1.0, dtype=torch.float64)])
+    before = snapshot(params)
+    clara.optimizer.step()
+    assert float((before[0] - params[0].detach()).norm()) == pytest.approx(0.1, rel=1e-12)
+    clara.detach()
+    before = snapshot(params)
+    clara.optimizer.step()
+    assert float((before[0] - params[0].detach()).norm()) == pytest.approx(0.2, rel=1e-12)
 
 
 # ------------------------------------------------------------------------------------------ SALeRA
@@ -243,13 +248,10 @@ def test_salera_accumulates_normalised_raw_gradients_with_the_plain_reference() 
     assert abs(math.log(loop.factor)) > 0.05
 
 
-@pytest.mark.parametrize(
-    "kwargs", [{"unit_step": True}, {"direction": "delta"}, {"direction": "state"}], ids=["unit_step", "delta", "state"]
-)
-def test_salera_refuses_unit_step_and_directions(kwargs: dict[str, Any]) -> None:
-    """SALeRA reads raw gradients: a unit step or a direction reader makes no sense with it."""
+def test_salera_refuses_unit_step() -> None:
+    """SALeRA reads raw gradients: a unit step makes no sense with it."""
     with pytest.raises(ValueError, match=r"salera"):
-        CLARA(torch.optim.Adam(make_params()), variant="salera", **kwargs)
+        CLARA(torch.optim.Adam(make_params()), variant="salera", unit_step=True)
 
 
 # --------------------------------------------------------------------------------- per-group scope
@@ -358,3 +360,17 @@ def test_custom_reference_with_optimizer_scope_sums_over_all_tensors() -> None:
         loop.update(steps_since(before, params))
         assert clara.ratio == pytest.approx(loop.ratio, rel=RTOL), f"step {t}"
         assert clara.lr_factors == pytest.approx([loop.factor, loop.factor], rel=RTOL), f"step {t}"
+
+
+def test_salera_does_not_adapt_on_a_step_at_lr_zero() -> None:
+    """A warm-up from zero: the gradient is there, but the step at lr 0 moved nothing, so SALeRA takes no step
+    either; once the lr is positive it adapts."""
+    params = make_params()
+    optimizer = torch.optim.SGD(params, lr=0.0)
+    clara = CLARA(optimizer, c=C, variant="salera")
+    set_grads(params, [torch.ones_like(p) for p in params])
+    optimizer.step()
+    assert clara.num_adapted_steps == 0
+    optimizer.param_groups[0]["lr"] = 0.1
+    optimizer.step()
+    assert clara.num_adapted_steps == 1

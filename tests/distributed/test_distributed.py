@@ -41,15 +41,15 @@ def _shard(tensor: torch.Tensor, rank: int) -> torch.Tensor:
     return flat[rank * size : (rank + 1) * size].clone()
 
 
-#: Full paths (per-tensor partial sums reduced) and sampled paths of 4 coordinates (the sampled step
-#: summed across shards); the 30-entry tensor's sample straddles both shards.
-SAMPLES = (None, 4)
+#: Sampled paths of 4 coordinates and of 64 (every entry of these tensors); the sampled step is summed
+#: across shards, and the 30-entry tensor's sample straddles both shards.
+SAMPLES = (4, 64)
 
 
-def _single_process_trajectory(optimizer_name: str, sample: int | None) -> list[float]:
+def _single_process_trajectory(optimizer_name: str, sample: int) -> list[float]:
     params = [torch.zeros(shape, dtype=torch.float64, requires_grad=True) for shape in SHAPES]
     optimizer = _make_optimizer(optimizer_name, params)
-    clara = CLARA(optimizer, d=0.05, direction="delta", sample=sample)
+    clara = CLARA(optimizer, d=0.05, sample=sample)
     out = []
     for step in range(STEPS):
         for param, grad in zip(params, _gradients(step), strict=True):
@@ -81,7 +81,7 @@ def _sharded_worker(rank: int, store: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _sharded_run(rank: int, out_dir: str, optimizer_name: str, sample: int | None) -> None:
+def _sharded_run(rank: int, out_dir: str, optimizer_name: str, sample: int) -> None:
     """One rank's run: local halves of every tensor, gradients sharded the same way."""
     full_sizes = {}
     params = []
@@ -225,52 +225,24 @@ def _fsdp2_worker(rank: int, store: str, out_dir: str) -> None:
         model = _fsdp2_model()
         fully_shard(model)
         # the inf entry sits in rank 1's shard only: rank 0 must skip that update too
-        options = {"sharding": Sharding.for_dtensors(), "sample": None}
-        trajectory, clara = _fsdp2_trajectory(model, options, poison_shard=rank == 1)
-        local_sizes = [state.path.numel() for state in clara.paths.tensors.values()]
-        torch.save({"factors": trajectory, "local_sizes": local_sizes}, Path(out_dir) / f"fsdp{rank}.pt")
+        options = {"sharding": Sharding.for_dtensors(), "sample": 16}
+        trajectory, _ = _fsdp2_trajectory(model, options, poison_shard=rank == 1)
+        torch.save({"factors": trajectory}, Path(out_dir) / f"fsdp{rank}.pt")
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
 def test_fsdp2_fully_shard_matches_single_process(tmp_path: Path) -> None:
-    """torch's FSDP2 on 2 CPU ranks (DTensor parameters sharded on dim 0): CLARA with full paths and
-    ``Sharding.for_dtensors()`` keeps only local path shards and reproduces the unsharded run (sampled
-    paths under FSDP2: tests/distributed/test_model_parallel.py). An inf gradient entry in one rank's shard
-    skips that update on both ranks, as it does in one process."""
+    """torch's FSDP2 on 2 CPU ranks (DTensor parameters sharded on dim 0): CLARA with ``Sharding.for_dtensors()``
+    reproduces the unsharded run, and an inf gradient entry in one rank's shard skips that update on both
+    ranks, as it does in one process (more of FSDP2: tests/distributed/test_model_parallel.py)."""
     spawn_ranks(_fsdp2_worker, tmp_path)
-    expected, _ = _fsdp2_trajectory(_fsdp2_model(), {"sample": None})
+    expected, _ = _fsdp2_trajectory(_fsdp2_model(), {"sample": 16})
     initial = RULE_DEFAULTS["normalized"]["initial_factor"]
     assert abs(math.log(expected[-1] / initial)) > 0.05  # the factor moved from where it started
-    full_sizes = [p.numel() for p in _fsdp2_model().parameters()]
-    rank0, rank1 = (torch.load(tmp_path / f"fsdp{r}.pt") for r in range(WORLD))
-    for result in (rank0, rank1):
-        assert result["factors"] == pytest.approx(expected, rel=1e-9)
-    # each rank holds only its shard of every path, and the shards add up to the full tensors
-    assert [a + b for a, b in zip(rank0["local_sizes"], rank1["local_sizes"], strict=True)] == full_sizes
-    assert rank0["local_sizes"] != full_sizes
-
-
-def test_sharded_resume_restores_factors_and_restarts_paths() -> None:
-    """A checkpoint holds one rank's path shards: loading must not hand them to another rank, so the
-    factors and counters come back, the paths restart, and a warning says so."""
-    sharding = Sharding(full_numel=lambda p: p.numel())  # one process: the sum across shards is a no-op
-    params = [torch.zeros(6, dtype=torch.float64, requires_grad=True)]
-    optimizer = torch.optim.SGD(params, lr=0.1)
-    clara = CLARA(optimizer, d=0.2, sharding=sharding, sample=None)
-    for step in range(10):
-        params[0].grad = 1.0 + torch.randn(6, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
-        optimizer.step()
-    state = clara.state_dict()
-    assert any(entry is not None for entry in state["tensors"][0])
-    fresh = [torch.zeros(6, dtype=torch.float64, requires_grad=True)]
-    restored = CLARA(torch.optim.SGD(fresh, lr=0.1), d=0.2, sharding=sharding, sample=None)
-    with pytest.warns(RuntimeWarning, match="paths restart"):
-        restored.load_state_dict(state)
-    assert restored.lr_factor == clara.lr_factor
-    assert restored.num_adapted_steps == clara.num_adapted_steps == 10
-    assert restored.state_dict()["tensors"] == [[None]]
+    for rank in range(WORLD):
+        assert torch.load(tmp_path / f"fsdp{rank}.pt")["factors"] == pytest.approx(expected, rel=1e-9)
 
 
 def test_sharded_sampled_paths_resume_exactly() -> None:
@@ -311,3 +283,10 @@ def test_sampled_paths_on_manual_shards_need_the_offset() -> None:
     params = [torch.zeros(6, requires_grad=True)]
     with pytest.raises(ValueError, match=r"Sharding\.offset"):
         CLARA(torch.optim.SGD(params, lr=0.1), sharding=Sharding(full_numel=lambda p: p.numel()))
+
+
+def test_every_coordinate_is_refused_on_shards() -> None:
+    """sample=None would sum whole parameters across the shard group every step: refused, naming the way out."""
+    sharding = Sharding(full_numel=lambda p: p.numel(), offset=lambda p: 0)
+    with pytest.raises(ValueError, match=r"sample=None .* sharding"):
+        CLARA(torch.optim.SGD([torch.zeros(6, requires_grad=True)], lr=0.1), sharding=sharding, sample=None)

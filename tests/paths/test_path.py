@@ -1,4 +1,6 @@
-"""``update_paths`` (foreach kernels) against a plain per-tensor loop of ALGORITHM.md steps 2-3."""
+"""The path update of the one engine (``SampledPaths`` with every coordinate, ``m=None``) against a plain
+per-tensor loop of ALGORITHM.md steps 2-3. The realised step is made exact: each step starts from zero
+parameters and ends at ``-direction``."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
-from lightning_clara.path import update_paths
+from lightning_clara.sampling import SampledPaths
 
 SHAPES = [(1,), (7,), (3, 5), (2, 3, 4), ()]
 Problem = tuple[torch.dtype, float, list[Tensor], list[list[Tensor]]]
@@ -35,10 +37,49 @@ def loop_update(
     return new_paths, moved, squared
 
 
+class Update:
+    """One update's per-tensor results, as the bucket reports them."""
+
+    def __init__(self, rows: Tensor) -> None:
+        self.squared_norms = rows[0]  # ||p||^2 where moved, else 0
+        self.moved = rows[2].bool()
+        self.non_finite = ~rows[3].bool()
+
+
+class Paths:
+    """Whole-tensor paths of ``len(paths)`` tensors, started at ``paths``; ``step`` feeds one direction each."""
+
+    def __init__(self, paths: list[Tensor]) -> None:
+        self.params = [torch.nn.Parameter(torch.zeros_like(p)) for p in paths]
+        self.engine = SampledPaths(None, lambda p: p.numel(), lambda p: p)
+        self.engine.load({param: (p.flatten(), 0) for param, p in zip(self.params, paths, strict=True)})
+
+    def step(self, directions: list[Tensor], c: float) -> Update:
+        with torch.no_grad():
+            for param in self.params:
+                param.zero_()
+            self.engine.before_step([{"params": self.params}])
+            for param, direction in zip(self.params, directions, strict=True):
+                param.copy_(-direction.to(param.dtype))  # the realised step is exactly ``direction``
+        rows = [step.rows for step in self.engine.update(c, lambda j, n: [1.0], [0])]
+        return Update(torch.cat(rows, dim=1))
+
+    @property
+    def paths(self) -> list[Tensor]:
+        saved = self.engine.export()
+        return [saved[param][0].view(param.shape) for param in self.params]
+
+
 def random_tensors(shapes: list[tuple[int, ...]], dtype: torch.dtype, seed: int) -> list[Tensor]:
     """Seeded Gaussian tensors (drawn in fp64, then cast, so both dtypes see the same values)."""
     generator = torch.Generator().manual_seed(seed)
     return [torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype) for shape in shapes]
+
+
+def assert_squared(result: Update, moved: list[bool], squared: list[float], dtype: torch.dtype) -> None:
+    """||p||^2 of the tensors that moved, 0 for the others."""
+    want = torch.tensor([s if m else 0.0 for s, m in zip(squared, moved, strict=True)], dtype=torch.float64)
+    torch.testing.assert_close(result.squared_norms, want, **tolerance(dtype))
 
 
 def tolerance(dtype: torch.dtype) -> dict[str, float]:
@@ -50,56 +91,60 @@ def tolerance(dtype: torch.dtype) -> dict[str, float]:
 def test_update_paths_matches_loop_over_several_steps(dtype: torch.dtype) -> None:
     """Five successive updates of tensors of several shapes agree with the loop, in fp32 and fp64."""
     c = 0.2
-    paths = [torch.zeros(shape, dtype=dtype) for shape in SHAPES]
-    expected = [p.double() for p in paths]
+    store = Paths([torch.zeros(shape, dtype=dtype) for shape in SHAPES])
+    expected = [p.double() for p in store.paths]
     for step in range(5):
         directions = random_tensors(SHAPES, dtype, seed=step)
         # positive rescaling must not matter: only the unit vector enters the path
         directions = [d * (10.0**k) for k, d in enumerate(directions)]
         expected, moved, squared = loop_update(expected, directions, c)
-        result = update_paths(paths, directions, c)
-        for path, want in zip(paths, expected, strict=True):
+        result = store.step(directions, c)
+        for path, want in zip(store.paths, expected, strict=True):
             assert path.dtype == dtype
             torch.testing.assert_close(path.double(), want, **tolerance(dtype))
         assert result.moved.tolist() == moved
         assert not result.non_finite.any()
-        torch.testing.assert_close(result.squared_norms, torch.tensor(squared, dtype=torch.float64), **tolerance(dtype))
+        assert_squared(result, moved, squared, dtype)
 
 
 def test_zero_direction_leaves_path_unchanged() -> None:
     """||s|| = 0: the tensor is skipped (ALGORITHM.md step 2), its path stays bit-for-bit the same."""
-    paths = random_tensors([(4,), (2, 2)], torch.float32, seed=1)
-    before = [p.clone() for p in paths]
+    before = random_tensors([(4,), (2, 2)], torch.float32, seed=1)
+    store = Paths(before)
     directions = [torch.zeros(4), torch.tensor([[1.0, -2.0], [0.5, 3.0]])]
-    result = update_paths(paths, directions, 0.3)
+    result = store.step(directions, 0.3)
+    paths = store.paths
     assert torch.equal(paths[0], before[0])
     assert not torch.equal(paths[1], before[1])
     assert result.moved.tolist() == [False, True]
     assert result.non_finite.tolist() == [False, False]
-    assert float(result.squared_norms[0]) == pytest.approx(float(before[0].double().pow(2).sum()), rel=1e-6)
+    assert float(result.squared_norms[0]) == 0.0  # a tensor that did not move does not count
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_non_finite_direction_is_reported_and_excluded(bad: float) -> None:
     """A NaN/inf step is flagged non_finite, contributes nothing to squared_norms, and spares the other tensors."""
     c = 0.2
-    paths = [torch.zeros(3, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)]
+    store = Paths([torch.zeros(3, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)])
     good = torch.tensor([1.0, 2.0, -2.0, 0.0, 4.0], dtype=torch.float64)
     poisoned = torch.tensor([1.0, bad, 0.0], dtype=torch.float64)
-    result = update_paths(paths, [poisoned, good], c)
+    result = store.step([poisoned, good], c)
+    paths = store.paths
     assert result.non_finite.tolist() == [True, False]
     assert result.moved.tolist() == [False, True]
     assert float(result.squared_norms[0]) == 0.0
     assert math.isfinite(float(result.squared_norms.sum()))
     torch.testing.assert_close(paths[1], c * good / good.norm())
+    assert not paths[0].any()  # the poisoned path restarts from zero
     assert float(result.squared_norms[1]) == pytest.approx(c * c, rel=1e-12)
 
 
 def test_low_precision_directions_accumulate_in_path_dtype() -> None:
     """bf16 directions are upcast: an fp32 path receives the bf16 values' exact unit vector."""
     direction = torch.tensor([0.1, -0.7, 0.3], dtype=torch.bfloat16)
-    path = torch.zeros(3, dtype=torch.float32)
-    update_paths([path], [direction], 0.2)
+    store = Paths([torch.zeros(3, dtype=torch.bfloat16)])
+    store.step([direction], 0.2)
+    path = store.paths[0]
     want = direction.double()
     assert path.dtype == torch.float32
     torch.testing.assert_close(path.double(), 0.2 * want / want.norm(), rtol=1e-6, atol=1e-8)
@@ -132,13 +177,13 @@ def path_problems(draw: st.DrawFn) -> Problem:
 def test_update_paths_equals_loop_property(problem: Problem) -> None:
     """For any shapes, values (zeros included) and c, the fast update equals the loop to float tolerance."""
     dtype, c, start, steps = problem
-    paths = [p.clone() for p in start]
+    store = Paths([p.clone() for p in start])
     expected = [p.double() for p in start]
     for directions in steps:
         expected, moved, squared = loop_update(expected, directions, c)
-        result = update_paths(paths, directions, c)
-        for path, want in zip(paths, expected, strict=True):
+        result = store.step(directions, c)
+        for path, want in zip(store.paths, expected, strict=True):
             torch.testing.assert_close(path.double(), want, **tolerance(dtype))
         assert result.moved.tolist() == moved
         assert not result.non_finite.any()
-        torch.testing.assert_close(result.squared_norms, torch.tensor(squared, dtype=torch.float64), **tolerance(dtype))
+        assert_squared(result, moved, squared, dtype)

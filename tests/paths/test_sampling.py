@@ -90,11 +90,12 @@ def test_bad_sample_is_refused(options: dict, message: str) -> None:
         CLARA(torch.optim.SGD([torch.zeros(3, requires_grad=True)], lr=0.1), **options)
 
 
-@pytest.mark.parametrize("options", [{"direction": "state"}, {"unit_step": True}, {"variant": "salera"}])
-def test_features_that_read_whole_tensors_keep_full_paths(options: dict) -> None:
+@pytest.mark.parametrize("options", [{"unit_step": True}, {"variant": "salera"}])
+def test_the_paper_variants_keep_the_sample(options: dict) -> None:
+    """The variants are add-ons around the one engine: their paths are sampled like any other."""
     clara = CLARA(torch.optim.SGD([torch.zeros(10_000, requires_grad=True)], lr=0.1), **options)
-    assert clara.sample is None
-    assert clara.reader_name != "sample"
+    assert clara.sample == DEFAULT_SAMPLE
+    assert clara.reader_name == "sample"
 
 
 # ------------------------------------------------------------------------------------ null model
@@ -242,12 +243,12 @@ FOREIGN: dict[str, OptimizerFactory] = {
 
 
 @pytest.mark.parametrize("name", sorted(FOREIGN))
-def test_a_sample_as_large_as_the_tensors_is_the_full_delta(name: str) -> None:
-    """No optimizer-specific code: the gathered difference is the realised step, as the full snapshot's."""
+def test_a_sample_as_large_as_the_tensors_is_every_coordinate(name: str) -> None:
+    """No optimizer-specific code: a sample as large as the tensors is the paper's full statistic."""
     # 60 steps: later, F climbs into a chaotic regime that amplifies the norms' last-bit differences
     sampled, _ = run_trajectory(FOREIGN[name], steps=60, sample=10_000)
-    full, full_clara = run_trajectory(FOREIGN[name], steps=60, sample=None, direction="delta")
-    assert full_clara.reader_name == "delta"
+    full, full_clara = run_trajectory(FOREIGN[name], steps=60, sample=None)
+    assert full_clara.reader_name == "full"
     assert sampled == pytest.approx(full, rel=1e-9)
     assert abs(math.log(full[-1] / 0.1)) > 0.05
 
@@ -364,7 +365,7 @@ def test_memory_per_sampled_tensor_is_the_path_plus_its_indices() -> None:
     assert clara.paths.sampled.reference_bytes() == bucket.curves.numel() * 8
     m = DEFAULT_SAMPLE
     assert per_tensor <= m * 4 + 2 * m * 4 + 64
-    assert clara.paths.reader is None  # no full snapshot without a safeguard
+    assert clara.paths.restore_point is None  # no full snapshot without a safeguard
 
 
 # ------------------------------------------------------------------------------------ checkpoints

@@ -24,14 +24,14 @@ from lightning_clara import CLARA
 from lightning_clara.options import RULE_DEFAULTS
 from lightning_clara.support import SAFEGUARDED_TARGETS, reference_for
 
-#: CLARA 0.1.0's defaults: the collapse these tests must catch (full paths: 0.1.0 read the state).
+#: CLARA 0.1.0's defaults: the collapse these tests must catch (full paths, as 0.1.0 had).
 CLARA_0_1_0 = {
     "c": 0.2,
     "initial_factor": 1.0,
     "hold_after": 0,
     "target": 1.0,
     "sample": None,
-}  # full paths, state reader
+}  # full paths
 EPOCHS = 75
 #: The acceptance of the adaptation issue: the final lr within this factor of the tuned fixed lr.
 WITHIN = 30.0
@@ -188,7 +188,8 @@ def test_without_replacement_the_hold_stops_the_fall(name: str) -> None:
 
     After ``2 hold_after`` steps what log F can still move is at most the damping left,
     ``sum_{t >= T} d_t`` times the largest |signal| (1): that bounds the last 400 steps. CLARA
-    0.1.0's rule (c = 0.2, no hold) keeps falling at a steady rate over the same steps.
+    0.1.0's rule (c = 0.2, no hold) falls until the lr is too small to move a float32 parameter
+    (F below e^-20; the realised steps round away, and then nothing adapts).
     """
     epochs, batches_per_epoch = 100, 20
     steps = epochs * batches_per_epoch
@@ -205,4 +206,4 @@ def test_without_replacement_the_hold_stops_the_fall(name: str) -> None:
     params = zero_parameters()
     old = CLARA(OPTIMIZERS[name](params), **CLARA_0_1_0)
     old_factors = feed(old, params, without_replacement(batches_per_epoch, seed=0), steps)
-    assert old_factors[-1] - old_factors[steps - 401] < -1.0  # still falling at the end
+    assert old_factors[-1] < min(-20.0, log_factors[-1] - 10.0)  # collapsed
