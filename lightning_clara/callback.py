@@ -8,7 +8,6 @@ optimizer's ``step()`` through torch's step hooks, so it runs exactly on real op
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -18,7 +17,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBar
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from rich.console import Console
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -28,8 +27,9 @@ from lightning_clara.controller import CLARA
 from lightning_clara.options import (
     OPTION_NAMES,
     CLARAOptions,
+    Rule,
+    Scope,
     merged_options,
-    option_parameters,
     with_option_docs,
 )
 from lightning_clara.strategies import sharding_for
@@ -73,7 +73,7 @@ def optimizer_names(optimizers: Sequence[Optimizer], lr_scheduler_configs: Seque
 
     for config in lr_scheduler_configs:
         scheduler_optimizer = getattr(config.scheduler, "optimizer", None)
-        if any(scheduler_optimizer is optimizer for optimizer in optimizers):
+        if scheduler_optimizer is not None and any(scheduler_optimizer is optimizer for optimizer in optimizers):
             name(scheduler_optimizer, config.name)
     for optimizer in optimizers:
         if id(optimizer) not in bases:
@@ -133,23 +133,18 @@ class CLARACallback(Callback):
 
     Keep your optimizer and scheduler: while an optimizer steps, its learning rate is
     lr_scheduled * F; F rises while successive steps agree and falls when they cancel.
-    Every log_every_n_steps the callback logs, per optimizer and param group,
-    clara/lr-{name} (the lr used), clara/ratio-{name} and clara/log_factor-{name}
-    on the same step axis as LearningRateMonitor. At the end of the fit, rank 0 prints a
-    table of the learning rate used per optimizer and param group (summary=False turns it
-    off), and prog_bar=True shows the lr used in the progress bar.
+    Every log_every_n_steps the callback logs, per optimizer and param group, clara/lr-{name}
+    (the lr used), clara/ratio-{name} and clara/log_factor-{name} on LearningRateMonitor's step axis.
 
     Args:
-        options: a CLARAOptions to start from; the keyword options replace its fields. The defaults
-            are CLARA's: the callback runs the same algorithm as CLARA fed every step's loss.
+        options: a CLARAOptions to start from; the keyword options not at their defaults replace its
+            fields. The defaults are CLARA's: the callback runs CLARA fed every step's loss.
         log: log the dynamics to trainer.loggers.
-        summary: at the end of a fit that completed, print (on rank 0, with rich, to standard
-            output) one row per optimizer and param group: the lr used at the first and last
-            adapted step, its min and max, the mean ratio, and the adapted steps, NaN/inf-skipped
-            steps, safeguard alarms and rank re-syncs of this fit (the last two with safeguard
-            and consistency_check_every). Independent of the progress bar; nothing is printed
-            when the fit raised or was interrupted. The bookkeeping reads host-side values only
-            (no device synchronisation per step); summary_rows keeps the rows afterwards.
+        summary: at the end of a fit that completed, print (rank 0, rich, standard output) one row
+            per optimizer and param group: the lr used at the first and last adapted step, its min
+            and max, the mean ratio, the adapted steps, and the counts only some fits have (skipped
+            updates, safeguard alarms, rank re-syncs). Host-side bookkeeping only (no device sync);
+            summary_rows keeps the rows afterwards.
         prog_bar: show the lr used in the progress bar (TQDM or Rich), as clara_lr for a
             single param group and clara_lr-{name} otherwise; logged with logger=False
             (the loggers get clara/lr-{name} through log), from a CPU tensor, so no
@@ -157,25 +152,41 @@ class CLARACallback(Callback):
             RichProgressBar(theme=RichProgressBarTheme(metrics_format=".3e")) for small lrs.
     """
 
-    def __init__(
+    def __init__(  # CLARA's options but variant, reference, sharding (tests/controller/test_api.py)
         self,
         options: CLARAOptions | None = None,
         *,
         log: bool = True,
         summary: bool = True,
         prog_bar: bool = False,
-        **overrides: Any,
+        c: float | None = None,
+        d: float | None = None,
+        scope: Scope = "optimizer",
+        min_factor: float | None = None,
+        max_factor: float | None = None,
+        min_lr: float | None = None,
+        max_lr: float | None = None,
+        initial_factor: float | None = None,
+        unit_step: bool = False,
+        safeguard: bool = False,
+        consistency_check_every: int | None = None,
+        rule: Rule = "normalized",
+        fast_start: int | None = None,
+        hold_after: int | None = None,
+        target: float | None = None,
+        total_steps: int | None = None,
+        sample: int | None = 4096,
+        loss_brake: bool | None = None,
+        skip_nonfinite: bool = True,
     ) -> None:
+        given = {name: value for name, value in locals().items() if name in CALLBACK_OPTIONS}
         for flag, value in (("log", log), ("summary", summary), ("prog_bar", prog_bar)):
             if not isinstance(value, bool):
                 raise TypeError(f"{flag} must be a bool, got {type(value).__name__} {value!r}")
-        unknown = sorted(set(overrides) - set(CALLBACK_OPTIONS))
-        if unknown:
-            raise TypeError(f"CLARACallback got an unexpected keyword argument {unknown[0]!r}")
-        safeguard = overrides.get("safeguard", False if options is None else options.safeguard)
-        if not isinstance(safeguard, bool):  # the callback feeds the loss itself: no detector of your own
-            raise TypeError(f"safeguard must be a bool, got {type(safeguard).__name__} {safeguard!r}")
-        self.options = merged_options(options, overrides)
+        self.options = merged_options(options, given)
+        chosen = self.options.safeguard
+        if not isinstance(chosen, bool):  # the callback feeds the loss itself: no detector of your own
+            raise TypeError(f"safeguard must be a bool, got {type(chosen).__name__} {chosen!r}")
         if self.options.sharding is not None:
             raise ValueError(
                 "CLARACallback takes the sharding from the Trainer's strategy: leave options.sharding None"
@@ -231,7 +242,7 @@ class CLARACallback(Callback):
             # an empty list: saved before CLARA attached (a tuner's checkpoint): nothing to continue;
             # anything else is checked (ValueError naming the field) before a controller changes
             self._load_controllers(restored)
-        if self.summary and rank_zero_only.rank == 0:  # the global rank, set by Lightning's strategies
+        if self.summary and trainer.is_global_zero:
             # after the controllers attached (and restored): its hooks must run after theirs
             self._fit_summary = FitSummary()
             for controller in self.controllers:
@@ -270,7 +281,7 @@ class CLARACallback(Callback):
             self.summary_rows = self._fit_summary.rows(self._names())
             self._fit_summary = None
             _print_below_progress_bar(trainer, pl_module, summary_table(self.summary_rows))
-        if _runs_in_worker_processes(trainer) and rank_zero_only.rank == 0:
+        if _runs_in_worker_processes(trainer) and trainer.is_global_zero:
             rank_zero_info(
                 "CLARACallback: this fit ran in worker processes (ddp_spawn/ddp_fork): the callback in the main "
                 "process keeps no controllers or summary_rows; read the clara/* logs or a checkpoint instead"
@@ -419,20 +430,6 @@ class CLARACallback(Callback):
 
 
 CLARACallback.__doc__ = with_option_docs(CLARACallback.__doc__, CALLBACK_OPTIONS, docs=_CALLBACK_DOCS)
-CLARACallback.__init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-    [
-        inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-        inspect.Parameter(
-            "options", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=CLARAOptions | None
-        ),
-        *(
-            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=bool)
-            for name, default in (("log", True), ("summary", True), ("prog_bar", False))
-        ),
-        *option_parameters(CALLBACK_OPTIONS, types={"safeguard": bool}),
-    ],
-    return_annotation=None,
-)
 
 
 def _controller_metrics(controller: CLARA, names: Sequence[str]) -> dict[str, float]:

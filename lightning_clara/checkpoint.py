@@ -145,7 +145,7 @@ def check_state(state_dict: Any, settings: Settings, optimizer: Optimizer) -> No
         for key in _SAFEGUARD_MOMENTS:
             value = safeguard.get(key)
             number = not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value)
-            if not number or (key == "variance" and value < 0):
+            if not number or (key == "variance" and isinstance(value, (int, float)) and value < 0):
                 raise ValueError(
                     f"CLARA state: safeguard[{key!r}] must be a number (not NaN; variance >= 0), got {value!r}"
                 )

@@ -17,7 +17,6 @@ The parts: :mod:`~lightning_clara.options`, :mod:`~lightning_clara.stores`,
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 import warnings
 from typing import Any
@@ -27,20 +26,25 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_clara.checkpoint import export_state, restore_state
-from lightning_clara.distributed import RankConsistencyGuard
+from lightning_clara.distributed import RankConsistencyGuard, Sharding
 from lightning_clara.finite_guard import SkipCounter
 from lightning_clara.loss_watch import LossWatch
 from lightning_clara.lr_swap import LearningRateSwap, StepHooks
 from lightning_clara.options import (
     OPTION_NAMES,
     CLARAOptions,
+    Rule,
+    Scope,
     Settings,
+    Variant,
     merged_options,
-    option_parameters,
     with_option_docs,
 )
+from lightning_clara.reference import Reference
 from lightning_clara.reference_cache import ReferenceCache
+from lightning_clara.resolved import ResolvedOptions
 from lightning_clara.rule import FactorState, StepStatistics, adapt, clamp_log_factor, damping, factor, lr_for
+from lightning_clara.safeguard import PageHinkley
 from lightning_clara.stores import PathStore, StepInputs
 from lightning_clara.support import check_supported, safeguarded_target, unwrap
 from lightning_clara.transfer import HostTransfer
@@ -48,10 +52,8 @@ from lightning_clara.variants import GradientBucket, UnitStep
 
 __all__ = ["CLARA"]
 
-_SETTING_NAMES = frozenset(f.name for f in dataclasses.fields(Settings))
 
-
-class CLARA:
+class CLARA(ResolvedOptions):
     """Adapt the learning rates of ``optimizer`` with CLARA (arXiv 2508.05408).
 
     Every optimizer step updates, per parameter tensor, a path ``p <- (1-c) p + c s/||s||`` of
@@ -70,7 +72,7 @@ class CLARA:
     Args:
         optimizer: the optimizer to adapt; it keeps doing its own update. A Lightning Fabric
             optimizer (fabric.setup's) is unwrapped: CLARA hooks the optimizer inside it.
-        options: a CLARAOptions; the keyword options below replace its fields.
+        options: a CLARAOptions; the keyword options below that are not at their defaults replace its fields.
     """
 
     @classmethod
@@ -78,10 +80,38 @@ class CLARA:
         """The paper's exact rule and defaults: ``rule="paper"``, ``c=0.2``, ``d=1e-3``, F starting at 1."""
         return cls(optimizer, CLARAOptions.paper(**overrides))
 
-    def __init__(self, optimizer: Optimizer, options: CLARAOptions | None = None, **overrides: Any) -> None:
+    def __init__(  # the options of CLARAOptions, in its order (tests/controller/test_api.py keeps them equal)
+        self,
+        optimizer: Optimizer,
+        options: CLARAOptions | None = None,
+        *,
+        c: float | None = None,
+        d: float | None = None,
+        scope: Scope = "optimizer",
+        min_factor: float | None = None,
+        max_factor: float | None = None,
+        min_lr: float | None = None,
+        max_lr: float | None = None,
+        initial_factor: float | None = None,
+        variant: Variant = "clara",
+        unit_step: bool = False,
+        reference: Reference | None = None,
+        safeguard: bool | PageHinkley = False,
+        sharding: Sharding | None = None,
+        consistency_check_every: int | None = None,
+        rule: Rule = "normalized",
+        fast_start: int | None = None,
+        hold_after: int | None = None,
+        target: float | None = None,
+        total_steps: int | None = None,
+        sample: int | None = 4096,
+        loss_brake: bool | None = None,
+        skip_nonfinite: bool = True,
+    ) -> None:
+        given = {name: value for name, value in locals().items() if name in OPTION_NAMES}
         optimizer = unwrap(optimizer)  # Fabric's wrapper: hook the optimizer it wraps
         check_supported(optimizer)
-        self.options = merged_options(options, overrides)
+        self.options = merged_options(options, given)
         self.settings: Settings = self.options.resolve(safeguarded_target(optimizer))
         every = self.settings.consistency_check_every
         self._guard = None if every is None else RankConsistencyGuard(every)
@@ -106,25 +136,12 @@ class CLARA:
         self._hooks = StepHooks(optimizer, self._before_step, self._after_step, self._swap, skips)
         optimizer._clara_controller = self  # type: ignore[attr-defined]
 
-    def __getattr__(self, name: str) -> Any:
-        """The resolved options as attributes (``clara.d``, ``clara.target`` ...)."""
-        settings = self.__dict__.get("settings")
-        if settings is not None and name in _SETTING_NAMES:
-            return getattr(settings, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
     def set_total_steps(self, total_steps: int | None) -> None:
-        """Give the run's length once it is known (``total_steps`` of the constructor, later).
-
-        ``d`` and ``hold_after`` that were not set explicitly take their run-length defaults
-        (:func:`~lightning_clara.options.run_length_defaults`); a pure function of ``total_steps``,
-        so a resumed run that gives the same length continues with the same schedule.
-        ``CLARACallback`` calls it in ``on_train_start``, once the Trainer's
-        ``estimated_stepping_batches`` is known without loading the data early.
-        """
+        """Give the run's length once it is known: ``d`` and ``hold_after`` left unset take their run-length
+        defaults (:func:`~lightning_clara.options.run_length_defaults`, a pure function of it, so a resume
+        that gives the same length keeps the schedule). ``CLARACallback`` calls it in ``on_train_start``."""
         self.options = dataclasses.replace(self.options, total_steps=total_steps)
-        fresh = self.options.resolve()  # only its schedule is read: the running safeguard detector stays
-        # only the schedule moves (the path store's options stay as they were)
+        fresh = self.options.resolve()  # only the schedule moves: the safeguard's detector and the paths stay
         self.settings = dataclasses.replace(
             self.settings, total_steps=fresh.total_steps, d=fresh.d, hold_after=fresh.hold_after
         )
@@ -195,11 +212,6 @@ class CLARA:
         return self._skips.count
 
     @property
-    def reader_name(self) -> str:
-        """Where the paths live: ``"sample"`` (a sample of each tensor) or ``"full"`` (``sample=None``)."""
-        return self.paths.name
-
-    @property
     def attached(self) -> bool:
         """Whether the step hooks are still registered."""
         return self._hooks.attached
@@ -228,17 +240,13 @@ class CLARA:
             self._unit_step.remove()
         self.paths.release()  # the paths stay: state_dict still holds them after detaching
         if getattr(self.optimizer, "_clara_controller", None) is self:
-            self.optimizer._clara_controller = None  # type: ignore[attr-defined]
+            self.optimizer._clara_controller = None
 
-    # ------------------------------------------------------------------ scopes
     def _scope_of(self, group_index: int) -> int:
         return 0 if self.settings.scope == "optimizer" else group_index
 
     def _settle(self, collectives: bool) -> None:
-        """Bring a deferred (CUDA) step's results in; with ``collectives``, run a guard check that is due.
-
-        Properties pass ``collectives=False``: a collective runs only where every rank runs it (the hooks).
-        """
+        """Bring a deferred (CUDA) step in; ``collectives`` (the hooks only, which every rank runs): a due check."""
         self._transfer.settle(collectives)
         self._losses.settle()  # after the step's statistics: the order of a CPU run
         if collectives and self._guard is not None:
@@ -305,17 +313,12 @@ class CLARA:
         scopes = len(self._state.log_factors)
         return [[b for j, b in enumerate(bases) if self._scope_of(j) == k and b > 0] for k in range(scopes)]
 
-    # ------------------------------------------------------------------ safeguard
     def observe_loss(self, loss: float | Tensor) -> bool:
-        """Feed the last step's training loss to the loss brake and the safeguard; True on an alarm.
+        """Feed the loss of the step just taken to the loss brake and the safeguard; True on an alarm.
 
-        Call it after ``optimizer.step()`` with the loss that step's gradient came from. The loss
-        brake (``loss_brake``) lets F rise only while the smoothed loss keeps falling. On a
-        safeguard alarm (a blow-up, or a NaN/inf loss) the parameters are restored from before the
-        step that led to it (the safeguard's restore point), F is halved, the test restarts
-        and a warning is issued; the optimizer's own state is not rolled back. A loss with no step since
-        the last (GradScaler skipped it) is ignored; a CUDA loss reaches the brake one step late, no sync.
-        """
+        On an alarm (a blow-up, a NaN/inf loss) the parameters from before the step that led to it come
+        back, F halves and a warning says so (the optimizer's state is not rolled back). A loss with no
+        step since the last is ignored; a CUDA loss reaches the brake one step late, without a sync."""
         if not self._losses.wanted:
             return False
         if not self._losses.queues(loss):  # a queued CUDA loss waits for nothing: the next pre-hook settles
@@ -325,7 +328,6 @@ class CLARA:
         undone = self.paths.undo()
         halved = [clamp_log_factor(self.settings.bounds, v - math.log(2.0)) for v in self._state.log_factors]
         self._state = self._state.with_log_factors(halved)
-        self.safeguard.reset()
         warnings.warn(_alarm_message(self._losses.last_loss, self.lr_factor, undone), RuntimeWarning, stacklevel=2)
         return True
 
@@ -349,7 +351,7 @@ class CLARA:
         return (
             f"CLARA({type(self.optimizer).__name__}, c={s.c}, d={s.d}, fast_start={s.fast_start}, "
             f"hold_after={s.hold_after}, target={s.target}, scope={s.scope!r}, "
-            f"reader={self.reader_name!r}, F=[{factors}], steps={self._state.adapted_steps})"
+            f"sample={s.sample}, F=[{factors}], steps={self._state.adapted_steps})"
         )
 
 
@@ -372,14 +374,3 @@ def _alarm_message(loss: float, new_factor: float, undone: int) -> str:
 
 
 CLARA.__doc__ = with_option_docs(CLARA.__doc__, OPTION_NAMES)
-CLARA.__init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-    [
-        inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-        inspect.Parameter("optimizer", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optimizer),
-        inspect.Parameter(
-            "options", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=CLARAOptions | None
-        ),
-        *option_parameters(OPTION_NAMES),
-    ],
-    return_annotation=None,
-)

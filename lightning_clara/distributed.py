@@ -89,7 +89,8 @@ def _dtensor_offset(tensor: Tensor) -> int:
         raise ValueError(f"CLARA sampled paths need row-sharded DTensors (Shard(0) on a 1-D mesh), got {placements}")
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    _, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, placements)
+    mesh = tensor.device_mesh  # type: ignore[attr-defined]
+    _, offset = compute_local_shape_and_global_offset(tensor.shape, mesh, placements)
     return int(offset[0]) * math.prod(tensor.shape[1:]) if tensor.shape else 0
 
 

@@ -80,7 +80,7 @@ class CLARATrainerCallback(TrainerCallback):
         def train_and_note_the_checkpoint(*args: Any, **kwargs: Any) -> Any:
             resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
             if resume is True:  # the Trainer resolves it the same way (and raises if there is none)
-                resume = get_last_checkpoint(trainer.args.output_dir)
+                resume = get_last_checkpoint(trainer.args.output_dir)  # type: ignore[no-untyped-call]
             self._resume_from = resume if isinstance(resume, str) else None
             return train(*args, **kwargs)
 
@@ -137,7 +137,7 @@ class CLARATrainerCallback(TrainerCallback):
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         """Write CLARA's state into the checkpoint the Trainer has just saved (by the saving process)."""
-        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        folder = os.path.join(str(args.output_dir), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if self.controller is None or not args.should_save:
             return
         if not os.path.isdir(folder):  # a hyper-parameter search saves under run-*/: not known here
@@ -157,7 +157,7 @@ class CLARATrainerCallback(TrainerCallback):
     def _restore(self, args: TrainingArguments, state: TrainerState) -> None:
         """Load the resumed checkpoint's CLARA state (checked first: ValueError naming the field)."""
         assert self.controller is not None
-        folder = self._resume_from or os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        folder = self._resume_from or os.path.join(str(args.output_dir), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         path = os.path.join(folder, STATE_FILE)
         if not os.path.isfile(path):
             warnings.warn(

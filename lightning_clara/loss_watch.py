@@ -61,8 +61,8 @@ class LossWatch:
         self.settle()  # a queued loss first: the trend sees the losses in order
         if self.queues(loss):
             buffer = torch.empty((), dtype=torch.float32, pin_memory=True)
-            buffer.copy_(loss.detach().float().reshape(()), non_blocking=True)
-            event = torch.cuda.Event()
+            buffer.copy_(loss.detach().float().reshape(()), non_blocking=True)  # type: ignore[union-attr]
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record()
             self._pending = (buffer, event)
             return False
@@ -84,7 +84,10 @@ class LossWatch:
         self.last_loss = loss
         if self.brake:
             self.trend = self.trend.observed(loss)
-        return self.safeguard is not None and self.safeguard.update(loss)
+        if self.safeguard is None or not self.safeguard.update(loss):
+            return False
+        self.safeguard.reset()  # an alarm: the test starts afresh
+        return True
 
     def state_dict(self) -> dict[str, Any] | None:
         return self.trend.state_dict() if self.brake else None

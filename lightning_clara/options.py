@@ -11,7 +11,6 @@ typed, documented arguments).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 import textwrap
 import typing
@@ -316,13 +315,21 @@ class CLARAOptions:
                 raise ValueError(f"{low} ({values[low]}) must be <= {high} ({values[high]})")
 
 
-def merged_options(options: CLARAOptions | None, overrides: dict[str, Any]) -> CLARAOptions:
-    """``options`` with ``overrides`` replaced (checked again), or the options the overrides give."""
+def merged_options(options: CLARAOptions | None, keywords: Mapping[str, Any]) -> CLARAOptions:
+    """The options the keywords give; with ``options``, those fields replaced by the keywords that are not
+    at their defaults (a keyword left at its default keeps the field of ``options``), checked again."""
     if options is None:
-        return CLARAOptions(**overrides)
+        return CLARAOptions(**keywords)
     if not isinstance(options, CLARAOptions):
         raise TypeError(f"options must be a lightning_clara.CLARAOptions or None, got {type(options).__name__}")
+    overrides = {k: v for k, v in keywords.items() if not is_default_option(k, v)}
     return dataclasses.replace(options, **overrides) if overrides else options
+
+
+def is_default_option(name: str, value: Any) -> bool:
+    """Whether ``value`` is the default of option ``name`` (a keyword at its default keeps ``options``' field)."""
+    default = _FIELD_DEFAULTS[name]
+    return value is default or (type(value) is type(default) and value == default)
 
 
 _BOUNDS = ("min_factor", "max_factor", "min_lr", "max_lr")
@@ -351,22 +358,6 @@ def _rule_values(options: CLARAOptions, rule: str, total_steps: int | None) -> d
 
 _FIELD_TYPES = typing.get_type_hints(CLARAOptions)
 _FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(CLARAOptions)}
-
-
-def option_parameters(
-    names: Iterable[str], *, defaults: Mapping[str, Any] | None = None, types: Mapping[str, Any] | None = None
-) -> list[inspect.Parameter]:
-    """Keyword-only signature parameters for the named options (for ``__signature__``: typed, with defaults)."""
-    defaults, types = defaults or {}, types or {}
-    return [
-        inspect.Parameter(
-            name,
-            inspect.Parameter.KEYWORD_ONLY,
-            default=defaults.get(name, _FIELD_DEFAULTS[name]),
-            annotation=types.get(name, _FIELD_TYPES[name]),
-        )
-        for name in names
-    ]
 
 
 def option_docs(names: Iterable[str], *, docs: Mapping[str, str] | None = None, indent: str = "        ") -> str:

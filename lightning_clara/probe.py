@@ -78,8 +78,9 @@ def _probe(optimizer_class: type[Optimizer], kwargs: dict[str, Any], build: Call
         param = torch.nn.Parameter(start.clone())
         try:
             optimizer = (build or optimizer_class)([param], **{**kwargs, "lr": lr})
-            if callable(getattr(optimizer, "train", None)):
-                optimizer.train()
+            train = getattr(optimizer, "train", None)
+            if callable(train):
+                train()
             out = []
             for gradient in history:
                 before = param.detach().clone()

@@ -446,7 +446,7 @@ def _simulate_single_thread(
     def update(path: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         """One path update per trial; returns the mean ||p||^2 per size."""
         out = torch.empty(len(sizes), dtype=torch.float64)
-        for i, (p, s) in enumerate(zip(path.split(lengths), step.split(lengths), strict=True)):
+        for i, (p, s) in enumerate(zip(torch.split(path, lengths), torch.split(step, lengths), strict=True)):
             n = sizes[i]
             p2, s2 = p.view(-1, n), s.view(-1, n)
             norms = torch.linalg.vector_norm(s2, dim=1, keepdim=True)
@@ -456,8 +456,9 @@ def _simulate_single_thread(
             out[i] = p2.pow(2).sum(dtype=torch.float64) / trials[n]
         return out
 
-    if callable(getattr(optimizer, "train", None)):
-        optimizer.train()  # schedule-free optimizers step only in train mode
+    train = getattr(optimizer, "train", None)
+    if callable(train):
+        train()  # schedule-free optimizers step only in train mode
     before = torch.zeros(total)
     for t in range(1, horizon + 1):
         gradient = torch.cat([torch.randn(length, generator=g) for g, length in zip(generators, lengths, strict=True)])

@@ -19,7 +19,6 @@ import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -202,7 +201,8 @@ class SampleBucket:
         self._curve_keys = keys
         horizon = max(len(curve) for curve in curves)
         unique: dict[int, int] = {}
-        rows, table = [], []
+        rows: list[int] = []
+        table: list[list[float]] = []
         for curve in curves:  # the lists stay alive in ``curves``, so their ids are unique here
             index = unique.setdefault(id(curve), len(table))
             if index == len(table):
@@ -283,142 +283,3 @@ def compact_index(indices: Tensor) -> Tensor:
     if indices.numel() == 0 or int(indices.max()) < 2**31 - 1:
         return indices.to(torch.int32)
     return indices
-
-
-class SampledPaths:
-    """The sampled paths of one optimizer: one :class:`SampleBucket` per device and dtype.
-
-    The layout follows the trainable tensors: when one is added, frozen or unfrozen, the buckets
-    are rebuilt and every tensor still present keeps its path (a frozen one starts afresh). A row
-    longer than :data:`DEFAULT_SAMPLE` (a larger ``m``, or every coordinate with ``m=None``) gets a
-    bucket of its own length, so that the small tensors' rows are not padded to it.
-
-    Args:
-        m: coordinates kept per tensor; None: every coordinate (the paper's exact statistic).
-        full_numel: a parameter's unsharded size.
-        local: maps a parameter to this rank's data.
-        offset: for sharded parameters, the flat position of this rank's data in the whole tensor;
-            None when every rank holds whole tensors.
-        sum_across_shards: the in-place SUM across the shard group (sharded parameters only).
-        bucket: the bucket class (:class:`SampleBucket`, or a variant that reads another step).
-    """
-
-    def __init__(
-        self,
-        m: int | None,
-        full_numel: Callable[[Tensor], int],
-        local: Callable[[Tensor], Tensor],
-        offset: Callable[[Tensor], int] | None = None,
-        sum_across_shards: Callable[[Tensor], None] | None = None,
-        bucket: type[SampleBucket] | None = None,
-    ) -> None:
-        self.m = m
-        self._full_numel = full_numel
-        self._local = local
-        self._offset = offset
-        self._sum_across_shards = sum_across_shards
-        self._bucket = bucket or SampleBucket
-        self.buckets: list[SampleBucket] = []
-        self._layout_key: tuple[tuple[int, ...], ...] | None = None
-        self._loaded: dict[Tensor, tuple[Tensor, int]] = {}
-
-    def size(self, param: Tensor) -> int:
-        """The sample's size for ``param``: the size of the tensor the reference simulates."""
-        numel = int(self._full_numel(param))
-        return numel if self.m is None else min(numel, self.m)
-
-    def before_step(self, param_groups: Sequence[dict[str, Any]]) -> None:
-        """Gather every trainable tensor's sample (relaying out first if the trainable tensors changed)."""
-        key = tuple(
-            tuple(id(p) if p.requires_grad else 0 for p in group["params"]) for group in param_groups
-        )  # cheap enough per step; the layout itself is rebuilt only when it changes
-        if key != self._layout_key:
-            members = [
-                (j, i, param, bool(group.get("maximize", False)))
-                for j, group in enumerate(param_groups)
-                for i, param in enumerate(group["params"])
-                if param.requires_grad
-            ]
-            self._relayout(members)
-            self._layout_key = key
-        for bucket in self.buckets:
-            bucket.before_step()
-
-    def _member(self, j: int, i: int, param: Tensor, maximize: bool) -> tuple[tuple[Any, ...], SampledTensor]:
-        numel = int(self._full_numel(param))
-        data = self._local(param.detach())
-        if self._offset is None and (self.m is None or numel <= self.m):  # every entry, in order: no indices
-            member = SampledTensor(param, j, numel, None, None, maximize)
-        elif self._offset is None:
-            indices = sample_indices(numel, self.m, (j, i, numel))
-            member = SampledTensor(param, j, indices.numel(), compact_index(indices), None, maximize)
-        else:
-            indices = sample_indices(numel, self.m, (j, i, numel))
-            held, positions = shard_sample(indices, int(self._offset(param)), data.numel())
-            member = SampledTensor(param, j, indices.numel(), compact_index(held), positions, maximize)
-        width = member.length if member.length > DEFAULT_SAMPLE else 0  # a long row: a bucket of its own length
-        return (data.device, data.dtype, width), member
-
-    def _relayout(self, members: Sequence[tuple[int, int, Tensor, bool]]) -> None:
-        kept = self.export()  # the paths of the old layout, or those waiting since load()
-        self._loaded = {}
-        grouped: dict[tuple[Any, ...], list[SampledTensor]] = {}
-        for j, i, param, maximize in members:
-            where, member = self._member(j, i, param, maximize)
-            grouped.setdefault(where, []).append(member)
-        self.buckets = [self._bucket(group, self._local, self._sum_across_shards) for group in grouped.values()]
-        for bucket in self.buckets:
-            bucket.load(kept)
-
-    def update(
-        self,
-        c: float,
-        curves: Callable[[int, int], Sequence[float]],
-        keys: Sequence[int],
-        lr_used: Sequence[float] = (),
-    ) -> list[SampleStep]:
-        """Step every bucket's paths; ``curves(group, size)`` is a group's reference curve and
-        ``keys[group]`` changes whenever that curve does; ``lr_used``: per group, the lr the step ran at."""
-        out = []
-        for bucket in self.buckets:
-            bucket_keys = tuple(keys[j] for j in bucket.group_set)  # per group, not per tensor
-            if not bucket.curves_current(bucket_keys):
-                bucket.set_curves(bucket_keys, [curves(member.group, member.length) for member in bucket.members])
-            out.append(bucket.update(c, lr_used))
-        return out
-
-    def export(self) -> dict[Tensor, tuple[Tensor, int]]:
-        """Every tensor's sampled path and count (for checkpoints and relayouts)."""
-        out: dict[Tensor, tuple[Tensor, int]] = dict(self._loaded)
-        for bucket in self.buckets:
-            out.update(bucket.export())
-        return out
-
-    def load(self, saved: dict[Tensor, tuple[Tensor, int]]) -> None:
-        """Restore sampled paths (keyed by parameter) now, and again at the next relayout."""
-        self.buckets, self._layout_key = [], None
-        self._loaded = dict(saved)
-
-    def release(self) -> None:
-        self.buckets, self._layout_key, self._loaded = [], None, {}
-
-    def persistent_bytes(self) -> int:
-        """Bytes kept per tensor between steps: paths, the step buffer, counts and sample indices (not
-        the reference curves, one table row per distinct tensor size: :meth:`reference_bytes`)."""
-        total = 0
-        for bucket in self.buckets:
-            for tensor in (
-                bucket.path,
-                bucket._step,
-                bucket.counts,
-                bucket.curve_rows,
-                bucket._targets,
-                *bucket._sources,
-            ):
-                if tensor is not None:
-                    total += tensor.numel() * tensor.element_size()
-        return total
-
-    def reference_bytes(self) -> int:
-        """Bytes of the reference-curve tables on the device (one row per distinct size and group)."""
-        return sum(bucket.curves.numel() * bucket.curves.element_size() for bucket in self.buckets)

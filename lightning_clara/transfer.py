@@ -53,7 +53,7 @@ class HostTransfer:
                 host_buffers.append(buffer)
             else:
                 host_buffers.append(result.cpu())
-        event = torch.cuda.Event()
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
         event.record()
         self.defer(host_buffers, event, finish)
 

@@ -86,7 +86,7 @@ def test_lr_trajectory_matches_reference_loop(
     trainer = make_trainer(trainer_kwargs, [callback, recorder], max_epochs=epochs)
     trainer.fit(module)
 
-    assert callback.controllers[0].reader_name == ("full" if sample is None else "sample")
+    assert callback.controllers[0].sample == sample
     reference = run_reference(initial_net, regression_data, epochs=epochs, lr_at=lambda t: LR)
     used = recorder.first_group()
     assert trainer.global_step == epochs * STEPS_PER_EPOCH == len(used)

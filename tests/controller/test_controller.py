@@ -175,7 +175,7 @@ def test_matches_simple_loop_step_by_step(case: str, sample: int | None) -> None
     mu = plain_sgd_mu(C) if case == "sgd" else library_mu(make_optimizer(make_params()))
     library, library_params, clara = run_library(make_optimizer, STEPS, c=C, d=d, sample=sample)
     loop, loop_params = run_loop(make_step, mu, lr, d, STEPS)
-    assert clara.reader_name == ("full" if sample is None else "sample")
+    assert clara.sample == sample
     for t, (got, want) in enumerate(zip(library, loop, strict=True)):
         for name, a, b in zip(("lr used", "ratio", "factor"), got, want, strict=True):
             assert relative_error(a, b) < RTOL, f"step {t}: {name} {a!r} vs loop {b!r}"

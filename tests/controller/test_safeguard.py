@@ -290,7 +290,7 @@ def test_alarm_halves_factor_and_restores_the_parameters_from_before_the_blown_u
     one alarm, the test restarted, and the parameters bitwise those from before step t-1. The optimizer's own
     state is not rolled back. Training then goes on past the warm-up without a new alarm."""
     clara, x, y, params = make_clara(optimizer_class, sample=sample)
-    assert clara.reader_name == ("full" if sample is None else "sample")
+    assert clara.sample == sample
     train_quietly(clara, x, y, params)
     assert clara.lr_factor != 1.0
     optimizer_state = copy.deepcopy(clara.optimizer.state_dict()["state"])  # before the two steps of blow_up

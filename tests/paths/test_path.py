@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
-from lightning_clara.sampling import SampledPaths
+from lightning_clara.stores import SampledPaths
 
 SHAPES = [(1,), (7,), (3, 5), (2, 3, 4), ()]
 Problem = tuple[torch.dtype, float, list[Tensor], list[list[Tensor]]]

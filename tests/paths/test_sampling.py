@@ -74,7 +74,7 @@ def test_default_sample_is_the_reference_size_cap() -> None:
     params = [torch.zeros(10_000, requires_grad=True)]
     clara = CLARA(torch.optim.SGD(params, lr=0.1))
     assert clara.sample == DEFAULT_SAMPLE == SIZE_CAP
-    assert clara.reader_name == "sample"
+    assert clara.sample is not None
 
 
 @pytest.mark.parametrize(
@@ -95,7 +95,7 @@ def test_the_paper_variants_keep_the_sample(options: dict) -> None:
     """The variants are add-ons around the one engine: their paths are sampled like any other."""
     clara = CLARA(torch.optim.SGD([torch.zeros(10_000, requires_grad=True)], lr=0.1), **options)
     assert clara.sample == DEFAULT_SAMPLE
-    assert clara.reader_name == "sample"
+    assert clara.sample is not None
 
 
 # ------------------------------------------------------------------------------------ null model
@@ -248,7 +248,7 @@ def test_a_sample_as_large_as_the_tensors_is_every_coordinate(name: str) -> None
     # 60 steps: later, F climbs into a chaotic regime that amplifies the norms' last-bit differences
     sampled, _ = run_trajectory(FOREIGN[name], steps=60, sample=10_000)
     full, full_clara = run_trajectory(FOREIGN[name], steps=60, sample=None)
-    assert full_clara.reader_name == "full"
+    assert full_clara.sample is None
     assert sampled == pytest.approx(full, rel=1e-9)
     assert abs(math.log(full[-1] / 0.1)) > 0.05
 
@@ -256,7 +256,7 @@ def test_a_sample_as_large_as_the_tensors_is_every_coordinate(name: str) -> None
 def test_bf16_rounding_is_followed_exactly() -> None:
     """bf16 parameters: the sampled step is the exact difference of the rounded values (taken in fp32,
     where it is exact; a bf16 subtraction would round it again)."""
-    from lightning_clara.sampling import SampledPaths
+    from lightning_clara.stores import SampledPaths
 
     generator = torch.Generator().manual_seed(0)
     param = torch.randn(50, 40, generator=generator).to(torch.bfloat16)

@@ -71,6 +71,7 @@ _IGNORED = shutil.ignore_patterns(
     "*.py[cod]",
     ".pytest_cache",
     ".ruff_cache",
+    ".mypy_cache",
     ".hypothesis",
     ".whl",
     "lightning_logs*",

@@ -1,0 +1,61 @@
+"""The resolved options as typed, read-only attributes (``clara.c``, ``clara.sample`` ...).
+
+One attribute per :class:`~lightning_clara.options.Settings` field, each a descriptor that reads
+``self.settings``: a type checker and an IDE see every name and its type, and nothing is looked up
+by string at run time. ``tests/controller/test_api.py`` keeps the list equal to ``Settings``' fields.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Generic, TypeVar, overload
+
+from lightning_clara.distributed import Sharding
+from lightning_clara.options import Rule, Scope, Settings, Variant
+from lightning_clara.reference import Reference
+from lightning_clara.safeguard import PageHinkley
+
+__all__ = ["ResolvedOptions"]
+
+T = TypeVar("T")
+
+
+class _Setting(Generic[T]):
+    """A read-only attribute that returns the owner's ``settings.<name>``."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, instance: None, owner: type) -> _Setting[T]: ...
+    @overload
+    def __get__(self, instance: object, owner: type) -> T: ...
+    def __get__(self, instance: Any, owner: type) -> Any:
+        return self if instance is None else getattr(instance.settings, self.name)
+
+
+class ResolvedOptions:
+    """Every resolved option of ``self.settings`` as an attribute of its own type."""
+
+    settings: Settings
+    rule: _Setting[Rule] = _Setting()
+    c: _Setting[float] = _Setting()
+    d: _Setting[float] = _Setting()
+    fast_start: _Setting[int] = _Setting()
+    hold_after: _Setting[int] = _Setting()
+    initial_factor: _Setting[float] = _Setting()
+    target: _Setting[float] = _Setting()
+    loss_brake: _Setting[bool] = _Setting()
+    skip_nonfinite: _Setting[bool] = _Setting()
+    total_steps: _Setting[int | None] = _Setting()
+    scope: _Setting[Scope] = _Setting()
+    variant: _Setting[Variant] = _Setting()
+    unit_step: _Setting[bool] = _Setting()
+    reference: _Setting[Reference | None] = _Setting()
+    safeguard: _Setting[PageHinkley | None] = _Setting()
+    sharding: _Setting[Sharding | None] = _Setting()
+    consistency_check_every: _Setting[int | None] = _Setting()
+    sample: _Setting[int | None] = _Setting()
+    min_factor: _Setting[float | None] = _Setting()
+    max_factor: _Setting[float | None] = _Setting()
+    min_lr: _Setting[float | None] = _Setting()
+    max_lr: _Setting[float | None] = _Setting()
