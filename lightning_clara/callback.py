@@ -17,11 +17,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBar
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from rich.console import Console
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_clara.admission import unwrap
 from lightning_clara.checkpoint import check_state
 from lightning_clara.controller import CLARA
 from lightning_clara.options import (
@@ -34,7 +35,6 @@ from lightning_clara.options import (
 )
 from lightning_clara.strategies import sharding_for
 from lightning_clara.summary import FitSummary, GroupSummary, summary_table
-from lightning_clara.support import unwrap
 
 __all__ = ["CALLBACK_OPTIONS", "CLARACallback", "optimizer_names"]
 
@@ -242,7 +242,7 @@ class CLARACallback(Callback):
             # an empty list: saved before CLARA attached (a tuner's checkpoint): nothing to continue;
             # anything else is checked (ValueError naming the field) before a controller changes
             self._load_controllers(restored)
-        if self.summary and trainer.is_global_zero:
+        if self.summary and _is_rank_zero():
             # after the controllers attached (and restored): its hooks must run after theirs
             self._fit_summary = FitSummary()
             for controller in self.controllers:
@@ -281,7 +281,7 @@ class CLARACallback(Callback):
             self.summary_rows = self._fit_summary.rows(self._names())
             self._fit_summary = None
             _print_below_progress_bar(trainer, pl_module, summary_table(self.summary_rows))
-        if _runs_in_worker_processes(trainer) and trainer.is_global_zero:
+        if _runs_in_worker_processes(trainer) and _is_rank_zero():
             rank_zero_info(
                 "CLARACallback: this fit ran in worker processes (ddp_spawn/ddp_fork): the callback in the main "
                 "process keeps no controllers or summary_rows; read the clara/* logs or a checkpoint instead"
@@ -430,6 +430,11 @@ class CLARACallback(Callback):
 
 
 CLARACallback.__doc__ = with_option_docs(CLARACallback.__doc__, CALLBACK_OPTIONS, docs=_CALLBACK_DOCS)
+
+
+def _is_rank_zero() -> bool:
+    """The global rank Lightning's strategies set (``rank_zero_only.rank``; typed loosely by Lightning)."""
+    return bool(getattr(rank_zero_only, "rank", 0) == 0)
 
 
 def _controller_metrics(controller: CLARA, names: Sequence[str]) -> dict[str, float]:

@@ -10,7 +10,7 @@ This module is orchestration only; one step reads top to bottom as
 :meth:`CLARA._before_step` (sample / snapshot, lr swap) -> the optimizer's step ->
 :meth:`CLARA._after_step` (path store -> host transfer) -> :meth:`CLARA._finish` (the rule -> F).
 The parts: :mod:`~lightning_clara.options`, :mod:`~lightning_clara.stores`,
-:mod:`~lightning_clara.reference_cache`, :mod:`~lightning_clara.transfer`,
+:mod:`~lightning_clara.reference`, :mod:`~lightning_clara.transfer`,
 :mod:`~lightning_clara.lr_swap`, :mod:`~lightning_clara.rule`, :mod:`~lightning_clara.checkpoint`.
 """
 
@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_clara.admission import check_supported, safeguarded_target, unwrap
 from lightning_clara.checkpoint import export_state, restore_state
 from lightning_clara.distributed import RankConsistencyGuard, Sharding
 from lightning_clara.finite_guard import SkipCounter
@@ -40,13 +41,12 @@ from lightning_clara.options import (
     merged_options,
     with_option_docs,
 )
-from lightning_clara.reference import Reference
-from lightning_clara.reference_cache import ReferenceCache
+from lightning_clara.reference.cache import ReferenceCache
+from lightning_clara.reference.curves import Reference
 from lightning_clara.resolved import ResolvedOptions
 from lightning_clara.rule import FactorState, StepStatistics, adapt, clamp_log_factor, damping, factor, lr_for
 from lightning_clara.safeguard import PageHinkley
 from lightning_clara.stores import PathStore, StepInputs
-from lightning_clara.support import check_supported, safeguarded_target, unwrap
 from lightning_clara.transfer import HostTransfer
 from lightning_clara.variants import GradientBucket, UnitStep
 

@@ -27,7 +27,7 @@ from lightning_clara._validation import (
     check_positive_int,
 )
 from lightning_clara.distributed import Sharding
-from lightning_clara.reference import Reference
+from lightning_clara.reference.curves import Reference
 from lightning_clara.rule import Bounds, Schedule
 from lightning_clara.safeguard import PageHinkley
 from lightning_clara.sampling import DEFAULT_SAMPLE

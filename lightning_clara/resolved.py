@@ -11,7 +11,7 @@ from typing import Any, Generic, TypeVar, overload
 
 from lightning_clara.distributed import Sharding
 from lightning_clara.options import Rule, Scope, Settings, Variant
-from lightning_clara.reference import Reference
+from lightning_clara.reference.curves import Reference
 from lightning_clara.safeguard import PageHinkley
 
 __all__ = ["ResolvedOptions"]

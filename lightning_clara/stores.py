@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_clara.options import Settings
-from lightning_clara.reference_cache import ReferenceCache
+from lightning_clara.reference.cache import ReferenceCache
 from lightning_clara.rule import StepStatistics
 from lightning_clara.safeguard import RestorePoint
 from lightning_clara.sampling import (

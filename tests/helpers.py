@@ -29,8 +29,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.hooks import RemovableHandle
 
 from lightning_clara import CLARA
-from lightning_clara.reference import MonteCarloReference, Reference, shared
-from lightning_clara.support import reference_for
+from lightning_clara.reference import MonteCarloReference, Reference, reference_for, shared
 
 #: The path memory of the tests' fits and null-model runs.
 C = 0.2

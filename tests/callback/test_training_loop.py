@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.hooks import RemovableHandle
 
 from lightning_clara import CLARA, CLARACallback
-from lightning_clara.support import reference_for
+from lightning_clara.reference import reference_for
 
 C = 0.2
 D = 0.4  # normalized (default) rule: F moves by tens of percent within a few dozen steps (paper-rule d = 0.05 for SGD)

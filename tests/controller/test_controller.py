@@ -20,7 +20,7 @@ from reference_loop import SimpleAdam, SimpleCLARA, SimpleMomentumSGD, plain_sgd
 from torch import Tensor
 
 from lightning_clara import CLARA
-from lightning_clara.support import reference_for
+from lightning_clara.reference import reference_for
 
 FEATURES, HIDDEN, SAMPLES, BATCH = 30, 10, 64, 16
 STEPS = 200

@@ -18,8 +18,8 @@ from reference_loop import SimpleAdam, SimpleCLARA, SimpleMomentumSGD, plain_sgd
 from torch import Tensor
 
 from lightning_clara import CLARA
+from lightning_clara.reference import reference_for
 from lightning_clara.sampling import DEFAULT_SAMPLE, sample_indices
-from lightning_clara.support import reference_for
 
 C = 0.2
 M = 64

@@ -19,9 +19,9 @@ from lightning_clara.reference import (
     MonteCarloReference,
     PlainReference,
     expected_cosine,
+    reference_for,
     shared,
 )
-from lightning_clara.support import reference_for
 
 C = 0.2
 BETA = 0.9

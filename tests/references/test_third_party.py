@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from lightning_clara import CLARA
 from lightning_clara import reference as reference_module
-from lightning_clara.probe import ProbeError
+from lightning_clara.admission import ProbeError
 
 Factory = Callable[[list[Tensor]], torch.optim.Optimizer]
 
@@ -250,7 +250,7 @@ def test_the_monte_carlo_horizon_covers_the_paths_own_transient() -> None:
     ],
 )
 def test_the_simulated_momentum_is_the_slowest_first_moment_beta(group: dict[str, Any], beta: float) -> None:
-    from lightning_clara.support import _momentum_beta
+    from lightning_clara.reference.families import _momentum_beta
 
     assert _momentum_beta(group) == beta
 

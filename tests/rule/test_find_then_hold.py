@@ -21,8 +21,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_clara import CLARA
+from lightning_clara.admission import SAFEGUARDED_TARGETS
 from lightning_clara.options import RULE_DEFAULTS
-from lightning_clara.support import SAFEGUARDED_TARGETS, reference_for
+from lightning_clara.reference import reference_for
 
 #: CLARA 0.1.0's defaults: the collapse these tests must catch (full paths, as 0.1.0 had).
 CLARA_0_1_0 = {

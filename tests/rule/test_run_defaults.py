@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from lightning_clara import CLARA, CLARACallback
+from lightning_clara.admission import SAFEGUARDED_TARGETS
 from lightning_clara.options import RULE_DEFAULTS, SHORT_RUN_MIN_HOLD, run_length_defaults
-from lightning_clara.support import SAFEGUARDED_TARGETS
 
 DEFAULT = RULE_DEFAULTS["normalized"]
 

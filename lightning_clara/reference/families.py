@@ -1,7 +1,6 @@
-"""Which optimizers CLARA supports, and for each the null-model reference.
+"""Which null-model reference each optimizer family gets, and when a group's reference is rebuilt.
 
-This is the only module that knows optimizer classes by name. The reference of a param
-group is chosen from exact to general:
+The reference of a param group is chosen from exact to general:
 
 * plain random walk (closed form, exact) where a step is the gradient times an *even*
   function of past gradients, so that E[u_t . u_s] = 0: SGD without momentum, Adagrad,
@@ -12,8 +11,7 @@ group is chosen from exact to general:
   otherwise (NAdam, RAdam, Adamax, RMSprop with momentum or centering, Nesterov SGD and any
   user-defined optimizer, assumed element-wise).
 
-Optimizers that are not element-wise, ignore the learning rate after their first step or
-need a closure are refused with the reason (:data:`UNSUPPORTED`).
+:class:`ReferenceKeys` tells, per group, the (quantised) hyper-parameters a reference depends on.
 """
 
 from __future__ import annotations
@@ -27,65 +25,18 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from lightning_clara.probe import probe_update
-from lightning_clara.reference import (
-    HeavyBallReference,
-    MonteCarloReference,
-    PlainReference,
-    Reference,
-    SpeedUp,
-    _simulation_hyperparameters,
-    freeze,
-    shared,
-)
+from lightning_clara.reference.curves import HeavyBallReference, PlainReference, Reference, freeze, shared
+from lightning_clara.reference.monte_carlo import MonteCarloReference, SpeedUp
 
 __all__ = [
-    "SUPPORTED_OPTIMIZERS",
-    "UNSUPPORTED",
+    "MAX_CALIBRATIONS",
+    "REFERENCE_FAMILIES",
     "ReferenceKeys",
-    "check_supported",
     "reference_for",
     "reference_key",
+    "simulation_kwargs",
+    "torch_class",
 ]
-
-#: torch optimizers with a verified reference; any other ``torch.optim.Optimizer`` subclass
-#: defined outside ``torch.optim`` is calibrated by Monte Carlo, assuming it is element-wise.
-SUPPORTED_OPTIMIZERS: tuple[str, ...] = (
-    "SGD",
-    "Adam",
-    "AdamW",
-    "NAdam",
-    "RAdam",
-    "Adamax",
-    "RMSprop",
-    "Adagrad",
-    "Adadelta",
-    "ASGD",
-)
-
-#: torch optimizers CLARA refuses, with the reason.
-UNSUPPORTED: dict[str, str] = {
-    "LBFGS": "it runs a closure-driven line search and is not element-wise",
-    "SparseAdam": "it takes sparse gradients",
-    "Adafactor": "its factored second moment couples the entries of a tensor (not element-wise)",
-    "Muon": "its orthogonalised update couples the entries of a matrix (not element-wise)",
-    "Rprop": "it reads the learning rate only once, as its initial step size",
-}
-
-#: Optimizers of other libraries CLARA refuses, by a fragment of their class name, with the reason
-#: (those the probe would also refuse get a more specific message here).
-FOREIGN_UNSUPPORTED: dict[str, str] = {
-    "ScheduleFree": (
-        "its realised step interpolates between the averaged iterate and the base sequence with a weight "
-        "that falls as 1/t, so the steps' null model is not stationary and CLARA's reference cannot be "
-        "calibrated (measured: r 0.5 falling to 0.4 on pure noise); schedule-free replaces the schedule "
-        "itself: use it without CLARA"
-    ),
-    "SophiaH": "it needs Hessian-vector products of the loss (backward with create_graph=True), "
-    "which CLARA's gradient-only null-model simulation cannot provide",
-    "Shampoo": "its preconditioner couples the entries of a matrix (not element-wise)",
-    "SOAP": "its preconditioner couples the entries of a matrix (not element-wise)",
-}
 
 #: Group keys that never change the null-model reference.
 _IRRELEVANT_KEYS = frozenset(
@@ -105,101 +56,12 @@ _IRRELEVANT_KEYS = frozenset(
 )
 
 
-def _torch_class(optimizer: Optimizer) -> str | None:
+def torch_class(optimizer: Optimizer) -> str | None:
     """The name of the first ``torch.optim`` class in the optimizer's MRO (None for user-defined)."""
     for cls in type(optimizer).__mro__:
         if cls.__module__.startswith("torch.optim") and cls is not Optimizer:
             return cls.__name__
     return None
-
-
-#: The target ratio of the normalized rule for these ``torch.optim`` classes when the safeguard is on.
-#: Measured on MNIST-1D: at the default 0.7 Adam settles 2-3x below its tuned lr (SGD with momentum
-#: within 2x, and it ran away on the MLP at 0.5); at 0.55 Adam reaches its tuned lr on the CNN, but on
-#: the MLP, whose r stays above 0.55 early in training at every lr, it can climb into a broken
-#: network, which the loss watch catches (benchmarks/RESULTS.md).
-SAFEGUARDED_TARGETS: dict[str, float] = {"Adam": 0.55, "AdamW": 0.55}
-
-
-def safeguarded_target(optimizer: Optimizer) -> float | None:
-    """The target for ``optimizer`` with the safeguard on, or None for the rule's default."""
-    name = _torch_class(optimizer)
-    return None if name is None else SAFEGUARDED_TARGETS.get(name)
-
-
-def _step_is_hooked(optimizer: Optimizer) -> bool:
-    """Whether ``optimizer.step`` runs torch's step hooks (``Optimizer.__init__`` patches it)."""
-    return bool(getattr(type(optimizer).step, "hooked", False))
-
-
-#: Wrappers that step the optimizer they wrap and then move the weights themselves: CLARA steers the
-#: wrapped optimizer (its lr, its realised steps); the wrapper's own move (Lookahead's pull-back to
-#: the slow weights every k steps) is not a step of the optimizer and stays outside the path.
-STEERED_THROUGH: tuple[str, ...] = ("Lookahead",)
-
-
-def unwrap(optimizer: Optimizer) -> Optimizer:
-    """The optimizer CLARA hooks: the wrapped one for a wrapper that overrides ``step`` without hooks
-    (Lightning Fabric's ``_FabricOptimizer``, whose ``step`` ends in the wrapped optimizer's) or one
-    of :data:`STEERED_THROUGH` (pytorch-optimizer's ``Lookahead``); the optimizer itself otherwise."""
-    inner = getattr(optimizer, "optimizer", None)
-    if not isinstance(inner, Optimizer) or inner is optimizer:
-        return optimizer
-    if not _step_is_hooked(optimizer) or type(optimizer).__name__ in STEERED_THROUGH:
-        return unwrap(inner)
-    return optimizer
-
-
-def _refusal(optimizer: Optimizer) -> str | None:
-    """The reason CLARA refuses an optimizer known by name, or None."""
-    torch_name, own_name = _torch_class(optimizer), type(optimizer).__name__
-    for name in (torch_name, own_name):
-        if name in UNSUPPORTED:
-            return UNSUPPORTED[name]
-    for fragment, reason in FOREIGN_UNSUPPORTED.items():
-        if fragment in own_name:
-            return reason
-    return None
-
-
-def check_supported(optimizer: Any) -> None:
-    """Raise ``TypeError`` with the reason if CLARA cannot adapt ``optimizer``.
-
-    Known optimizers are accepted or refused by name; a foreign one (defined outside ``torch.optim``)
-    is probed: its own update, run on a small simulated tensor, must scale with the lr and be
-    element-wise (:func:`~lightning_clara.probe.probe_update`).
-    """
-    if not isinstance(optimizer, Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    reason = _refusal(optimizer)
-    if reason is not None:
-        supported = ", ".join(SUPPORTED_OPTIMIZERS)
-        raise TypeError(
-            f"CLARA does not support {type(optimizer).__module__}.{type(optimizer).__name__}: {reason}. "
-            f"Supported: {supported}, and element-wise optimizers that scale with the lr (README)."
-        )
-    if not _step_is_hooked(optimizer):
-        raise TypeError(
-            f"{type(optimizer).__name__}.step cannot be hooked (torch step hooks are missing); "
-            "call torch.optim.Optimizer.__init__ in its constructor"
-        )
-    for j, group in enumerate(optimizer.param_groups):
-        lr = group.get("lr")
-        if isinstance(lr, bool) or not isinstance(lr, (int, float, torch.Tensor)):
-            raise TypeError(
-                f"CLARA cannot steer {type(optimizer).__name__}: param group {j} has lr={lr!r}; CLARA scales a "
-                "numeric lr" + (" (an optimizer given lr=None computes its own step size)" if lr is None else "")
-            )
-        for param in group["params"]:
-            if param.is_complex():
-                raise TypeError("CLARA does not support complex parameters")
-            if param.is_sparse:
-                raise TypeError("CLARA does not support sparse parameters")
-    if _torch_class(optimizer) is None:
-        optimizer_class = type(optimizer)
-        for group in optimizer.param_groups:
-            settings = _simulation_hyperparameters(_simulation_kwargs(optimizer, optimizer_class, group))
-            probe_update(optimizer_class, settings)
 
 
 def _quantize(value: Any) -> Any:
@@ -253,7 +115,7 @@ class ReferenceKeys:
     def __init__(self, optimizer: Optimizer) -> None:
         self.optimizer = optimizer
         # torch's own optimizers keep their counters in ``state``, never in the group: no watch needed
-        self._watch = _torch_class(optimizer) is None
+        self._watch = torch_class(optimizer) is None
         #: Keys that the optimizer's own step changed: never part of the key.
         self.state_keys: set[str] = set()
         self._before: list[dict[str, Any]] | None = None
@@ -307,7 +169,7 @@ class ReferenceKeys:
         return key, view
 
 
-def _simulation_kwargs(
+def simulation_kwargs(
     optimizer: Optimizer, optimizer_class: type[Optimizer], group: Mapping[str, Any]
 ) -> dict[str, Any]:
     """The group's settings that the optimizer's constructor takes (for the Monte Carlo run): its named
@@ -386,15 +248,15 @@ def _adam_reference(optimizer: Optimizer, group: Mapping[str, Any], c: float) ->
 
 
 def _nadam_family_reference(optimizer: Optimizer, group: Mapping[str, Any], c: float) -> Reference:
-    kwargs = _simulation_kwargs(optimizer, torch.optim.NAdam, group)
+    kwargs = simulation_kwargs(optimizer, torch.optim.NAdam, group)
     return shared(_nadam_reference(c, kwargs, _momentum_beta(group)))
 
 
 def _simulated_reference(optimizer: Optimizer, group: Mapping[str, Any], c: float) -> Reference:
     """Any other optimizer: simulate it on pure noise, over its momentum's horizon."""
-    name = _torch_class(optimizer)
+    name = torch_class(optimizer)
     optimizer_class = type(optimizer) if name is None else getattr(torch.optim, name)
-    kwargs = _simulation_kwargs(optimizer, optimizer_class, group)
+    kwargs = simulation_kwargs(optimizer, optimizer_class, group)
     horizon = _momentum_horizon(_momentum_beta(group))
     # a long horizon leaves few trials per step at the default budget: keep >= 2048 elements per step
     budget = max(1 << 19, horizon * 2048)
@@ -417,7 +279,7 @@ REFERENCE_FAMILIES: dict[str, Callable[[Optimizer, Mapping[str, Any], float], Re
 
 def reference_for(optimizer: Optimizer, group: Mapping[str, Any], c: float) -> Reference:
     """The null-model reference of one param group (shared process-wide, so computed once per key)."""
-    family = REFERENCE_FAMILIES.get(_torch_class(optimizer) or "", _simulated_reference)
+    family = REFERENCE_FAMILIES.get(torch_class(optimizer) or "", _simulated_reference)
     return family(optimizer, _quantized(group), c)
 
 

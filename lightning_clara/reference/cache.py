@@ -15,8 +15,8 @@ from typing import Any
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_clara.reference import PlainReference, Reference, shared
-from lightning_clara.support import ReferenceKeys, reference_for
+from lightning_clara.reference.curves import PlainReference, Reference, shared
+from lightning_clara.reference.families import ReferenceKeys, reference_for
 
 __all__ = ["GroupReference", "ReferenceCache"]
 
