@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +24,7 @@ from typing_extensions import override
 from lightning_clara.admission import unwrap
 from lightning_clara.checkpoint import check_state
 from lightning_clara.controller import CLARA
+from lightning_clara.metrics import controller_metrics, optimizer_names
 from lightning_clara.options import (
     OPTION_NAMES,
     CLARAOptions,
@@ -36,7 +36,7 @@ from lightning_clara.options import (
 from lightning_clara.strategies import sharding_for
 from lightning_clara.summary import FitSummary, GroupSummary, summary_table
 
-__all__ = ["CALLBACK_OPTIONS", "CLARACallback", "optimizer_names"]
+__all__ = ["CALLBACK_OPTIONS", "CLARACallback", "optimizer_names"]  # optimizer_names lives in .metrics
 
 #: The CLARA options the callback takes as keywords (the strategy gives the sharding; the 2017
 #: variant and custom references go through ``options``).
@@ -49,44 +49,6 @@ _CALLBACK_DOCS = {
     "total_steps": "the optimizer steps of the fit, for the run-length defaults of hold_after and d (a short "
     "fit finds in its first 40 %); None: the Trainer's estimated_stepping_batches, when it is finite.",
 }
-
-
-def optimizer_names(optimizers: Sequence[Optimizer], lr_scheduler_configs: Sequence[Any] = ()) -> list[list[str]]:
-    """Per optimizer, per param group, the name Lightning's ``LearningRateMonitor`` would use (without ``lr-``).
-
-    Like the monitor, optimizers with a scheduler are named first, in the order of
-    ``lr_scheduler_configs`` (``trainer.lr_scheduler_configs``), then the others: the scheduler
-    config's ``name`` if it has one, else the optimizer's class name with ``-1``, ``-2`` ... for
-    repeated classes; ``/pg1``, ``/pg2`` (or the group's ``name``) when there are several groups,
-    ``/name`` for a single named group.
-    """
-    classes_seen: Counter[type] = Counter()
-    bases: dict[int, str] = {}
-
-    def name(optimizer: Optimizer, given: str | None) -> None:
-        cls = type(optimizer)
-        if given is None:
-            classes_seen[cls] += 1  # counted again for a second scheduler on it, as the monitor does
-        base = cls.__name__ if given is None else given.removeprefix("lr-")
-        count = classes_seen[cls]
-        bases.setdefault(id(optimizer), base if count <= 1 else f"{base}-{count - 1}")
-
-    for config in lr_scheduler_configs:
-        scheduler_optimizer = getattr(config.scheduler, "optimizer", None)
-        if scheduler_optimizer is not None and any(scheduler_optimizer is optimizer for optimizer in optimizers):
-            name(scheduler_optimizer, config.name)
-    for optimizer in optimizers:
-        if id(optimizer) not in bases:
-            name(optimizer, None)
-    out = []
-    for optimizer in optimizers:
-        base, groups = bases[id(optimizer)], optimizer.param_groups
-        if len(groups) == 1:
-            group_name = groups[0].get("name")
-            out.append([f"{base}/{group_name}" if group_name else base])
-        else:
-            out.append([f"{base}/{group.get('name', f'pg{j + 1}')}" for j, group in enumerate(groups)])
-    return out
 
 
 def _print_below_progress_bar(trainer: pl.Trainer, pl_module: pl.LightningModule, renderable: Any) -> None:
@@ -377,7 +339,7 @@ class CLARACallback(Callback):
         """
         out: dict[str, float] = {}
         for index in range(len(self.controllers)) if optimizers is None else optimizers:
-            out.update(_controller_metrics(self.controllers[index], self.names[index]))
+            out.update(controller_metrics(self.controllers[index], self.names[index]))
         return out
 
     # ------------------------------------------------------------------ checkpoints
@@ -435,22 +397,3 @@ CLARACallback.__doc__ = with_option_docs(CLARACallback.__doc__, CALLBACK_OPTIONS
 def _is_rank_zero() -> bool:
     """The global rank Lightning's strategies set (``rank_zero_only.rank``; typed loosely by Lightning)."""
     return bool(getattr(rank_zero_only, "rank", 0) == 0)
-
-
-def _controller_metrics(controller: CLARA, names: Sequence[str]) -> dict[str, float]:
-    """One controller's ``clara/*`` values per param group (none before its first adapted step)."""
-    out: dict[str, float] = {}
-    if controller.num_adapted_steps == 0:
-        return out
-    for name, lr, ratio, log_factor in zip(
-        names, controller.lr_used, controller.ratios, controller.log_factors, strict=True
-    ):
-        out[f"clara/lr-{name}"] = lr
-        out[f"clara/log_factor-{name}"] = log_factor
-        if ratio is not None:
-            out[f"clara/ratio-{name}"] = ratio
-        if controller.safeguard is not None:
-            out[f"clara/safeguard_alarms-{name}"] = float(controller.num_safeguard_alarms)
-        if controller.num_skipped_updates:
-            out[f"clara/skipped_updates-{name}"] = float(controller.num_skipped_updates)
-    return out

@@ -19,9 +19,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -44,10 +44,10 @@ from lightning_clara.options import (
 from lightning_clara.reference.cache import ReferenceCache
 from lightning_clara.reference.curves import Reference
 from lightning_clara.resolved import ResolvedOptions
-from lightning_clara.rule import FactorState, StepStatistics, adapt, clamp_log_factor, damping, factor, lr_for
+from lightning_clara.rule import FactorState, adapt, clamp_log_factor, damping, factor, lr_for
 from lightning_clara.safeguard import PageHinkley
 from lightning_clara.stores import PathStore, StepInputs
-from lightning_clara.transfer import HostTransfer
+from lightning_clara.transfer import PendingStep, StepListener
 from lightning_clara.variants import GradientBucket, UnitStep
 
 __all__ = ["CLARA"]
@@ -124,7 +124,8 @@ class CLARA(ResolvedOptions):
         self._initial_log_factor = clamp_log_factor(self.settings.bounds, math.log(self.settings.initial_factor))
         self._state = FactorState.initial(self._initial_log_factor, 0)
         self._swap = LearningRateSwap()
-        self._transfer = HostTransfer()
+        self._pending: PendingStep | None = None
+        self.step_listeners: list[StepListener] = []  # told of each adapted step (the fit summary)
         self._losses = LossWatch(self.settings)
         self._steps_seen = 0
         self._sync_scopes()
@@ -247,7 +248,9 @@ class CLARA(ResolvedOptions):
 
     def _settle(self, collectives: bool) -> None:
         """Bring a deferred (CUDA) step in; ``collectives`` (the hooks only, which every rank runs): a due check."""
-        self._transfer.settle(collectives)
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._finish(pending, collectives)
         self._losses.settle()  # after the step's statistics: the order of a CPU run
         if collectives and self._guard is not None:
             self._state = self._state.with_log_factors(self._guard.run_due(list(self._state.log_factors)))
@@ -277,41 +280,40 @@ class CLARA(ResolvedOptions):
         try:
             added = optimizer.param_groups[len(self._swap.used) :]
             if added:
-                # added inside the step (Lightning runs training_step in the step's closure): these
-                # groups stepped at their own lr; from their next step on they are adapted too
+                # added inside the step's closure (training_step): stepped at their own lr, adapted from the next
                 self._swap.used.extend(float(group["lr"]) for group in added)
                 self._sync_scopes()
             scopes = len(self._state.log_factors)
             step = self.paths.step(optimizer, StepInputs(self._swap.used, self.references, scopes))
             if step is not None:
-
-                def finish(buffers: list[Tensor], collectives: bool) -> None:
-                    self._finish(step.finish(buffers), step.device, collectives)
-
-                self._transfer.send(step.results, finish)
+                self._pending = PendingStep.send(step, self._swap.used)
+                if not self._pending.deferred:  # on the host already: the rule runs now
+                    self._settle(collectives=True)
         finally:
             self._swap.restore(optimizer.param_groups)
 
-    def _finish(self, stats: StepStatistics, device: torch.device, collectives: bool) -> None:
+    def _finish(self, pending: PendingStep, collectives: bool) -> None:
         """The host part of a step: the rule on each scope's sums moves log F (float64)."""
+        stats = pending.settle()
         bounds = self.settings.bounds
         before = self._state.adapted_steps
-        bases = self._scope_bases() if bounds.min_lr is not None or bounds.max_lr is not None else None
+        bases = None
+        if bounds.min_lr is not None or bounds.max_lr is not None:  # per scope, its groups' positive base lrs
+            current = [float(b) for b in self._swap.current_bases(self.optimizer.param_groups)]
+            bases = _by_scope(current, len(self._state.log_factors), self._scope_of)
         losses = self._losses
         self._state = adapt(self._state, stats, self.settings.schedule, bounds, bases, losses.gate, losses.fitted)
         steps = self._state.adapted_steps
         if self._guard is not None and steps > before and self._guard.due(steps):
-            self._guard.mark_due(device)  # a collective: only where every rank runs it, never from a property
+            self._guard.mark_due(pending.device)  # a collective: only where every rank runs it, never a property
             if collectives:
                 self._settle(collectives=True)
         if stats.non_finite:
             _warn_non_finite(stats.non_finite)
-
-    def _scope_bases(self) -> list[list[float]]:
-        """Per scope, its groups' positive base lrs (where the lr bounds bind)."""
-        bases = [float(b) for b in self._swap.current_bases(self.optimizer.param_groups)]
-        scopes = len(self._state.log_factors)
-        return [[b for j, b in enumerate(bases) if self._scope_of(j) == k and b > 0] for k in range(scopes)]
+        if steps > before:
+            ratios = [self._state.ratios[self._scope_of(j)] for j in range(len(pending.lr_used))]
+            for listener in self.step_listeners:
+                listener(pending.lr_used, ratios)
 
     def observe_loss(self, loss: float | Tensor) -> bool:
         """Feed the loss of the step just taken to the loss brake and the safeguard; True on an alarm.
@@ -346,13 +348,15 @@ class CLARA(ResolvedOptions):
         self._sync_scopes()
 
     def __repr__(self) -> str:
-        factors = ", ".join(f"{f:.4g}" for f in self.lr_factors)
-        s = self.settings
-        return (
-            f"CLARA({type(self.optimizer).__name__}, c={s.c}, d={s.d}, fast_start={s.fast_start}, "
-            f"hold_after={s.hold_after}, target={s.target}, scope={s.scope!r}, "
-            f"sample={s.sample}, F=[{factors}], steps={self._state.adapted_steps})"
-        )
+        s, factors = self.settings, ", ".join(f"{f:.4g}" for f in self.lr_factors)
+        rule = f"c={s.c}, d={s.d}, fast_start={s.fast_start}, hold_after={s.hold_after}, target={s.target}"
+        rest = f"scope={s.scope!r}, sample={s.sample}, F=[{factors}], steps={self._state.adapted_steps}"
+        return f"CLARA({type(self.optimizer).__name__}, {rule}, {rest})"
+
+
+def _by_scope(bases: list[float], scopes: int, scope_of: Callable[[int], int]) -> list[list[float]]:
+    """Per scope, the positive base lrs of its groups (where the lr bounds bind)."""
+    return [[b for j, b in enumerate(bases) if scope_of(j) == k and b > 0] for k in range(scopes)]
 
 
 def _warn_non_finite(tensors: int) -> None:

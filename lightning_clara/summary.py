@@ -2,10 +2,9 @@
 
 :class:`FitSummary` gathers, per optimizer and param group, the learning rate used at the first
 and last adapted step, its minimum and maximum and the mean ratio ``r`` over the fit, from
-values the controller already holds on the host. It reads them in a step *pre-hook* registered
-after the controller's own: that hook has just brought the previous step's results in (on CUDA
-they travel asynchronously and are settled there anyway), and it has just set the learning rate
-of the coming step, so the bookkeeping adds no device-to-host synchronisation at all. Only
+values the controller already holds on the host: the controller tells it each adapted step as the
+step's host part runs (at once on the CPU, at the next pre-hook on CUDA), with the lr each group
+used, so the bookkeeping adds no device-to-host synchronisation and depends on no hook order. Only
 :meth:`FitSummary.close`, at the end of the fit, settles the last step (one synchronisation,
 which detaching the controller would cost anyway).
 
@@ -18,11 +17,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from rich.table import Table
-from torch.optim import Optimizer
-from torch.utils.hooks import RemovableHandle
 
 from lightning_clara.controller import CLARA
 
@@ -142,47 +138,29 @@ class _Tracker:
 
     controller: CLARA
     groups: list[_GroupStats] = field(default_factory=list)
-    adapted: int = 0  # adapted steps folded in this fit
-    seen: int = 0  # the controller's num_adapted_steps at the last fold
-    lrs: list[float] | None = None  # the lr used by the step in flight (set by the pre-hook)
+    adapted: int = 0  # adapted steps told in this fit
     skipped_base: int = 0
     alarms_base: int = 0
     resyncs_base: int = 0
     skipped_updates_base: int = 0
-    handle: RemovableHandle | None = None
+    listening: bool = False
 
     def start(self) -> None:
         """(Re)start counting from the controller's current state (at attach time, or after a restore)."""
         controller = self.controller
         self.groups = []
         self.adapted = 0
-        self.lrs = None
-        self.seen = controller.num_adapted_steps  # settles: nothing is pending at these points
-        self.skipped_base = controller.num_skipped_steps
+        self.skipped_base = controller.num_skipped_steps  # settles: nothing is pending at these points
         self.alarms_base = controller.num_safeguard_alarms
         self.resyncs_base = controller.num_resyncs
         self.skipped_updates_base = controller.num_skipped_updates
 
-    def before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        # Runs after the controller's own pre-hook (registered later): the previous step's results
-        # were settled there, and ``lr_used`` now holds the lr of the coming step (host floats).
-        self.fold()
-        self.lrs = self.controller.lr_used
-
-    def fold(self) -> None:
-        """Add the last step to the statistics if the controller adapted on it."""
-        adapted = self.controller.num_adapted_steps
-        if adapted == self.seen:
-            return  # no step yet, or the last step moved no tensor
-        if adapted != self.seen + 1 or self.lrs is None:
-            self.seen = adapted  # counters restored behind our back: nothing to attribute
-            return
-        self.seen = adapted
+    def on_step(self, lrs: list[float], ratios: list[float | None]) -> None:
+        """The controller tells each adapted step: the lr each group used and its ratio after the step."""
         self.adapted += 1
-        ratios = self.controller.ratios
-        while len(self.groups) < len(self.lrs):
+        while len(self.groups) < len(lrs):
             self.groups.append(_GroupStats())
-        for j, lr in enumerate(self.lrs):
+        for j, lr in enumerate(lrs):
             self.groups[j].add(lr, ratios[j] if j < len(ratios) else None)
 
     def rows(self, names: Sequence[str]) -> list[GroupSummary]:
@@ -217,12 +195,11 @@ class _Tracker:
 class FitSummary:
     """Per-step statistics of CLARA's controllers over one fit, for :func:`summary_table`.
 
-    :meth:`track` registers a step pre-hook on the controller's optimizer; it must come after the
-    controller was attached, so that the hook runs after the controller's own pre-hook. The
-    statistics cover the adapted steps of this fit: ``lr`` values are the learning rates used
-    (``lr_scheduled * F``, host floats the controller sets before each step) and the mean ratio
-    is the mean of the ratio after each adapted step. With ``scope="param_group"`` a group that
-    did not move in a step keeps its previous ratio, which then counts again.
+    :meth:`track` listens to the controller, which tells each adapted step as its host part runs
+    (``CLARA.step_listeners``). The statistics cover the adapted steps of this fit: ``lr`` values
+    are the learning rates used (``lr_scheduled * F``, host floats) and the mean ratio is the mean
+    of the ratio after each adapted step. With ``scope="param_group"`` a group that did not move
+    in a step keeps its previous ratio, which then counts again.
     """
 
     def __init__(self) -> None:
@@ -232,7 +209,8 @@ class FitSummary:
         """Start gathering statistics of ``controller`` (attached, and after any state restore)."""
         tracker = _Tracker(controller)
         tracker.start()
-        tracker.handle = controller.optimizer.register_step_pre_hook(tracker.before_step)
+        controller.step_listeners.append(tracker.on_step)
+        tracker.listening = True
         self._trackers.append(tracker)
 
     def restart(self) -> None:
@@ -241,18 +219,18 @@ class FitSummary:
             tracker.start()
 
     def close(self) -> None:
-        """Fold the last step (this settles a deferred CUDA step: one synchronisation) and remove the hooks."""
+        """Take the last step (this settles a deferred CUDA step: one synchronisation) and stop listening."""
         for tracker in self._trackers:
-            if tracker.handle is not None:
-                tracker.fold()
+            if tracker.listening:
+                tracker.controller.num_adapted_steps  # noqa: B018 - settles: the controller tells the last step
         self.discard()
 
     def discard(self) -> None:
-        """Remove the hooks without folding anything (after an exception)."""
+        """Stop listening without taking anything more (after an exception)."""
         for tracker in self._trackers:
-            if tracker.handle is not None:
-                tracker.handle.remove()
-                tracker.handle = None
+            if tracker.listening:
+                tracker.controller.step_listeners.remove(tracker.on_step)
+                tracker.listening = False
 
     def rows(self, names: Sequence[Sequence[str]]) -> list[GroupSummary]:
         """One :class:`GroupSummary` per param group; ``names`` per tracked controller, per group."""

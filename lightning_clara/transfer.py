@@ -1,69 +1,63 @@
-"""The host transfer: a step's device results reach the host without stalling the GPU.
+"""The pending step: one step's device results on their way to the host, as a value.
 
-On the CPU the host part runs at once. On CUDA the results are copied to pinned host memory with
-``non_blocking=True`` and an event is recorded; the host part runs at the next pre-hook (or when a
-property is read), by which time the GPU has long finished, so nothing waits.
+On the CPU the results are on the host at once and the step settles in the post-hook. On CUDA they
+are copied to pinned host memory with ``non_blocking=True`` behind an event, and the step settles
+at the next pre-hook (or when a property is read), by which time the GPU has long finished, so
+nothing waits. :meth:`PendingStep.settle` gives the step's :class:`~lightning_clara.rule.StepStatistics`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["HostTransfer"]
+from lightning_clara.rule import StepStatistics
+from lightning_clara.stores import DeviceStep
 
-#: The host part of a step: given the results on the host and whether collectives may run now.
-Finish = Callable[[list[Tensor], bool], None]
+__all__ = ["PendingStep", "StepListener"]
+
+#: Told ``(lr used per group, ratio per group)`` after each adapted step (the fit summary listens).
+StepListener = Callable[[list[float], list[float | None]], None]
 
 
 @dataclass
-class _Pending:
-    """A step whose results are still on their way to the host (CUDA)."""
+class PendingStep:
+    """A step between the optimizer's update and the rule: its results, and the lr each group used."""
 
-    host_buffers: list[Tensor]
-    ready: Any  # torch.cuda.Event
-    finish: Finish
+    buffers: list[Tensor]  # the results on the host (pinned buffers filled asynchronously on CUDA)
+    ready: Any | None  # the CUDA event the copies wait for; None: on the host already
+    finish: Callable[[list[Tensor]], StepStatistics]  # the host part: results -> per-scope sums
+    lr_used: list[float]  # per group, the lr the step ran at
+    device: torch.device
 
-
-class HostTransfer:
-    """Runs each step's host part on its results: at once on the CPU, deferred on CUDA."""
-
-    def __init__(self) -> None:
-        self._pending: _Pending | None = None
-
-    @property
-    def pending(self) -> bool:
-        """Whether a step's host part is still to run."""
-        return self._pending is not None
-
-    def send(self, results: list[Tensor], finish: Finish) -> None:
-        """Hand ``results`` over to ``finish``: now on the CPU, at the next :meth:`settle` on CUDA."""
-        if not any(result.device.type == "cuda" for result in results):
-            finish([result.cpu() for result in results], True)
-            return
-        host_buffers = []
-        for result in results:
+    @classmethod
+    def send(cls, step: DeviceStep, lr_used: Sequence[float]) -> PendingStep:
+        """Start moving ``step``'s results to the host (a copy behind an event on CUDA, nothing on the CPU)."""
+        if not any(result.device.type == "cuda" for result in step.results):
+            return cls([result.cpu() for result in step.results], None, step.finish, list(lr_used), step.device)
+        buffers = []
+        for result in step.results:
             if result.device.type == "cuda":
                 buffer = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
                 buffer.copy_(result, non_blocking=True)
-                host_buffers.append(buffer)
+                buffers.append(buffer)
             else:
-                host_buffers.append(result.cpu())
+                buffers.append(result.cpu())
         event = torch.cuda.Event()  # type: ignore[no-untyped-call]
         event.record()
-        self.defer(host_buffers, event, finish)
+        return cls(buffers, event, step.finish, list(lr_used), step.device)
 
-    def defer(self, host_buffers: list[Tensor], ready: Any, finish: Finish) -> None:
-        """Keep a step for later: ``ready.synchronize()`` waits for its copies."""
-        self._pending = _Pending(host_buffers, ready, finish)
+    @property
+    def deferred(self) -> bool:
+        """Whether the results are still on their way (CUDA): the step settles at the next pre-hook."""
+        return self.ready is not None
 
-    def settle(self, collectives: bool) -> None:
-        """Run the deferred host part, if any; ``collectives``: whether every rank runs this call."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.ready.synchronize()
-            pending.finish(pending.host_buffers, collectives)
+    def settle(self) -> StepStatistics:
+        """The step's per-scope sums (waiting for the copies first, which have long finished by then)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.finish(self.buffers)

@@ -6,6 +6,7 @@ after CLARA's, and the controller's ratio read after each step), not from the su
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import traceback
@@ -23,8 +24,9 @@ from rich.console import Console
 from torch.optim import Optimizer
 
 from lightning_clara import CLARACallback
+from lightning_clara.stores import DeviceStep
 from lightning_clara.summary import TITLE, GroupSummary, summary_table
-from lightning_clara.transfer import HostTransfer
+from lightning_clara.transfer import PendingStep
 
 MakeModule = Callable[..., LightningModule]
 STEPS_PER_EPOCH = 8  # 64 samples, batch size 8 (conftest's regression data)
@@ -311,7 +313,7 @@ def test_bookkeeping_never_settles_a_deferred_step(
 ) -> None:
     """Emulate CUDA's deferred host part on the CPU: every settle must come from CLARA's own pre-hook.
 
-    ``HostTransfer.send`` keeps every step's results pending (as on CUDA) and each settle is
+    ``PendingStep.send`` keeps every step's results pending (as on CUDA) and each settle is
     traced; with the summary and the progress bar on, and no logger (logging reads settled
     values by design), only CLARA's pre-hook and the final detach may wait for a step.
     """
@@ -321,10 +323,13 @@ def test_bookkeeping_never_settles_a_deferred_step(
         def synchronize(self) -> None:
             waits.append([frame.name for frame in traceback.extract_stack()])
 
-    def deferred(self: HostTransfer, results: list[torch.Tensor], finish: Any) -> None:
-        self.defer([result.clone() for result in results], Ready(), finish)
+    send = PendingStep.send
 
-    monkeypatch.setattr(HostTransfer, "send", deferred)
+    def deferred(step: DeviceStep, lr_used: list[float]) -> PendingStep:
+        pending = send(step, lr_used)
+        return dataclasses.replace(pending, buffers=[b.clone() for b in pending.buffers], ready=Ready())
+
+    monkeypatch.setattr(PendingStep, "send", deferred)
     # the loss brake and the safeguard read every step's loss on the host, which waits for the step
     callback = CLARACallback(d=0.4, prog_bar=True, safeguard=False, loss_brake=False)
     trainer = Trainer(**{**trainer_kwargs, "max_epochs": 2, "callbacks": [callback]})

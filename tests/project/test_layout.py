@@ -14,6 +14,8 @@ from lightning_clara.options import OPTION_DOCS
 ROOT = Path(__file__).resolve().parents[2]
 MAX_CLASS_LINES = 300
 MAX_FUNCTION_LINES = 60
+#: Issue 22: no module of the package over this many lines.
+MAX_MODULE_LINES = 400
 
 
 def _definitions(path: Path) -> list[tuple[str, int, int]]:
@@ -35,6 +37,14 @@ def test_no_class_over_300_lines_and_no_function_over_60() -> None:
         if lines > limit
     ]
     assert not too_long, too_long
+
+
+def test_no_module_over_400_lines() -> None:
+    sizes = {
+        str(path.relative_to(ROOT)): len(path.read_text().splitlines())
+        for path in (ROOT / "lightning_clara").rglob("*.py")
+    }
+    assert not {name: n for name, n in sizes.items() if n > MAX_MODULE_LINES}
 
 
 def test_no_test_module_imports_another() -> None:
