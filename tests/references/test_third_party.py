@@ -25,8 +25,9 @@ from helpers import gaussian_split as gaussian
 from torch import Tensor, nn
 
 from lightning_clara import CLARA
-from lightning_clara import reference as reference_module
 from lightning_clara.admission import ProbeError
+from lightning_clara.reference import curves as curves_module
+from lightning_clara.reference import monte_carlo as monte_carlo_module
 
 Factory = Callable[[list[Tensor]], torch.optim.Optimizer]
 
@@ -49,13 +50,13 @@ ACCEPTED: dict[str, Factory] = {
 def count_calibrations(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record every Monte Carlo calibration (the expensive part of a reference) from now on."""
     calls: list[str] = []
-    simulate = reference_module._simulate
+    simulate = monte_carlo_module._simulate
 
     def recording(optimizer_class: type, *args: Any, **kwargs: Any) -> Any:
         calls.append(optimizer_class.__name__)
         return simulate(optimizer_class, *args, **kwargs)
 
-    monkeypatch.setattr(reference_module, "_simulate", recording)
+    monkeypatch.setattr(monte_carlo_module, "_simulate", recording)
     return calls
 
 
@@ -63,7 +64,7 @@ def count_calibrations(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def test_a_step_counter_in_the_group_does_not_recalibrate(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """pytorch-optimizer's step counter (and Prodigy's d) change inside step(): not a key of the reference."""
     calls = count_calibrations(monkeypatch)
-    monkeypatch.setattr(reference_module, "_SHARED", OrderedDict())  # a fresh cache, this test only
+    monkeypatch.setattr(curves_module, "_SHARED", OrderedDict())  # a fresh cache, this test only
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
     factory = {**ACCEPTED, "Prodigy": lambda ps: po.Prodigy(ps, lr=1.0)}[name]
@@ -84,10 +85,10 @@ def test_a_step_counter_in_the_group_does_not_recalibrate(name: str, monkeypatch
 
 
 def test_the_process_wide_reference_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(reference_module, "_SHARED", OrderedDict())
-    for k in range(reference_module.SHARED_CAPACITY + 50):
-        reference_module.shared(reference_module.PlainReference(0.5 + k * 1e-4))
-    assert len(reference_module._SHARED) == reference_module.SHARED_CAPACITY
+    monkeypatch.setattr(curves_module, "_SHARED", OrderedDict())
+    for k in range(curves_module.SHARED_CAPACITY + 50):
+        curves_module.shared(curves_module.PlainReference(0.5 + k * 1e-4))
+    assert len(curves_module._SHARED) == curves_module.SHARED_CAPACITY
 
 
 def test_a_scheduler_moving_a_hyper_parameter_between_steps_still_recalibrates(
@@ -95,7 +96,7 @@ def test_a_scheduler_moving_a_hyper_parameter_between_steps_still_recalibrates(
 ) -> None:
     """The other side of the key fix: a key changed outside step() (a scheduler) is followed."""
     calls = count_calibrations(monkeypatch)
-    monkeypatch.setattr(reference_module, "_SHARED", OrderedDict())  # a fresh cache, this test only
+    monkeypatch.setattr(curves_module, "_SHARED", OrderedDict())  # a fresh cache, this test only
     params = make_params(((5,),))
     optimizer = po.Lion(params, lr=1e-4, betas=(0.9, 0.99))
     CLARA(optimizer)
