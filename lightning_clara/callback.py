@@ -142,7 +142,7 @@ class CLARACallback(Callback):
         skip_nonfinite: bool = True,
     ) -> None:
         given = {name: value for name, value in locals().items() if name in CALLBACK_OPTIONS}
-        for flag, value in (("log", log), ("summary", summary), ("prog_bar", prog_bar)):
+        for flag, value in (("log", log), ("summary", summary), ("prog_bar", prog_bar), ("safeguard", safeguard)):
             if not isinstance(value, bool):
                 raise TypeError(f"{flag} must be a bool, got {type(value).__name__} {value!r}")
         self.options = merged_options(options, given)
@@ -205,7 +205,7 @@ class CLARACallback(Callback):
             # anything else is checked (ValueError naming the field) before a controller changes
             self._load_controllers(restored)
         if self.summary and _is_rank_zero():
-            # after the controllers attached (and restored): its hooks must run after theirs
+            # after the controllers attached (and restored): it counts from their state now
             self._fit_summary = FitSummary()
             for controller in self.controllers:
                 self._fit_summary.track(controller)

@@ -278,7 +278,8 @@ class CLARA(ResolvedOptions):
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self._steps_seen += 1
         try:
-            added = optimizer.param_groups[len(self._swap.used) :]
+            stepped = len(self._swap.used)  # the groups the pre-hook saw (and swapped)
+            added = optimizer.param_groups[stepped:]
             if added:
                 # added inside the step's closure (training_step): stepped at their own lr, adapted from the next
                 self._swap.used.extend(float(group["lr"]) for group in added)
@@ -286,7 +287,7 @@ class CLARA(ResolvedOptions):
             scopes = len(self._state.log_factors)
             step = self.paths.step(optimizer, StepInputs(self._swap.used, self.references, scopes))
             if step is not None:
-                self._pending = PendingStep.send(step, self._swap.used)
+                self._pending = PendingStep.send(step, self._swap.used[:stepped])
                 if not self._pending.deferred:  # on the host already: the rule runs now
                     self._settle(collectives=True)
         finally:

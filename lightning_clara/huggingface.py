@@ -52,7 +52,7 @@ class CLARATrainerCallback(TrainerCallback):
     """
 
     def __init__(self, options: CLARAOptions | None = None, **overrides: Any) -> None:
-        self.options = merged_options(options, overrides)
+        self.options = merged_options(options, overrides, signature=False)
         self.controller: CLARA | None = None
         self.tapped = False  # add_clara taps the Trainer's training_step for the loss
         self._loss: torch.Tensor | None = None

@@ -3,9 +3,10 @@
 :class:`CLARAOptions` holds the values as given (None: the rule's default) and checks them when it
 is made, with messages that name the argument and its range. :meth:`CLARAOptions.resolve` turns it
 into :class:`Settings`, the concrete numbers one controller runs with. ``CLARA``, ``CLARACallback``
-and the Transformers callback all take these options; their signatures and the option docs in
-their docstrings are built from :data:`OPTION_DOCS` and the fields below (so LightningCLI sees
-typed, documented arguments).
+and the Transformers callback all take these options; the option docs in their docstrings are built
+from :data:`OPTION_DOCS`, and the written-out signatures of ``CLARA`` and ``CLARACallback`` are held
+equal to the fields below by ``tests/controller/test_api.py`` (so LightningCLI sees typed, documented
+arguments).
 """
 
 from __future__ import annotations
@@ -315,14 +316,23 @@ class CLARAOptions:
                 raise ValueError(f"{low} ({values[low]}) must be <= {high} ({values[high]})")
 
 
-def merged_options(options: CLARAOptions | None, keywords: Mapping[str, Any]) -> CLARAOptions:
-    """The options the keywords give; with ``options``, those fields replaced by the keywords that are not
-    at their defaults (a keyword left at its default keeps the field of ``options``), checked again."""
+def merged_options(
+    options: CLARAOptions | None, keywords: Mapping[str, Any], *, signature: bool = True
+) -> CLARAOptions:
+    """The options the keywords give; with ``options``, its fields replaced by the keywords, checked again.
+
+    ``signature``: the keywords are a written-out signature's, every option present, so only those not
+    at their defaults replace fields (a keyword left at its default keeps the field of ``options``);
+    False: only the keywords the caller gave (``**overrides``), each of which replaces its field.
+    """
+    unknown = sorted(set(keywords) - set(_FIELD_DEFAULTS))
+    if unknown:
+        raise TypeError(f"got an unexpected keyword argument {unknown[0]!r}")
     if options is None:
         return CLARAOptions(**keywords)
     if not isinstance(options, CLARAOptions):
         raise TypeError(f"options must be a lightning_clara.CLARAOptions or None, got {type(options).__name__}")
-    overrides = {k: v for k, v in keywords.items() if not is_default_option(k, v)}
+    overrides = {k: v for k, v in keywords.items() if not (signature and is_default_option(k, v))}
     return dataclasses.replace(options, **overrides) if overrides else options
 
 

@@ -32,6 +32,9 @@ class _Setting(Generic[T]):
     def __get__(self, instance: Any, owner: type) -> Any:
         return self if instance is None else getattr(instance.settings, self.name)
 
+    def __set__(self, instance: Any, value: Any) -> None:
+        raise AttributeError(f"{self.name} is a resolved option (read-only); make a new controller to change it")
+
 
 class ResolvedOptions:
     """Every resolved option of ``self.settings`` as an attribute of its own type."""

@@ -148,12 +148,12 @@ class _Tracker:
     def start(self) -> None:
         """(Re)start counting from the controller's current state (at attach time, or after a restore)."""
         controller = self.controller
-        self.groups = []
-        self.adapted = 0
-        self.skipped_base = controller.num_skipped_steps  # settles: nothing is pending at these points
+        self.skipped_base = controller.num_skipped_steps  # settles first: a pending step is not this fit's
         self.alarms_base = controller.num_safeguard_alarms
         self.resyncs_base = controller.num_resyncs
         self.skipped_updates_base = controller.num_skipped_updates
+        self.groups = []
+        self.adapted = 0
 
     def on_step(self, lrs: list[float], ratios: list[float | None]) -> None:
         """The controller tells each adapted step: the lr each group used and its ratio after the step."""

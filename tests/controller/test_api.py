@@ -7,11 +7,12 @@ import dataclasses
 import inspect
 import typing
 
+import pytest
 import torch
 
 from lightning_clara import CLARA, CLARACallback, CLARAOptions
 from lightning_clara.callback import CALLBACK_OPTIONS
-from lightning_clara.options import OPTION_NAMES, Settings
+from lightning_clara.options import OPTION_NAMES, Settings, merged_options
 from lightning_clara.resolved import ResolvedOptions, _Setting
 
 FIELD_TYPES = typing.get_type_hints(CLARAOptions)
@@ -67,3 +68,18 @@ def test_keywords_replace_the_given_options_fields_unless_left_at_their_defaults
     clara.detach()
     kept = CLARA(torch.optim.SGD(params, lr=0.1), base, scope="optimizer")  # at its default: the options' value
     assert kept.scope == "param_group"
+
+
+def test_resolved_options_are_read_only() -> None:
+    clara = CLARA(torch.optim.SGD([torch.zeros(3, requires_grad=True)], lr=0.1))
+    with pytest.raises(AttributeError, match="read-only"):
+        clara.c = 0.5  # type: ignore[misc]
+    assert clara.c == clara.settings.c
+
+
+def test_given_overrides_replace_every_field_they_name_and_unknown_names_are_refused() -> None:
+    """The Transformers callback's ``**overrides`` hold only what the caller gave: each replaces its field,
+    a default value included; a name that is no option is a TypeError naming it."""
+    assert merged_options(CLARAOptions.paper(), {"rule": "normalized"}, signature=False).rule == "normalized"
+    with pytest.raises(TypeError, match="bogus"):
+        merged_options(CLARAOptions(), {"bogus": 1}, signature=False)
