@@ -313,6 +313,62 @@ def cuda_launches(device: str) -> dict[str, Any]:
     return out
 
 
+#: ATen ops that only make views or allocate (no arithmetic, no copy): left out of the op count.
+METADATA_OPS = frozenset(
+    {
+        "aten::view", "aten::as_strided", "aten::detach", "aten::empty", "aten::empty_strided", "aten::alias",
+        "aten::reshape", "aten::expand", "aten::unsqueeze", "aten::select", "aten::slice", "aten::t",
+        "aten::transpose", "aten::resolve_conj", "aten::resolve_neg", "aten::lift_fresh", "aten::unbind",
+    }
+)  # fmt: skip
+
+
+def cpu_ops(steps: int = 4) -> dict[str, Any]:
+    """ATen ops CLARA adds to one Adam step of a small MLP whose tensors all fit the sample (issue 22's
+    kernel count, on the CPU): the step with CLARA (fed its loss, as the callback does) minus without,
+    counted by the torch profiler as leaf ops (ops that call no other op), views and allocations aside."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from lightning_clara import CLARA
+
+    def count(attach: dict[str, Any] | None) -> Counter[str]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Tanh(), torch.nn.Linear(48, 10))
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        clara = None if attach is None else CLARA(optimizer, **attach)
+        x, y = torch.randn(16, 32), torch.randint(0, 10, (16,))
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()  # the gradients stay: each profiled step is the optimizer's step alone
+
+        def step() -> None:
+            optimizer.step()
+            if clara is not None:
+                clara.observe_loss(loss.detach())
+
+        for _ in range(3):
+            step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+        leaves = [
+            e.name
+            for e in prof.events()
+            if e.name.startswith("aten::") and not any(c.name.startswith("aten::") for c in e.cpu_children)
+        ]
+        return Counter(name for name in leaves if name not in METADATA_OPS)
+
+    without = count(None)
+    out: dict[str, Any] = {}
+    for engine, options in (("defaults", {}), ("defaults-nocheck", {"skip_nonfinite": False})):
+        added = count(options)
+        added.subtract(without)
+        ops = {name: n / steps for name, n in sorted(added.items()) if n > 0}
+        out[engine] = {"ops_per_step": sum(ops.values()), "by_op": ops}
+    return out
+
+
 def memory(total: float, tensors: int, device: str) -> dict[str, float]:
     """Bytes per parameter that CLARA keeps with CLARACallback()'s defaults (and with the safeguard),
     beside Adam's own state, after a few steps fed their loss (issue 21: <= 0.5 B/param at 34M)."""
@@ -425,6 +481,14 @@ def main(argv: list[str] | None = None) -> int:
         costs = step_costs(total, tensors, ("adam",), args.device, max(3, args.repeats // 2), args.steps)
         report["model_sizes"].append(costs)
         add_rows(table, costs)
+    console.print(table)
+
+    report["cpu_ops"] = cpu_ops()
+    table = _table("ATen ops CLARA adds per Adam step, CPU, tensors within the sample (issue 22's target: <= 12)",
+                   ["engine", "ops per step", "the most frequent"])  # fmt: skip
+    for engine, row in report["cpu_ops"].items():
+        common = sorted(row["by_op"].items(), key=lambda item: -item[1])[:6]
+        table.add_row(engine, f"{row['ops_per_step']:.0f}", ", ".join(f"{n:g} {name[6:]}" for name, n in common))
     console.print(table)
 
     ratios = end_to_end(args.device, args.repeats, max(args.steps, 3) * (1 if args.smoke else 10))
