@@ -115,8 +115,9 @@ class SampledPaths:
     def before_step(self, param_groups: Sequence[dict[str, Any]]) -> None:
         """Gather every trainable tensor's sample (relaying out first if the trainable tensors changed)."""
         key = tuple(
-            tuple(id(p) if p.requires_grad else 0 for p in group["params"]) for group in param_groups
-        )  # cheap enough per step; the layout itself is rebuilt only when it changes
+            (bool(group.get("maximize", False)), *(id(p) if p.requires_grad else 0 for p in group["params"]))
+            for group in param_groups
+        )  # cheap enough per step; the layout itself is rebuilt only when it changes (maximize: SALeRA's sign)
         if key != self._layout_key:
             members = [
                 (j, i, param, bool(group.get("maximize", False)))
@@ -237,11 +238,6 @@ class PathStore:
         self.restore_point: RestorePoint | None = None
         if settings.safeguard is not None:
             self.restore_point = RestorePoint(None if sharding is None else sharding.local)
-
-    @property
-    def name(self) -> str:
-        """``"sample"``, or ``"full"`` with ``sample=None`` (every coordinate)."""
-        return "full" if self.settings.sample is None else "sample"
 
     def before_step(self, optimizer: Optimizer) -> None:
         """In the pre-hook: gather the samples (and snapshot for the safeguard) before the parameters change."""

@@ -80,14 +80,18 @@ class UnitStep:
                 params = [p for p in group["params"] if p in self._before]
                 if not params:
                     continue
-                # s = theta_before - theta_after, then theta_after + s (1 - lr / ||s||) = theta_before - lr s/||s||
-                steps = torch._foreach_sub([self._before[p] for p in params], [p.detach() for p in params])
+                # s = theta_before - theta_after (in the snapshot, which the next pre-hook refills), then
+                # theta_after + s (1 - lr / ||s||) = theta_before - lr s/||s||
+                steps = [self._before[p] for p in params]
+                torch._foreach_sub_(steps, [p.detach() for p in params])
                 # norms in fp32 at least: a bf16 norm is rounded, an fp16 one can overflow to inf
                 wide = [s if s.dtype in (torch.float32, torch.float64) else s.float() for s in steps]
                 norms = torch.stack(torch._foreach_norm(wide)).double()
                 moved = torch.isfinite(norms) & (norms > 0)
                 safe = torch.where(moved, norms, torch.ones_like(norms))
-                scales = torch.where(moved, 1.0 - float(group["lr"]) / safe, torch.zeros_like(norms))
+                lr = group["lr"]  # a tensor lr (capturable) stays on its device: no sync
+                lr = lr.to(norms.device, torch.float64) if isinstance(lr, Tensor) else float(lr)
+                scales = torch.where(moved, 1.0 - lr / safe, torch.zeros_like(norms))
                 torch._foreach_addcmul_(
                     [p.detach() for p in params],
                     steps,

@@ -374,3 +374,17 @@ def test_salera_does_not_adapt_on_a_step_at_lr_zero() -> None:
     optimizer.param_groups[0]["lr"] = 0.1
     optimizer.step()
     assert clara.num_adapted_steps == 1
+
+
+def test_salera_follows_maximize_switched_mid_run() -> None:
+    """SALeRA's bucket reads the gradient with the group's sign: switching ``maximize`` lays the buckets out again."""
+    params = make_params()
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    clara = CLARA(optimizer, c=C, variant="salera")
+    set_grads(params, [torch.ones_like(p) for p in params])
+    optimizer.step()
+    assert not any(m.maximize for b in clara.paths.sampled.buckets for m in b.members)
+    optimizer.param_groups[0]["maximize"] = True
+    optimizer.step()
+    assert all(m.maximize for b in clara.paths.sampled.buckets for m in b.members)
+    assert clara.num_adapted_steps == 2
