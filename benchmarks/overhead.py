@@ -105,7 +105,7 @@ def time_steps(
 def persistent_bytes(clara: Any) -> int:
     """Bytes CLARA keeps between steps: paths, step buffers, sample indices, the safeguard's restore point."""
     total = clara.paths.sampled.persistent_bytes()
-    restore = clara.paths.restore_point
+    restore = None if clara._safeguard is None else clara._safeguard.restore_point
     if restore is not None:
         for store in (restore._current, restore._previous):
             total += sum(b.numel() * b.element_size() for b in store.values())

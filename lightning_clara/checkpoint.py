@@ -172,8 +172,8 @@ def restore_state(
         int(state_dict["num_adapted_steps"]),
         int(state_dict["num_skipped_steps"]),
     )
-    if settings.safeguard is not None and state_dict.get("safeguard") is not None:
-        settings.safeguard.load_state_dict(state_dict["safeguard"])
+    if losses.safeguard is not None and state_dict.get("safeguard") is not None:
+        losses.safeguard.load_state_dict(state_dict["safeguard"])
     if trend is not None:
         losses.trend = trend
     if same_paths:

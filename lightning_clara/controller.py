@@ -45,8 +45,8 @@ from lightning_clara.reference.cache import ReferenceCache
 from lightning_clara.reference.curves import Reference
 from lightning_clara.resolved import ResolvedOptions
 from lightning_clara.rule import FactorState, adapt, clamp_log_factor, damping, factor, lr_for
-from lightning_clara.safeguard import PageHinkley
-from lightning_clara.stores import PathStore, StepInputs
+from lightning_clara.safeguard import PageHinkley, Safeguard
+from lightning_clara.stores import PathStore, StepInputs, trainable
 from lightning_clara.transfer import PendingStep, StepListener
 from lightning_clara.variants import GradientBucket, UnitStep
 
@@ -126,7 +126,8 @@ class CLARA(ResolvedOptions):
         self._swap = LearningRateSwap()
         self._pending: PendingStep | None = None
         self.step_listeners: list[StepListener] = []  # told of each adapted step (the fit summary)
-        self._losses = LossWatch(self.settings)
+        self._safeguard = Safeguard.maybe(self.settings.safeguard, self.settings.sharding)
+        self._losses = LossWatch(self.settings, self._safeguard)
         self._steps_seen = 0
         self._sync_scopes()
         for j in range(len(optimizer.param_groups)):
@@ -142,17 +143,15 @@ class CLARA(ResolvedOptions):
         defaults (:func:`~lightning_clara.options.run_length_defaults`, a pure function of it, so a resume
         that gives the same length keeps the schedule). ``CLARACallback`` calls it in ``on_train_start``."""
         self.options = dataclasses.replace(self.options, total_steps=total_steps)
-        fresh = self.options.resolve()  # only the schedule moves: the safeguard's detector and the paths stay
+        new = self.options.resolve()  # only the schedule moves: the safeguard's detector and the paths stay
         self.settings = dataclasses.replace(
-            self.settings, total_steps=fresh.total_steps, d=fresh.d, hold_after=fresh.hold_after
+            self.settings, total_steps=new.total_steps, d=new.d, hold_after=new.hold_after
         )
 
-    # ------------------------------------------------------------------ public read-only state
     @property
     def lr_factor(self) -> float:
         """The factor F (of the first param group's scope; see :attr:`lr_factors` for per-group scope)."""
-        self._sync_scopes()
-        return factor(self.settings.bounds, self._state.log_factors[0])
+        return self.lr_factors[0]
 
     @property
     def lr_factors(self) -> list[float]:
@@ -168,8 +167,7 @@ class CLARA(ResolvedOptions):
     @property
     def ratio(self) -> float | None:
         """The last ratio r of the first group's scope (``None`` before the first adapted step)."""
-        self._sync_scopes()
-        return self._state.ratios[0]
+        return self.ratios[0]
 
     @property
     def ratios(self) -> list[float | None]:
@@ -239,7 +237,8 @@ class CLARA(ResolvedOptions):
         self._hooks.remove()
         if self._unit_step is not None:
             self._unit_step.remove()
-        self.paths.release()  # the paths stay: state_dict still holds them after detaching
+        if self._safeguard is not None:
+            self._safeguard.release()  # the paths stay: state_dict still holds them after detaching
         if getattr(self.optimizer, "_clara_controller", None) is self:
             self.optimizer._clara_controller = None
 
@@ -265,13 +264,14 @@ class CLARA(ResolvedOptions):
     def _lr_for(self, j: int, base: Any) -> float:
         return lr_for(self.settings.bounds, float(base), self._state.log_factors[self._scope_of(j)])
 
-    # ------------------------------------------------------------------ one step, in order
     def _before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self._swap.restore(optimizer.param_groups)  # a previous step that raised never ran the post-hook
         self._settle(collectives=True)
         self._sync_scopes()
         self.references.keys.before_step()
-        self.paths.before_step(optimizer)  # gather the sample (and the safeguard's snapshot)
+        self.paths.before_step(optimizer)  # gather the sample
+        if self._safeguard is not None:
+            self._safeguard.before_step(list(trainable(optimizer)))
         groups = optimizer.param_groups
         self._swap.apply(groups, [self._lr_for(j, group["lr"]) for j, group in enumerate(groups)])
 
@@ -326,15 +326,15 @@ class CLARA(ResolvedOptions):
             return False
         if not self._losses.queues(loss):  # a queued CUDA loss waits for nothing: the next pre-hook settles
             self._settle(collectives=False)
-        if not self._losses.observe(loss, self._steps_seen):
+        alarm = self._losses.observe(loss, self._steps_seen)
+        if not alarm or self._safeguard is None:  # only the safeguard raises alarms
             return False
-        undone = self.paths.undo()
+        undone = self._safeguard.undo()
         halved = [clamp_log_factor(self.settings.bounds, v - math.log(2.0)) for v in self._state.log_factors]
         self._state = self._state.with_log_factors(halved)
         warnings.warn(_alarm_message(self._losses.last_loss, self.lr_factor, undone), RuntimeWarning, stacklevel=2)
         return True
 
-    # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
         """Plain values and tensors keyed by (group index, position in group): checkpoint-safe."""
         self._sync_scopes()

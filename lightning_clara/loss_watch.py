@@ -16,6 +16,7 @@ from torch import Tensor
 
 from lightning_clara.loss_trend import STATE_KEYS, LossTrend
 from lightning_clara.options import Settings
+from lightning_clara.safeguard import Safeguard
 
 __all__ = ["LossWatch"]
 
@@ -23,9 +24,9 @@ __all__ = ["LossWatch"]
 class LossWatch:
     """The loss brake's :class:`LossTrend` (with ``loss_brake``) and the safeguard's test (with ``safeguard``)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, safeguard: Safeguard | None) -> None:
         self.brake = settings.loss_brake
-        self.safeguard = settings.safeguard
+        self.safeguard = safeguard
         self.trend = LossTrend(settings.c)
         #: The optimizer step count at the last loss taken; a loss is taken once per step that ran.
         self.steps_at_last_loss = 0
@@ -84,10 +85,7 @@ class LossWatch:
         self.last_loss = loss
         if self.brake:
             self.trend = self.trend.observed(loss)
-        if self.safeguard is None or not self.safeguard.update(loss):
-            return False
-        self.safeguard.reset()  # an alarm: the test starts afresh
-        return True
+        return self.safeguard is not None and self.safeguard.judge(loss)
 
     def state_dict(self) -> dict[str, Any] | None:
         return self.trend.state_dict() if self.brake else None

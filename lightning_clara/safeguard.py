@@ -18,7 +18,7 @@ from torch import Tensor
 
 from lightning_clara._validation import check_in_range, check_positive_int
 
-__all__ = ["PageHinkley", "RestorePoint"]
+__all__ = ["PageHinkley", "RestorePoint", "Safeguard"]
 
 
 class PageHinkley:
@@ -144,3 +144,47 @@ class RestorePoint:
     def _views(self, params: Sequence[Tensor]) -> list[Tensor]:
         detached = [p.detach() for p in params]
         return detached if self._view is None else [self._view(p) for p in detached]
+
+
+class Safeguard:
+    """The safeguard in one object: the blow-up test on the losses (:class:`PageHinkley`), the restore
+    point an alarm rolls the parameters back to, and the state a checkpoint keeps (the test's).
+
+    Args:
+        detector: the test (the ``safeguard`` option's, so ``clara.safeguard`` is this detector).
+        view: maps a parameter to the tensor holding its data on this rank (sharded parameters).
+    """
+
+    def __init__(self, detector: PageHinkley, view: Callable[[Tensor], Tensor] | None = None) -> None:
+        self.detector = detector
+        self.restore_point = RestorePoint(view)
+
+    @classmethod
+    def maybe(cls, detector: PageHinkley | None, sharding: Any = None) -> Safeguard | None:
+        """The safeguard of a controller whose option resolved to ``detector`` (None: no safeguard);
+        ``sharding`` (a :class:`~lightning_clara.distributed.Sharding`) gives the local view of each shard."""
+        return None if detector is None else cls(detector, None if sharding is None else sharding.local)
+
+    def before_step(self, params: Sequence[Tensor]) -> None:
+        """Snapshot the parameters the coming step will change."""
+        self.restore_point.before_step(params)
+
+    def judge(self, loss: float) -> bool:
+        """Feed one step's loss; True on an alarm, after which the test starts afresh."""
+        if not self.detector.update(loss):
+            return False
+        self.detector.reset()
+        return True
+
+    def undo(self) -> int:
+        """Restore the parameters from before the step that led to the alarm; how many steps were undone."""
+        return self.restore_point.undo()
+
+    def release(self) -> None:
+        self.restore_point.release()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.detector.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.detector.load_state_dict(state)

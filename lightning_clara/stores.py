@@ -21,7 +21,6 @@ from torch.optim import Optimizer
 from lightning_clara.options import Settings
 from lightning_clara.reference.cache import ReferenceCache
 from lightning_clara.rule import StepStatistics
-from lightning_clara.safeguard import RestorePoint
 from lightning_clara.sampling import (
     DEFAULT_SAMPLE,
     SampleBucket,
@@ -214,7 +213,7 @@ class PathStore:
     """The paths of one optimizer's tensors, each on a fixed sample of its coordinates.
 
     Args:
-        settings: the controller's settings (``sample``, ``sharding``, ``scope``, ``c``, ``safeguard``).
+        settings: the controller's settings (``sample``, ``sharding``, ``scope``, ``c``).
         bucket: the bucket class (a variant's, :mod:`lightning_clara.variants`), or the default.
     """
 
@@ -234,29 +233,14 @@ class PathStore:
                 sharding.sum_across_shards,
                 bucket,
             )
-        #: The safeguard's restore point (two parameter snapshots), or None without a safeguard.
-        self.restore_point: RestorePoint | None = None
-        if settings.safeguard is not None:
-            self.restore_point = RestorePoint(None if sharding is None else sharding.local)
 
     def before_step(self, optimizer: Optimizer) -> None:
-        """In the pre-hook: gather the samples (and snapshot for the safeguard) before the parameters change."""
+        """In the pre-hook: gather the samples before the parameters change."""
         self.sampled.before_step(optimizer.param_groups)
-        if self.restore_point is not None:
-            self.restore_point.before_step(list(trainable(optimizer)))
 
     def reference_size(self, param: Tensor) -> int:
         """The tensor size the reference simulates for ``param``."""
         return self.sampled.size(param)
-
-    def undo(self) -> int:
-        """Restore the parameters from the safeguard's restore point; how many steps were undone."""
-        return 0 if self.restore_point is None else self.restore_point.undo()
-
-    def release(self) -> None:
-        """Free the restore point (on detach); the paths stay, for ``state_dict``."""
-        if self.restore_point is not None:
-            self.restore_point.release()
 
     def step(self, optimizer: Optimizer, inputs: StepInputs) -> DeviceStep | None:
         references = [inputs.references.get(j) for j in range(len(optimizer.param_groups))]

@@ -365,7 +365,7 @@ def test_memory_per_sampled_tensor_is_the_path_plus_its_indices() -> None:
     assert clara.paths.sampled.reference_bytes() == bucket.curves.numel() * 8
     m = DEFAULT_SAMPLE
     assert per_tensor <= m * 4 + 2 * m * 4 + 64
-    assert clara.paths.restore_point is None  # no full snapshot without a safeguard
+    assert clara._safeguard is None  # no full snapshot without a safeguard
 
 
 # ------------------------------------------------------------------------------------ checkpoints
