@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import textwrap
-import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -366,7 +365,6 @@ def _rule_values(options: CLARAOptions, rule: str, total_steps: int | None) -> d
     return {name: defaults[name] if value is None else value for name, value in given.items()}
 
 
-_FIELD_TYPES = typing.get_type_hints(CLARAOptions)
 _FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(CLARAOptions)}
 
 

@@ -18,7 +18,21 @@ from torch import Tensor
 
 from lightning_clara._validation import check_in_range, check_positive_int
 
-__all__ = ["PageHinkley", "RestorePoint", "Safeguard"]
+__all__ = ["PageHinkley", "RestorePoint", "Safeguard", "snapshot"]
+
+
+def snapshot(store: dict[Tensor, Tensor], params: Sequence[Tensor], views: Sequence[Tensor]) -> None:
+    """Copy each view into ``store[param]``, a persistent buffer shaped like it (allocated when missing or
+    no longer matching), in one foreach copy."""
+    buffers = []
+    for param, view in zip(params, views, strict=True):
+        buffer = store.get(param)
+        if buffer is None or buffer.shape != view.shape or buffer.dtype != view.dtype or buffer.device != view.device:
+            buffer = store[param] = torch.empty_like(view, memory_format=torch.preserve_format)
+        buffers.append(buffer)
+    if buffers:
+        with torch.no_grad():
+            torch._foreach_copy_(buffers, list(views))
 
 
 class PageHinkley:
@@ -110,17 +124,7 @@ class RestorePoint:
         """Snapshot ``params`` (the step pre-hook); the last snapshot becomes the previous one."""
         self._previous, self._current = self._current, self._previous
         self._valid_previous, self._valid_current = self._valid_current, set(params)
-        views = self._views(params)
-        buffers = []
-        for param, view in zip(params, views, strict=True):
-            buffer = self._current.get(param)
-            if buffer is None or buffer.shape != view.shape or buffer.dtype != view.dtype:
-                buffer = torch.empty_like(view, memory_format=torch.preserve_format)
-                self._current[param] = buffer
-            buffers.append(buffer)
-        if params:
-            with torch.no_grad():
-                torch._foreach_copy_(buffers, views)
+        snapshot(self._current, params, self._views(params))
 
     def undo(self) -> int:
         """Restore the parameters from before the last two steps (or the last one, if only that is

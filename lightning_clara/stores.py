@@ -134,12 +134,11 @@ class SampledPaths:
         data = self._local(param.detach())
         if self._offset is None and (self.m is None or numel <= self.m):  # every entry, in order: no indices
             member = SampledTensor(param, j, numel, None, None, maximize)
-        elif self._offset is None:
-            indices = sample_indices(numel, self.m, (j, i, numel))
-            member = SampledTensor(param, j, indices.numel(), compact_index(indices), None, maximize)
         else:
             indices = sample_indices(numel, self.m, (j, i, numel))
-            held, positions = shard_sample(indices, int(self._offset(param)), data.numel())
+            held, positions = indices, None  # sharded: the entries this rank holds, and where they go
+            if self._offset is not None:
+                held, positions = shard_sample(indices, int(self._offset(param)), data.numel())
             member = SampledTensor(param, j, indices.numel(), compact_index(held), positions, maximize)
         width = member.length if member.length > DEFAULT_SAMPLE else 0  # a long row: a bucket of its own length
         return (data.device, data.dtype, width), member

@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_clara.lr_swap import LearningRateSwap, StepHooks
+from lightning_clara.safeguard import snapshot
 from lightning_clara.sampling import SampleBucket
 
 __all__ = ["GradientBucket", "UnitStep"]
@@ -65,14 +66,8 @@ class UnitStep:
 
     def _snapshot(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-        self._before = {p: self._before.get(p, torch.empty(0)) for p in params}
-        with torch.no_grad():
-            for param in params:
-                buffer = self._before[param]
-                if buffer.shape != param.shape or buffer.dtype != param.dtype or buffer.device != param.device:
-                    self._before[param] = param.detach().clone()
-                else:
-                    buffer.copy_(param.detach())
+        self._before = {p: self._before[p] for p in params if p in self._before}  # frozen tensors drop out
+        snapshot(self._before, params, [p.detach() for p in params])
 
     def _rescale(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         with torch.no_grad():
