@@ -17,6 +17,7 @@ summed over the ranks: they all skip, or none does.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -86,5 +87,11 @@ def _gradients(optimizer: Optimizer) -> Iterator[Tensor]:
 def _non_finite_flag(device: torch.device, grads: list[Tensor]) -> Tensor:
     """1.0 on ``device`` if any entry of ``grads`` is NaN or inf: GradScaler's fused check, at scale 1."""
     flag = torch.zeros(1, device=device)
-    torch._amp_foreach_non_finite_check_and_unscale_(grads, flag, torch.ones(1, device=device))
+    torch._amp_foreach_non_finite_check_and_unscale_(grads, flag, _unit_scale(device))
     return flag
+
+
+@functools.cache
+def _unit_scale(device: torch.device) -> Tensor:
+    """The check's inverse scale, 1 (it unscales in place: a scale of 1 leaves the gradients as they are)."""
+    return torch.ones(1, device=device)

@@ -86,10 +86,16 @@ class SampledTensor:
 
 @dataclass
 class SampleStep:
-    """The device results of one bucket's step, read on the host in one copy."""
+    """One bucket's step: the device results, and the bucket that turns them into statistics on the host."""
 
-    rows: Tensor
-    """(4, tensors) float64: ||p||^2 where moved, the reference where moved, moved, finite."""
+    bucket: SampleBucket
+    results: Tensor
+    """(2, tensors) in the path dtype: ||p||^2 after the update, and ||s|| of the step."""
+    curves: list[Sequence[float]]  # each row's reference curve, as it was at this step
+
+    def tally(self, host: Tensor) -> Tensor:
+        """The statistics rows from ``results`` copied to the host: see :meth:`SampleBucket.tally`."""
+        return self.bucket.tally(host, self.curves)
 
 
 class SampleBucket:
@@ -117,8 +123,11 @@ class SampleBucket:
         self.path_dtype = path_dtype_for(self.dtype)
         rows = len(self.members)
         self.path = torch.zeros(rows, self.width, dtype=self.path_dtype, device=self.device)
-        self.counts = torch.zeros(rows, dtype=torch.int64, device=self.device)
-        self._ones = torch.ones(rows, dtype=self.path_dtype, device=self.device)
+        self.counts = [0] * rows  # steps since each path (re)started: on the host, where the tally reads them
+        self._constants: tuple[float, tuple[Tensor, ...]] | None = None
+        # ||p||^2 and ||s|| per row, written in place each step (read on the host before the next)
+        self._results = torch.zeros(2, rows, dtype=self.path_dtype, device=self.device)
+        self._squared, self._norms = self._results.unbind()
         self._sources = [None if m.source is None else m.source.to(self.device) for m in self.members]
         # a sharded rank gathers only the entries it holds, which ``targets`` place in the rows
         self._targets: Tensor | None = None
@@ -142,8 +151,7 @@ class SampleBucket:
                 for row, (m, source) in enumerate(zip(self.members, self._sources, strict=True))
                 if source is not None
             ]
-        self.curves = torch.zeros(rows, 1, dtype=torch.float64, device=self.device)
-        self.curve_rows = torch.zeros(rows, dtype=torch.int64, device=self.device)
+        self.curves: list[Sequence[float]] = [[1.0]] * rows  # each row's reference curve (host lists)
         self._curve_keys: tuple[int, ...] | None = None
         self.groups = torch.tensor([member.group for member in self.members], dtype=torch.int64)
         self.group_set = sorted({member.group for member in self.members})
@@ -197,66 +205,78 @@ class SampleBucket:
             return matrix
 
     def set_curves(self, keys: tuple[int, ...], curves: Sequence[Sequence[float]]) -> None:
-        """The reference curve of every row (padded with its stationary value); ``keys`` say when to rebuild."""
+        """The reference curve of every row (its last value holds from there on); ``keys`` say when to rebuild."""
         self._curve_keys = keys
-        horizon = max(len(curve) for curve in curves)
-        unique: dict[int, int] = {}
-        rows: list[int] = []
-        table: list[list[float]] = []
-        for curve in curves:  # the lists stay alive in ``curves``, so their ids are unique here
-            index = unique.setdefault(id(curve), len(table))
-            if index == len(table):
-                table.append(list(curve) + [curve[-1]] * (horizon - len(curve)))
-            rows.append(index)
-        self.curves = torch.tensor(table, dtype=torch.float64, device=self.device)
-        self.curve_rows = torch.tensor(rows, dtype=torch.int64, device=self.device)
+        self.curves = list(curves)
 
     def curves_current(self, keys: tuple[int, ...]) -> bool:
         return self._curve_keys == keys
 
+    def _constants_for(self, c: float) -> tuple[Tensor, ...]:
+        """``(1, c, 1 - c, 0)`` as 0-dim tensors of the path dtype on the device, made once per ``c``."""
+        if self._constants is None or self._constants[0] != c:
+            one = torch.ones((), dtype=self.path_dtype, device=self.device)
+            # 1 - c rounded as ``1 - 1 * c`` in the path dtype, the decay of the paths' first form
+            keep = torch.ones_like(one).sub_(one, alpha=c)
+            self._constants = (c, (one, one * c, keep, torch.zeros_like(one)))
+        return self._constants[1]
+
     def update(self, c: float, lr_used: Sequence[float] = ()) -> SampleStep:
         """``p <- (1 - c) p + c s / ||s||`` for every row whose step is finite and non-zero.
 
-        A zero step (no gradient, zero lr) leaves its row alone; a non-finite one resets it. All
-        on the device, in a fixed number of kernels.
+        A zero step (no gradient, zero lr) leaves its row alone; a non-finite one resets it. On the
+        device, in ten kernels whatever the tensor count; the per-row bookkeeping (counts, the
+        reference) is left to :meth:`tally`, on the host.
         """
         step = self.realised_step(lr_used)
+        one, c_value, keep, zero = self._constants_for(c)
+        squared, norms = self._squared, self._norms
         with torch.no_grad():
-            # a fixed number of kernels whatever the tensor count (for a small model, most of its cost)
-            norms = torch.linalg.vector_norm(step, dim=1)
-            finite = norms < math.inf  # False for NaN too
-            moved = finite & (norms > 0)
-            moved_f = moved.to(self.path_dtype)
-            decay = finite.to(self.path_dtype).sub_(moved_f, alpha=c)  # 1 - c where moved, 0 where not finite
-            scale = moved_f.mul_(c).div_(torch.where(moved, norms, self._ones))  # c / ||s|| where moved, else 0
-            # a non-finite row: 0 * path + 0 * NaN = NaN, zeroed here, so its path restarts from 0
+            torch.linalg.vector_norm(step, dim=1, out=norms)
+            still = norms == 0  # False for NaN
+            # c / ||s|| where moved; a still row adds 0 * c; a NaN or inf row adds NaN, zeroed below
+            scale = torch.div(c_value, torch.where(still, one, norms))
+            # 1 - c where moved, 1 where still; + ||s|| * 0: NaN where ||s|| is not finite (a row of finite
+            # entries whose norm overflows resets too)
+            decay = torch.where(still, one, keep).addcmul_(norms, zero)
+            # a non-finite row is NaN here, zeroed, so its path restarts from 0
             self.path.mul_(decay[:, None]).addcmul_(step, scale[:, None]).nan_to_num_(0.0, 0.0, 0.0)
-            self.counts.add_(moved).mul_(finite)
-            squared = torch.linalg.vecdot(self.path, self.path, dim=1).double()
-            expected = self.curves[self.curve_rows, self.counts.clamp(max=self.curves.shape[1] - 1)]
-            rows = torch.stack([squared, expected, moved.double(), finite.double()])
-            rows[:2] *= rows[2]
-        return SampleStep(rows)
+            torch.linalg.vecdot(self.path, self.path, dim=1, out=squared)
+        return SampleStep(self, self._results, self.curves)
+
+    def tally(self, host: Tensor, curves: Sequence[Sequence[float]]) -> Tensor:
+        """The ``(4, tensors)`` float64 statistics of one step from its results on the host: ||p||^2 where
+        moved, the reference where moved (each row's curve at its count), moved, finite; counts advance."""
+        squared, norms = host.tolist()
+        counts = self.counts
+        table: list[list[float]] = [[], [], [], []]
+        for row, (norm, curve) in enumerate(zip(norms, curves, strict=True)):
+            finite = norm < math.inf  # False for NaN too
+            moved = finite and norm > 0
+            counts[row] = counts[row] + moved if finite else 0
+            weight = float(moved)
+            table[0].append(squared[row] * weight)
+            table[1].append(curve[min(counts[row], len(curve) - 1)] * weight)
+            table[2].append(weight)
+            table[3].append(float(finite))
+        return torch.tensor(table, dtype=torch.float64)
 
     # ------------------------------------------------------------------ checkpointing
     def export(self) -> dict[Tensor, tuple[Tensor, int]]:
         """Each tensor's sampled path (its row, unpadded) and count, keyed by parameter."""
-        counts = self.counts.tolist()
         return {
-            member.param: (self.path[row, : member.length].clone(), int(counts[row]))
+            member.param: (self.path[row, : member.length].clone(), self.counts[row])
             for row, member in enumerate(self.members)
         }
 
     def load(self, saved: dict[Tensor, tuple[Tensor, int]]) -> None:
         """Take the paths of ``saved`` (as :meth:`export` gives them) for the tensors it holds."""
-        counts = self.counts.tolist()
         for row, member in enumerate(self.members):
             entry = saved.get(member.param)
             if entry is None or entry[0].numel() != member.length:
                 continue
             self.path[row, : member.length].copy_(entry[0].to(self.path.device, self.path_dtype))
-            counts[row] = entry[1]
-        self.counts.copy_(torch.tensor(counts, dtype=torch.int64))
+            self.counts[row] = int(entry[1])
 
 
 def _take(tensor: Tensor, source: Tensor) -> Tensor:

@@ -187,25 +187,14 @@ class SampledPaths:
         self.buckets, self._layout_key, self._loaded = [], None, {}
 
     def persistent_bytes(self) -> int:
-        """Bytes kept per tensor between steps: paths, the step buffer, counts and sample indices (not
-        the reference curves, one table row per distinct tensor size: :meth:`reference_bytes`)."""
+        """Device bytes kept per tensor between steps: paths, the step and result buffers and sample indices
+        (the counts and reference curves live on the host)."""
         total = 0
         for bucket in self.buckets:
-            for tensor in (
-                bucket.path,
-                bucket._step,
-                bucket.counts,
-                bucket.curve_rows,
-                bucket._targets,
-                *bucket._sources,
-            ):
+            for tensor in (bucket.path, bucket._step, bucket._results, bucket._targets, *bucket._sources):
                 if tensor is not None:
                     total += tensor.numel() * tensor.element_size()
         return total
-
-    def reference_bytes(self) -> int:
-        """Bytes of the reference-curve tables on the device (one row per distinct size and group)."""
-        return sum(bucket.curves.numel() * bucket.curves.element_size() for bucket in self.buckets)
 
 
 class PathStore:
@@ -256,17 +245,18 @@ class PathStore:
         tensors = sum(len(bucket.members) for bucket in buckets)
 
         def finish(buffers: list[Tensor]) -> StepStatistics:
+            tallies = [step.tally(buffer) for step, buffer in zip(steps, buffers, strict=True)]
             if not self.per_group:
-                rows = buffers[0] if len(buffers) == 1 else torch.cat(buffers, dim=1)
+                rows = tallies[0] if len(tallies) == 1 else torch.cat(tallies, dim=1)
                 sums = rows.sum(dim=1, keepdim=True)
             else:
                 sums = torch.zeros(4, inputs.scopes, dtype=torch.float64)
-                for rows, group in zip(buffers, groups, strict=True):
+                for rows, group in zip(tallies, groups, strict=True):
                     sums.index_add_(1, group, rows)
             squared, expected, moved, finite = sums.tolist()
             return StepStatistics(squared, expected, [round(v) for v in moved], tensors - round(sum(finite)))
 
-        return DeviceStep([step.rows for step in steps], finish, buckets[0].device)
+        return DeviceStep([step.results for step in steps], finish, buckets[0].device)
 
     def export(self, optimizer: Optimizer) -> SavedTensors:
         saved = self.sampled.export()

@@ -38,7 +38,7 @@ class PendingStep:
     def send(cls, step: DeviceStep, lr_used: Sequence[float]) -> PendingStep:
         """Start moving ``step``'s results to the host (a copy behind an event on CUDA, nothing on the CPU)."""
         if not any(result.device.type == "cuda" for result in step.results):
-            return cls([result.cpu() for result in step.results], None, step.finish, list(lr_used), step.device)
+            return cls(list(step.results), None, step.finish, list(lr_used), step.device)  # on the host
         buffers = []
         for result in step.results:
             if result.device.type == "cuda":

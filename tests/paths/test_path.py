@@ -61,7 +61,7 @@ class Paths:
             self.engine.before_step([{"params": self.params}])
             for param, direction in zip(self.params, directions, strict=True):
                 param.copy_(-direction.to(param.dtype))  # the realised step is exactly ``direction``
-        rows = [step.rows for step in self.engine.update(c, lambda j, n: [1.0], [0])]
+        rows = [step.tally(step.results.cpu()) for step in self.engine.update(c, lambda j, n: [1.0], [0])]
         return Update(torch.cat(rows, dim=1))
 
     @property

@@ -67,9 +67,12 @@ def test_overhead_smoke_reports_costs_and_memory(tmp_path: Path) -> None:
         assert 0 < cost["in_adam_steps"] < cost["in_sgd_steps"]  # an Adam step costs more than an SGD one
     # issue 22's op count: the gradient check is one fused op (plus its flag's read) of what CLARA adds
     ops = report["cpu_ops"]
-    assert ops["defaults"]["by_op"]["aten::_amp_foreach_non_finite_check_and_unscale_"] == 1
-    assert "aten::_amp_foreach_non_finite_check_and_unscale_" not in ops["defaults-nocheck"]["by_op"]
-    assert 0 < ops["defaults-nocheck"]["ops_per_step"] < ops["defaults"]["ops_per_step"]
+    check = "aten::_amp_foreach_non_finite_check_and_unscale_"
+    assert ops["defaults"]["calls_by_op"][check] == ops["defaults"]["kernels_by_op"][check] == 1
+    assert check not in ops["defaults-nocheck"]["calls_by_op"]
+    for count in ("calls_per_step", "kernels_per_step"):
+        assert 0 < ops["defaults-nocheck"][count] < ops["defaults"][count]
+    assert ops["defaults"]["calls_per_step"] <= ops["defaults"]["kernels_per_step"]
 
 
 def test_fingerprints_are_deterministic_and_a_change_is_found(
