@@ -2,7 +2,9 @@
 
 1. CLARA on CUDA parameters follows the same trajectory as on the CPU (SGD, Adam, fused Adam), with
    sampled paths (the default; the 256x128 weight is sampled) and with full paths.
-2. One adapted step makes exactly one synchronising device-to-host copy (torch's sync debug mode).
+2. Synchronisations (torch's sync debug mode): CLARA's defaults make at most one per step with a
+   foreach Adam (the NaN/inf check's decision), none without the check, and none with a fused Adam,
+   which skips a NaN step on the device flag (issue 21; the skip is counted one step late).
 3. Path buffers stay fp32 for bf16 parameters, on the parameters' device.
 4. Lightning fits on the GPU with precision "bf16-mixed" and "16-mixed" (a real GradScaler):
    F stays finite, adapted steps equal optimizer steps (scaler-skipped steps change nothing).
@@ -18,6 +20,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
+from typing import Any
 
 import torch
 
@@ -72,13 +75,14 @@ def main() -> int:
 
     # synchronisations in 5 steps: Adam alone, CLARA's defaults (the NaN/inf gradient check decides on
     # the host: one per step), and without the check (none of CLARA's own)
-    def syncs_in_five_steps(options: dict | None) -> list[str]:
+    def syncs_in_five_steps(options: dict | None, fused: bool = False, nan_at: int = -1) -> tuple[list[str], Any]:
         params = [
             torch.zeros(512, 512, device="cuda", requires_grad=True),
             torch.zeros(512, device="cuda", requires_grad=True),
         ]
-        optimizer = torch.optim.Adam(params, lr=1e-3)
+        optimizer = torch.optim.Adam(params, lr=1e-3, fused=fused)
         clara = None if options is None else CLARA(optimizer, **options)
+        loss = params[1][0].detach() * 0 + 1.0  # a CUDA loss, fed as the callback feeds training_step's
         for p in params:
             p.grad = torch.randn_like(p)
         optimizer.step()
@@ -86,20 +90,35 @@ def main() -> int:
         torch.cuda.set_sync_debug_mode("warn")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            for _ in range(5):
+            for t in range(5):
+                if t == nan_at:
+                    params[0].grad[3, 4] = math.nan
                 optimizer.step()
+                if clara is not None:
+                    clara.observe_loss(loss * math.nan if t == nan_at else loss)
+                if t == nan_at:
+                    params[0].grad[3, 4] = 0.0
         torch.cuda.set_sync_debug_mode("default")
-        del clara
-        return [str(w.message).splitlines()[0][:160] for w in caught if "synchroniz" in str(w.message).lower()]
+        syncs = [str(w.message).splitlines()[0][:160] for w in caught if "synchroniz" in str(w.message).lower()]
+        return syncs, clara
 
-    adam_alone = len(syncs_in_five_steps(None))
-    defaults = syncs_in_five_steps({})
-    unchecked = syncs_in_five_steps({"skip_nonfinite": False})
+    adam_alone = len(syncs_in_five_steps(None)[0])
+    defaults, _ = syncs_in_five_steps({})
+    unchecked, _ = syncs_in_five_steps({"skip_nonfinite": False})
     check("syncs-defaults", len(defaults) - adam_alone <= 5, f"{len(defaults) - adam_alone} of CLARA's in 5 steps")
     extra = len(unchecked) - adam_alone
     check("syncs-skip_nonfinite-off", extra == 0, f"{extra} of CLARA's in 5 steps")
     for line in defaults[:6]:
         print("   ", line)
+    # a fused optimizer decides on the device flag (issue 21): no sync of CLARA's, a NaN step skipped too
+    fused_alone = len(syncs_in_five_steps(None, fused=True)[0])
+    fused, clara = syncs_in_five_steps({}, fused=True, nan_at=2)
+    extra = len(fused) - fused_alone
+    check("syncs-defaults-fused", extra == 0, f"{extra} of CLARA's in 5 steps, one with a NaN gradient")
+    for line in fused[:6]:
+        print("   ", line)
+    finite = all(bool(torch.isfinite(p).all()) for p in clara.optimizer.param_groups[0]["params"])
+    check("fused-nan-skipped", finite and clara.num_skipped_updates == 1, f"{clara.num_skipped_updates} skipped")
 
     # bf16 parameters: fp32 paths on the same device
     params = [torch.zeros(64, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)]

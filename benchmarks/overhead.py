@@ -65,6 +65,8 @@ def make_params(total: float, tensors: int, device: str) -> list[torch.nn.Parame
 def make_optimizer(kind: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     if kind == "adam":
         return torch.optim.Adam(params, lr=1e-3, foreach=True)
+    if kind == "adam_fused":
+        return torch.optim.Adam(params, lr=1e-3, fused=True)
     return torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=True)
 
 
@@ -280,15 +282,17 @@ def cuda_launches(device: str) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     # "defaults": CLARACallback()'s work per step, the loss brake fed a CUDA loss after every step;
-    # the gradient check's decision is one sync per step, which "defaults-nocheck" leaves out
+    # the gradient check's decision is one sync per step, which "defaults-nocheck" leaves out; a fused
+    # Adam decides on the device flag ("fused" rows: 0 syncs of CLARA's expected)
     engines = (("none", None), *ENGINES.items(), ("defaults", {}), ("defaults-nocheck", {"skip_nonfinite": False}))
+    engines += (("fused-none", None), ("fused-defaults", {}))
     for engine, options in engines:
         params = make_params(26e6, 200, device)
-        optimizer = make_optimizer("adam", params)
+        optimizer = make_optimizer("adam_fused" if engine.startswith("fused") else "adam", params)
         clara = None if options is None else CLARA(optimizer, **PINNED, **options)
 
         # a loss on the device, as training_step returns it
-        loss = params[0][0, 0].detach() * 0 + 1.0 if engine.startswith("defaults") else None
+        loss = params[0][0, 0].detach() * 0 + 1.0 if "defaults" in engine else None
 
         def step(optimizer: torch.optim.Optimizer = optimizer, clara: Any = clara, loss: Any = loss) -> None:
             optimizer.step()

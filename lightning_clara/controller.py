@@ -44,7 +44,7 @@ from lightning_clara.options import (
 from lightning_clara.reference.cache import ReferenceCache
 from lightning_clara.reference.curves import Reference
 from lightning_clara.resolved import ResolvedOptions
-from lightning_clara.rule import FactorState, adapt, clamp_log_factor, damping, factor, lr_for
+from lightning_clara.rule import Bounds, FactorState, adapt, clamp_log_factor, damping, factor, lr_for
 from lightning_clara.safeguard import PageHinkley, Safeguard
 from lightning_clara.stores import PathStore, StepInputs, trainable
 from lightning_clara.transfer import PendingStep, StepListener
@@ -125,6 +125,7 @@ class CLARA(ResolvedOptions):
         self._state = FactorState.initial(self._initial_log_factor, 0)
         self._swap = LearningRateSwap()
         self._pending: PendingStep | None = None
+        self._skips = SkipCounter()
         self.step_listeners: list[StepListener] = []  # told of each adapted step (the fit summary)
         self._safeguard = Safeguard.maybe(self.settings.safeguard, self.settings.sharding)
         self._losses = LossWatch(self.settings, self._safeguard)
@@ -132,16 +133,15 @@ class CLARA(ResolvedOptions):
         self._sync_scopes()
         for j in range(len(optimizer.param_groups)):
             self.references.get(j)
-        self._skips = SkipCounter()
         skips = self._skips if self.settings.skip_nonfinite else None
         self._unit_step = UnitStep(optimizer) if self.settings.unit_step else None  # hooks before ours: sees lr used
-        self._hooks = StepHooks(optimizer, self._before_step, self._after_step, self._swap, skips)
+        on_device = self.settings.variant == "clara"  # SALeRA's paths read the raw gradient: no NaN step for them
+        self._hooks = StepHooks(optimizer, self._before_step, self._after_step, self._swap, skips, on_device)
         optimizer._clara_controller = self  # type: ignore[attr-defined]
 
     def set_total_steps(self, total_steps: int | None) -> None:
-        """Give the run's length once it is known: ``d`` and ``hold_after`` left unset take their run-length
-        defaults (:func:`~lightning_clara.options.run_length_defaults`, a pure function of it, so a resume
-        that gives the same length keeps the schedule). ``CLARACallback`` calls it in ``on_train_start``."""
+        """Give the run's length once known (``CLARACallback`` does, in ``on_train_start``): ``d`` and ``hold_after``
+        left unset take :func:`~lightning_clara.options.run_length_defaults`, a pure function of it."""
         self.options = dataclasses.replace(self.options, total_steps=total_steps)
         new = self.options.resolve()  # only the schedule moves: the safeguard's detector and the paths stay
         self.settings = dataclasses.replace(
@@ -208,6 +208,7 @@ class CLARA(ResolvedOptions):
     @property
     def num_skipped_updates(self) -> int:
         """Updates skipped for a NaN/inf gradient (``skip_nonfinite``): parameters and optimizer state untouched."""
+        self._settle(collectives=False)  # a fused optimizer's skip is counted when its step settles
         return self._skips.count
 
     @property
@@ -250,7 +251,7 @@ class CLARA(ResolvedOptions):
         pending, self._pending = self._pending, None
         if pending is not None:
             self._finish(pending, collectives)
-        self._losses.settle()  # after the step's statistics: the order of a CPU run
+        self._losses.settle(drop=self._skips.last)  # after the step's statistics: the order of a CPU run
         if collectives and self._guard is not None:
             self._state = self._state.with_log_factors(self._guard.run_due(list(self._state.log_factors)))
 
@@ -286,22 +287,24 @@ class CLARA(ResolvedOptions):
                 self._sync_scopes()
             scopes = len(self._state.log_factors)
             step = self.paths.step(optimizer, StepInputs(self._swap.used, self.references, scopes))
+            flag = self._hooks.device_flag  # a fused optimizer's skip flag, read with the step's results
             if step is not None:
-                self._pending = PendingStep.send(step, self._swap.used[:stepped])
+                self._pending = PendingStep.send(step, self._swap.used[:stepped], flag)
                 if not self._pending.deferred:  # on the host already: the rule runs now
                     self._settle(collectives=True)
+            elif flag is not None:  # no tensor to adapt: the flag alone, read now
+                self._skips.settled(optimizer, float(flag) > 0)
         finally:
             self._swap.restore(optimizer.param_groups)
 
     def _finish(self, pending: PendingStep, collectives: bool) -> None:
         """The host part of a step: the rule on each scope's sums moves log F (float64)."""
         stats = pending.settle()
+        self._skips.settled(self.optimizer, pending.skipped)
         bounds = self.settings.bounds
         before = self._state.adapted_steps
-        bases = None
-        if bounds.min_lr is not None or bounds.max_lr is not None:  # per scope, its groups' positive base lrs
-            current = [float(b) for b in self._swap.current_bases(self.optimizer.param_groups)]
-            bases = _by_scope(current, len(self._state.log_factors), self._scope_of)
+        groups, scopes = self.optimizer.param_groups, len(self._state.log_factors)
+        bases = _bases_by_scope(bounds, self._swap.current_bases(groups), scopes, self._scope_of)
         losses = self._losses
         self._state = adapt(self._state, stats, self.settings.schedule, bounds, bases, losses.gate, losses.fitted)
         steps = self._state.adapted_steps
@@ -326,9 +329,9 @@ class CLARA(ResolvedOptions):
             return False
         if not self._losses.queues(loss):  # a queued CUDA loss waits for nothing: the next pre-hook settles
             self._settle(collectives=False)
-        alarm = self._losses.observe(loss, self._steps_seen)
-        if not alarm or self._safeguard is None:  # only the safeguard raises alarms
-            return False
+        skipped = self._skips.last and self._pending is None  # a fused optimizer skipped it: nothing to judge
+        if not self._losses.observe(loss, self._steps_seen, skipped) or self._safeguard is None:
+            return False  # only the safeguard raises alarms
         undone = self._safeguard.undo()
         halved = [clamp_log_factor(self.settings.bounds, v - math.log(2.0)) for v in self._state.log_factors]
         self._state = self._state.with_log_factors(halved)
@@ -349,15 +352,23 @@ class CLARA(ResolvedOptions):
         self._sync_scopes()
 
     def __repr__(self) -> str:
-        s, factors = self.settings, ", ".join(f"{f:.4g}" for f in self.lr_factors)
-        rule = f"c={s.c}, d={s.d}, fast_start={s.fast_start}, hold_after={s.hold_after}, target={s.target}"
-        rest = f"scope={s.scope!r}, sample={s.sample}, F=[{factors}], steps={self._state.adapted_steps}"
-        return f"CLARA({type(self.optimizer).__name__}, {rule}, {rest})"
+        return _describe(self.settings, type(self.optimizer).__name__, self.lr_factors, self._state.adapted_steps)
 
 
-def _by_scope(bases: list[float], scopes: int, scope_of: Callable[[int], int]) -> list[list[float]]:
-    """Per scope, the positive base lrs of its groups (where the lr bounds bind)."""
-    return [[b for j, b in enumerate(bases) if scope_of(j) == k and b > 0] for k in range(scopes)]
+def _describe(s: Settings, optimizer: str, factors: list[float], steps: int) -> str:
+    rule = f"c={s.c}, d={s.d}, fast_start={s.fast_start}, hold_after={s.hold_after}, target={s.target}"
+    f = ", ".join(f"{v:.4g}" for v in factors)
+    return f"CLARA({optimizer}, {rule}, scope={s.scope!r}, sample={s.sample}, F=[{f}], steps={steps})"
+
+
+def _bases_by_scope(
+    bounds: Bounds, bases: list[Any], scopes: int, scope_of: Callable[[int], int]
+) -> list[list[float]] | None:
+    """Per scope, the positive base lrs of its groups, where lr bounds bind (None: no lr bound)."""
+    if bounds.min_lr is None and bounds.max_lr is None:
+        return None
+    floats = [float(b) for b in bases]
+    return [[b for j, b in enumerate(floats) if scope_of(j) == k and b > 0] for k in range(scopes)]
 
 
 def _warn_non_finite(tensors: int) -> None:

@@ -7,6 +7,9 @@ GradScaler uses to find overflows, run with scale 1 (the gradients keep their va
 device that reads every gradient once, about 0.05-0.09 of an Adam step on a CPU (measured in
 ``benchmarks/overhead.py``). The decision needs the flag on the host: free on a CPU, one
 synchronisation per step on CUDA (GradScaler makes the same one for optimizers that are not fused).
+torch's fused optimizers (``fused=True``) decide on the device instead, as under GradScaler: the flag
+goes to the step as ``optimizer.found_inf`` and the host reads it one step late, with the step's
+statistics, only to count the skip (:func:`takes_found_inf`).
 
 Gradients exist only once the step's closure has run (Lightning runs ``training_step`` and
 ``backward`` inside ``optimizer.step(closure)``), so the check runs right after the closure returns,
@@ -29,7 +32,10 @@ from torch.optim import Optimizer
 
 from lightning_clara.distributed import local_shard
 
-__all__ = ["SkipCounter", "SkipUpdate", "gradients_finite"]
+__all__ = ["SkipCounter", "SkipUpdate", "gradients_finite", "non_finite_flag", "takes_found_inf"]
+
+#: torch's optimizers whose fused step honours ``found_inf`` (checked: parameters and state untouched).
+_FUSED_SKIPPERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
 
 
 class SkipUpdate(Exception):
@@ -45,8 +51,15 @@ class SkipCounter:
 
     def __init__(self) -> None:
         self.count = 0
+        self.last = False  # whether the last settled step was a fused optimizer's skip on the device flag
 
-    def __call__(self, optimizer: Optimizer) -> None:
+    def settled(self, optimizer: Optimizer, skipped: bool) -> None:
+        """A step settled on the host: count it if a fused optimizer skipped it on the device flag."""
+        self.last = skipped
+        if skipped:
+            self(optimizer, stacklevel=6)
+
+    def __call__(self, optimizer: Optimizer, stacklevel: int = 4) -> None:
         self.count += 1
         if self.count == 1:
             warnings.warn(
@@ -54,12 +67,19 @@ class SkipCounter:
                 "parameters and state are as they were. Later skips are counted without a warning "
                 "(num_skipped_updates, the summary table); skip_nonfinite=False steps them as given",
                 RuntimeWarning,
-                stacklevel=4,  # the caller of optimizer.step()
+                stacklevel=stacklevel,  # 4: the caller of optimizer.step()
             )
 
 
 def gradients_finite(optimizer: Optimizer) -> bool:
-    """Whether every gradient of ``optimizer``'s parameters is finite (True where none exists)."""
+    """Whether every gradient of ``optimizer``'s parameters is finite (True where none exists): the host decision."""
+    flag = non_finite_flag(optimizer)
+    return flag is None or not bool(flag.item())
+
+
+def non_finite_flag(optimizer: Optimizer) -> Tensor | None:
+    """A 0-dim tensor, > 0 if any gradient entry of ``optimizer`` is NaN or inf (None: no gradient), left on
+    the device: summed over the devices, and under sharding over the ranks, without a host read."""
     by_device: dict[torch.device, list[Tensor]] = {}
     sharded = False
     for whole in _gradients(optimizer):
@@ -70,11 +90,17 @@ def gradients_finite(optimizer: Optimizer) -> bool:
         by_device.setdefault(grad.device, []).append(grad)
     found = [_non_finite_flag(device, grads) for device, grads in by_device.items()]
     if not found:
-        return True
+        return None
     flag = found[0] if len(found) == 1 else torch.stack([f.to(found[0].device) for f in found]).sum()
     if sharded and dist.is_available() and dist.is_initialized():
         dist.all_reduce(flag)  # each rank saw its shard: one decision for all
-    return not bool(flag.item())
+    return flag
+
+
+def takes_found_inf(optimizer: Optimizer) -> bool:
+    """Whether ``optimizer`` skips its own update on a device flag: torch's fused Adam, AdamW, SGD and Adagrad
+    read ``optimizer.found_inf`` (GradScaler's protocol) and leave parameters and state as they were."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and type(optimizer) in _FUSED_SKIPPERS
 
 
 def _gradients(optimizer: Optimizer) -> Iterator[Tensor]:
@@ -86,7 +112,7 @@ def _gradients(optimizer: Optimizer) -> Iterator[Tensor]:
 
 def _non_finite_flag(device: torch.device, grads: list[Tensor]) -> Tensor:
     """1.0 on ``device`` if any entry of ``grads`` is NaN or inf: GradScaler's fused check, at scale 1."""
-    flag = torch.zeros(1, device=device)
+    flag = torch.zeros((), device=device)  # 0-dim: a fused optimizer subtracts it from its 0-dim step counts
     torch._amp_foreach_non_finite_check_and_unscale_(grads, flag, _unit_scale(device))
     return flag
 
@@ -94,4 +120,4 @@ def _non_finite_flag(device: torch.device, grads: list[Tensor]) -> Tensor:
 @functools.cache
 def _unit_scale(device: torch.device) -> Tensor:
     """The check's inverse scale, 1 (it unscales in place: a scale of 1 leaves the gradients as they are)."""
-    return torch.ones(1, device=device)
+    return torch.ones((), device=device)

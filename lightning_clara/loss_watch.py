@@ -49,16 +49,19 @@ class LossWatch:
         """Whether the brake sees a network that fits its training data (no raise, whatever the ratio)."""
         return self.brake and self.trend.fitted
 
-    def observe(self, loss: float | Tensor, steps_seen: int) -> bool:
+    def observe(self, loss: float | Tensor, steps_seen: int, skipped: bool = False) -> bool:
         """Feed one step's loss; True when the safeguard raises an alarm.
 
         A loss with no optimizer step since the last one taken (``steps_seen`` unchanged: a step that
         GradScaler skipped for inf/NaN gradients, or a repeated call) is ignored: the parameters did not
-        move, so there is nothing to judge or undo. A CUDA loss without a safeguard is queued (no sync).
+        move, so there is nothing to judge or undo; nor is one whose update a fused optimizer skipped
+        (``skipped``). A CUDA loss without a safeguard is queued (no sync).
         """
         if steps_seen <= self.steps_at_last_loss:
             return False
         self.steps_at_last_loss = steps_seen
+        if skipped:
+            return False
         self.settle()  # a queued loss first: the trend sees the losses in order
         if self.queues(loss):
             buffer = torch.empty((), dtype=torch.float32, pin_memory=True)
@@ -73,10 +76,11 @@ class LossWatch:
         """Whether ``loss`` is taken later, without a sync (a CUDA tensor, and no safeguard to judge it now)."""
         return isinstance(loss, Tensor) and loss.device.type == "cuda" and self.safeguard is None
 
-    def settle(self) -> None:
-        """Take a queued CUDA loss (its copy has long finished by the next step's pre-hook)."""
+    def settle(self, drop: bool = False) -> None:
+        """Take a queued CUDA loss (its copy has long finished by the next step's pre-hook); ``drop``: the
+        update it followed was skipped (a fused optimizer's device-side skip), so it is not taken."""
         pending, self._pending = self._pending, None
-        if pending is not None:
+        if pending is not None and not drop:
             buffer, event = pending
             event.synchronize()
             self._take(float(buffer))

@@ -17,7 +17,7 @@ from typing import Any
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_clara.finite_guard import SkipUpdate, gradients_finite
+from lightning_clara.finite_guard import SkipUpdate, gradients_finite, non_finite_flag, takes_found_inf
 
 __all__ = ["LearningRateSwap", "StepHooks"]
 
@@ -82,12 +82,16 @@ class StepHooks:
         after: Hook,
         swap: LearningRateSwap,
         skipped: Callable[[Optimizer], None] | None = None,
+        on_device: bool = False,
     ) -> None:
         self.depth = 0  # pre-hooks run minus post-hooks run
         self._calls = 0  # wrapped optimizer.step() calls running
         self._opened_in = 0  # the wrapped calls running when the open step began
         self._before, self._after, self._swap = before, after, swap
         self._skipped = skipped  # None: no finiteness check; else told of each update skipped
+        # a fused torch optimizer skips on a device flag (no host read): the flag of the step running
+        self._on_device = on_device and skipped is not None and takes_found_inf(optimizer)
+        self.device_flag: Tensor | None = None
         self._handles = [optimizer.register_step_pre_hook(self._pre), optimizer.register_step_post_hook(self._post)]
         self._unwrap = self._wrap(optimizer)
 
@@ -130,8 +134,7 @@ class StepHooks:
         positional = bool(args) and callable(args[0])
         closure = args[0] if positional else kwargs.get("closure")
         if closure is None:
-            if not gradients_finite(optimizer):
-                raise SkipUpdate(None)
+            self._check(optimizer, None)
             return args, kwargs
         checked = False
 
@@ -140,13 +143,24 @@ class StepHooks:
             loss = closure()
             if not checked:
                 checked = True
-                if not gradients_finite(optimizer):
-                    raise SkipUpdate(loss)
+                self._check(optimizer, loss)
             return loss
 
         if positional:
             return (checked_closure, *args[1:]), kwargs
         return args, {**kwargs, "closure": checked_closure}
+
+    def _check(self, optimizer: Optimizer, loss: Any) -> None:
+        """Skip now on a host read of the flag, or hand the flag to a fused optimizer's step (no read)."""
+        if not self._on_device:
+            if not gradients_finite(optimizer):
+                raise SkipUpdate(loss)
+            return
+        if "found_inf" in optimizer.__dict__:
+            return  # GradScaler drives this step: its own flag skips it
+        self.device_flag = non_finite_flag(optimizer)
+        if self.device_flag is not None:
+            optimizer.found_inf = self.device_flag  # type: ignore[attr-defined]
 
     def _wrap(self, optimizer: Optimizer) -> Callable[[], None]:
         """Wrap ``optimizer.step``; returns the unwrap."""
@@ -171,6 +185,10 @@ class StepHooks:
                 return error.loss
             finally:
                 self._calls -= 1
+                if self.device_flag is not None:
+                    if this.__dict__.get("found_inf") is self.device_flag:
+                        del this.found_inf  # type: ignore[attr-defined]
+                    self.device_flag = None
 
         wrapper = types.MethodType(step, optimizer)
         optimizer.step = wrapper  # type: ignore[method-assign]

@@ -33,23 +33,28 @@ class PendingStep:
     finish: Callable[[list[Tensor]], StepStatistics]  # the host part: results -> per-scope sums
     lr_used: list[float]  # per group, the lr the step ran at
     device: torch.device
+    skip_flag: Tensor | None = None  # a fused optimizer's device-side skip flag (its host copy), if any
 
     @classmethod
-    def send(cls, step: DeviceStep, lr_used: Sequence[float]) -> PendingStep:
-        """Start moving ``step``'s results to the host (a copy behind an event on CUDA, nothing on the CPU)."""
-        if not any(result.device.type == "cuda" for result in step.results):
-            return cls(list(step.results), None, step.finish, list(lr_used), step.device)  # on the host
-        buffers = []
-        for result in step.results:
-            if result.device.type == "cuda":
-                buffer = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
-                buffer.copy_(result, non_blocking=True)
-                buffers.append(buffer)
-            else:
-                buffers.append(result.cpu())
-        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-        event.record()
-        return cls(buffers, event, step.finish, list(lr_used), step.device)
+    def send(cls, step: DeviceStep, lr_used: Sequence[float], skip_flag: Tensor | None = None) -> PendingStep:
+        """Start moving ``step``'s results (and the step's device skip flag) to the host: a copy behind an
+        event on CUDA, nothing on the CPU."""
+        results = list(step.results) if skip_flag is None else [*step.results, skip_flag]
+        ready = None
+        if any(result.device.type == "cuda" for result in results):
+            buffers = []
+            for result in results:
+                if result.device.type == "cuda":
+                    buffer = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
+                    buffer.copy_(result, non_blocking=True)
+                    buffers.append(buffer)
+                else:
+                    buffers.append(result.cpu())
+            ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            ready.record()
+            results = buffers
+        flag = results.pop() if skip_flag is not None else None
+        return cls(results, ready, step.finish, list(lr_used), step.device, flag)
 
     @property
     def deferred(self) -> bool:
@@ -61,3 +66,8 @@ class PendingStep:
         if self.ready is not None:
             self.ready.synchronize()
         return self.finish(self.buffers)
+
+    @property
+    def skipped(self) -> bool:
+        """Whether a fused optimizer skipped this update on its device flag (read after :meth:`settle`)."""
+        return self.skip_flag is not None and float(self.skip_flag) > 0

@@ -26,6 +26,10 @@ OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
     "SGDm": lambda params: torch.optim.SGD(params, lr=LR, momentum=0.9),
     "Adam": lambda params: torch.optim.Adam(params, lr=LR),
     "AdamW": lambda params: torch.optim.AdamW(params, lr=LR, weight_decay=0.01),
+    # fused: the optimizer skips on CLARA's device flag (optimizer.found_inf), no host read decides
+    "SGDm-fused": lambda params: torch.optim.SGD(params, lr=LR, momentum=0.9, fused=True),
+    "Adam-fused": lambda params: torch.optim.Adam(params, lr=LR, fused=True),
+    "AdamW-fused": lambda params: torch.optim.AdamW(params, lr=LR, weight_decay=0.01, fused=True),
 }
 
 
@@ -95,12 +99,13 @@ def test_a_poisoned_step_leaves_parameters_and_optimizer_state(name: str, closur
     assert_same([p.detach() for p in model.parameters()], params)
     assert_same(optimizer.state_dict(), state)
     assert optimizer.param_groups[0]["lr"] == LR  # the scheduled lr, not LR x F
-    assert (clara.lr_factor, clara.num_optimizer_steps, clara.num_skipped_updates) == (factor, steps, 1)
+    ran = 1 if name.endswith("fused") else 0  # a fused step runs, as a no-op on its device flag
+    assert (clara.lr_factor, clara.num_optimizer_steps, clara.num_skipped_updates) == (factor, steps + ran, 1)
     if closure:  # the closure's loss comes back, as from any step
         assert isinstance(returned, torch.Tensor)
         assert math.isnan(returned.item()) or how == "inf gradient"
     run_step(model, optimizer, batches[11], closure)  # and the run goes on
-    assert clara.num_optimizer_steps == steps + 1
+    assert clara.num_optimizer_steps == steps + ran + 1
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
@@ -199,3 +204,43 @@ def test_the_option_is_checked_and_on_by_default() -> None:
     assert CLARAOptions.paper().skip_nonfinite is True
     with pytest.raises(TypeError, match="skip_nonfinite must be a bool"):
         CLARAOptions(skip_nonfinite=None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["SGDm-fused", "Adam-fused", "AdamW-fused"])
+def test_a_fused_optimizer_decides_on_the_device_flag(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No host read decides a fused optimizer's skip (on CUDA, no synchronisation): the flag goes to the step as
+    ``found_inf``, is gone afterwards, and is read with the step's results only to count the skip."""
+    import lightning_clara.lr_swap as lr_swap
+
+    def host_read(optimizer: torch.optim.Optimizer) -> bool:
+        raise AssertionError("the host decision ran for a fused optimizer")
+
+    monkeypatch.setattr(lr_swap, "gradients_finite", host_read)
+    model, optimizer, clara, batches = setup(name)
+    seen: list[Any] = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(getattr(opt, "found_inf", None)))
+    run_step(model, optimizer, batches[0], closure=False)
+    params, state = snapshot(model, optimizer)
+    with pytest.warns(RuntimeWarning, match="skipped an update"):
+        run_step(model, optimizer, poison(batches[1], "nan loss"), closure=False)
+    assert [float(flag) for flag in seen] == [0.0, 1.0]  # each step saw its own 0-dim device flag
+    assert not hasattr(optimizer, "found_inf")
+    assert_same([p.detach() for p in model.parameters()], params)
+    assert_same(optimizer.state_dict(), state)
+    assert (clara.num_skipped_updates, clara.num_adapted_steps) == (1, 1)
+    assert clara.observe_loss(math.nan) is False  # the skipped update's loss is not taken
+
+
+def test_a_grad_scaler_flag_is_left_to_the_scaler() -> None:
+    """Where GradScaler drives a fused step (its ``found_inf`` set on the optimizer), its flag decides: CLARA
+    neither replaces nor removes it, and counts no skip of its own."""
+    model, optimizer, clara, batches = setup("Adam-fused")
+    run_step(model, optimizer, batches[0], closure=False)
+    params = [p.detach().clone() for p in model.parameters()]
+    scaler_flag = torch.ones(())  # the scaler found an overflow in the (scaled) gradients
+    optimizer.found_inf = scaler_flag  # type: ignore[attr-defined]
+    run_step(model, optimizer, batches[1], closure=False)
+    assert optimizer.found_inf is scaler_flag  # type: ignore[attr-defined]
+    del optimizer.found_inf  # type: ignore[attr-defined]
+    assert_same([p.detach() for p in model.parameters()], params)
+    assert clara.num_skipped_updates == 0
