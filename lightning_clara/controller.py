@@ -122,7 +122,8 @@ class CLARA(ResolvedOptions):
         self.paths = PathStore(self.settings, GradientBucket if plain else None)
         self.references = ReferenceCache(optimizer, self.c, self.paths.reference_size, self.settings.reference, plain)
         self._initial_log_factor = clamp_log_factor(self.settings.bounds, math.log(self.settings.initial_factor))
-        self._state = FactorState.initial(self._initial_log_factor, 0)
+        groups = len(optimizer.param_groups)
+        self._state = FactorState.initial(self._initial_log_factor, 1 if self.settings.scope == "optimizer" else groups)
         self._swap = LearningRateSwap()
         self._pending: PendingStep | None = None
         self._skips = SkipCounter()
@@ -130,9 +131,9 @@ class CLARA(ResolvedOptions):
         self._safeguard = Safeguard.maybe(self.settings.safeguard, self.settings.sharding)
         self._losses = LossWatch(self.settings, self._safeguard)
         self._steps_seen = 0
-        self._sync_scopes()
-        for j in range(len(optimizer.param_groups)):
-            self.references.get(j)
+        self.references.sync()
+        for j in range(groups):
+            self.references.get(j)  # the references now: a Monte Carlo one is simulated (or cached) at attach
         skips = self._skips if self.settings.skip_nonfinite else None
         self._unit_step = UnitStep(optimizer) if self.settings.unit_step else None  # hooks before ours: sees lr used
         on_device = self.settings.variant == "clara"  # SALeRA's paths read the raw gradient: no NaN step for them
@@ -207,8 +208,8 @@ class CLARA(ResolvedOptions):
 
     @property
     def num_skipped_updates(self) -> int:
-        """Updates skipped for a NaN/inf gradient (``skip_nonfinite``): parameters and optimizer state untouched."""
-        self._settle(collectives=False)  # a fused optimizer's skip is counted when its step settles
+        """Updates skipped for a NaN/inf gradient (``skip_nonfinite``): parameters and optimizer state untouched
+        (a fused optimizer's skip on CUDA counts once its step settles, at the next step: reading never waits)."""
         return self._skips.count
 
     @property

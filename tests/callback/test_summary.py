@@ -325,8 +325,8 @@ def test_bookkeeping_never_settles_a_deferred_step(
 
     send = PendingStep.send
 
-    def deferred(step: DeviceStep, lr_used: list[float]) -> PendingStep:
-        pending = send(step, lr_used)
+    def deferred(step: DeviceStep, lr_used: list[float], skip_flag: torch.Tensor | None = None) -> PendingStep:
+        pending = send(step, lr_used, skip_flag)
         return dataclasses.replace(pending, buffers=[b.clone() for b in pending.buffers], ready=Ready())
 
     monkeypatch.setattr(PendingStep, "send", deferred)

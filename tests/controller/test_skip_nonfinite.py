@@ -244,3 +244,37 @@ def test_a_grad_scaler_flag_is_left_to_the_scaler() -> None:
     del optimizer.found_inf  # type: ignore[attr-defined]
     assert_same([p.detach() for p in model.parameters()], params)
     assert clara.num_skipped_updates == 0
+
+
+def test_a_fused_skip_on_a_deferred_step_is_counted_when_it_settles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA's deferred host part, emulated on the CPU: the device flag travels with the step's results, the skip
+    is counted when the step settles (reading the count never waits), and the skipped update's loss is dropped."""
+    import dataclasses
+
+    from lightning_clara.transfer import PendingStep
+
+    class Ready:
+        def synchronize(self) -> None:
+            pass
+
+    send = PendingStep.send
+
+    def deferred(step: Any, lr_used: list[float], skip_flag: torch.Tensor | None = None) -> PendingStep:
+        pending = send(step, lr_used, skip_flag)
+        flag = None if pending.skip_flag is None else pending.skip_flag.clone()
+        return dataclasses.replace(pending, buffers=[b.clone() for b in pending.buffers], ready=Ready(), skip_flag=flag)
+
+    monkeypatch.setattr(PendingStep, "send", deferred)
+    model, optimizer, clara, batches = setup("AdamW-fused")
+    for batch in batches[:3]:
+        clara.observe_loss(run_step(model, optimizer, batch, closure=True))
+    trend = clara._losses.trend
+    run_step(model, optimizer, poison(batches[3], "nan loss"), closure=True)
+    assert clara.num_skipped_updates == 0  # the step has not settled: the count does not wait for it
+    with pytest.warns(RuntimeWarning, match="skipped an update"):
+        assert clara.observe_loss(torch.tensor(math.nan)) is False  # a host loss settles the step first
+    assert clara.num_skipped_updates == 1
+    assert clara._losses.trend == trend  # the NaN loss never reached the brake
+    clara.observe_loss(run_step(model, optimizer, batches[4], closure=True))
+    assert clara._losses.trend != trend  # the next step's loss does
+    assert clara.num_adapted_steps == 4
