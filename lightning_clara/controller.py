@@ -208,8 +208,7 @@ class CLARA(ResolvedOptions):
 
     @property
     def num_skipped_updates(self) -> int:
-        """Updates skipped for a NaN/inf gradient (``skip_nonfinite``): parameters and optimizer state untouched
-        (a fused optimizer's skip on CUDA counts once its step settles, at the next step: reading never waits)."""
+        """Updates skipped for NaN/inf gradients (a fused optimizer's on CUDA: counted as its step settles)."""
         return self._skips.count
 
     @property
