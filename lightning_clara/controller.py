@@ -292,8 +292,8 @@ class CLARA(ResolvedOptions):
                 self._pending = PendingStep.send(step, self._swap.used[:stepped], flag)
                 if not self._pending.deferred:  # on the host already: the rule runs now
                     self._settle(collectives=True)
-            elif flag is not None:  # no tensor to adapt: the flag alone, read now
-                self._skips.settled(optimizer, float(flag) > 0)
+            else:  # no tensor to adapt: the flag alone, read now
+                self._skips.settled(optimizer, flag is not None and float(flag) > 0)
         finally:
             self._swap.restore(optimizer.param_groups)
 

@@ -32,7 +32,7 @@ from torch.optim import Optimizer
 
 from lightning_clara.distributed import local_shard
 
-__all__ = ["SkipCounter", "SkipUpdate", "gradients_finite", "non_finite_flag", "takes_found_inf"]
+__all__ = ["SkipCounter", "SkipUpdate", "gradients_finite", "non_finite_flag", "state_ready", "takes_found_inf"]
 
 #: torch's optimizers whose fused step honours ``found_inf`` (checked: parameters and state untouched).
 _FUSED_SKIPPERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
@@ -56,8 +56,8 @@ class SkipCounter:
     def settled(self, optimizer: Optimizer, skipped: bool) -> None:
         """A step settled on the host: count it if a fused optimizer skipped it on the device flag."""
         self.last = skipped
-        if skipped:
-            self(optimizer, stacklevel=6)
+        if skipped:  # counted where the step settles, inside the library: the warning says which optimizer
+            self(optimizer, stacklevel=2)
 
     def __call__(self, optimizer: Optimizer, stacklevel: int = 4) -> None:
         self.count += 1
@@ -94,6 +94,8 @@ def non_finite_flag(optimizer: Optimizer) -> Tensor | None:
     flag = found[0] if len(found) == 1 else torch.stack([f.to(found[0].device) for f in found]).sum()
     if sharded and dist.is_available() and dist.is_initialized():
         dist.all_reduce(flag)  # each rank saw its shard: one decision for all
+    if len(found) > 1 or sharded:
+        flag.clamp_(max=1.0)  # a fused kernel skips on exactly 1 (and subtracts the flag from its step counts)
     return flag
 
 
@@ -101,6 +103,21 @@ def takes_found_inf(optimizer: Optimizer) -> bool:
     """Whether ``optimizer`` skips its own update on a device flag: torch's fused Adam, AdamW, SGD and Adagrad
     read ``optimizer.found_inf`` (GradScaler's protocol) and leave parameters and state as they were."""
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and type(optimizer) in _FUSED_SKIPPERS
+
+
+def state_ready(optimizer: Optimizer) -> bool:
+    """Whether a skip on the device flag leaves the state as it was this step: fused SGD with momentum makes
+    its momentum buffers with ``empty_like`` before its kernel skips, so until every buffer exists it must not
+    step at all (the host decides); the others' first-step state is what a fresh one would be."""
+    if not isinstance(optimizer, torch.optim.SGD):
+        return True
+    return all(
+        "momentum_buffer" in optimizer.state.get(param, {})
+        for group in optimizer.param_groups
+        if group.get("momentum", 0)
+        for param in group["params"]
+        if param.grad is not None
+    )
 
 
 def _gradients(optimizer: Optimizer) -> Iterator[Tensor]:

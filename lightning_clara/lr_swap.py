@@ -17,7 +17,7 @@ from typing import Any
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_clara.finite_guard import SkipUpdate, gradients_finite, non_finite_flag, takes_found_inf
+from lightning_clara.finite_guard import SkipUpdate, gradients_finite, non_finite_flag, state_ready, takes_found_inf
 
 __all__ = ["LearningRateSwap", "StepHooks"]
 
@@ -152,7 +152,7 @@ class StepHooks:
 
     def _check(self, optimizer: Optimizer, loss: Any) -> None:
         """Skip now on a host read of the flag, or hand the flag to a fused optimizer's step (no read)."""
-        if not self._on_device:
+        if not (self._on_device and state_ready(optimizer)):
             if not gradients_finite(optimizer):
                 raise SkipUpdate(loss)
             return

@@ -234,8 +234,9 @@ class SampleBucket:
         with torch.no_grad():
             torch.linalg.vector_norm(step, dim=1, out=norms)
             still = norms == 0  # False for NaN
-            # c / ||s|| where moved; a still row adds 0 * c; a NaN or inf row adds NaN, zeroed below
-            scale = torch.div(c_value, torch.where(still, one, norms))
+            # c / ||s|| where moved, 0 where still (a step whose squares underflow adds nothing either); a NaN
+            # or inf row adds NaN, zeroed below
+            scale = torch.where(still, zero, torch.div(c_value, norms))
             # 1 - c where moved, 1 where still; + ||s|| * 0: NaN where ||s|| is not finite (a row of finite
             # entries whose norm overflows resets too)
             decay = torch.where(still, one, keep).addcmul_(norms, zero)

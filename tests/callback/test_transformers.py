@@ -215,6 +215,10 @@ def test_a_nan_gradient_in_the_trainer_is_skipped(tmp_path: Path) -> None:
         trainer.train()
     controller = callback.controller
     assert controller is not None
-    assert (controller.num_skipped_updates, controller.num_optimizer_steps) == (2, 28)
+    # the Trainer's default optimizer is fused AdamW: it skips on the device flag, a step that ran as a no-op
+    fused = bool(getattr(controller.optimizer, "_step_supports_amp_scaling", False))
+    assert (controller.num_skipped_updates, controller.num_optimizer_steps) == (2, 30 if fused else 28)
+    steps = {float(state["step"]) for state in controller.optimizer.state.values()}
+    assert steps == {28.0}  # the optimizer's own step counts: both skipped updates left them as they were
     assert sum("skipped an update" in str(w.message) for w in caught) == 1
     assert all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters())

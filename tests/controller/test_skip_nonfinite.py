@@ -215,19 +215,20 @@ def test_a_fused_optimizer_decides_on_the_device_flag(name: str, monkeypatch: py
     def host_read(optimizer: torch.optim.Optimizer) -> bool:
         raise AssertionError("the host decision ran for a fused optimizer")
 
-    monkeypatch.setattr(lr_swap, "gradients_finite", host_read)
     model, optimizer, clara, batches = setup(name)
+    run_step(model, optimizer, batches[0], closure=False)  # fused SGD's momentum buffers exist from here on
+    monkeypatch.setattr(lr_swap, "gradients_finite", host_read)
     seen: list[Any] = []
     optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(getattr(opt, "found_inf", None)))
-    run_step(model, optimizer, batches[0], closure=False)
+    run_step(model, optimizer, batches[1], closure=False)
     params, state = snapshot(model, optimizer)
     with pytest.warns(RuntimeWarning, match="skipped an update"):
-        run_step(model, optimizer, poison(batches[1], "nan loss"), closure=False)
+        run_step(model, optimizer, poison(batches[2], "nan loss"), closure=False)
     assert [float(flag) for flag in seen] == [0.0, 1.0]  # each step saw its own 0-dim device flag
     assert not hasattr(optimizer, "found_inf")
     assert_same([p.detach() for p in model.parameters()], params)
     assert_same(optimizer.state_dict(), state)
-    assert (clara.num_skipped_updates, clara.num_adapted_steps) == (1, 1)
+    assert (clara.num_skipped_updates, clara.num_adapted_steps) == (1, 2)
     assert clara.observe_loss(math.nan) is False  # the skipped update's loss is not taken
 
 
@@ -278,3 +279,17 @@ def test_a_fused_skip_on_a_deferred_step_is_counted_when_it_settles(monkeypatch:
     clara.observe_loss(run_step(model, optimizer, batches[4], closure=True))
     assert clara._losses.trend != trend  # the next step's loss does
     assert clara.num_adapted_steps == 4
+
+
+def test_a_fused_sgd_skip_before_its_momentum_exists_is_decided_on_the_host() -> None:
+    """Fused SGD with momentum makes its buffers with ``empty_like`` before its kernel would skip: a bad first
+    batch must not step at all (the host decides until the buffers exist), or the next step reads garbage."""
+    model, optimizer, clara, batches = setup("SGDm-fused")
+    with pytest.warns(RuntimeWarning, match="skipped an update"):
+        run_step(model, optimizer, poison(batches[0], "nan loss"), closure=False)
+    assert optimizer.state_dict()["state"] == {}  # no step ran: no buffer was made
+    assert clara.num_optimizer_steps == 0
+    for batch in batches[1:4]:
+        run_step(model, optimizer, batch, closure=False)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert clara.num_skipped_updates == 1

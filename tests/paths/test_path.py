@@ -187,3 +187,15 @@ def test_update_paths_equals_loop_property(problem: Problem) -> None:
         assert result.moved.tolist() == moved
         assert not result.non_finite.any()
         assert_squared(result, moved, squared, dtype)
+
+
+def test_a_step_whose_squares_underflow_leaves_the_path_alone() -> None:
+    """A non-zero step too small for its norm (fp32 squares below the smallest subnormal) reads as no move:
+    the path stays as it was, bit for bit, as for an exact zero step."""
+    start = [torch.zeros(4), *random_tensors([(3,)], torch.float32, seed=5)]  # a zero path shows any addition
+    paths = Paths(start)
+    result = paths.step([torch.full((4,), -1e-23), torch.zeros(3)], c=0.1)
+    assert result.moved.tolist() == [False, False]
+    assert not result.non_finite.any()
+    for path, before in zip(paths.paths, start, strict=True):
+        assert torch.equal(path, before)
