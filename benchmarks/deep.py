@@ -34,6 +34,7 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -459,8 +460,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sample", default=None, help="CLARA's sample for the CLARA methods but 0.1.0's: an int or 'none' (full paths)"
     )
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "deep.json")
+    parser.add_argument("--out", type=Path, help="default: results/deep.json (--quick: a temporary folder)")
     args = parser.parse_args(argv)
+    if args.out is None:  # a quick run never writes into the kept results
+        scratch = Path(tempfile.mkdtemp(prefix="clara-")) if args.quick else None
+        args.out = HERE / "results" / "deep.json" if scratch is None else scratch / "deep.json"
     known = {m.name: m for m in METHODS}
     unknown = [m for m in args.methods if m not in known]
     if unknown:

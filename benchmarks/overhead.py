@@ -19,6 +19,7 @@ import json
 import math
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -426,12 +427,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for the test suite")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, help="default: results/overhead-DEVICE.json (--smoke: a temporary folder)")
     args = parser.parse_args(argv)
     targets, counts, sizes = TARGETS, TENSOR_COUNTS, MODEL_SIZES
     if args.smoke:
         targets, counts, sizes, args.repeats, args.steps = ((2e4, 4),), (4,), (2e4,), 2, 1
-    out = args.out or HERE / "results" / f"overhead-{args.device.split(':')[0]}.json"
+    name = f"overhead-{args.device.split(':')[0]}.json"  # --smoke never writes into the kept results
+    out = args.out or (Path(tempfile.mkdtemp(prefix="clara-")) / name if args.smoke else HERE / "results" / name)
     console = Console(width=200)
     report: dict[str, Any] = {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads()}
     if args.device.startswith("cuda"):

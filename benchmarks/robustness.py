@@ -21,6 +21,7 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -246,9 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--smoke", action="store_true", help="tiny grid, for the test suite")
     parser.add_argument("--sample", default=None, help="CLARA's sample for the CLARA methods: an int or 'none'")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "robustness.json")
+    parser.add_argument("--out", type=Path, help="default: results/robustness.json (--smoke: a temporary folder)")
     parser.add_argument("--plot-only", type=Path, default=None, help="redraw the PNG from a saved JSON")
     args = parser.parse_args(argv)
+    if args.out is None:  # a smoke run never writes into the kept results
+        scratch = Path(tempfile.mkdtemp(prefix="clara-")) if args.smoke else None
+        args.out = HERE / "results" / "robustness.json" if scratch is None else scratch / "robustness.json"
     if args.plot_only is not None:
         report = json.loads(args.plot_only.read_text())
         plot(report["summary"], report["config"]["lrs"], args.plot_only.with_suffix(".png"))

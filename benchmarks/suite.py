@@ -46,6 +46,7 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -587,8 +588,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="steps per run (default: each task's own)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--quick", action="store_true", help="20 steps of every task and method, for the test suite")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, help="default: results/suite.jsonl (--quick: a temporary folder)")
     args = parser.parse_args(argv)
+    if args.out is None:  # a quick run never writes into the kept results
+        scratch = Path(tempfile.mkdtemp(prefix="clara-")) if args.quick else None
+        args.out = DEFAULT_OUT if scratch is None else scratch / "suite.jsonl"
     try:
         clara = json.loads(args.clara)
     except json.JSONDecodeError as error:
