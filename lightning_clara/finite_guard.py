@@ -8,8 +8,8 @@ device that reads every gradient once, about 0.05-0.09 of an Adam step on a CPU 
 ``benchmarks/overhead.py``). The decision needs the flag on the host: free on a CPU, one
 synchronisation per step on CUDA (GradScaler makes the same one for optimizers that are not fused).
 torch's fused optimizers (``fused=True``) decide on the device instead, as under GradScaler: the flag
-goes to the step as ``optimizer.found_inf`` and the host reads it one step late, with the step's
-statistics, only to count the skip (:func:`takes_found_inf`).
+goes to the step as ``optimizer.found_inf`` and the host reads it with the step's statistics (one
+step late on CUDA), only to count the skip (:func:`takes_found_inf`, :func:`state_ready`).
 
 Gradients exist only once the step's closure has run (Lightning runs ``training_step`` and
 ``backward`` inside ``optimizer.step(closure)``), so the check runs right after the closure returns,
