@@ -7,7 +7,8 @@ which removes most of the Monte Carlo noise and gives the exact heavy-ball tail.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,16 +196,17 @@ class MonteCarloReference(Reference):
         """Per grid size: the smoothed mean ||p_t||^2 (or its difference to heavy-ball on the same noise)."""
         elements_per_step = max(self.budget // self.horizon, 1)
         trials = {n: max(self.min_trials, elements_per_step // n) for n in grid}
-        curves = _simulate(
-            self.optimizer_class,
-            self.hyperparameters,
-            trials,
-            c=self.c,
-            horizon=self.horizon,
-            seed=self.seed,
-            control_beta=self.control_beta,
-            speed_up=self.speed_up,
-        )
+        with _one_thread():
+            curves = _simulate(
+                self.optimizer_class,
+                self.hyperparameters,
+                trials,
+                c=self.c,
+                horizon=self.horizon,
+                seed=self.seed,
+                control_beta=self.control_beta,
+                speed_up=self.speed_up,
+            )
         if self.speed_up is None:
             return {n: _smooth(curve) for n, curve in curves.items()}
         # simulated step i > at_step stands for real step at_step + factor * (i - at_step); map to
@@ -218,6 +220,17 @@ class MonteCarloReference(Reference):
         return {n: _smooth((1 - weight) * curve[below] + weight * curve[above]) for n, curve in curves.items()}
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Tiny tensors: thread start-up costs more than it saves, badly so under load."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _simulate(
     optimizer_class: type[Optimizer],
     hyperparameters: Mapping[str, Any],
@@ -229,41 +242,9 @@ def _simulate(
     control_beta: float | None,
     speed_up: SpeedUp | None = None,
 ) -> dict[int, torch.Tensor]:
-    """Mean ||p_t||^2 for t = 0..horizon per size, minus the heavy-ball value on the same noise if asked.
-
-    One flat parameter holds every trial of every size (so the optimizer runs one set of
-    kernels per step); per size, a ``(trials, n)`` view gives the per-trial norms. The step is
-    the parameter's change (float32: the parameter's random walk stays within ~sqrt(horizon) steps
-    of zero, so the difference keeps at least 5 significant digits).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: thread start-up costs more than it saves, badly so under load
-    try:
-        return _simulate_single_thread(
-            optimizer_class,
-            hyperparameters,
-            trials,
-            c=c,
-            horizon=horizon,
-            seed=seed,
-            control_beta=control_beta,
-            speed_up=speed_up,
-        )
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _simulate_single_thread(
-    optimizer_class: type[Optimizer],
-    hyperparameters: Mapping[str, Any],
-    trials: Mapping[int, int],
-    *,
-    c: float,
-    horizon: int,
-    seed: int,
-    control_beta: float | None,
-    speed_up: SpeedUp | None,
-) -> dict[int, torch.Tensor]:
+    """Mean ||p_t||^2 for t = 0..horizon per size (minus heavy-ball's on the same noise if asked), from one flat
+    parameter holding every trial of every size (one set of kernels per step; a ``(trials, n)`` view per size).
+    The step is the fp32 parameter's change: its walk stays near zero, so it keeps >= 5 significant digits."""
     sizes = list(trials)
     # one generator per size, so that a size's curve does not depend on which other sizes were asked for
     generators = [torch.Generator().manual_seed(seed * 1_000_003 + n) for n in sizes]
