@@ -401,3 +401,26 @@ def fixed(params: list[Tensor], sign_flips: bool, seed: int = 3) -> Iterator[lis
         yield [sign * x for x in g]
         if sign_flips:
             sign = -sign
+
+
+def defer_pending_steps(monkeypatch: Any, on_wait: Callable[[], None] = lambda: None) -> None:
+    """Emulate CUDA's deferred host part on the CPU: every ``PendingStep`` keeps copies of its results (and
+    skip flag) behind a stand-in event whose ``synchronize`` calls ``on_wait``, so it settles only when
+    CLARA settles a deferred step (the next pre-hook, or a property that waits)."""
+    import dataclasses
+
+    from lightning_clara.transfer import PendingStep
+
+    class Ready:
+        def synchronize(self) -> None:
+            on_wait()
+
+    send = PendingStep.send
+
+    def deferred(step: Any, lr_used: Sequence[float], skip_flag: Tensor | None = None) -> PendingStep:
+        pending = send(step, lr_used, skip_flag)
+        flag = None if pending.skip_flag is None else pending.skip_flag.clone()
+        buffers = [b.clone() for b in pending.buffers]
+        return dataclasses.replace(pending, buffers=buffers, ready=Ready(), skip_flag=flag)
+
+    monkeypatch.setattr(PendingStep, "send", deferred)

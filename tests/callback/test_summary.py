@@ -6,7 +6,6 @@ after CLARA's, and the controller's ratio read after each step), not from the su
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import math
 import traceback
@@ -16,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import RecordingLogger
+from helpers import RecordingLogger, defer_pending_steps
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -24,9 +23,7 @@ from rich.console import Console
 from torch.optim import Optimizer
 
 from lightning_clara import CLARACallback
-from lightning_clara.stores import DeviceStep
 from lightning_clara.summary import TITLE, GroupSummary, summary_table
-from lightning_clara.transfer import PendingStep
 
 MakeModule = Callable[..., LightningModule]
 STEPS_PER_EPOCH = 8  # 64 samples, batch size 8 (conftest's regression data)
@@ -319,17 +316,7 @@ def test_bookkeeping_never_settles_a_deferred_step(
     """
     waits: list[list[str]] = []
 
-    class Ready:
-        def synchronize(self) -> None:
-            waits.append([frame.name for frame in traceback.extract_stack()])
-
-    send = PendingStep.send
-
-    def deferred(step: DeviceStep, lr_used: list[float], skip_flag: torch.Tensor | None = None) -> PendingStep:
-        pending = send(step, lr_used, skip_flag)
-        return dataclasses.replace(pending, buffers=[b.clone() for b in pending.buffers], ready=Ready())
-
-    monkeypatch.setattr(PendingStep, "send", deferred)
+    defer_pending_steps(monkeypatch, lambda: waits.append([frame.name for frame in traceback.extract_stack()]))
     # the loss brake and the safeguard read every step's loss on the host, which waits for the step
     callback = CLARACallback(d=0.4, prog_bar=True, safeguard=False, loss_brake=False)
     trainer = Trainer(**{**trainer_kwargs, "max_epochs": 2, "callbacks": [callback]})

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import defer_pending_steps
 from torch import nn
 
 from lightning_clara import CLARA, CLARAOptions
@@ -250,22 +251,7 @@ def test_a_grad_scaler_flag_is_left_to_the_scaler() -> None:
 def test_a_fused_skip_on_a_deferred_step_is_counted_when_it_settles(monkeypatch: pytest.MonkeyPatch) -> None:
     """CUDA's deferred host part, emulated on the CPU: the device flag travels with the step's results, the skip
     is counted when the step settles (reading the count never waits), and the skipped update's loss is dropped."""
-    import dataclasses
-
-    from lightning_clara.transfer import PendingStep
-
-    class Ready:
-        def synchronize(self) -> None:
-            pass
-
-    send = PendingStep.send
-
-    def deferred(step: Any, lr_used: list[float], skip_flag: torch.Tensor | None = None) -> PendingStep:
-        pending = send(step, lr_used, skip_flag)
-        flag = None if pending.skip_flag is None else pending.skip_flag.clone()
-        return dataclasses.replace(pending, buffers=[b.clone() for b in pending.buffers], ready=Ready(), skip_flag=flag)
-
-    monkeypatch.setattr(PendingStep, "send", deferred)
+    defer_pending_steps(monkeypatch)
     model, optimizer, clara, batches = setup("AdamW-fused")
     for batch in batches[:3]:
         clara.observe_loss(run_step(model, optimizer, batch, closure=True))
