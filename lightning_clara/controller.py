@@ -305,10 +305,7 @@ class CLARA(ResolvedOptions):
         before = self._state.adapted_steps
         groups, scopes = self.optimizer.param_groups, len(self._state.log_factors)
         bases = _bases_by_scope(bounds, self._swap.current_bases(groups), scopes, self._scope_of)
-        losses = self._losses
-        self._state = adapt(
-            self._state, stats, self.settings.schedule, bounds, bases, losses.gate, losses.fitted, losses.keep
-        )
+        self._state = adapt(self._state, stats, self.settings.schedule, bounds, bases, *self._losses.verdict)
         steps = self._state.adapted_steps
         if self._guard is not None and steps > before and self._guard.due(steps):
             self._guard.mark_due(pending.device)  # a collective: only where every rank runs it, never a property
