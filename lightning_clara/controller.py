@@ -305,7 +305,8 @@ class CLARA(ResolvedOptions):
         before = self._state.adapted_steps
         groups, scopes = self.optimizer.param_groups, len(self._state.log_factors)
         bases = _bases_by_scope(bounds, self._swap.current_bases(groups), scopes, self._scope_of)
-        self._state = adapt(self._state, stats, self.settings.schedule, bounds, bases, *self._losses.verdict)
+        losses = self._losses
+        self._state = adapt(self._state, stats, self.settings.schedule, bounds, bases, losses.gate, losses.fitted)
         steps = self._state.adapted_steps
         if self._guard is not None and steps > before and self._guard.due(steps):
             self._guard.mark_due(pending.device)  # a collective: only where every rank runs it, never a property
@@ -321,9 +322,9 @@ class CLARA(ResolvedOptions):
     def observe_loss(self, loss: float | Tensor) -> bool:
         """Feed the loss of the step just taken to the loss brake and the safeguard; True on an alarm.
 
-        On an alarm (a blow-up, a NaN/inf loss) the parameters from before the step that led to it come
-        back, F halves and a warning says so (the optimizer's state is not rolled back). A loss with no
-        step since the last is ignored; a CUDA loss reaches the brake one step late, without a sync."""
+        On an alarm (a blow-up, a NaN/inf loss) the parameters of before that step come back (not the optimizer's
+        state), F halves, a warning says so. A loss with no new step is ignored; a CUDA loss reaches the brake a
+        step late, without a sync. Under DDP pass every rank the same loss (the callbacks pass the ranks' mean)."""
         if not self._losses.wanted:
             return False
         if not self._losses.queues(loss):  # a queued CUDA loss waits for nothing: the next pre-hook settles

@@ -15,18 +15,11 @@ The gate maps it to [-1, 1]: ``+1`` when the loss falls clearly (z >= 2 * Z_FALL
 z = Z_FALLING, ``-1`` when it is flat or rising (z <= 0). The rule multiplies an upward move
 (signal > 0) by the gate: raising F is allowed while raising helps, and where the ratio asks for
 more but the loss has stalled, F comes down instead, as an online range test backs off. Downward
-moves never pass the gate (they have their own hold, below), and neither do raises where the steps
-agree more than a random walk's (r >= 1: a too-small lr, whose slow loss decrease the test may not
-see), unless the network fits its data: once the smoothed loss is below ``FITTED`` of the first
-losses' mean, steps agree because the margins grow, and F is not raised at all.
-
-The same test holds the lr where the ratio asks for a fall: while the loss clearly falls
-(:attr:`LossTrend.falling`, the gate's positive part), a fall of log F is scaled by ``1 - falling``.
-The ratio of a network that trains declines at any fixed lr (its steps start to cancel as it
-settles), and read alone that decline pulled Adam's lr 2-3x below its tuned one during the find;
-a loss that still falls says the lr is not too large. Without losses (``observe_loss`` never
-called) the gate is 1 and ``falling`` 0: the statistic alone, and the null model's promises, as
-before.
+moves never pass the gate, and neither do raises where the steps agree more than a random walk's
+(r >= 1: a too-small lr, whose slow loss decrease the test may not see), unless the network fits
+its data: once the smoothed loss is below ``FITTED`` of the first losses' mean, steps agree because
+the margins grow, and F is not raised at all. Without losses (``observe_loss`` never called) the
+gate is 1: the statistic alone, and the null model's promises, as before.
 """
 
 from __future__ import annotations
@@ -94,13 +87,6 @@ class LossTrend:
         if self.count < WARMUP:
             return 1.0
         return min(1.0, max(-1.0, self.z / Z_FALLING - 1.0))
-
-    @property
-    def falling(self) -> float:
-        """How clearly the loss falls, in [0, 1] (0 before WARMUP losses): the share of a fall of log F held back."""
-        if self.count < WARMUP:
-            return 0.0
-        return min(1.0, max(0.0, self.z / Z_FALLING - 1.0))
 
     @property
     def fitted(self) -> bool:

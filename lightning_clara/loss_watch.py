@@ -45,16 +45,6 @@ class LossWatch:
         return self.trend.gate if self.brake else 1.0
 
     @property
-    def verdict(self) -> tuple[float, bool, float]:
-        """What the rule takes from the losses: ``(gate, fitted, keep)`` (:func:`~lightning_clara.rule.adapt`)."""
-        return self.gate, self.fitted, self.keep
-
-    @property
-    def keep(self) -> float:
-        """The share of a fall of log F the brake holds back while the loss clearly falls (0 without the brake)."""
-        return self.trend.falling if self.brake else 0.0
-
-    @property
     def fitted(self) -> bool:
         """Whether the brake sees a network that fits its training data (no raise, whatever the ratio)."""
         return self.brake and self.trend.fitted

@@ -126,7 +126,8 @@ OPTION_DOCS: dict[str, str] = {
     "(the callbacks give every step's loss): F rises only while the smoothed loss keeps falling, and comes "
     "down where the ratio (below 1) asks for more but the loss has stalled; once the smoothed loss is below 5 % "
     "of the first losses' (the network fits its data) F is not raised at all (default True; False with "
-    "rule='paper'). Without losses it does nothing.",
+    "rule='paper'). Without losses it does nothing. Under DDP give every rank the same loss (the mean over "
+    "ranks, as the callbacks do).",
     "skip_nonfinite": "skip an optimizer update whose gradients hold a NaN or inf, as GradScaler does: the "
     "parameters and the optimizer's state stay as they were, the first skip warns and later ones are counted "
     "(num_skipped_updates, the summary table) (default True). One fused read of the gradients per step; on CUDA "

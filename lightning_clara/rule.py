@@ -185,15 +185,13 @@ def adapt(
     bases: Sequence[Sequence[float]] | None = None,
     gate: float = 1.0,
     fitted: bool = False,
-    keep: float = 0.0,
 ) -> FactorState:
     """The next state: every scope with a reference (``expected > 0``) takes the rule's step.
 
     ``bases`` (each scope's positive base lrs) applies the lr bounds to log F; None when there are
     no lr bounds. ``gate`` (in [-1, 1], :class:`~lightning_clara.loss_trend.LossTrend`) multiplies
     an upward move while the ratio is below 1: 1 lets the ratio raise F, -1 turns the raise into a
-    fall; ``keep`` (in [0, 1], how clearly the loss falls) holds back that share of a downward move.
-    A step counts as adapted when at least one scope moved, as skipped when a tensor took a
+    fall. A step counts as adapted when at least one scope moved, as skipped when a tensor took a
     NaN/inf step.
     """
     step_damping = damping(schedule, state.adapted_steps)
@@ -209,8 +207,6 @@ def adapt(
                 value *= min(gate, 0.0)
             elif value > 0.0 and ratio < 1.0:  # r >= 1 (steps agree more than noise's): the lr is too small
                 value *= gate
-            elif value < 0.0:  # a loss that still falls says the lr is not too large
-                value *= 1.0 - keep
             step = step_damping * value
             log_factors[scope] = clamp_log_factor(bounds, log_factors[scope] + step)
             adapted = True

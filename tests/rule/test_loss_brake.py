@@ -67,31 +67,6 @@ def test_the_gate_scales_only_upward_moves() -> None:
     assert Z_FALLING > 0
 
 
-def test_a_clearly_falling_loss_holds_back_downward_moves() -> None:
-    schedule = Schedule("normalized", 0.1, 0, 0, 0.7)
-    state = FactorState.initial(0.0)
-    down = StepStatistics([0.3], [1.0], [4])  # r = 0.3 < target: the ratio asks for a fall
-    up = StepStatistics([0.9], [1.0], [4])
-    lowered = adapt(state, down, schedule, Bounds()).log_factors[0]
-    assert lowered < 0
-    assert adapt(state, down, schedule, Bounds(), keep=1.0).log_factors[0] == 0.0
-    assert adapt(state, down, schedule, Bounds(), keep=0.25).log_factors[0] == pytest.approx(0.75 * lowered)
-    assert adapt(state, up, schedule, Bounds(), keep=1.0) == adapt(state, up, schedule, Bounds())
-
-
-def test_falling_is_the_gates_positive_part_and_zero_until_the_trend_has_settled() -> None:
-    falling = [2.0 - 0.002 * t + x - 2.0 for t, x in enumerate(noise(300, 1))]
-    rising = [2.0 + 0.002 * t + x - 2.0 for t, x in enumerate(noise(300, 2))]
-    assert fed(falling).falling == 1.0
-    assert fed(rising).falling == 0.0
-    assert fed(falling[: WARMUP - 1]).falling == 0.0  # no losses yet: nothing held back
-    assert LossTrend(0.02).falling == 0.0
-    flat = [fed(noise(300, seed)).falling for seed in range(100)]
-    assert statistics.fmean(flat) < 0.05  # noise alone rarely holds a fall back (z > Z_FALLING)
-    for trend in (fed(falling), fed(rising), *(fed(noise(300, seed)) for seed in range(20))):
-        assert trend.falling == max(trend.gate, 0.0)
-
-
 def anticorrelated_run(losses: list[float] | None, **options: object) -> CLARA:
     """SGD on slightly anti-correlated noise, fed ``losses`` if given.
 
@@ -99,11 +74,6 @@ def anticorrelated_run(losses: list[float] | None, **options: object) -> CLARA:
     little, so r settles near (1 - 0.08)^2 / (1 + 0.08^2) = 0.84: above the target 0.7 (the ratio asks
     for a raise) and below 1 (where the brake acts), as at a far too large lr on a deep network.
     """
-    return noise_run(losses, 0.08, **options)
-
-
-def noise_run(losses: list[float] | None, anticorrelation: float, **options: object) -> CLARA:
-    """SGD for 200 steps on gradients ``e_t - anticorrelation * e_(t-1)``, fed ``losses`` if given."""
     generator = torch.Generator().manual_seed(0)
     weight = torch.nn.Parameter(torch.zeros(512))
     optimizer = torch.optim.SGD([weight], lr=1e-3)
@@ -111,7 +81,7 @@ def noise_run(losses: list[float] | None, anticorrelation: float, **options: obj
     previous = torch.zeros(512)
     for step in range(200):
         noise_ = torch.randn(512, generator=generator)
-        weight.grad = noise_ - anticorrelation * previous
+        weight.grad = noise_ - 0.08 * previous
         previous = noise_
         optimizer.step()
         if losses is not None:
@@ -131,22 +101,6 @@ def test_the_controller_raises_f_while_the_loss_falls_and_lowers_it_once_it_stal
     assert with_falling.log_factors[0] > start  # so does it while the loss keeps falling
     assert with_stall.log_factors[0] < start  # a stalled loss turns the raise into a fall
     assert with_stall.log_factors[0] - start == pytest.approx(start - without.log_factors[0], rel=0.5)
-
-
-def test_the_controller_keeps_f_while_the_loss_falls_where_the_ratio_asks_for_a_fall() -> None:
-    """Steps that cancel (r ~ 0.2 < target): F falls without losses or with a stalled loss, not while it falls."""
-    falling = [3.0 - 0.01 * t + x - 2.0 for t, x in enumerate(noise(200, 4, sigma=0.05))]
-    without = noise_run(None, 0.5)
-    with_falling = noise_run(falling, 0.5)
-    with_stall = noise_run(noise(200, 5), 0.5)
-    start = math.log(0.1)
-    assert without.ratio < 0.7
-    fall = start - without.log_factors[0]
-    assert fall > 0.03
-    assert start - with_stall.log_factors[0] == pytest.approx(fall, rel=0.05)
-    assert 0.0 < start - with_falling.log_factors[0] < 0.25 * fall  # mostly the first WARMUP steps' fall
-    assert with_falling._losses.keep == 1.0
-    assert noise_run(falling, 0.5, loss_brake=False).log_factors == without.log_factors
 
 
 def test_the_paper_rule_has_no_brake_and_ignores_losses() -> None:
