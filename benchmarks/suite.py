@@ -525,6 +525,8 @@ def plot(runs: dict[str, dict[str, Any]], tasks: list[str], tag: str, path: Path
     import matplotlib.pyplot as plt
 
     names = [m.name for m in CLARA_METHODS] + ["DoG"]
+    rates = sorted({run["lr0"] for run in runs.values() if run["method"] in names and run["tag"] in (tag, "")})
+    colours = {lr0: f"C{i % 10}" for i, lr0 in enumerate(rates)}  # one colour per lr0 in every panel
     figure, axes = plt.subplots(len(tasks), len(names), figsize=(3.0 * len(names), 2.2 * len(tasks)), squeeze=False)
     for row, task in enumerate(tasks):
         tuned = cells(runs.values(), task, "Adam", "")
@@ -534,12 +536,14 @@ def plot(runs: dict[str, dict[str, Any]], tasks: list[str], tag: str, path: Path
                 wanted = (task, name, 0, tag if name != "DoG" else "")
                 if (run["task"], run["method"], run["seed"], run["tag"]) == wanted:
                     xs = [i * RECORD_EVERY for i in range(len(run["lrs"]))]
-                    axis.semilogy(xs, [max(v, 1e-14) for v in run["lrs"]], linewidth=1, label=f"{run['lr0']:g}")
+                    lrs = [max(v, 1e-14) for v in run["lrs"]]
+                    axis.semilogy(xs, lrs, linewidth=1, color=colours[run["lr0"]], label=f"{run['lr0']:g}")
             if tuned and name.startswith("Adam"):
                 axis.axhline(best_lr(SPECS[task], tuned), color="k", linestyle=":", linewidth=0.8)
             axis.set_title(f"{task}: {name}", fontsize=8)
             axis.tick_params(labelsize=6)
-    axes[0][0].legend(fontsize=5, title="lr0", title_fontsize=5)
+    handles = [plt.Line2D([], [], color=colour, linewidth=1, label=f"{lr0:g}") for lr0, colour in colours.items()]
+    axes[0][0].legend(handles=handles, fontsize=5, title="lr0", title_fontsize=5)
     figure.tight_layout()
     figure.savefig(path, dpi=80)
     plt.close(figure)
