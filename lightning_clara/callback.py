@@ -8,7 +8,6 @@ optimizer's ``step()`` through torch's step hooks, so it runs exactly on real op
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +23,7 @@ from typing_extensions import override
 from lightning_clara.admission import unwrap
 from lightning_clara.checkpoint import check_state
 from lightning_clara.controller import CLARA
+from lightning_clara.fit_inputs import estimated_steps, step_loss
 from lightning_clara.metrics import controller_metrics, optimizer_names
 from lightning_clara.options import (
     OPTION_NAMES,
@@ -68,17 +68,6 @@ def _runs_in_worker_processes(trainer: pl.Trainer) -> bool:
     """Whether this fit runs in processes that a launcher started (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``)."""
     launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
     return type(launcher).__name__ == "_MultiProcessingLauncher"
-
-
-def _estimated_steps(trainer: pl.Trainer) -> int | None:
-    """The Trainer's estimate of the fit's optimizer steps, or None where it is unknown or infinite."""
-    try:
-        steps = trainer.estimated_stepping_batches
-    except Exception:  # a stand-in trainer, or a loader without a length: the defaults apply
-        return None
-    if isinstance(steps, bool) or not isinstance(steps, (int, float)) or not math.isfinite(steps) or steps < 1:
-        return None
-    return int(steps)
 
 
 def _has_parameters(optimizer: Optimizer) -> bool:
@@ -163,6 +152,8 @@ class CLARACallback(Callback):
         self._steps_at_last_log: list[int] = []  # each optimizer's steps when its clara/* were last logged
         self._restored: dict[str, Any] | None = None
         self._fits_started = 0
+        self._fit_starting = False  # between setup("fit") and on_fit_start
+        self._to_restore: dict[str, Any] | None = None  # the state this fit resumes, loaded in on_train_start
         self._fit_options = self.options
         self._fit_summary: FitSummary | None = None
         #: The rows of the last summary table (rank 0 with ``summary=True``, after a completed fit).
@@ -200,10 +191,7 @@ class CLARACallback(Callback):
         self._scheduler_configs = list(getattr(trainer, "lr_scheduler_configs", ()))  # absent on stand-ins
         self.names = self._names()
         self._steps_at_batch_start, self._steps_at_last_log = [0] * len(self.controllers), [0] * len(self.controllers)
-        if restored is not None and restored.get("controllers") != []:
-            # an empty list: saved before CLARA attached (a tuner's checkpoint): nothing to continue;
-            # anything else is checked (ValueError naming the field) before a controller changes
-            self._load_controllers(restored)
+        self._to_restore, self._fit_starting = restored, False  # loaded in on_train_start
         if self.summary and _is_rank_zero():
             # after the controllers attached (and restored): it counts from their state now
             self._fit_summary = FitSummary()
@@ -211,11 +199,21 @@ class CLARACallback(Callback):
                 self._fit_summary.track(controller)
 
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # until this fit attaches, the last fit's controllers are not its state (a tuner saves one meanwhile)
+        self._fit_starting = stage == "fit"
+
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        restored, self._to_restore = self._to_restore, None
+        if restored is not None and restored.get("controllers") != []:
+            # here, after every callback's on_fit_start (BaseFinetuning rebuilds its param groups there); an
+            # empty list was saved before CLARA attached (a tuner's checkpoint); anything else is checked first
+            self._load_controllers(restored)
         # The run's length, for the run-length defaults of d and hold_after: here, not in on_fit_start,
         # because estimating it there would load the train dataloader before a resumed fit restores it.
         if self.options.total_steps is None and self.controllers:
-            steps = _estimated_steps(trainer)
+            steps = estimated_steps(trainer)
             self._fit_options = dataclasses.replace(self._fit_options, total_steps=steps)
             for controller in self.controllers:
                 controller.set_total_steps(steps)
@@ -303,19 +301,12 @@ class CLARACallback(Callback):
             logger.log_metrics(metrics, step=step)
 
     def _feed_loss(self, trainer: pl.Trainer, outputs: Any, stepped: list[int]) -> None:
-        """Give the batch loss (the one the step's gradient came from) to the optimizers that stepped.
-
-        Under DDP each rank holds the loss of its own shard of the batch: the mean over ranks (one
-        small all-reduce, which every rank runs here) gives every rank the same loss brake and the
-        same alarms, so F and the restored parameters stay identical across ranks.
-        """
+        """Give the batch loss (:func:`~lightning_clara.fit_inputs.step_loss`) to the optimizers that stepped."""
         if not any(self.controllers[index].wants_loss for index in stepped):
             return
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        loss = step_loss(trainer, outputs)
         if loss is None:
             return
-        if isinstance(loss, torch.Tensor) and trainer.world_size > 1:
-            loss = trainer.strategy.reduce(loss.detach(), reduce_op="mean")
         for index in stepped:
             self.controllers[index].observe_loss(loss)
 
@@ -356,8 +347,10 @@ class CLARACallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        if self._restored is not None and not self.controllers:
+        if self._restored is not None and (self._fit_starting or not self.controllers):
             return dict(self._restored)
+        if self._fit_starting:
+            return {"controllers": [], "names": []}
         return {"controllers": [controller.state_dict() for controller in self.controllers], "names": self.names}
 
     @override
@@ -372,23 +365,27 @@ class CLARACallback(Callback):
             self._restored = dict(state_dict)
 
     def _load_controllers(self, state_dict: dict[str, Any]) -> None:
-        saved = state_dict.get("controllers") if isinstance(state_dict, dict) else None
-        if not isinstance(saved, (list, tuple)):
-            raise ValueError(
-                "CLARACallback state must be a dict whose 'controllers' is a list of CLARA states (one per "
-                f"optimizer), got {state_dict!r:.80}"
-            )
-        if len(saved) != len(self.controllers):
-            raise ValueError(
-                f"checkpoint holds CLARA state for {len(saved)} optimizer(s), the model configures "
-                f"{len(self.controllers)}"
-            )
-        for controller, state in zip(self.controllers, saved, strict=True):  # all checked before any loads
-            check_state(state, controller.settings, controller.optimizer)
-        for controller, state in zip(self.controllers, saved, strict=True):
-            controller.load_state_dict(state)
+        _load_states(self.controllers, state_dict)
         if self._fit_summary is not None:
             self._fit_summary.restart()
+
+
+def _load_states(controllers: Sequence[CLARA], state_dict: dict[str, Any]) -> None:
+    """A CLARACallback state into its controllers, one per optimizer: every one checked before any loads."""
+    saved = state_dict.get("controllers") if isinstance(state_dict, dict) else None
+    if not isinstance(saved, (list, tuple)):
+        raise ValueError(
+            "CLARACallback state must be a dict whose 'controllers' is a list of CLARA states (one per "
+            f"optimizer), got {state_dict!r:.80}"
+        )
+    if len(saved) != len(controllers):
+        raise ValueError(
+            f"checkpoint holds CLARA state for {len(saved)} optimizer(s), the model configures {len(controllers)}"
+        )
+    for controller, state in zip(controllers, saved, strict=True):
+        check_state(state, controller.settings, controller.optimizer)
+    for controller, state in zip(controllers, saved, strict=True):
+        controller.load_state_dict(state)
 
 
 CLARACallback.__doc__ = with_option_docs(CLARACallback.__doc__, CALLBACK_OPTIONS, docs=_CALLBACK_DOCS)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
@@ -27,7 +26,7 @@ from torch.optim import Optimizer
 
 from lightning_clara.admission import check_supported, safeguarded_target, unwrap
 from lightning_clara.checkpoint import export_state, restore_state
-from lightning_clara.distributed import RankConsistencyGuard, Sharding
+from lightning_clara.distributed import RankConsistencyGuard, Sharding, dtensor_sharding
 from lightning_clara.finite_guard import SkipCounter
 from lightning_clara.loss_watch import LossWatch
 from lightning_clara.lr_swap import LearningRateSwap, StepHooks
@@ -44,7 +43,7 @@ from lightning_clara.options import (
 from lightning_clara.reference.cache import ReferenceCache
 from lightning_clara.reference.curves import Reference
 from lightning_clara.resolved import ResolvedOptions
-from lightning_clara.rule import Bounds, FactorState, adapt, clamp_log_factor, damping, factor, lr_for
+from lightning_clara.rule import FactorState, adapt, bases_by_scope, clamp_log_factor, damping, factor, lr_for
 from lightning_clara.safeguard import PageHinkley, Safeguard
 from lightning_clara.stores import PathStore, StepInputs, trainable
 from lightning_clara.transfer import PendingStep, StepListener
@@ -111,7 +110,7 @@ class CLARA(ResolvedOptions):
         given = {name: value for name, value in locals().items() if name in OPTION_NAMES}
         optimizer = unwrap(optimizer)  # Fabric's wrapper: hook the optimizer it wraps
         check_supported(optimizer)
-        self.options = merged_options(options, given)
+        self.options = _with_found_sharding(merged_options(options, given), optimizer)
         self.settings: Settings = self.options.resolve(safeguarded_target(optimizer))
         every = self.settings.consistency_check_every
         self._guard = None if every is None else RankConsistencyGuard(every)
@@ -179,9 +178,8 @@ class CLARA(ResolvedOptions):
     @property
     def lr_used(self) -> list[float]:
         """The learning rate each param group used in the last step (``lr_base * F`` before that)."""
-        if self._swap.used:
-            return list(self._swap.used)
-        return [self._lr_for(j, group["lr"]) for j, group in enumerate(self.optimizer.param_groups)]
+        used, groups = self._swap.used, self.optimizer.param_groups  # groups added since: lr_base * F
+        return used[: len(groups)] + [self._lr_for(j, groups[j]["lr"]) for j in range(len(used), len(groups))]
 
     @property
     def num_adapted_steps(self) -> int:
@@ -263,7 +261,8 @@ class CLARA(ResolvedOptions):
         self.references.sync()
 
     def _lr_for(self, j: int, base: Any) -> float:
-        return lr_for(self.settings.bounds, float(base), self._state.log_factors[self._scope_of(j)])
+        state = self._state.grown(self._scope_of(j) + 1, self._initial_log_factor)  # a group added since: F_0
+        return lr_for(self.settings.bounds, float(base), state.log_factors[self._scope_of(j)])
 
     def _before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self._swap.restore(optimizer.param_groups)  # a previous step that raised never ran the post-hook
@@ -272,7 +271,7 @@ class CLARA(ResolvedOptions):
         self.references.keys.before_step()
         self.paths.before_step(optimizer)  # gather the sample
         if self._safeguard is not None:
-            self._safeguard.before_step(list(trainable(optimizer)))
+            self._safeguard.before_step(list(trainable(optimizer)), self._steps_seen)
         groups = optimizer.param_groups
         self._swap.apply(groups, [self._lr_for(j, group["lr"]) for j, group in enumerate(groups)])
 
@@ -287,24 +286,24 @@ class CLARA(ResolvedOptions):
                 self._sync_scopes()
             scopes = len(self._state.log_factors)
             step = self.paths.step(optimizer, StepInputs(self._swap.used, self.references, scopes))
-            flag = self._hooks.device_flag  # a fused optimizer's skip flag, read with the step's results
+            flag, counted = self._hooks.device_flag, self._hooks.skip_counted  # a fused step's skip flag
             if step is not None:
-                self._pending = PendingStep.send(step, self._swap.used[:stepped], flag)
+                self._pending = PendingStep.send(step, self._swap.used[:stepped], flag, counted)
                 if not self._pending.deferred:  # on the host already: the rule runs now
                     self._settle(collectives=True)
             else:  # no tensor to adapt: the flag alone, read now
-                self._skips.settled(optimizer, flag is not None and float(flag) > 0)
+                self._skips.settled(optimizer, flag is not None and float(flag) > 0, counted)
         finally:
             self._swap.restore(optimizer.param_groups)
 
     def _finish(self, pending: PendingStep, collectives: bool) -> None:
         """The host part of a step: the rule on each scope's sums moves log F (float64)."""
         stats = pending.settle()
-        self._skips.settled(self.optimizer, pending.skipped)
+        self._skips.settled(self.optimizer, pending.skipped, pending.skip_counted)
         bounds = self.settings.bounds
         before = self._state.adapted_steps
         groups, scopes = self.optimizer.param_groups, len(self._state.log_factors)
-        bases = _bases_by_scope(bounds, self._swap.current_bases(groups), scopes, self._scope_of)
+        bases = bases_by_scope(bounds, self._swap.current_bases(groups), scopes, self._scope_of)
         losses = self._losses
         self._state = adapt(self._state, stats, self.settings.schedule, bounds, bases, losses.gate, losses.fitted)
         steps = self._state.adapted_steps
@@ -325,7 +324,7 @@ class CLARA(ResolvedOptions):
         On an alarm (a blow-up, a NaN/inf loss) the parameters of before that step come back (not the optimizer's
         state), F halves, a warning says so. A loss with no new step is ignored; a CUDA loss reaches the brake a
         step late, without a sync. Under DDP pass every rank the same loss (the callbacks pass the ranks' mean)."""
-        if not self._losses.wanted:
+        if not self._losses.accepts(loss):  # raises unless it is one number
             return False
         if not self._losses.queues(loss):  # a queued CUDA loss waits for nothing: the next pre-hook settles
             self._settle(collectives=False)
@@ -361,14 +360,13 @@ def _describe(s: Settings, optimizer: str, factors: list[float], steps: int) -> 
     return f"CLARA({optimizer}, {rule}, scope={s.scope!r}, sample={s.sample}, F=[{f}], steps={steps})"
 
 
-def _bases_by_scope(
-    bounds: Bounds, bases: list[Any], scopes: int, scope_of: Callable[[int], int]
-) -> list[list[float]] | None:
-    """Per scope, the positive base lrs of its groups, where lr bounds bind (None: no lr bound)."""
-    if bounds.min_lr is None and bounds.max_lr is None:
-        return None
-    floats = [float(b) for b in bases]
-    return [[b for j, b in enumerate(floats) if scope_of(j) == k and b > 0] for k in range(scopes)]
+def _with_found_sharding(options: CLARAOptions, optimizer: Optimizer) -> CLARAOptions:
+    """``options``, with FSDP2's DTensor sharding when the parameters are DTensors and none was given (a
+    Transformers Trainer's, Fabric's or a plain loop's ``fully_shard``; the Lightning callback passes it)."""
+    if options.sharding is not None:
+        return options
+    found = dtensor_sharding(trainable(optimizer), "CLARA")
+    return options if found is None else dataclasses.replace(options, sharding=found)
 
 
 def _warn_non_finite(tensors: int) -> None:

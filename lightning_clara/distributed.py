@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["RankConsistencyGuard", "ShardSum", "Sharding", "is_distributed", "local_shard"]
+__all__ = ["RankConsistencyGuard", "ShardSum", "Sharding", "dtensor_sharding", "is_distributed", "local_shard"]
 
 
 def is_distributed() -> bool:
@@ -65,6 +65,25 @@ class Sharding:
         return cls(
             full_numel=_dtensor_numel, sum_across_shards=ShardSum(group), local=local_shard, offset=_dtensor_offset
         )
+
+
+def dtensor_sharding(params: Iterable[Tensor], who: str) -> Sharding | None:
+    """FSDP2's sharding as the parameters show it: None when none is a DTensor, else the DTensor sharding
+    over their 1-D mesh. Meshes are compared by equality: ``fully_shard`` per layer hands each layer an
+    equal mesh object of its own. ``NotImplementedError`` (naming ``who``) for several or 2-D meshes."""
+    meshes: list[object] = []
+    for param in params:
+        mesh = getattr(param, "device_mesh", None)
+        if mesh is not None and mesh not in meshes:
+            meshes.append(mesh)
+    if not meshes:
+        return None
+    if len(meshes) > 1 or any(mesh.ndim != 1 for mesh in meshes):  # type: ignore[attr-defined]
+        raise NotImplementedError(
+            f"{who} supports parameters sharded on one 1-D mesh (fully_shard over the data-parallel mesh); "
+            "tensor-parallel or several meshes are not supported yet"
+        )
+    return Sharding.for_dtensors(meshes[0].get_group())  # type: ignore[attr-defined]
 
 
 def _dtensor_numel(tensor: Tensor) -> int:

@@ -51,12 +51,13 @@ class SkipCounter:
 
     def __init__(self) -> None:
         self.count = 0
-        self.last = False  # whether the last settled step was a fused optimizer's skip on the device flag
+        self.last = False  # whether the last settled step was a fused optimizer's skip on a device flag
 
-    def settled(self, optimizer: Optimizer, skipped: bool) -> None:
-        """A step settled on the host: count it if a fused optimizer skipped it on the device flag."""
+    def settled(self, optimizer: Optimizer, skipped: bool, counted: bool = True) -> None:
+        """A step settled on the host: count it if a fused optimizer skipped it on CLARA's device flag (not
+        ``counted``: on GradScaler's, a routine fp16 skip; its loss is ignored all the same)."""
         self.last = skipped
-        if skipped:  # counted where the step settles, inside the library: the warning says which optimizer
+        if skipped and counted:  # counted where the step settles, inside the library: the warning says which
             self(optimizer, stacklevel=2)
 
     def __call__(self, optimizer: Optimizer, stacklevel: int = 4) -> None:

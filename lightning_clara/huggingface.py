@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import os
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -56,22 +57,22 @@ class CLARATrainerCallback(TrainerCallback):
         self.controller: CLARA | None = None
         self.tapped = False  # add_clara taps the Trainer's training_step for the loss
         self._loss: torch.Tensor | None = None
+        self._reduce: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss  # the mean over ranks (tap)
         #: The checkpoint ``train(resume_from_checkpoint=...)`` resumes from, as add_clara saw it.
         self._resume_from: str | None = None
 
     def tap(self, trainer: Trainer) -> None:
         """Wrap ``trainer.training_step`` so that each step's loss reaches CLARA (what :func:`add_clara` does)."""
         step = trainer.training_step
+        self._reduce = functools.partial(trainer.accelerator.reduce, reduction="mean")
 
         @functools.wraps(step)
         def training_step(*args: Any, **kwargs: Any) -> Any:
             loss = step(*args, **kwargs)
-            if isinstance(loss, torch.Tensor):
-                loss = loss.detach()
-                if trainer.args.world_size > 1:
-                    loss = trainer.accelerator.reduce(loss, reduction="mean")
-                self._loss = loss if self._loss is None else self._loss + loss
-            return loss
+            if isinstance(loss, torch.Tensor):  # summed over the micro-batches, reduced over ranks per step
+                seen = loss.detach().clone()
+                self._loss = seen if self._loss is None else self._loss + seen
+            return loss  # the Trainer keeps this rank's own loss
 
         trainer.training_step = training_step  # type: ignore[method-assign]
         train = trainer.train
@@ -81,7 +82,7 @@ class CLARATrainerCallback(TrainerCallback):
             resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
             if resume is True:  # the Trainer resolves it the same way (and raises if there is none)
                 resume = get_last_checkpoint(trainer.args.output_dir)  # type: ignore[no-untyped-call]
-            self._resume_from = resume if isinstance(resume, str) else None
+            self._resume_from = os.fspath(resume) if isinstance(resume, (str, os.PathLike)) else None
             return train(*args, **kwargs)
 
         trainer.train = train_and_note_the_checkpoint  # type: ignore[method-assign]
@@ -97,6 +98,13 @@ class CLARATrainerCallback(TrainerCallback):
     ) -> None:
         if optimizer is None:
             raise ValueError("CLARATrainerCallback: the Trainer passed no optimizer to on_train_begin")
+        fsdp_version = int((getattr(args, "fsdp_config", None) or {}).get("version", 2))
+        if getattr(args, "deepspeed", None) or (getattr(args, "fsdp", None) and fsdp_version != 2):
+            raise NotImplementedError(
+                "CLARATrainerCallback does not support DeepSpeed or FSDP1 yet: their shard layouts (ZeRO "
+                "partitions, flat parameters) are not wired in. Supported: one device, DDP, and FSDP2 "
+                "(fsdp_config version 2), whose DTensor parameters CLARA reads itself."
+            )
         self._detach()
         options = self.options
         if options.total_steps is None and state.max_steps > 0:
@@ -117,7 +125,10 @@ class CLARATrainerCallback(TrainerCallback):
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         """After each optimizer step: hand CLARA the loss of that step's batch (all its micro-batches)."""
         if self.controller is not None and self._loss is not None:
-            self.controller.observe_loss(self._loss)
+            loss = self._loss
+            if args.world_size > 1:  # every rank the same loss: one small all-reduce per optimizer step
+                loss = self._reduce(loss)
+            self.controller.observe_loss(loss)
         self._loss = None
 
     def on_log(

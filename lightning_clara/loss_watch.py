@@ -9,6 +9,7 @@ still reads its loss when it is given.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -18,7 +19,16 @@ from lightning_clara.loss_trend import STATE_KEYS, LossTrend
 from lightning_clara.options import Settings
 from lightning_clara.safeguard import Safeguard
 
-__all__ = ["LossWatch"]
+__all__ = ["LossWatch", "check_loss"]
+
+
+def check_loss(loss: Any) -> None:
+    """A loss is one number: a one-element tensor or a real number (checked before anything takes it)."""
+    if isinstance(loss, Tensor):
+        if loss.numel() != 1:
+            raise ValueError(f"observe_loss: loss must be one number, got a tensor of shape {tuple(loss.shape)}")
+    elif not isinstance(loss, numbers.Real):
+        raise TypeError(f"observe_loss: loss must be a float or a one-element tensor, got {type(loss).__name__}")
 
 
 class LossWatch:
@@ -33,6 +43,11 @@ class LossWatch:
         #: The last loss taken (host float), for the safeguard's message.
         self.last_loss = math.nan
         self._pending: tuple[Tensor, Any] | None = None  # a CUDA loss on its way: (pinned buffer, event)
+
+    def accepts(self, loss: Any) -> bool:
+        """Whether ``loss`` is wanted (:attr:`wanted`); raises unless it is one number, wanted or not."""
+        check_loss(loss)
+        return self.wanted
 
     @property
     def wanted(self) -> bool:

@@ -34,16 +34,22 @@ class LearningRateSwap:
         self.used: list[float] = []
 
     def apply(self, groups: Sequence[dict[str, Any]], lrs: Sequence[float]) -> None:
+        # every base is saved before any is written: torch gives each group the same tensor lr when
+        # the constructor was given one, and a copy taken after the first fill would save the lr used
+        copies: dict[int, Tensor] = {}
         bases: list[Any] = []
-        for group, lr in zip(groups, lrs, strict=True):
+        for group in groups:
             base = group["lr"]
             if isinstance(base, Tensor):
-                saved = base.clone()
-                base.fill_(lr)
-                bases.append(saved)
+                if id(base) not in copies:
+                    copies[id(base)] = base.clone()
+                base = copies[id(base)]
+            bases.append(base)
+        for group, lr in zip(groups, lrs, strict=True):
+            if isinstance(group["lr"], Tensor):
+                group["lr"].fill_(lr)
             else:
                 group["lr"] = lr
-                bases.append(base)
         self.bases = bases
         self.used = list(lrs)
 
@@ -92,12 +98,22 @@ class StepHooks:
         # a fused torch optimizer skips on a device flag (no host read): the flag of the step running
         self._on_device = on_device and skipped is not None and takes_found_inf(optimizer)
         self.device_flag: Tensor | None = None
-        self._handles = [optimizer.register_step_pre_hook(self._pre), optimizer.register_step_post_hook(self._post)]
+        self._own_flag = False  # whether device_flag is CLARA's (counted as a skip) or GradScaler's (not)
+        self._handles = [
+            optimizer.register_step_pre_hook(self._pre),
+            optimizer.register_step_post_hook(self._post),
+            optimizer.register_state_dict_post_hook(self._saved_with_bases),
+        ]
         self._unwrap = self._wrap(optimizer)
 
     @property
     def attached(self) -> bool:
         return bool(self._handles)
+
+    @property
+    def skip_counted(self) -> bool:
+        """Whether a skip on :attr:`device_flag` is CLARA's own (counted), not GradScaler's (routine under fp16)."""
+        return self._own_flag
 
     def remove(self) -> None:
         """Remove the hooks and unwrap ``optimizer.step``."""
@@ -105,6 +121,13 @@ class StepHooks:
             handle.remove()
         self._handles = []
         self._unwrap()
+
+    def _saved_with_bases(self, optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """A state dict taken inside a step (a checkpoint saved from ``training_step``, a SLURM requeue's)
+        holds the base lrs, not the lrs used: a resumed run would apply F twice."""
+        for group, base in zip(state_dict["param_groups"], self._swap.bases or (), strict=False):
+            group["lr"] = base.clone() if isinstance(base, Tensor) else base
+        return state_dict
 
     def _pre(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         # nested only inside the wrapped call that opened the step; otherwise a step that raised
@@ -156,9 +179,7 @@ class StepHooks:
             if not gradients_finite(optimizer):
                 raise SkipUpdate(loss)
             return
-        if "found_inf" in optimizer.__dict__:
-            return  # GradScaler drives this step: its own flag skips it
-        self.device_flag = non_finite_flag(optimizer)
+        self.device_flag, self._own_flag = non_finite_flag(optimizer), True
         if self.device_flag is not None:
             optimizer.found_inf = self.device_flag  # type: ignore[attr-defined]
 
@@ -171,9 +192,13 @@ class StepHooks:
         # ``_wrapped_by_lr_sched``, without which the scheduler warns that the step was overridden
         @functools.wraps(getattr(inner, "__func__", inner))
         def step(this: Optimizer, *args: Any, **kwargs: Any) -> Any:
+            if not self._handles:  # detached, but still inside a scheduler's wrapper made later: pass through
+                return inner(*args, **kwargs)
             self._calls += 1
             try:
-                if self._skipped is not None:
+                if "found_inf" in this.__dict__:  # GradScaler drives a fused step: its flag skips it, and
+                    self.device_flag, self._own_flag = this.__dict__["found_inf"], False  # says whether it ran
+                elif self._skipped is not None:
                     args, kwargs = self._checked(this, args, kwargs)
                 return inner(*args, **kwargs)
             except BaseException as error:
@@ -186,8 +211,8 @@ class StepHooks:
             finally:
                 self._calls -= 1
                 if self.device_flag is not None:
-                    if this.__dict__.get("found_inf") is self.device_flag:
-                        del this.found_inf  # type: ignore[attr-defined]
+                    if self._own_flag and this.__dict__.get("found_inf") is self.device_flag:
+                        del this.found_inf  # type: ignore[attr-defined]  # GradScaler deletes its own
                     self.device_flag = None
 
         wrapper = types.MethodType(step, optimizer)

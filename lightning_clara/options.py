@@ -103,7 +103,8 @@ OPTION_DOCS: dict[str, str] = {
     "(default False in every API). With it, Adam and AdamW steer to a lower target (0.55). Costs two "
     "parameter snapshots.",
     "sharding": "how parameters are sharded across ranks (FSDP/ZeRO-like), a "
-    "lightning_clara.distributed.Sharding; None for whole tensors (DDP too).",
+    "lightning_clara.distributed.Sharding; None: FSDP2's where the parameters are DTensors, else whole "
+    "tensors (DDP too).",
     "consistency_check_every": "under DDP, every this many steps compare F across ranks (one small "
     "broadcast) and re-synchronise from rank 0 with a warning on drift; None: never. DDP needs no "
     "collective for correctness: every rank applies the same update.",

@@ -16,9 +16,9 @@ a plain loop, and ``tests/rule/test_rule.py`` holds one against the other.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = [
     "FAST_START_GAIN",
@@ -29,6 +29,7 @@ __all__ = [
     "Schedule",
     "StepStatistics",
     "adapt",
+    "bases_by_scope",
     "clamp_log_factor",
     "clamp_to_lr_bounds",
     "damping",
@@ -153,13 +154,25 @@ def factor(bounds: Bounds, log_factor: float) -> float:
 
 
 def lr_for(bounds: Bounds, base: float, log_factor: float) -> float:
-    """The lr used, ``lr_base * F``, within the lr bounds."""
+    """The lr used, ``lr_base * F``, within the lr bounds; a group whose base lr is 0 stays at 0."""
+    if base == 0:
+        return 0.0  # frozen by its lr (or a warm-up's first step): the bounds are for groups that move
     lr = base * factor(bounds, log_factor)
     if bounds.min_lr is not None:
         lr = max(lr, bounds.min_lr)
     if bounds.max_lr is not None:
         lr = min(lr, bounds.max_lr)
     return lr
+
+
+def bases_by_scope(
+    bounds: Bounds, bases: list[Any], scopes: int, scope_of: Callable[[int], int]
+) -> list[list[float]] | None:
+    """Per scope, the positive base lrs of its groups, where lr bounds bind (None: no lr bound)."""
+    if bounds.min_lr is None and bounds.max_lr is None:
+        return None
+    floats = [float(b) for b in bases]
+    return [[b for j, b in enumerate(floats) if scope_of(j) == k and b > 0] for k in range(scopes)]
 
 
 def clamp_to_lr_bounds(bounds: Bounds, log_factors: Sequence[float], bases: Sequence[Sequence[float]]) -> list[float]:

@@ -119,11 +119,19 @@ class RestorePoint:
         self._previous: dict[Tensor, Tensor] = {}  # theta before the step before
         self._valid_current: set[Tensor] = set()
         self._valid_previous: set[Tensor] = set()
+        self._steps_at_snapshot: int | None = None  # the optimizer steps completed when the last one was taken
 
-    def before_step(self, params: Sequence[Tensor]) -> None:
-        """Snapshot ``params`` (the step pre-hook); the last snapshot becomes the previous one."""
-        self._previous, self._current = self._current, self._previous
-        self._valid_previous, self._valid_current = self._valid_current, set(params)
+    def before_step(self, params: Sequence[Tensor], steps_taken: int | None = None) -> None:
+        """Snapshot ``params`` (the step pre-hook); the last snapshot becomes the previous one if its step ran
+        (``steps_taken``, the optimizer steps completed so far, moved on since it was taken; None: it did).
+        A step that raised or was skipped changed nothing: its snapshot is taken again, and an undo still
+        goes back two steps that ran."""
+        ran = steps_taken is None or steps_taken != self._steps_at_snapshot
+        self._steps_at_snapshot = steps_taken
+        if ran:
+            self._previous, self._current = self._current, self._previous
+            self._valid_previous = self._valid_current
+        self._valid_current = set(params)
         snapshot(self._current, params, self._views(params))
 
     def undo(self) -> int:
@@ -144,6 +152,7 @@ class RestorePoint:
         self._current.clear()
         self._previous.clear()
         self._valid_current, self._valid_previous = set(), set()
+        self._steps_at_snapshot = None
 
     def _views(self, params: Sequence[Tensor]) -> list[Tensor]:
         detached = [p.detach() for p in params]
@@ -169,9 +178,9 @@ class Safeguard:
         ``sharding`` (a :class:`~lightning_clara.distributed.Sharding`) gives the local view of each shard."""
         return None if detector is None else cls(detector, None if sharding is None else sharding.local)
 
-    def before_step(self, params: Sequence[Tensor]) -> None:
-        """Snapshot the parameters the coming step will change."""
-        self.restore_point.before_step(params)
+    def before_step(self, params: Sequence[Tensor], steps_taken: int | None = None) -> None:
+        """Snapshot the parameters the coming step will change (``steps_taken``: see :class:`RestorePoint`)."""
+        self.restore_point.before_step(params, steps_taken)
 
     def judge(self, loss: float) -> bool:
         """Feed one step's loss; True on an alarm, after which the test starts afresh."""

@@ -10,7 +10,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from lightning_clara.distributed import Sharding
+from lightning_clara.distributed import Sharding, dtensor_sharding
 
 __all__ = ["STRATEGY_ADAPTERS", "DTensorSharded", "Replicated", "StrategyAdapter", "Unsupported", "sharding_for"]
 
@@ -33,20 +33,8 @@ class DTensorSharded(StrategyAdapter):
     """DTensor parameters sharded on one 1-D mesh (FSDP2's ``fully_shard`` through ``configure_model``)."""
 
     def sharding(self, trainer: pl.Trainer) -> Sharding | None:
-        meshes = {
-            id(p.device_mesh): p.device_mesh
-            for optimizer in trainer.optimizers
-            for group in optimizer.param_groups
-            for p in group["params"]
-            if hasattr(p, "device_mesh")
-        }
-        if len(meshes) > 1 or any(mesh.ndim != 1 for mesh in meshes.values()):
-            raise NotImplementedError(
-                "CLARACallback supports ModelParallelStrategy with parameters sharded on one 1-D mesh "
-                "(fully_shard over the data-parallel mesh); tensor-parallel or several meshes are not supported yet"
-            )
-        group = next(iter(meshes.values())).get_group() if meshes else None
-        return Sharding.for_dtensors(group)
+        params = (p for optimizer in trainer.optimizers for group in optimizer.param_groups for p in group["params"])
+        return dtensor_sharding(params, "CLARACallback with ModelParallelStrategy") or Sharding.for_dtensors(None)
 
 
 class Unsupported(StrategyAdapter):

@@ -34,9 +34,12 @@ class PendingStep:
     lr_used: list[float]  # per group, the lr the step ran at
     device: torch.device
     skip_flag: Tensor | None = None  # a fused optimizer's device-side skip flag (its host copy), if any
+    skip_counted: bool = True  # the flag is CLARA's (a skip counts), not GradScaler's (a routine fp16 skip)
 
     @classmethod
-    def send(cls, step: DeviceStep, lr_used: Sequence[float], skip_flag: Tensor | None = None) -> PendingStep:
+    def send(
+        cls, step: DeviceStep, lr_used: Sequence[float], skip_flag: Tensor | None = None, skip_counted: bool = True
+    ) -> PendingStep:
         """Start moving ``step``'s results (and the step's device skip flag) to the host: a copy behind an
         event on CUDA, nothing on the CPU."""
         results = list(step.results) if skip_flag is None else [*step.results, skip_flag]
@@ -54,7 +57,7 @@ class PendingStep:
             ready.record()
             results = buffers
         flag = results.pop() if skip_flag is not None else None
-        return cls(results, ready, step.finish, list(lr_used), step.device, flag)
+        return cls(results, ready, step.finish, list(lr_used), step.device, flag, skip_counted)
 
     @property
     def deferred(self) -> bool:

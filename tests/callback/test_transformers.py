@@ -222,3 +222,88 @@ def test_a_nan_gradient_in_the_trainer_is_skipped(tmp_path: Path) -> None:
     assert steps == {28.0}  # the optimizer's own step counts: both skipped updates left them as they were
     assert sum("skipped an update" in str(w.message) for w in caught) == 1
     assert all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters())
+
+
+def test_resume_from_a_path_object_outside_the_output_dir(
+    saved_run: tuple[Path, dict[int, float]], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The Trainer takes a ``pathlib.Path``; so does CLARA's state (it used to fall back to ``output_dir``)."""
+    import shutil
+
+    out, logged = saved_run
+    moved = tmp_path_factory.mktemp("moved") / "checkpoint"
+    shutil.copytree(out / "checkpoint-20", moved)
+    resumed = tiny_trainer(tmp_path_factory.mktemp("fresh"), SAVING)
+    callback = add_clara(resumed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed.train(resume_from_checkpoint=moved)
+    assert not [w for w in caught if "without CLARA state" in str(w.message)]
+    assert callback.controller is not None
+    assert callback.controller.num_adapted_steps == 39
+    again = logged_log_factors(resumed)
+    assert [again[30], again[40]] == pytest.approx([logged[30], logged[40]], rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "refused"),
+    [
+        ({"deepspeed": "ds_config.json"}, True),
+        ({"fsdp": ["full_shard"], "fsdp_config": {"version": 1}}, True),
+        ({"fsdp": ["full_shard"], "fsdp_config": {"version": 2}}, False),
+        ({"fsdp": [], "fsdp_config": None}, False),
+    ],
+)
+def test_shard_layouts_clara_cannot_read_are_refused_by_name(arguments: dict[str, object], refused: bool) -> None:
+    """DeepSpeed's ZeRO partitions and FSDP1's flat parameters would give every rank its own F (or fail deep in
+    the first step): refused when training begins; FSDP2's DTensors CLARA reads itself."""
+    from types import SimpleNamespace
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    args = SimpleNamespace(**{"deepspeed": None, "fsdp": [], "fsdp_config": None, **arguments})
+    state = SimpleNamespace(max_steps=10, global_step=0)
+    callback = CLARATrainerCallback(loss_brake=False)
+    if refused:
+        with pytest.raises(NotImplementedError, match="DeepSpeed or FSDP1"):
+            callback.on_train_begin(args, state, None, optimizer=optimizer)  # type: ignore[arg-type]
+    else:
+        callback.on_train_begin(args, state, None, optimizer=optimizer)  # type: ignore[arg-type]
+        assert callback.controller is not None
+
+
+def test_the_loss_tap_leaves_the_trainer_its_own_loss() -> None:
+    """Under several processes CLARA takes the mean over ranks once per optimizer step; the Trainer keeps this
+    rank's own loss (its NaN filter and logs see what the rank computed)."""
+    from types import SimpleNamespace
+
+    own = torch.tensor(2.0)
+    reduced: list[float] = []
+
+    def reduce(tensor: torch.Tensor, reduction: str) -> torch.Tensor:
+        assert reduction == "mean"
+        reduced.append(float(tensor))
+        return tensor.fill_(5.0)  # in place, as a collective would
+
+    trainer = SimpleNamespace(
+        training_step=lambda *args, **kwargs: own,
+        train=lambda *args, **kwargs: None,
+        accelerator=SimpleNamespace(reduce=reduce),
+        args=SimpleNamespace(world_size=2),
+    )
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    callback = CLARATrainerCallback()
+    callback.tap(trainer)  # type: ignore[arg-type]
+    args = SimpleNamespace(deepspeed=None, fsdp=[], fsdp_config=None, world_size=2)
+    callback.on_train_begin(args, SimpleNamespace(max_steps=10, global_step=0), None, optimizer=optimizer)  # type: ignore[arg-type]
+    for _ in range(2):  # two micro-batches of one optimizer step
+        assert trainer.training_step() is own
+    assert float(own) == 2.0
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    callback.on_step_end(args, SimpleNamespace(), None)  # type: ignore[arg-type]
+    assert reduced == [4.0]  # the step's two micro-batch losses, summed, then one mean over ranks
+    assert callback.controller is not None
+    assert callback.controller._losses.last_loss == 5.0
+    assert float(own) == 2.0

@@ -14,6 +14,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import clara_state
 from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.tuner import Tuner
@@ -200,3 +201,142 @@ def test_spawned_fits_are_recognised_for_the_main_process_note() -> None:
     single = pl.Trainer(accelerator="cpu", devices=1, logger=False)
     assert _runs_in_worker_processes(spawned)
     assert not _runs_in_worker_processes(single)
+
+
+# ------------------------------------------------------------------ found in review (2026-12-03)
+@pytest.mark.parametrize("finder", ["lr", "batch_size"])
+def test_a_reused_callback_with_a_tuner_starts_the_second_fit_afresh(finder: str, make_module, trainer_kwargs) -> None:
+    """The tuner saves a checkpoint before CLARA attaches to the new fit: it must not hold the last fit's
+    (detached) controllers, or the new fit would continue their F."""
+    callback = CLARACallback(c=0.2, d=0.2, fast_start=0)
+    for _ in range(2):
+        tuner = (
+            LearningRateFinder(num_training_steps=5, update_attr=False)
+            if finder == "lr"
+            else BatchSizeFinder(max_trials=1, init_val=8)
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pl.Trainer(callbacks=[callback, tuner], **(trainer_kwargs | {"max_epochs": 3})).fit(make_module(sgd))
+        assert first_lr_used(callback) == pytest.approx(BASE_LR * INITIAL_FACTOR, rel=1e-6)
+
+
+def test_a_resume_with_a_tuner_continues_the_checkpoints_factor(make_module, trainer_kwargs, tmp_path: Path) -> None:
+    """fit(ckpt_path=Y) with a tuner callback and a callback reused from another fit: Y's factor, not that fit's."""
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "y", save_last=True)
+    options: dict[str, Any] = {"c": 0.2, "d": 0.2, "fast_start": 0}
+    saver = CLARACallback(**options)
+    kwargs = trainer_kwargs | {"enable_checkpointing": True}
+    pl.Trainer(callbacks=[saver, checkpoint], **kwargs).fit(make_module(sgd))
+    saved_lr = BASE_LR * math.exp(clara_state(checkpoint.last_model_path)["controllers"][0]["log_factors"][0])
+    callback = CLARACallback(**options)
+    pl.Trainer(callbacks=[callback], **(trainer_kwargs | {"max_epochs": 4})).fit(make_module(sgd))
+    tuner = LearningRateFinder(num_training_steps=5, update_attr=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = pl.Trainer(callbacks=[callback, tuner], **(trainer_kwargs | {"max_epochs": 2}))
+        trainer.fit(make_module(sgd), ckpt_path=checkpoint.last_model_path)
+    assert first_lr_used(callback) == pytest.approx(saved_lr, rel=1e-9)
+
+
+def test_a_resume_with_clara_listed_before_a_finetuning_callback(make_module, trainer_kwargs, tmp_path: Path) -> None:
+    """BackboneFinetuning rebuilds its unfrozen param groups in its own on_fit_start: CLARA's state loads after
+    every callback's (in on_train_start), whatever the order of the callbacks."""
+    from lightning.pytorch.callbacks import BackboneFinetuning
+    from torch import nn
+
+    class WithBackbone(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.backbone, self.head = nn.Linear(4, 8), nn.Linear(8, 1)
+
+        def training_step(self, batch: Any, index: int) -> torch.Tensor:
+            x, y = batch
+            return nn.functional.mse_loss(self.head(torch.tanh(self.backbone(x.float()))), y.float())
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=BASE_LR)
+
+        def train_dataloader(self) -> torch.utils.data.DataLoader:
+            return torch.utils.data.DataLoader(make_module(sgd).dataset, batch_size=8)
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "finetune", save_last=True)
+
+    def callbacks() -> list[pl.Callback]:
+        return [CLARACallback(), BackboneFinetuning(unfreeze_backbone_at_epoch=1)]
+
+    kwargs = trainer_kwargs | {"enable_checkpointing": True, "max_epochs": 2}
+    pl.Trainer(callbacks=[*callbacks(), checkpoint], **kwargs).fit(WithBackbone())
+    resumed = callbacks()
+    pl.Trainer(callbacks=resumed, **(trainer_kwargs | {"max_epochs": 3})).fit(
+        WithBackbone(), ckpt_path=checkpoint.last_model_path
+    )
+    clara = resumed[0]
+    assert isinstance(clara, CLARACallback)
+    assert clara.summary_rows is not None
+    assert clara.summary_rows[0].adapted_steps > 0
+
+
+def test_a_checkpoint_saved_inside_the_step_resumes_at_the_base_lr(make_module, trainer_kwargs, tmp_path: Path) -> None:
+    """A checkpoint saved while the optimizer steps (from training_step, as Lightning's SLURM requeue handler
+    may) holds the base lr, so the resumed fit uses ``base * F`` and not ``base * F**2``."""
+    path = tmp_path / "inside.ckpt"
+
+    def save_inside(module: Any) -> torch.optim.Optimizer:
+        optimizer = sgd(module)
+        step = module.training_step
+
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            if module.trainer.global_step == 5 and not path.exists():
+                module.trainer.save_checkpoint(path)
+            return step(*args, **kwargs)
+
+        module.training_step = training_step
+        return optimizer
+
+    pl.Trainer(callbacks=[CLARACallback()], **trainer_kwargs).fit(make_module(save_inside))
+    saved = torch.load(path, weights_only=False)
+    assert saved["optimizer_states"][0]["param_groups"][0]["lr"] == BASE_LR
+    callback = CLARACallback()
+    pl.Trainer(callbacks=[callback], **(trainer_kwargs | {"max_epochs": 2})).fit(make_module(sgd), ckpt_path=path)
+    assert first_lr_used(callback) == pytest.approx(BASE_LR * INITIAL_FACTOR, rel=0.05)
+
+
+def test_under_gradient_accumulation_the_loss_reaches_clara_at_its_own_scale(
+    make_module, trainer_kwargs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lightning's batch outputs hold the loss divided by accumulate_grad_batches: CLARA gets the micro-batch's
+    own loss, so a scheduled change of the accumulation is no jump in the loss the brake sees."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    from lightning_clara.controller import CLARA
+
+    fed: list[float] = []
+    observe = CLARA.observe_loss
+
+    def spy(self: CLARA, loss: Any) -> bool:
+        fed.append(float(loss))
+        return observe(self, loss)
+
+    monkeypatch.setattr(CLARA, "observe_loss", spy)
+    raw: list[float] = []
+
+    def recording(module: Any) -> torch.optim.Optimizer:
+        step = module.training_step
+
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            loss = step(*args, **kwargs)
+            raw.append(float(loss))
+            return loss
+
+        module.training_step = training_step
+        return sgd(module)
+
+    accumulation = GradientAccumulationScheduler({0: 1, 1: 4})
+    pl.Trainer(callbacks=[CLARACallback(), accumulation], **(trainer_kwargs | {"max_epochs": 2})).fit(
+        make_module(recording)
+    )
+    per_epoch = len(raw) // 2
+    expected = raw[:per_epoch] + raw[per_epoch + 3 :: 4]  # epoch 1: the last micro-batch of each step
+    assert fed == pytest.approx(expected, rel=1e-6)

@@ -525,3 +525,28 @@ def test_under_accumulation_only_the_stepping_batches_feed_the_safeguard(trainer
     alarms = logger.series("clara/safeguard_alarms-SGD")
     assert sorted(alarms) == list(range(steps))  # logged once per optimizer step, on the optimizer-step axis
     assert [alarms[s] for s in range(steps)] == [float(max(0, s - nan_from + 1)) for s in range(steps)]
+
+
+def test_an_undo_goes_back_two_steps_that_ran_across_a_step_that_raised() -> None:
+    """A step that raises (an out-of-memory in its closure) changes nothing: the restore point must not count it,
+    or an alarm that says "before the last 2 steps" would undo only one."""
+    p = torch.nn.Parameter(torch.zeros(5))
+    optimizer = torch.optim.SGD([p], lr=1.0)
+    clara = CLARA(optimizer, safeguard=True, initial_factor=1.0)
+    values = []
+    for i in range(12):
+        p.grad = torch.full((5,), -1.0)
+        optimizer.step()
+        values.append(float(p[0]))
+        clara.observe_loss(1.0 + 0.01 * (i % 2))
+
+    def raising() -> torch.Tensor:
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        optimizer.step(raising)
+    p.grad = torch.full((5,), -1.0)
+    optimizer.step()
+    with pytest.warns(RuntimeWarning, match=r"before the last 2 step\(s\)"):
+        assert clara.observe_loss(math.nan) is True
+    assert float(p[0]) == values[-2]  # before the last two steps that ran

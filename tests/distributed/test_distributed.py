@@ -227,22 +227,31 @@ def _fsdp2_worker(rank: int, store: str, out_dir: str) -> None:
         # the inf entry sits in rank 1's shard only: rank 0 must skip that update too
         options = {"sharding": Sharding.for_dtensors(), "sample": 16}
         trajectory, _ = _fsdp2_trajectory(model, options, poison_shard=rank == 1)
-        torch.save({"factors": trajectory}, Path(out_dir) / f"fsdp{rank}.pt")
+        # no sharding given, FSDP2 applied per layer (each layer its own, equal mesh): CLARA finds it
+        model = _fsdp2_model()
+        for layer in (model[0], model[2]):
+            fully_shard(layer)
+        fully_shard(model)
+        found, _ = _fsdp2_trajectory(model, {"sample": 16}, poison_shard=rank == 1)
+        torch.save({"factors": trajectory, "found": found}, Path(out_dir) / f"fsdp{rank}.pt")
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
 def test_fsdp2_fully_shard_matches_single_process(tmp_path: Path) -> None:
-    """torch's FSDP2 on 2 CPU ranks (DTensor parameters sharded on dim 0): CLARA with ``Sharding.for_dtensors()``
-    reproduces the unsharded run, and an inf gradient entry in one rank's shard skips that update on both
-    ranks, as it does in one process (more of FSDP2: tests/distributed/test_model_parallel.py)."""
+    """torch's FSDP2 on 2 CPU ranks (DTensor parameters sharded on dim 0): CLARA with ``Sharding.for_dtensors()``,
+    or with no sharding given (found on the DTensor parameters), reproduces the unsharded run, and an inf
+    gradient entry in one rank's shard skips that update on both ranks, as it does in one process (more of
+    FSDP2: tests/distributed/test_model_parallel.py)."""
     spawn_ranks(_fsdp2_worker, tmp_path)
     expected, _ = _fsdp2_trajectory(_fsdp2_model(), {"sample": 16})
     initial = RULE_DEFAULTS["normalized"]["initial_factor"]
     assert abs(math.log(expected[-1] / initial)) > 0.05  # the factor moved from where it started
     for rank in range(WORLD):
-        assert torch.load(tmp_path / f"fsdp{rank}.pt")["factors"] == pytest.approx(expected, rel=1e-9)
+        saved = torch.load(tmp_path / f"fsdp{rank}.pt")
+        assert saved["factors"] == pytest.approx(expected, rel=1e-9)
+        assert saved["found"] == pytest.approx(expected, rel=1e-9)  # the sharding CLARA found itself
 
 
 def test_sharded_sampled_paths_resume_exactly() -> None:

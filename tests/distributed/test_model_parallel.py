@@ -48,6 +48,9 @@ class Regression(L.LightningModule):
         if self.shard:
             from torch.distributed.fsdp import fully_shard
 
+            for layer in self.net:  # per layer, then the whole, as FSDP2 is usually applied: each call
+                if any(True for _ in layer.parameters()):  # takes its own (equal) mesh object
+                    fully_shard(layer, mesh=self.device_mesh["data_parallel"])
             fully_shard(self.net, mesh=self.device_mesh["data_parallel"])
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], index: int) -> torch.Tensor:

@@ -150,13 +150,20 @@ def test_under_ddp_the_safeguard_sees_the_loss_averaged_over_ranks() -> None:
     def reduce(value: torch.Tensor, reduce_op: str) -> torch.Tensor:
         assert reduce_op == "mean"
         reduced.append(float(value))
-        return torch.tensor(7.0)
+        return value.fill_(7.0)  # Lightning's DDP reduce all-reduces in place
 
-    trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(reduce=reduce))
+    trainer = SimpleNamespace(
+        world_size=2,
+        strategy=SimpleNamespace(reduce=reduce),
+        lightning_module=SimpleNamespace(automatic_optimization=True),
+        accumulate_grad_batches=1,
+    )
     model(torch.ones(1, 2)).sum().backward()
     callback.controllers[0].optimizer.step()  # a loss is taken for a step that ran
-    callback._feed_loss(trainer, {"loss": torch.tensor(3.0)}, [0])  # type: ignore[arg-type]
+    outputs = {"loss": torch.tensor(3.0)}
+    callback._feed_loss(trainer, outputs, [0])  # type: ignore[arg-type]
     safeguard = callback.controllers[0].safeguard
     assert safeguard is not None
     assert reduced == [3.0]
     assert (safeguard.count, safeguard.mean) == (1, 7.0)
+    assert float(outputs["loss"]) == 3.0  # this rank's batch output keeps its own loss

@@ -1,0 +1,187 @@
+"""Edge cases of the step's lifecycle found in review: each test failed on the code before its fix."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from lightning_clara import CLARA
+
+
+def _two_groups(**defaults: object) -> tuple[torch.nn.Parameter, torch.nn.Parameter, list[dict[str, object]]]:
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(50)), torch.nn.Parameter(torch.randn(50))
+    return a, b, [{"params": [a]}, {"params": [b], **defaults}]
+
+
+def test_a_tensor_lr_shared_by_groups_keeps_its_base() -> None:
+    """torch gives every group the same tensor when the constructor gets a tensor lr: the swap must save every
+    base before it writes any, or the second group saves the lr used and F compounds each step."""
+    a, b, groups = _two_groups()
+    optimizer = torch.optim.Adam(groups, lr=torch.tensor(1e-2))
+    assert optimizer.param_groups[0]["lr"] is optimizer.param_groups[1]["lr"]
+    clara = CLARA(optimizer)
+    for _ in range(4):
+        optimizer.zero_grad()
+        (a.sum() + b.sum()).backward()
+        optimizer.step()
+        assert float(optimizer.param_groups[0]["lr"]) == pytest.approx(1e-2)
+        assert clara.lr_used[0] == pytest.approx(1e-2 * clara.lr_factor, rel=0.05)  # F of the step before
+
+
+def test_a_group_at_lr_zero_stays_frozen_under_min_lr() -> None:
+    """``min_lr`` bounds the groups that move; a group whose base lr is 0 (frozen by its lr, a warm-up's
+    first step) must not be trained at ``min_lr``."""
+    a, b, groups = _two_groups(lr=0.0)
+    optimizer = torch.optim.SGD(groups, lr=0.1)
+    clara = CLARA(optimizer, min_lr=1e-3)
+    before = b.detach().clone()
+    optimizer.zero_grad()
+    (a.sum() + b.sum()).backward()
+    optimizer.step()
+    assert clara.lr_used[1] == 0.0
+    assert torch.equal(b.detach(), before)
+    assert clara.lr_used[0] >= 1e-3
+
+
+@pytest.mark.parametrize("when", ["before the first step", "after a step"])
+def test_lr_used_covers_a_group_added_since_the_last_step(when: str) -> None:
+    p = torch.nn.Parameter(torch.randn(5))
+    optimizer = torch.optim.SGD([p], lr=0.1)
+    clara = CLARA(optimizer, scope="param_group")
+    if when == "after a step":
+        p.grad = torch.ones(5)
+        optimizer.step()
+    optimizer.add_param_group({"params": [torch.nn.Parameter(torch.randn(5))], "lr": 0.2})
+    used = clara.lr_used
+    assert len(used) == 2
+    assert used[1] == pytest.approx(0.2 * clara.initial_factor)
+
+
+@pytest.mark.parametrize("bad", [torch.tensor([1.0, 2.0]), "1.0", None])
+@pytest.mark.parametrize("loss_brake", [True, False])
+def test_observe_loss_refuses_anything_but_one_number(bad: object, loss_brake: bool) -> None:
+    """A wrong loss is refused whether or not CLARA wants losses, and does not use up the step's loss."""
+    p = torch.nn.Parameter(torch.randn(5))
+    optimizer = torch.optim.SGD([p], lr=0.1)
+    clara = CLARA(optimizer, loss_brake=loss_brake)
+    p.grad = torch.ones(5)
+    optimizer.step()
+    with pytest.raises((TypeError, ValueError), match="observe_loss: loss must be"):
+        clara.observe_loss(bad)  # type: ignore[arg-type]
+    clara.observe_loss(torch.tensor(3.0))
+    if loss_brake:
+        assert clara._losses.last_loss == 3.0
+
+
+def test_a_numpy_float_is_a_loss() -> None:
+    np = pytest.importorskip("numpy")
+    p = torch.nn.Parameter(torch.randn(5))
+    optimizer = torch.optim.SGD([p], lr=0.1)
+    clara = CLARA(optimizer)
+    p.grad = torch.ones(5)
+    optimizer.step()
+    clara.observe_loss(np.float32(2.5))
+    assert clara._losses.last_loss == 2.5
+
+
+def test_detach_under_a_scheduler_made_later_leaves_the_step_alone() -> None:
+    """A scheduler made after attaching wraps CLARA's wrapper, which then cannot be unwrapped: detached, it must
+    pass through (no NaN skip of its own), and a new controller's skips must reach the new controller."""
+    p = torch.nn.Parameter(torch.ones(5))
+    optimizer = torch.optim.SGD([p], lr=0.1)
+    old = CLARA(optimizer)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 10)
+    old.detach()
+    p.grad = torch.full((5,), math.nan)
+    optimizer.step()
+    assert old.num_skipped_updates == 0
+    assert bool(torch.isnan(p).all())  # stepped as given: nothing of the old controller is left
+
+    p.data.fill_(1.0)
+    new = CLARA(optimizer, initial_factor=3.0)
+
+    def closure() -> torch.Tensor:
+        p.grad = torch.full((5,), math.nan)
+        return torch.tensor(1.0)
+
+    with pytest.warns(RuntimeWarning, match="skipped an update"):
+        optimizer.step(closure)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1)  # the base is back
+    assert new.num_skipped_updates == 1
+    scheduler.step()
+    for _ in range(3):
+        p.grad = torch.randn(5)
+        optimizer.step()
+    assert new.num_adapted_steps == 3
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
+
+
+def test_a_state_dict_taken_inside_a_step_holds_the_base_lrs() -> None:
+    """A checkpoint saved from inside the step (``training_step``, a SLURM requeue) must not store the lr used as
+    the base: the resumed run would apply F twice."""
+    p = torch.nn.Parameter(torch.randn(5))
+    optimizer = torch.optim.SGD([p], lr=0.01)
+    clara = CLARA(optimizer)
+    saved: list[dict[str, object]] = []
+
+    def closure() -> torch.Tensor:
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * clara.lr_factor)  # the lr used, inside
+        saved.append(optimizer.state_dict())
+        p.grad = torch.ones(5)
+        return torch.tensor(1.0)
+
+    optimizer.step(closure)
+    assert saved[0]["param_groups"][0]["lr"] == 0.01  # type: ignore[index]
+    assert optimizer.state_dict()["param_groups"][0]["lr"] == 0.01
+
+
+def test_a_state_dict_inside_a_step_keeps_a_tensor_base() -> None:
+    p = torch.nn.Parameter(torch.randn(5))
+    optimizer = torch.optim.Adam([p], lr=torch.tensor(0.01))
+    CLARA(optimizer)
+    saved: list[dict[str, object]] = []
+
+    def closure() -> torch.Tensor:
+        saved.append(optimizer.state_dict())
+        p.grad = torch.ones(5)
+        return torch.tensor(1.0)
+
+    optimizer.step(closure)
+    base = saved[0]["param_groups"][0]["lr"]  # type: ignore[index]
+    assert isinstance(base, torch.Tensor)
+    assert base is not optimizer.param_groups[0]["lr"]
+    assert float(base) == pytest.approx(0.01)
+
+
+def test_a_fused_step_that_gradscaler_skips_is_not_judged_nor_counted() -> None:
+    """GradScaler hands a fused optimizer its own ``found_inf``: the overflowed step never moves the parameters,
+    so its loss is ignored (no alarm, no halving of F) and the skip is GradScaler's, not counted as CLARA's."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(50))
+    optimizer = torch.optim.Adam([p], lr=1e-2, fused=True)
+    clara = CLARA(optimizer, safeguard=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    for _ in range(15):
+        optimizer.zero_grad()
+        loss = (p * torch.randn(50)).sum()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        clara.observe_loss(loss)
+    good, factor = p.detach().clone(), clara.lr_factor
+    optimizer.zero_grad()
+    loss = (p * math.inf).sum()
+    scaler.scale(loss).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no alarm, no "skipped an update"
+        scaler.step(optimizer)
+        scaler.update()
+        assert clara.observe_loss(loss) is False
+    assert torch.equal(p.detach(), good)
+    assert clara.lr_factor == factor
+    assert clara.num_skipped_updates == 0
+    assert "found_inf" not in optimizer.__dict__
