@@ -26,7 +26,7 @@ from torch.optim import Optimizer
 
 from lightning_clara.admission import check_supported, safeguarded_target, unwrap
 from lightning_clara.checkpoint import export_state, restore_state
-from lightning_clara.distributed import RankConsistencyGuard, Sharding, dtensor_sharding
+from lightning_clara.distributed import RankConsistencyGuard, Sharding
 from lightning_clara.finite_guard import SkipCounter
 from lightning_clara.loss_watch import LossWatch
 from lightning_clara.lr_swap import LearningRateSwap, StepHooks
@@ -110,8 +110,8 @@ class CLARA(ResolvedOptions):
         given = {name: value for name, value in locals().items() if name in OPTION_NAMES}
         optimizer = unwrap(optimizer)  # Fabric's wrapper: hook the optimizer it wraps
         check_supported(optimizer)
-        self.options = _with_found_sharding(merged_options(options, given), optimizer)
-        self.settings: Settings = self.options.resolve(safeguarded_target(optimizer))
+        self.options = merged_options(options, given)
+        self.settings: Settings = self.options.resolve(safeguarded_target(optimizer), optimizer.param_groups)
         every = self.settings.consistency_check_every
         self._guard = None if every is None else RankConsistencyGuard(every)
         if getattr(optimizer, "_clara_controller", None) is not None:
@@ -358,15 +358,6 @@ def _describe(s: Settings, optimizer: str, factors: list[float], steps: int) -> 
     rule = f"c={s.c}, d={s.d}, fast_start={s.fast_start}, hold_after={s.hold_after}, target={s.target}"
     f = ", ".join(f"{v:.4g}" for v in factors)
     return f"CLARA({optimizer}, {rule}, scope={s.scope!r}, sample={s.sample}, F=[{f}], steps={steps})"
-
-
-def _with_found_sharding(options: CLARAOptions, optimizer: Optimizer) -> CLARAOptions:
-    """``options``, with FSDP2's DTensor sharding when the parameters are DTensors and none was given (a
-    Transformers Trainer's, Fabric's or a plain loop's ``fully_shard``; the Lightning callback passes it)."""
-    if options.sharding is not None:
-        return options
-    found = dtensor_sharding(trainable(optimizer), "CLARA")
-    return options if found is None else dataclasses.replace(options, sharding=found)
 
 
 def _warn_non_finite(tensors: int) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import textwrap
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Literal
@@ -26,7 +26,7 @@ from lightning_clara._validation import (
     check_optional_positive,
     check_positive_int,
 )
-from lightning_clara.distributed import Sharding
+from lightning_clara.distributed import Sharding, dtensor_sharding
 from lightning_clara.reference.curves import Reference
 from lightning_clara.rule import Bounds, Schedule
 from lightning_clara.safeguard import PageHinkley
@@ -235,8 +235,9 @@ class CLARAOptions:
         """The paper's exact rule and defaults: ``rule="paper"``, ``c=0.2``, ``d=1e-3``, F starting at 1."""
         return cls(**{"rule": "paper", **overrides})
 
-    def resolve(self, safeguarded_target: float | None = None) -> Settings:
-        """The concrete settings; ``safeguarded_target`` is the optimizer's target with a safeguard, if any.
+    def resolve(self, safeguarded_target: float | None = None, param_groups: Sequence[dict[str, Any]] = ()) -> Settings:
+        """The concrete settings; ``safeguarded_target`` is the optimizer's target with a safeguard, if any;
+        ``sharding`` left at None is FSDP2's where the parameters of ``param_groups`` are DTensors.
 
         Options given as None take the default of their ``rule`` (:data:`RULE_DEFAULTS`); with
         ``rule="normalized"`` and ``total_steps`` given, ``hold_after`` and ``d`` left at None follow
@@ -255,7 +256,7 @@ class CLARAOptions:
             "initial_factor": _positive("initial_factor", rule_values["initial_factor"]),
             "variant": check_choice("variant", self.variant, ("clara", "salera")),
         }
-        values.update(self._resolve_features())
+        values.update(self._resolve_features(param_groups))
         values["d"] = _positive("d", rule_values["d"])
         values["fast_start"] = check_non_negative_int("fast_start", rule_values["fast_start"])
         values["hold_after"] = check_non_negative_int("hold_after", rule_values["hold_after"])
@@ -272,7 +273,7 @@ class CLARAOptions:
             values["target"] = safeguarded_target
         return Settings(**values)
 
-    def _resolve_features(self) -> dict[str, Any]:
+    def _resolve_features(self, param_groups: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """``unit_step``, ``reference``, ``safeguard`` and ``sharding``: their types, in that order."""
         if not isinstance(self.unit_step, bool):
             raise TypeError(f"unit_step must be a bool, got {type(self.unit_step).__name__} {self.unit_step!r}")
@@ -291,6 +292,8 @@ class CLARAOptions:
             raise TypeError(
                 f"sharding must be a lightning_clara.distributed.Sharding or None, got {type(sharding).__name__}"
             )
+        if sharding is None:
+            sharding = dtensor_sharding((p for group in param_groups for p in group["params"]), "CLARA")
         if sharding is not None and (self.variant == "salera" or self.unit_step):
             raise ValueError("sharding reads the realised step on the sample: use variant='clara' and unit_step=False")
         return {"unit_step": self.unit_step, "reference": self.reference, "safeguard": safeguard, "sharding": sharding}
