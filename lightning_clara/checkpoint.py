@@ -2,7 +2,7 @@
 
 Format 2 adds ``config["sample"]`` and sampled paths (1-D, the sample's entries, with the
 parameter's ``shape``); format 1 (full paths) still loads. Paths kept another way than the
-controller keeps them (another ``sample``) restart, with a warning; factors and counters load.
+controller keeps them (another ``sample`` or ``c``) restart, with a warning; factors and counters load.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ __all__ = ["STATE_FORMAT", "check_state", "export_state", "restore_state"]
 
 STATE_FORMAT = 2
 _READABLE_FORMATS = (1, STATE_FORMAT)
-#: The settings a state dict records (``scope`` must match on load, ``sample`` decides whether paths load).
+#: The settings a state dict records (``scope`` must match on load, ``sample`` and ``c`` decide whether paths load).
 _CONFIG_KEYS = ("rule", "c", "d", "fast_start", "hold_after", "target", "scope", "variant", "unit_step", "sample")
 
 
@@ -162,8 +162,9 @@ def restore_state(
     """
     check_state(state_dict, settings, optimizer)
     trend = losses.checked(state_dict.get("loss_trend"))
-    saved_sample = state_dict["config"].get("sample")
-    same_paths = saved_sample == settings.sample
+    config = state_dict["config"]
+    kept = {"sample": config.get("sample"), "c": config.get("c", settings.c)}  # how the paths were kept
+    same_paths = kept == {"sample": settings.sample, "c": settings.c}
     if same_paths:
         paths.check(state_dict["tensors"], optimizer)
     factors = FactorState(
@@ -180,8 +181,9 @@ def restore_state(
         paths.load(state_dict["tensors"], optimizer)
         return factors
     warnings.warn(
-        f"CLARA: the checkpoint's paths were kept with sample={saved_sample!r}, this controller keeps "
-        f"sample={settings.sample!r}: the paths restart (factors and step counters are restored)",
+        f"CLARA: the checkpoint's paths were kept with sample={kept['sample']!r}, c={kept['c']!r}; this "
+        f"controller keeps sample={settings.sample!r}, c={settings.c!r}: the paths restart (factors and step "
+        "counters are restored)",
         RuntimeWarning,
         stacklevel=3,
     )

@@ -156,6 +156,11 @@ class SampleBucket:
         self.groups = torch.tensor([member.group for member in self.members], dtype=torch.int64)
         self.group_set = sorted({member.group for member in self.members})
 
+    def moved(self) -> bool:
+        """Whether the tensors left this bucket's device or dtype in place (``model.to(...)``, ``.double()``)."""
+        first = self._local(self.members[0].param.detach())
+        return first.device != self.device or first.dtype != self.dtype
+
     def _gather(self) -> Tensor:
         """Sharded: the sampled entries this rank holds, concatenated (their ``targets`` place them)."""
         pieces = [

@@ -117,7 +117,7 @@ class SampledPaths:
             (bool(group.get("maximize", False)), *(id(p) if p.requires_grad else 0 for p in group["params"]))
             for group in param_groups
         )  # cheap enough per step; the layout itself is rebuilt only when it changes (maximize: SALeRA's sign)
-        if key != self._layout_key:
+        if key != self._layout_key or any(bucket.moved() for bucket in self.buckets):
             members = [
                 (j, i, param, bool(group.get("maximize", False)))
                 for j, group in enumerate(param_groups)

@@ -53,6 +53,7 @@ class GroupSummary:
     safeguard_alarms: int | None = None
     resyncs: int | None = None
     skipped_updates: int | None = None
+    optimizer: str = ""  # the optimizer's name, which the counts under the table are keyed by
 
 
 def _number(value: float | None, spec: str) -> str:
@@ -71,7 +72,10 @@ def _lr(value: float | None) -> str:
 
 def _per_optimizer(rows: Sequence[GroupSummary], field_name: str, label: str) -> str | None:
     """``label: Adam 2, SGD 0`` for a count every group of an optimizer shares; None if no row has it."""
-    counts = {row.name.split("/")[0]: value for row in rows if (value := getattr(row, field_name)) is not None}
+    counts = {}
+    for row in rows:
+        if (value := getattr(row, field_name)) is not None:
+            counts[row.optimizer or row.name.split("/")[0]] = value
     return f"{label}: " + ", ".join(f"{name} {value}" for name, value in counts.items()) if counts else None
 
 
@@ -170,6 +174,8 @@ class _Tracker:
         checked = controller.consistency_check_every is not None
         resyncs = controller.num_resyncs - self.resyncs_base if checked else None
         skipped_updates = controller.num_skipped_updates - self.skipped_updates_base or None
+        # a scheduler's name may hold "/": the optimizer's name is what its groups' names share
+        optimizer = names[0].rsplit("/", 1)[0] if len(names) > 1 else (names[0] if names else "")
         out = []
         for j, name in enumerate(names):
             stats = self.groups[j] if j < len(self.groups) else _GroupStats()
@@ -187,6 +193,7 @@ class _Tracker:
                     safeguard_alarms=alarms,
                     resyncs=resyncs,
                     skipped_updates=skipped_updates,
+                    optimizer=optimizer,
                 )
             )
         return out

@@ -382,3 +382,21 @@ def test_prog_bar_off_by_default(make_module: MakeModule, trainer_kwargs: dict[s
 def test_new_flags_must_be_bools(kwargs: dict[str, Any], argument: str) -> None:
     with pytest.raises(TypeError, match=argument):
         CLARACallback(**kwargs)
+
+
+def test_counts_under_the_table_keep_optimizers_whose_names_hold_a_slash() -> None:
+    """A scheduler config may be named "lr/gen": the counts are keyed by the optimizer, not by the name's
+    first part (the generator's alarms were merged into, and hidden by, the discriminator's)."""
+    from lightning_clara import CLARA
+    from lightning_clara.summary import FitSummary
+
+    rows = []
+    for names, alarms in ((["lr/gen"], 3), (["lr/disc/pg1", "lr/disc/pg2"], 0)):
+        groups = [{"params": [torch.nn.Parameter(torch.randn(3))]} for _ in names]
+        controller = CLARA(torch.optim.SGD(groups, lr=0.1), safeguard=True)
+        summary = FitSummary()
+        summary.track(controller)
+        controller.safeguard.alarms = alarms  # type: ignore[union-attr]  # in this fit
+        rows += summary.rows([names])
+    assert [row.optimizer for row in rows] == ["lr/gen", "lr/disc", "lr/disc"]
+    assert "safeguard alarms: lr/gen 3, lr/disc 0" in render(summary_table(rows))

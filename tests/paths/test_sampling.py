@@ -493,3 +493,38 @@ def test_the_step_on_the_device_is_twelve_calls_whatever_the_tensor_count(tensor
     # the host's tally (its first: count 1, the curve's second value), every row moved and finite
     expected = torch.tensor([[0.02] * tensors, [1.0] * tensors, [1.0] * tensors], dtype=torch.float64)
     assert torch.equal(engine.buckets[0].tally(results[0], [[0.01, 0.02]] * tensors)[1:], expected)
+
+
+def test_a_checkpoint_with_another_c_restarts_the_paths() -> None:
+    """A path's length depends on c: kept with another c it would be judged against the wrong reference for
+    about 1/c steps, so it restarts (with a warning) while the factor loads."""
+    _, saved = run_trajectory(FAMILIES["adam"], steps=30, sample=M)
+    params = make_params()
+    clara = CLARA(torch.optim.Adam(params, lr=1e-3), c=C / 2, d=0.05, sample=M)
+    with pytest.warns(RuntimeWarning, match=r"c=.*the paths restart"):
+        clara.load_state_dict(saved.state_dict())
+    assert clara.lr_factor == pytest.approx(saved.lr_factor)
+    assert all(entry is None for entry in clara.state_dict()["tensors"][0])  # no path kept yet
+
+
+def test_a_model_cast_after_attaching_gets_paths_of_its_new_dtype() -> None:
+    """``model.double()`` (or ``.to(device)``) keeps the parameters' identity: the buckets must still follow
+    their dtype and device, keeping each tensor's path."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(100, 50)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    clara = CLARA(optimizer)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(4, 100)).sum().backward()
+        optimizer.step()
+    before = [entry["path"].clone() for entry in clara.state_dict()["tensors"][0]]
+    model.double()
+    assert [bucket.path.dtype for bucket in clara.paths.sampled.buckets] == [torch.float32]
+    optimizer.zero_grad()
+    model(torch.randn(4, 100, dtype=torch.float64)).sum().backward()
+    optimizer.step()
+    assert [bucket.path.dtype for bucket in clara.paths.sampled.buckets] == [torch.float64]
+    assert clara.num_adapted_steps == 4
+    after = [entry["path"] for entry in clara.state_dict()["tensors"][0]]
+    assert all(not torch.equal(a.double(), b) and float(b.abs().sum()) > 0 for a, b in zip(before, after, strict=True))
