@@ -82,7 +82,7 @@ class LossWatch:
             buffer = torch.empty((), dtype=torch.float32, pin_memory=True)
             buffer.copy_(loss.detach().float().reshape(()), non_blocking=True)  # type: ignore[union-attr]
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            event.record()
+            event.record(torch.cuda.current_stream(loss.device))  # type: ignore[union-attr]  # where it copies
             self._pending = (buffer, event)
             return False
         return self._take(float(loss.detach().float().item()) if isinstance(loss, Tensor) else float(loss))

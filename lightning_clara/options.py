@@ -41,6 +41,9 @@ __all__ = [
     "run_length_defaults",
 ]
 
+#: The smallest c: references span at most 4096 steps (``reference.curves.MAX_HORIZON``), enough for c >= 1e-3
+MIN_C = 1e-3  # (at c = 1e-4 a random walk's path still grows there: the reference was 44 % low)
+
 Scope = Literal["optimizer", "param_group"]
 Variant = Literal["clara", "salera"]
 Rule = Literal["paper", "normalized"]
@@ -80,7 +83,7 @@ SHORT_RUN_MIN_HOLD = 240
 
 #: One line of documentation per option, in plain text (LightningCLI prints it as is).
 OPTION_DOCS: dict[str, str] = {
-    "c": "path memory in (0, 1]; the path averages roughly the last 1/c unit steps (default 0.02; the "
+    "c": "path memory in [0.001, 1]; the path averages roughly the last 1/c unit steps (default 0.02; the "
     "paper's 0.2 with rule='paper'). The longer memory sees the drift of a deep network under its "
     "oscillating top directions: at c=0.2 the ratio is about 0.6-0.8 over the whole good lr range, at "
     "0.02 it crosses 1 within 2-3x of the tuned lr.",
@@ -248,7 +251,7 @@ class CLARAOptions:
         total_steps = None if self.total_steps is None else check_positive_int("total_steps", self.total_steps)
         rule_values = _rule_values(self, rule, total_steps)
         values: dict[str, Any] = {
-            "c": check_in_range("c", rule_values["c"], 0.0, 1.0, low_open=True),
+            "c": check_in_range("c", rule_values["c"], MIN_C, 1.0),
             "rule": rule,
             "total_steps": total_steps,
             "scope": check_choice("scope", self.scope, ("optimizer", "param_group")),

@@ -8,7 +8,7 @@ nothing waits. :meth:`PendingStep.settle` gives the step's :class:`~lightning_cl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,10 +18,26 @@ from torch import Tensor
 from lightning_clara.rule import StepStatistics
 from lightning_clara.stores import DeviceStep
 
-__all__ = ["PendingStep", "StepListener"]
+__all__ = ["CopiesDone", "PendingStep", "StepListener"]
 
 #: Told ``(lr used per group, ratio per group)`` after each adapted step (the fit summary listens).
 StepListener = Callable[[list[float], list[float | None]], None]
+
+
+class CopiesDone:
+    """One CUDA event per device whose results are being copied, each recorded on that device's current
+    stream (where its copy runs): a model on another GPU than the current one, or on several, is covered."""
+
+    def __init__(self, devices: Iterable[torch.device]) -> None:
+        self._events = []
+        for device in devices:
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            event.record(torch.cuda.current_stream(device))
+            self._events.append(event)
+
+    def synchronize(self) -> None:
+        for event in self._events:
+            event.synchronize()
 
 
 @dataclass
@@ -53,8 +69,7 @@ class PendingStep:
                     buffers.append(buffer)
                 else:
                     buffers.append(result.cpu())
-            ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            ready.record()
+            ready = CopiesDone({result.device for result in results if result.device.type == "cuda"})
             results = buffers
         flag = results.pop() if skip_flag is not None else None
         return cls(results, ready, step.finish, list(lr_used), step.device, flag, skip_counted)

@@ -78,8 +78,9 @@ class ReferenceCache:
         sizes = {self.size(p) for p in group["params"]}
         if cached is None or cached.key != key or not sizes <= cached.curves.keys():
             reference = self._reference_for(hyperparameters)
-            curves = {n: curve.tolist() for n, curve in reference.curves(sorted(sizes)).items()}
-            cached = GroupReference(key, curves)
+            # a tensor with no entries (a device marker) never moves: its curve is never read
+            curves = {n: curve.tolist() for n, curve in reference.curves(sorted(sizes - {0})).items()}
+            cached = GroupReference(key, {0: [1.0], **curves})
             self._groups[j] = cached
         cached.param_ids = param_ids
         return cached

@@ -97,8 +97,10 @@ def reference_key(optimizer: Optimizer, group: Mapping[str, Any]) -> tuple[Any, 
     )
 
 
-#: Calibrations per param group, at most; later changes keep the last reference (with a warning).
-MAX_CALIBRATIONS = 32
+#: Distinct references per param group, at most (a scheduler's return to a value already seen is free:
+#: the curves are cached); a further new value keeps the last reference (with a warning). OneCycleLR's
+#: momentum cycle takes about 60 (its 1 - beta quantised to 2 significant digits).
+MAX_CALIBRATIONS = 128
 
 
 class ReferenceKeys:
@@ -120,7 +122,8 @@ class ReferenceKeys:
         self.state_keys: set[str] = set()
         self._before: list[dict[str, Any]] | None = None
         self._keys: dict[int, tuple[Any, ...]] = {}
-        self._calibrations: dict[int, int] = {}
+        self._seen: dict[int, set[tuple[Any, ...]]] = {}  # per group, the keys calibrated so far
+        self._capped: set[int] = set()  # the groups warned about
         #: Per group, the raw hyper-parameters last seen and what observe returned for them: a step
         #: that changed none of them (nearly every step) skips the quantising (torch optimizers only).
         self._last: dict[int, tuple[tuple[Any, ...], tuple[tuple[Any, ...], dict[str, Any]]]] = {}
@@ -152,17 +155,18 @@ class ReferenceKeys:
         view = {k: v for k, v in group.items() if k not in self.state_keys}
         key = reference_key(self.optimizer, view)
         previous = self._keys.get(j)
-        if previous is not None and key != previous:
-            self._calibrations[j] = self._calibrations.get(j, 0) + 1
-            if self._calibrations[j] > MAX_CALIBRATIONS:
-                if self._calibrations[j] == MAX_CALIBRATIONS + 1:
-                    warnings.warn(
-                        f"CLARA: the hyper-parameters of {type(self.optimizer).__name__} group {j} changed "
-                        f"{MAX_CALIBRATIONS} times; the reference keeps its last calibration from now on",
-                        RuntimeWarning,
-                        stacklevel=4,
-                    )
-                return previous, view
+        seen = self._seen.setdefault(j, set())
+        if previous is not None and key != previous and key not in seen and len(seen) >= MAX_CALIBRATIONS:
+            if j not in self._capped:
+                self._capped.add(j)
+                warnings.warn(
+                    f"CLARA: the hyper-parameters of {type(self.optimizer).__name__} group {j} took "
+                    f"{MAX_CALIBRATIONS} distinct values; a new one keeps the last reference from now on",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+            return previous, view
+        seen.add(key)
         self._keys[j] = key
         if raw is not None:
             self._last[j] = (raw, (key, view))

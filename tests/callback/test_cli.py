@@ -149,7 +149,7 @@ def test_callback_help_shows_the_docstring(example: ModuleType, capsys: pytest.C
     assert "--trainer.callbacks.prog_bar {true,false}" in text
     assert "--trainer.callbacks.rule {paper,normalized}" in text
     assert "show the lr used in the progress bar" in text  # from the docstring's Args
-    assert "path memory in (0, 1]" in text  # an option's doc, declared once in OPTION_DOCS
+    assert "path memory in [0.001, 1]" in text  # an option's doc, declared once in OPTION_DOCS
     assert "type: float | null, default: null" in text
     # plain text, not raw Sphinx markup (issue 12, point 13)
     assert "``" not in text
@@ -221,7 +221,7 @@ def write_config(tmp_path: Path, **changes: Any) -> Path:
 
 def test_out_of_range_value_names_the_argument(example: ModuleType, tmp_path: Path) -> None:
     config = write_config(tmp_path, c=2.0)
-    with pytest.raises(ValueError, match=re.escape("c must be in (0.0, 1.0], got 2.0")):
+    with pytest.raises(ValueError, match=re.escape("c must be in [0.001, 1.0], got 2.0")):
         example.main(["--config", str(config), *quick_overrides(tmp_path)], run=False)
 
 

@@ -185,3 +185,33 @@ def test_a_fused_step_that_gradscaler_skips_is_not_judged_nor_counted() -> None:
     assert clara.lr_factor == factor
     assert clara.num_skipped_updates == 0
     assert "found_inf" not in optimizer.__dict__
+
+
+@pytest.mark.parametrize(
+    "make", [torch.optim.Adam, torch.optim.RAdam, lambda p, lr: torch.optim.SGD(p, lr, momentum=0.9)]
+)
+def test_a_parameter_with_no_entries_is_carried_along(make: object) -> None:
+    """``nn.Parameter(torch.empty(0))`` (a device marker) used to fail at attach (a reference of size 0): it
+    never moves, so CLARA runs as without it."""
+    ratios = []
+    for with_marker in (True, False):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(5))
+        params = [p, torch.nn.Parameter(torch.empty(0))] if with_marker else [p]
+        optimizer = make(params, 1e-2)  # type: ignore[operator]
+        clara = CLARA(optimizer)
+        for _ in range(5):
+            for param in params:
+                param.grad = torch.randn(param.shape)
+            optimizer.step()
+        ratios.append(clara.ratio)
+    assert ratios[0] == ratios[1]
+
+
+def test_a_path_memory_longer_than_the_references_is_refused() -> None:
+    """The references span at most 4096 steps: at c = 1e-4 a random walk's path still grows there, the
+    reference would be 44 % low and r on noise 1.8x too high, so c < 1e-3 is refused by name."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.randn(5))], lr=0.1)
+    with pytest.raises(ValueError, match=r"c must be in \[0\.001, 1\.0\], got 0\.0001"):
+        CLARA(optimizer, c=1e-4)
+    CLARA(optimizer, c=1e-3).detach()
