@@ -159,6 +159,11 @@ def check_supported(optimizer: Any) -> None:
                 raise TypeError("CLARA does not support complex parameters")
             if param.is_sparse:
                 raise TypeError("CLARA does not support sparse parameters")
+            if getattr(param, "_fsdp_flattened", False):  # FSDP1 marks its flat parameters and the originals
+                raise TypeError(
+                    "CLARA does not support FSDP1 (FullyShardedDataParallel) parameters: each rank holds a flat "
+                    "shard it would adapt on its own; shard with FSDP2 (torch.distributed.fsdp.fully_shard)"
+                )
     if torch_class(optimizer) is None:
         optimizer_class = type(optimizer)
         for group in optimizer.param_groups:

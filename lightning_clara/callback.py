@@ -163,7 +163,7 @@ class CLARACallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         sharding = sharding_for(trainer)
-        restored, self._restored = self._restored, None
+        restored, self._restored, self._to_restore = self._restored, None, None
         if not getattr(trainer, "ckpt_path", None):
             # only a fit that resumes (``fit(ckpt_path=...)``) continues a saved CLARA state; one that
             # ``validate(ckpt_path=...)`` or a tuner's temporary checkpoint restored is not this fit's
@@ -193,7 +193,7 @@ class CLARACallback(Callback):
         self._steps_at_batch_start, self._steps_at_last_log = [0] * len(self.controllers), [0] * len(self.controllers)
         self._to_restore, self._fit_starting = restored, False  # loaded in on_train_start
         if self.summary and _is_rank_zero():
-            # after the controllers attached (and restored): it counts from their state now
+            # after the controllers attached; a resumed state restarts it when it loads (on_train_start)
             self._fit_summary = FitSummary()
             for controller in self.controllers:
                 self._fit_summary.track(controller)
@@ -205,11 +205,7 @@ class CLARACallback(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        restored, self._to_restore = self._to_restore, None
-        if restored is not None and restored.get("controllers") != []:
-            # here, after every callback's on_fit_start (BaseFinetuning rebuilds its param groups there); an
-            # empty list was saved before CLARA attached (a tuner's checkpoint); anything else is checked first
-            self._load_controllers(restored)
+        self._load_pending()
         # The run's length, for the run-length defaults of d and hold_after: here, not in on_fit_start,
         # because estimating it there would load the train dataloader before a resumed fit restores it.
         if self.options.total_steps is None and self.controllers:
@@ -236,6 +232,7 @@ class CLARACallback(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._load_pending()  # a resumed fit already at its end skips on_train_start
         if self._fit_summary is not None:
             self._fit_summary.close()  # before detaching: the controllers still hold the last step
             self.summary_rows = self._fit_summary.rows(self._names())
@@ -363,6 +360,13 @@ class CLARACallback(Callback):
             raise ValueError(f"CLARACallback state must be a dict, got {type(state_dict).__name__}")
         else:
             self._restored = dict(state_dict)
+
+    def _load_pending(self) -> None:
+        """The state this fit resumes, after every on_fit_start (BaseFinetuning's rebuilds its groups); an empty
+        list was saved before CLARA attached (a tuner's checkpoint); the rest is checked before it loads."""
+        restored, self._to_restore = self._to_restore, None
+        if restored is not None and restored.get("controllers") != []:
+            self._load_controllers(restored)
 
     def _load_controllers(self, state_dict: dict[str, Any]) -> None:
         _load_states(self.controllers, state_dict)

@@ -271,7 +271,7 @@ class CLARA(ResolvedOptions):
         self.references.keys.before_step()
         self.paths.before_step(optimizer)  # gather the sample
         if self._safeguard is not None:
-            self._safeguard.before_step(list(trainable(optimizer)), self._steps_seen)
+            self._safeguard.before_step(list(trainable(optimizer)), self._steps_seen, self._skips.last)
         groups = optimizer.param_groups
         self._swap.apply(groups, [self._lr_for(j, group["lr"]) for j, group in enumerate(groups)])
 

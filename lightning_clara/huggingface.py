@@ -98,12 +98,10 @@ class CLARATrainerCallback(TrainerCallback):
     ) -> None:
         if optimizer is None:
             raise ValueError("CLARATrainerCallback: the Trainer passed no optimizer to on_train_begin")
-        fsdp_version = int((getattr(args, "fsdp_config", None) or {}).get("version", 2))
-        if getattr(args, "deepspeed", None) or (getattr(args, "fsdp", None) and fsdp_version != 2):
+        if getattr(args, "deepspeed", None):  # FSDP1's flat parameters CLARA refuses itself
             raise NotImplementedError(
-                "CLARATrainerCallback does not support DeepSpeed or FSDP1 yet: their shard layouts (ZeRO "
-                "partitions, flat parameters) are not wired in. Supported: one device, DDP, and FSDP2 "
-                "(fsdp_config version 2), whose DTensor parameters CLARA reads itself."
+                "CLARATrainerCallback does not support DeepSpeed yet: its ZeRO partitions are not wired in. "
+                "Supported: one device, DDP, and FSDP2, whose DTensor parameters CLARA reads itself."
             )
         self._detach()
         options = self.options

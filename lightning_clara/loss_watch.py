@@ -9,7 +9,6 @@ still reads its loss when it is given.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any
 
 import torch
@@ -23,11 +22,17 @@ __all__ = ["LossWatch", "check_loss"]
 
 
 def check_loss(loss: Any) -> None:
-    """A loss is one number: a one-element tensor or a real number (checked before anything takes it)."""
+    """A loss is one number: a one-element tensor, or anything ``float()`` takes but text (a Python or numpy
+    scalar, a 0-dim array); checked before anything takes it."""
     if isinstance(loss, Tensor):
         if loss.numel() != 1:
             raise ValueError(f"observe_loss: loss must be one number, got a tensor of shape {tuple(loss.shape)}")
-    elif not isinstance(loss, numbers.Real):
+        return
+    try:
+        number = not isinstance(loss, (str, bytes)) and isinstance(float(loss), float)
+    except (TypeError, ValueError):
+        number = False
+    if not number:
         raise TypeError(f"observe_loss: loss must be a float or a one-element tensor, got {type(loss).__name__}")
 
 

@@ -196,8 +196,10 @@ class StepHooks:
                 return inner(*args, **kwargs)
             self._calls += 1
             try:
-                if "found_inf" in this.__dict__:  # GradScaler drives a fused step: its flag skips it, and
-                    self.device_flag, self._own_flag = this.__dict__["found_inf"], False  # says whether it ran
+                if "found_inf" in this.__dict__ and (self._skipped is None or state_ready(this)):
+                    # GradScaler drives a fused step: its own flag skips it and says whether the step ran (but
+                    # fused SGD's first step, where a skip leaves garbage momentum, is decided on the host below)
+                    self.device_flag, self._own_flag = this.__dict__["found_inf"], False
                 elif self._skipped is not None:
                     args, kwargs = self._checked(this, args, kwargs)
                 return inner(*args, **kwargs)

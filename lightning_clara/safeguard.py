@@ -121,12 +121,12 @@ class RestorePoint:
         self._valid_previous: set[Tensor] = set()
         self._steps_at_snapshot: int | None = None  # the optimizer steps completed when the last one was taken
 
-    def before_step(self, params: Sequence[Tensor], steps_taken: int | None = None) -> None:
-        """Snapshot ``params`` (the step pre-hook); the last snapshot becomes the previous one if its step ran
-        (``steps_taken``, the optimizer steps completed so far, moved on since it was taken; None: it did).
-        A step that raised or was skipped changed nothing: its snapshot is taken again, and an undo still
-        goes back two steps that ran."""
-        ran = steps_taken is None or steps_taken != self._steps_at_snapshot
+    def before_step(self, params: Sequence[Tensor], steps_taken: int | None = None, skipped: bool = False) -> None:
+        """Snapshot ``params`` (the step pre-hook); the last snapshot becomes the previous one if its step ran:
+        ``steps_taken`` (the optimizer steps completed so far; None: it ran) moved on since it was taken, and
+        it was not ``skipped`` on a device flag (a fused optimizer's, GradScaler's). A step that raised or was
+        skipped changed nothing: its snapshot is taken again, and an undo still goes back two steps that ran."""
+        ran = (steps_taken is None or steps_taken != self._steps_at_snapshot) and not skipped
         self._steps_at_snapshot = steps_taken
         if ran:
             self._previous, self._current = self._current, self._previous
@@ -178,9 +178,9 @@ class Safeguard:
         ``sharding`` (a :class:`~lightning_clara.distributed.Sharding`) gives the local view of each shard."""
         return None if detector is None else cls(detector, None if sharding is None else sharding.local)
 
-    def before_step(self, params: Sequence[Tensor], steps_taken: int | None = None) -> None:
-        """Snapshot the parameters the coming step will change (``steps_taken``: see :class:`RestorePoint`)."""
-        self.restore_point.before_step(params, steps_taken)
+    def before_step(self, params: Sequence[Tensor], steps_taken: int | None = None, skipped: bool = False) -> None:
+        """Snapshot the parameters the coming step will change (the arguments: see :class:`RestorePoint`)."""
+        self.restore_point.before_step(params, steps_taken, skipped)
 
     def judge(self, loss: float) -> bool:
         """Feed one step's loss; True on an alarm, after which the test starts afresh."""

@@ -80,7 +80,7 @@ class ReferenceCache:
             reference = self._reference_for(hyperparameters)
             # a tensor with no entries (a device marker) never moves: its curve is never read
             curves = {n: curve.tolist() for n, curve in reference.curves(sorted(sizes - {0})).items()}
-            cached = GroupReference(key, {0: [1.0], **curves})
+            cached = GroupReference(key, curves | ({0: [1.0]} if 0 in sizes else {}))
             self._groups[j] = cached
         cached.param_ids = param_ids
         return cached

@@ -109,9 +109,9 @@ class ReferenceKeys:
     A key whose value changes *inside* ``optimizer.step()`` is the optimizer's own state (a step
     counter that pytorch-optimizer keeps in the group and in ``defaults``, Prodigy's ``d``,
     schedule-free's ``weight_sum``): it leaves the key, and the simulation starts it afresh. Keys
-    moved *between* steps (a scheduler cycling ``momentum``) recalibrate, quantised, at most
-    :data:`MAX_CALIBRATIONS` times per group. Call ``before_step()`` in the pre-hook and
-    ``observe(j, group)`` after the step.
+    moved *between* steps (a scheduler cycling ``momentum``) recalibrate, quantised, for at most
+    :data:`MAX_CALIBRATIONS` distinct values per group (a value seen before comes from the curves'
+    cache). Call ``before_step()`` in the pre-hook and ``observe(j, group)`` after the step.
     """
 
     def __init__(self, optimizer: Optimizer) -> None:

@@ -249,14 +249,13 @@ def test_resume_from_a_path_object_outside_the_output_dir(
     ("arguments", "refused"),
     [
         ({"deepspeed": "ds_config.json"}, True),
-        ({"fsdp": ["full_shard"], "fsdp_config": {"version": 1}}, True),
         ({"fsdp": ["full_shard"], "fsdp_config": {"version": 2}}, False),
         ({"fsdp": [], "fsdp_config": None}, False),
     ],
 )
 def test_shard_layouts_clara_cannot_read_are_refused_by_name(arguments: dict[str, object], refused: bool) -> None:
-    """DeepSpeed's ZeRO partitions and FSDP1's flat parameters would give every rank its own F (or fail deep in
-    the first step): refused when training begins; FSDP2's DTensors CLARA reads itself."""
+    """DeepSpeed's ZeRO partitions would give every rank its own F (or fail deep in the first step): refused when
+    training begins; FSDP2's DTensors CLARA reads itself, FSDP1's flat parameters it refuses itself."""
     from types import SimpleNamespace
 
     model = torch.nn.Linear(3, 2)
@@ -265,7 +264,7 @@ def test_shard_layouts_clara_cannot_read_are_refused_by_name(arguments: dict[str
     state = SimpleNamespace(max_steps=10, global_step=0)
     callback = CLARATrainerCallback(loss_brake=False)
     if refused:
-        with pytest.raises(NotImplementedError, match="DeepSpeed or FSDP1"):
+        with pytest.raises(NotImplementedError, match="DeepSpeed"):
             callback.on_train_begin(args, state, None, optimizer=optimizer)  # type: ignore[arg-type]
     else:
         callback.on_train_begin(args, state, None, optimizer=optimizer)  # type: ignore[arg-type]

@@ -340,3 +340,18 @@ def test_under_gradient_accumulation_the_loss_reaches_clara_at_its_own_scale(
     per_epoch = len(raw) // 2
     expected = raw[:per_epoch] + raw[per_epoch + 3 :: 4]  # epoch 1: the last micro-batch of each step
     assert fed == pytest.approx(expected, rel=1e-6)
+
+
+def test_resuming_a_finished_fit_keeps_the_checkpoints_state(make_module, trainer_kwargs, tmp_path: Path) -> None:
+    """A resumed fit already at max_epochs skips its training loop (and on_train_start): CLARA's state still
+    loads, so a checkpoint saved after it holds the saved factor, not a fresh one."""
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "done", save_last=True)
+    kwargs = trainer_kwargs | {"enable_checkpointing": True}
+    pl.Trainer(callbacks=[CLARACallback(), checkpoint], **kwargs).fit(make_module(sgd))
+    saved = clara_state(checkpoint.last_model_path)["controllers"][0]["log_factors"]
+    trainer = pl.Trainer(callbacks=[CLARACallback()], **trainer_kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(make_module(sgd), ckpt_path=checkpoint.last_model_path)
+    trainer.save_checkpoint(tmp_path / "again.ckpt")
+    assert clara_state(str(tmp_path / "again.ckpt"))["controllers"][0]["log_factors"] == saved

@@ -215,3 +215,53 @@ def test_a_path_memory_longer_than_the_references_is_refused() -> None:
     with pytest.raises(ValueError, match=r"c must be in \[0\.001, 1\.0\], got 0\.0001"):
         CLARA(optimizer, c=1e-4)
     CLARA(optimizer, c=1e-3).detach()
+
+
+def test_fsdp1_parameters_are_refused_by_name() -> None:
+    """FSDP1 marks its flat parameters (and the originals it views) ``_fsdp_flattened``: each rank holds a flat
+    shard, so every rank would adapt on its own; refused, pointing at FSDP2."""
+    param = torch.nn.Parameter(torch.randn(5))
+    param._fsdp_flattened = True  # type: ignore[attr-defined]  # what torch's FlatParameter construction sets
+    with pytest.raises(TypeError, match=r"FSDP1.*fully_shard"):
+        CLARA(torch.optim.SGD([param], lr=0.1))
+
+
+def test_a_zero_dim_array_is_a_loss() -> None:
+    np = pytest.importorskip("numpy")
+    p = torch.nn.Parameter(torch.randn(5))
+    optimizer = torch.optim.SGD([p], lr=0.1)
+    clara = CLARA(optimizer)
+    p.grad = torch.ones(5)
+    optimizer.step()
+    clara.observe_loss(np.array(1.5))
+    assert clara._losses.last_loss == 1.5
+    with pytest.raises(TypeError, match="observe_loss"):
+        clara.observe_loss(np.array([1.0, 2.0]))
+
+
+def test_an_undo_goes_back_two_steps_that_ran_across_a_device_skip() -> None:
+    """A fused optimizer skips a NaN update on its device flag: the post-hook runs, but the parameters did not
+    move, so the restore point must not count that step either."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(8))
+    optimizer = torch.optim.Adam([w], lr=0.1, fused=True)
+    clara = CLARA(optimizer, safeguard=True)
+    history = [w.detach().clone()]
+
+    def step(bad: bool = False, loss: float = 1.0) -> bool:
+        optimizer.zero_grad()
+        (w**2).sum().backward()
+        if bad:
+            w.grad[0] = math.nan  # type: ignore[index]
+        optimizer.step()
+        history.append(w.detach().clone())
+        return clara.observe_loss(loss)
+
+    step()
+    step()
+    with pytest.warns(RuntimeWarning, match="skipped an update"):
+        step(bad=True)
+    assert torch.equal(history[2], history[3])  # the skipped step moved nothing
+    with pytest.warns(RuntimeWarning, match=r"before the last 2 step\(s\)"):
+        assert step(loss=math.inf) is True
+    assert torch.equal(w.detach(), history[1])  # before steps 2 and 4, the last two that ran

@@ -411,7 +411,7 @@ def test_a_sampled_path_of_the_wrong_size_is_refused() -> None:
     _, clara = run_trajectory(FAMILIES["adam"], steps=3, sample=M)
     state = clara.state_dict()
     state["tensors"][0][0]["path"] = torch.zeros(M + 1)
-    other = CLARA(torch.optim.Adam(make_params(), lr=1e-3), sample=M)
+    other = CLARA(torch.optim.Adam(make_params(), lr=1e-3), c=C, sample=M)  # paths kept the same way: checked
     with pytest.raises(ValueError, match="sampled path"):
         other.load_state_dict(state)
 
