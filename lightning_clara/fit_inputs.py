@@ -34,9 +34,8 @@ def step_loss(trainer: pl.Trainer, outputs: Any) -> Any:
     loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
     if not isinstance(loss, torch.Tensor):
         return loss
-    loss = loss.detach().clone()  # the reduce below runs in place
-    if trainer.lightning_module.automatic_optimization:
-        loss = loss * trainer.accumulate_grad_batches
+    scale = trainer.accumulate_grad_batches if trainer.lightning_module.automatic_optimization else 1
+    loss = loss.detach() * scale  # a new tensor: the reduce below runs in place on it, not on the outputs
     if trainer.world_size > 1:
         loss = trainer.strategy.reduce(loss, reduce_op="mean")
     return loss
