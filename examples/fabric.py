@@ -114,10 +114,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     # optimizer inside it (clara.optimizer is optimizer.optimizer): the wrapper's step() ends in that
     # optimizer's step(), so the hooks run on every `optimizer.step()` below. (Attaching to the raw
     # optimizer before fabric.setup works just as well: setup keeps it.)
-    clara = CLARA(optimizer)
+    # The run's length and every step's loss (below) give CLARA what CLARACallback gives it: the same algorithm.
+    clara = CLARA(optimizer, total_steps=args.epochs * len(train_loader))
     name = type(clara.optimizer).__name__
 
-    initial_lr = clara.lr_used[0]
+    initial_lr = args.lr  # the configured lr; CLARA's first step uses initial_factor x it
     step = 0
     start = time.perf_counter()
     for epoch in range(args.epochs):
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             loss = nn.functional.cross_entropy(model(x), y)
             fabric.backward(loss)
             optimizer.step()  # Fabric's step; CLARA sets lr * F for it and updates F after it
+            clara.observe_loss(loss)  # the loss brake reads it
             step += 1
             if step % LOG_EVERY == 0:
                 metrics = {

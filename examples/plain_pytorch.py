@@ -1,9 +1,10 @@
 """CLARA in a plain PyTorch loop (no Lightning): attach, train as usual, checkpoint and resume.
 
 A 64-64-10 MLP on scikit-learn's digits with plain SGD started at a deliberately small learning
-rate. ``clara = CLARA(optimizer)`` is the only line added to an ordinary training loop: it hooks
-into ``optimizer.step()`` through torch's step hooks, so the loop itself
-(``zero_grad(); loss.backward(); optimizer.step()``) stays exactly as it was. The script prints,
+rate. Two lines are added to an ordinary training loop: ``clara = CLARA(optimizer, total_steps=...)``
+hooks into ``optimizer.step()`` through torch's step hooks, so the loop itself
+(``zero_grad(); loss.backward(); optimizer.step()``) stays as it was, and ``clara.observe_loss(loss)``
+hands it each step's loss (the loss brake), as ``CLARACallback`` does. The script prints,
 per epoch, the learning rate used, the factor F and the ratio r; it saves
 ``clara.state_dict()`` next to the model and optimizer halfway through, resumes a fresh
 model/optimizer/CLARA from that checkpoint, and checks that the resumed run ends with the same
@@ -88,8 +89,8 @@ def train_epoch(
     """One epoch of an ordinary loop; returns the mean loss and, with ``clara``, the mean ratio r.
 
     The shuffling depends on (seed, epoch) only, so a run resumed at an epoch boundary sees the
-    same batches as an uninterrupted one. ``clara`` is only read here, never called: the
-    adaptation happens inside ``optimizer.step()``.
+    same batches as an uninterrupted one. The adaptation happens inside ``optimizer.step()``;
+    ``clara`` is given each step's loss for its loss brake.
     """
     order = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(seed * 10_000 + epoch))
     losses, ratios = [], []
@@ -100,6 +101,8 @@ def train_epoch(
         loss = nn.functional.cross_entropy(model(data.x_train[index]), data.y_train[index])
         loss.backward()
         optimizer.step()  # runs at lr * F; CLARA updates F right after the step
+        if clara is not None:
+            clara.observe_loss(loss)
         losses.append(loss.item())
         if clara is not None and clara.ratio is not None:
             ratios.append(clara.ratio)
@@ -143,14 +146,19 @@ def save_checkpoint(path: Path, epoch: int, model: nn.Module, optimizer: torch.o
     )
 
 
-def resume(path: Path, args: argparse.Namespace) -> tuple[int, nn.Module, torch.optim.Optimizer, CLARA]:
+def total_steps(args: argparse.Namespace, data: Digits) -> int:
+    """The run's optimizer steps (its length sets the find's duration, as CLARACallback's estimate does)."""
+    return args.epochs * math.ceil(len(data.y_train) / BATCH_SIZE)
+
+
+def resume(path: Path, args: argparse.Namespace, steps: int) -> tuple[int, nn.Module, torch.optim.Optimizer, CLARA]:
     """Rebuild model, optimizer and CLARA as at the start, then load all three states."""
     checkpoint = torch.load(path, weights_only=True)  # CLARA's state dict needs no pickled objects
     model = make_model(args.seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
-    clara = CLARA(optimizer)  # attach first, with the same options, then restore paths, counters and F
+    clara = CLARA(optimizer, total_steps=steps)  # the same options, then paths, counters and F
     clara.load_state_dict(checkpoint["clara"])
     return checkpoint["epoch"], model, optimizer, clara
 
@@ -181,10 +189,10 @@ def run(args: argparse.Namespace, checkpoint: Path, console: Console) -> dict[st
     data = load_data(args.seed)
     save_at = args.epochs // 2
 
-    # 1. an ordinary loop; CLARA(optimizer) is the only addition
+    # 1. an ordinary loop; CLARA(optimizer, total_steps=...) and observe_loss are the only additions
     model = make_model(args.seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
-    clara = CLARA(optimizer)
+    clara = CLARA(optimizer, total_steps=total_steps(args, data))
     console.print(f"attached: {clara!r}")
     rows = []
     factor_at_save = math.nan
@@ -204,7 +212,7 @@ def run(args: argparse.Namespace, checkpoint: Path, console: Console) -> dict[st
     )
 
     # 2. resume a fresh model/optimizer/CLARA from the checkpoint and finish the run
-    saved_epoch, resumed_model, resumed_optimizer, resumed = resume(checkpoint, args)
+    saved_epoch, resumed_model, resumed_optimizer, resumed = resume(checkpoint, args, total_steps(args, data))
     factor_after_load = resumed.lr_factor
     console.print(
         f"checkpoint of epoch {saved_epoch}: F saved {factor_at_save:.6g}, "

@@ -3,7 +3,7 @@
 from lightning_clara.controller import CLARA
 from lightning_clara.options import CLARAOptions
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = ["CLARA", "CLARACallback", "CLARAOptions", "__version__"]
 

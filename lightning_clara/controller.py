@@ -76,7 +76,7 @@ class CLARA(ResolvedOptions):
 
     @classmethod
     def paper(cls, optimizer: Optimizer, **overrides: Any) -> CLARA:
-        """The paper's exact rule and defaults: ``rule="paper"``, ``c=0.2``, ``d=1e-3``, F starting at 1."""
+        """The paper's exact rule, defaults and statistic (:meth:`CLARAOptions.paper`: every coordinate)."""
         return cls(optimizer, CLARAOptions.paper(**overrides))
 
     def __init__(  # the options of CLARAOptions, in its order (tests/controller/test_api.py keeps them equal)

@@ -126,12 +126,12 @@ OPTION_DOCS: dict[str, str] = {
     "total_steps": "the number of optimizer steps of the run, if known (the Lightning callback uses the "
     "Trainer's estimate). A short run finds faster: with rule='normalized', hold_after left at None "
     "becomes 0.4 * total_steps (between 240 and 600) and d left at None grows as 0.03 * 600 / hold_after.",
-    "loss_brake": "gate the rule's upward moves with the trend of the losses given to CLARA.observe_loss "
-    "(the callbacks give every step's loss): F rises only while the smoothed loss keeps falling, and comes "
-    "down where the ratio (below 1) asks for more but the loss has stalled; once the smoothed loss is below 5 % "
-    "of the first losses' (the network fits its data) F is not raised at all (default True; False with "
-    "rule='paper'). Without losses it does nothing. Under DDP give every rank the same loss (the mean over "
-    "ranks, as the callbacks do).",
+    "loss_brake": "gate the rule's upward moves with the trend of the losses given to CLARA.observe_loss (the "
+    "callbacks give every step's loss): below r = 1 a raise of F needs a clearly falling smoothed loss and turns "
+    "into a fall where the loss has stalled (at r >= 1 F rises ungated); once the smoothed loss is below 5 % of the "
+    "first losses' (the network fits its data) F is not raised at all (default True; False with rule='paper'). "
+    "Without losses it does nothing. Under DDP give every rank the same loss (the mean over ranks, as the "
+    "callbacks do).",
     "skip_nonfinite": "skip an optimizer update whose gradients hold a NaN or inf, as GradScaler does: the "
     "parameters and the optimizer's state stay as they were, the first skip warns and later ones are counted "
     "(num_skipped_updates, the summary table) (default True). One fused read of the gradients per step; on CUDA "
@@ -235,8 +235,8 @@ class CLARAOptions:
 
     @classmethod
     def paper(cls, **overrides: Any) -> CLARAOptions:
-        """The paper's exact rule and defaults: ``rule="paper"``, ``c=0.2``, ``d=1e-3``, F starting at 1."""
-        return cls(**{"rule": "paper", **overrides})
+        """The paper's exact rule: ``rule="paper"``, ``c=0.2``, ``d=1e-3``, F from 1, every coordinate (no sample)."""
+        return cls(**{"rule": "paper", "sample": None, **overrides})
 
     def resolve(self, safeguarded_target: float | None = None, param_groups: Sequence[dict[str, Any]] = ()) -> Settings:
         """The concrete settings; ``safeguarded_target`` is the optimizer's target with a safeguard, if any;

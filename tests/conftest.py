@@ -57,3 +57,14 @@ def trainer_kwargs(tmp_path: Path) -> dict[str, Any]:
         "default_root_dir": tmp_path,
         "num_sanity_val_steps": 0,
     }
+
+
+@pytest.fixture(scope="session")
+def run_in_clone(tmp_path_factory: pytest.TempPathFactory) -> Any:  # example_runs.ExampleRunner
+    """``run_in_clone(script)``: the example's quick run in a clone of this checkout, once per session
+    (``example_runs.ExampleRunner``)."""
+    from example_runs import ExampleRunner, make_clone
+
+    base = tmp_path_factory.mktemp("examples")
+    (base / "out").mkdir()
+    return ExampleRunner(make_clone(base / "clone"), base / "out")

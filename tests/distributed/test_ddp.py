@@ -46,6 +46,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from example_runs import ExampleRunner
 from helpers import csv_series, make_net, make_regression_data
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -61,7 +62,6 @@ from lightning_clara import CLARACallback
 from lightning_clara.options import RULE_DEFAULTS
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = ROOT / "examples" / "ddp.py"
 
 WORLD = 2
 GLOBAL_BATCH = 8  # 4 samples per rank under DDP, all 8 in one process
@@ -81,10 +81,9 @@ CLARA_OPTIONS: dict[str, dict[str, Any]] = {
 }
 CHECK_EVERY = 2
 LOG_EVERY = 2
-#: Four DDP fits of two freshly spawned processes each take 60-90 s on 2 busy cores; the example ~20 s.
+#: Four DDP fits of two freshly spawned processes each take 60-90 s on 2 busy cores.
 #: A deadlock fails the test after this long instead of blocking the suite.
 DRIVER_TIMEOUT_S = 360
-EXAMPLE_TIMEOUT_S = 180
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -514,23 +513,23 @@ def test_consistency_check_with_identical_ranks_never_resyncs(tag: str, ddp_runs
 
 
 # ---------------------------------------------------------------------------------------------- the example
-def test_ddp_example_runs_on_two_ranks(tmp_path: Path) -> None:
-    """``examples/ddp.py --quick --devices 2`` exits cleanly, prints its table from rank 0 only, raises the lr."""
-    completed = run_with_timeout(
-        [sys.executable, str(EXAMPLE), "--quick", "--devices", "2", "--log-dir", str(tmp_path)], EXAMPLE_TIMEOUT_S
-    )
-    assert completed.returncode == 0, completed.stdout[-5000:]
+def test_ddp_example_runs_on_two_ranks(run_in_clone: ExampleRunner) -> None:
+    """``examples/ddp.py --quick`` (two ranks by default) exits cleanly, prints its table from rank 0 only, raises
+    the lr. The session's one run of it in a clone (``example_runs``), its logs at the default log dir."""
+    run = run_in_clone("ddp.py")
+    completed, log_dir = run.completed, run.clone / "lightning_logs_ddp"
+    assert completed.returncode == 0, completed.stdout[-5000:] + completed.stderr[-3000:]
     out = completed.stdout
     assert out.count("CLARA under DDP: SGD on digits") == 1, out  # rank 1 prints nothing
     assert "world size" in out
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = json.loads((log_dir / "summary.json").read_text())
     assert summary["world_size"] == WORLD
     assert summary["optimizer_steps"] > 50  # past the first rank-consistency check (step 50)
     assert summary["resyncs"] == 0
     # CLARA starts at initial_factor x the configured lr; from a too-small lr the steps agree: F rose
     assert summary["final_lr"] > 1.5 * RULE_DEFAULTS["normalized"]["initial_factor"] * summary["initial_lr"]
     assert 0.0 <= summary["test_accuracy"] <= 1.0
-    (metrics,) = tmp_path.rglob("metrics.csv")
+    (metrics,) = log_dir.rglob("metrics.csv")
     assert "clara/lr-SGD" in metrics.read_text().splitlines()[0]
 
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from example_runs import ExampleRunner
 
 from lightning_clara.options import RULE_DEFAULTS
 
@@ -20,22 +19,10 @@ pytest.importorskip("tensorboard", reason="the digits demo logs with TensorBoard
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
-    """Run the quick demo once for all checks in this module."""
-    log_dir = tmp_path_factory.mktemp("digits_logs")
-    # This checkout's package first; a wide console so that rich does not wrap the table in a pipe.
-    python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": python_path, "COLUMNS": "120"}
-    completed = subprocess.run(
-        [sys.executable, str(DIGITS), "--quick", "--log-dir", str(log_dir)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    return completed, log_dir
+def quick_run(run_in_clone: ExampleRunner) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """The quick demo, run once per session in a clone (``example_runs``); its logs at the default log dir."""
+    run = run_in_clone("digits.py")
+    return run.completed, run.clone / "lightning_logs_digits"
 
 
 def test_demo_exits_cleanly_and_prints_the_table(quick_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:

@@ -1,7 +1,8 @@
 """Smoke tests of the TensorBoard-dynamics, plain-PyTorch and Fabric examples (``--quick`` runs in subprocesses).
 
-Each example runs once per module into a temporary directory (never into ``docs/images``), and
-the checks read what it wrote: PNGs, TensorBoard event files, CSV logs and summary JSON.
+Each example runs once per session in a clone of this checkout (``example_runs``; never into this
+checkout's ``docs/images``), and the checks read what it wrote: PNGs, TensorBoard event files, CSV
+logs and summary JSON.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import csv
 import importlib.util
 import json
 import math
-import os
 import struct
 import subprocess
 import sys
@@ -19,6 +19,7 @@ from types import ModuleType
 
 import pytest
 import torch
+from example_runs import ExampleRunner
 
 from lightning_clara.options import RULE_DEFAULTS, run_length_defaults
 
@@ -32,21 +33,6 @@ INITIAL_FACTOR = RULE_DEFAULTS["normalized"]["initial_factor"]
 pytest.importorskip("sklearn", reason="the examples need scikit-learn (in the [examples] extras)")
 
 Completed = subprocess.CompletedProcess[str]
-
-
-def run_example(script: str, *args: str | Path) -> Completed:
-    """Run ``examples/<script>`` with this checkout's package first and a wide console (no table wrapping)."""
-    python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": python_path, "COLUMNS": "120"}
-    return subprocess.run(
-        [sys.executable, str(EXAMPLES / script), *map(str, args)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
 
 
 def assert_ok(completed: Completed) -> str:
@@ -65,15 +51,12 @@ def png_size(path: Path) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------------- tensorboard_dynamics.py
 @pytest.fixture(scope="module")
-def dynamics(tmp_path_factory: pytest.TempPathFactory) -> tuple[Completed, Path]:
+def dynamics(run_in_clone: ExampleRunner) -> tuple[Completed, Path]:
+    """The quick run in a clone, outputs at their defaults (a run never touches this checkout's README pictures)."""
     pytest.importorskip("tensorboard", reason="the example logs with TensorBoard")
     pytest.importorskip("matplotlib", reason="the example draws with matplotlib")
-    out_dir = tmp_path_factory.mktemp("dynamics")
-    # --rescue-png explicitly as well: a test must never overwrite the committed README picture
-    completed = run_example(
-        "tensorboard_dynamics.py", "--quick", "--out-dir", out_dir, "--rescue-png", out_dir / "rescue.png"
-    )
-    return completed, out_dir
+    run = run_in_clone("tensorboard_dynamics.py")
+    return run.completed, run.clone / "lightning_logs" / "tensorboard_dynamics"
 
 
 def scalars(run_dir: Path) -> dict[str, list[float]]:
@@ -92,7 +75,7 @@ def test_dynamics_prints_the_table_and_writes_both_pngs(dynamics: tuple[Complete
     assert "digits: fixed learning rate vs CLARA" in out
     for run in ("sgd-clara", "adam-clara"):
         assert run in out
-    for png in (out_dir / "clara_dynamics.png", out_dir / "rescue.png"):
+    for png in (out_dir / "clara_dynamics.png", out_dir / "clara_rescue.png"):
         assert png.stat().st_size > 10_000, f"{png} is suspiciously small"
         width, height = png_size(png)
         assert width >= 600
@@ -166,17 +149,10 @@ def test_dynamics_pictures_go_to_the_out_dir_unless_asked_for_the_readme(
 
 # ---------------------------------------------------------------------------- plain_pytorch.py
 @pytest.fixture(scope="module")
-def plain(tmp_path_factory: pytest.TempPathFactory) -> tuple[Completed, Path]:
-    out_dir = tmp_path_factory.mktemp("plain")
-    completed = run_example(
-        "plain_pytorch.py",
-        "--quick",
-        "--checkpoint",
-        out_dir / "checkpoint.pt",
-        "--summary",
-        out_dir / "summary.json",
-    )
-    return completed, out_dir
+def plain(run_in_clone: ExampleRunner) -> tuple[Completed, Path]:
+    """The quick run; its checkpoint and ``plain-summary.json`` lie in the returned directory."""
+    run = run_in_clone("plain_pytorch.py")
+    return run.completed, run.out
 
 
 def test_plain_prints_the_progression(plain: tuple[Completed, Path]) -> None:
@@ -192,7 +168,7 @@ def test_plain_prints_the_progression(plain: tuple[Completed, Path]) -> None:
 def test_plain_raises_the_lr_and_resumes_exactly(plain: tuple[Completed, Path]) -> None:
     completed, out_dir = plain
     assert_ok(completed)
-    summary = json.loads((out_dir / "summary.json").read_text())
+    summary = json.loads((out_dir / "plain-summary.json").read_text())
     assert summary["initial_lr"] == pytest.approx(1e-4)
     assert summary["final_lr"] > 1.5 * INITIAL_FACTOR * summary["initial_lr"]  # F grew from where it started
     assert summary["adapted_steps"] == QUICK_STEPS
@@ -210,19 +186,22 @@ def test_plain_checkpoint_holds_clara_state(plain: tuple[Completed, Path]) -> No
     assert_ok(completed)
     checkpoint = torch.load(out_dir / "checkpoint.pt", weights_only=True)
     assert set(checkpoint) >= {"model", "optimizer", "clara", "epoch"}
-    summary = json.loads((out_dir / "summary.json").read_text())
+    summary = json.loads((out_dir / "plain-summary.json").read_text())
     assert checkpoint["clara"]["num_adapted_steps"] == QUICK_STEPS // 2
     assert checkpoint["clara"]["log_factors"][0] == pytest.approx(torch.tensor(summary["factor_at_save"]).log().item())
 
 
 # ---------------------------------------------------------------------------- fabric.py
 @pytest.fixture(scope="module")
-def fabric_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Completed, Path]:
-    out_dir = tmp_path_factory.mktemp("fabric")
-    completed = run_example(
-        "fabric.py", "--quick", "--log-dir", out_dir / "logs", "--summary", out_dir / "summary.json"
-    )
-    return completed, out_dir
+def fabric_run(run_in_clone: ExampleRunner) -> tuple[Completed, Path]:
+    """The quick run; ``fabric-summary.json`` lies in ``run.out``, the CSV log under the clone's default log dir."""
+    run = run_in_clone("fabric.py")
+    return run.completed, run.out
+
+
+@pytest.fixture(scope="module")
+def fabric_logs(run_in_clone: ExampleRunner) -> Path:
+    return run_in_clone("fabric.py").clone / "lightning_logs" / "fabric"
 
 
 def test_fabric_prints_the_summary(fabric_run: tuple[Completed, Path]) -> None:
@@ -236,18 +215,18 @@ def test_fabric_prints_the_summary(fabric_run: tuple[Completed, Path]) -> None:
 def test_fabric_adapts_every_step_and_raises_the_lr(fabric_run: tuple[Completed, Path]) -> None:
     completed, out_dir = fabric_run
     assert_ok(completed)
-    summary = json.loads((out_dir / "summary.json").read_text())
-    assert summary["initial_lr"] == pytest.approx(INITIAL_FACTOR * 1e-6)  # the lr used at the first step
+    summary = json.loads((out_dir / "fabric-summary.json").read_text())
+    assert summary["initial_lr"] == pytest.approx(1e-6)  # the configured lr (the first step uses F0 x it)
     # the hooks on the unwrapped optimizer fire on every step of Fabric's wrapper
     assert summary["adapted_steps"] == summary["optimizer_steps"] == QUICK_STEPS
-    assert summary["final_lr"] > 1.5 * summary["initial_lr"]
+    assert summary["final_lr"] > 1.5 * INITIAL_FACTOR * summary["initial_lr"]
     assert summary["final_factor"] > 1.5 * INITIAL_FACTOR  # F after the last step; final_lr is the lr that step used
 
 
-def test_fabric_logs_clara_metrics_with_log_dict(fabric_run: tuple[Completed, Path]) -> None:
-    completed, out_dir = fabric_run
+def test_fabric_logs_clara_metrics_with_log_dict(fabric_run: tuple[Completed, Path], fabric_logs: Path) -> None:
+    completed, _ = fabric_run
     assert_ok(completed)
-    (metrics_csv,) = (out_dir / "logs").rglob("metrics.csv")
+    (metrics_csv,) = fabric_logs.rglob("metrics.csv")
     with metrics_csv.open() as file:
         rows = list(csv.DictReader(file))
     assert len(rows) == QUICK_STEPS // 5
