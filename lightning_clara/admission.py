@@ -32,6 +32,7 @@ __all__ = [
     "SUPPORTED_OPTIMIZERS",
     "UNSUPPORTED",
     "ProbeError",
+    "check_parameter",
     "check_supported",
     "probe_update",
     "safeguarded_target",
@@ -155,20 +156,25 @@ def check_supported(optimizer: Any) -> None:
                 "numeric lr" + (" (an optimizer given lr=None computes its own step size)" if lr is None else "")
             )
         for param in group["params"]:
-            if param.is_complex():
-                raise TypeError("CLARA does not support complex parameters")
-            if param.is_sparse:
-                raise TypeError("CLARA does not support sparse parameters")
-            if getattr(param, "_fsdp_flattened", False):  # FSDP1 marks its flat parameters and the originals
-                raise TypeError(
-                    "CLARA does not support FSDP1 (FullyShardedDataParallel) parameters: each rank holds a flat "
-                    "shard it would adapt on its own; shard with FSDP2 (torch.distributed.fsdp.fully_shard)"
-                )
+            check_parameter(param, j)
     if torch_class(optimizer) is None:
         optimizer_class = type(optimizer)
         for group in optimizer.param_groups:
             settings = simulation_hyperparameters(simulation_kwargs(optimizer, optimizer_class, group))
             probe_update(optimizer_class, settings)
+
+
+def check_parameter(param: Tensor, group: int) -> None:
+    """Raise ``TypeError`` for a tensor CLARA cannot track: complex, sparse, or one of FSDP1's flat parameters
+    (checked at attach, and again for tensors that param groups gain later)."""
+    kind = "complex" if param.is_complex() else "sparse" if param.is_sparse else None
+    if kind is not None:
+        raise TypeError(f"CLARA does not support {kind} parameters (param group {group})")
+    if getattr(param, "_fsdp_flattened", False):  # FSDP1 marks its flat parameters and the originals
+        raise TypeError(
+            "CLARA does not support FSDP1 (FullyShardedDataParallel) parameters: each rank holds a flat "
+            "shard it would adapt on its own; shard with FSDP2 (torch.distributed.fsdp.fully_shard)"
+        )
 
 
 _SHAPE = (4, 4)

@@ -124,8 +124,8 @@ def state_ready(optimizer: Optimizer) -> bool:
 def _gradients(optimizer: Optimizer) -> Iterator[Tensor]:
     for group in optimizer.param_groups:
         for param in group["params"]:
-            if param.grad is not None:
-                yield param.grad.detach()
+            if param.grad is not None:  # a complex one as its real pairs (the pre-hook then refuses its tensor)
+                yield torch.view_as_real(param.grad.detach()) if param.grad.is_complex() else param.grad.detach()
 
 
 def _non_finite_flag(device: torch.device, grads: list[Tensor]) -> Tensor:

@@ -289,6 +289,23 @@ def test_param_group_added_after_attaching_is_adapted(scope: str, sample: int | 
     assert clara.lr_factors[1] > 1.05  # the new group really was adapted
 
 
+@pytest.mark.parametrize("kind", ["complex", "sparse"])
+def test_a_tensor_added_after_attaching_is_checked_like_one_at_attach(kind: str) -> None:
+    """A complex or sparse tensor that a group gains later is refused with CLARA's message, as at attach (the
+    NaN check read complex gradients with torch's NotImplementedError before); the parameters stay unchanged."""
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    clara = CLARA(optimizer)
+    added = torch.nn.Parameter(torch.ones(3, dtype=torch.complex64) if kind == "complex" else torch.eye(3).to_sparse())
+    optimizer.add_param_group({"params": [added]})
+    weight.grad, added.grad = torch.ones(3), added.detach().clone()
+    with pytest.raises(TypeError, match=f"does not support {kind} parameters \\(param group 1\\)"):
+        optimizer.step()
+    assert torch.equal(weight.detach(), torch.ones(3))
+    assert optimizer.param_groups[0]["lr"] == 0.1  # the base lr, not the lr used
+    assert clara.num_adapted_steps == 0
+
+
 # ------------------------------------------------------------------------------------------ bounds
 
 
