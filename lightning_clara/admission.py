@@ -156,7 +156,8 @@ def check_supported(optimizer: Any) -> None:
                 "numeric lr" + (" (an optimizer given lr=None computes its own step size)" if lr is None else "")
             )
         for param in group["params"]:
-            check_parameter(param, j)
+            if param.requires_grad:  # as the path layout does: a frozen tensor is never tracked
+                check_parameter(param, j)
     if torch_class(optimizer) is None:
         optimizer_class = type(optimizer)
         for group in optimizer.param_groups:
@@ -165,15 +166,15 @@ def check_supported(optimizer: Any) -> None:
 
 
 def check_parameter(param: Tensor, group: int) -> None:
-    """Raise ``TypeError`` for a tensor CLARA cannot track: complex, sparse, or one of FSDP1's flat parameters
-    (checked at attach, and again for tensors that param groups gain later)."""
+    """Raise ``TypeError`` for a trainable tensor CLARA cannot track: complex, sparse, or one of FSDP1's flat
+    parameters (checked at attach, and whenever the trainable tensors change: added or unfrozen later)."""
     kind = "complex" if param.is_complex() else "sparse" if param.is_sparse else None
     if kind is not None:
         raise TypeError(f"CLARA does not support {kind} parameters (param group {group})")
     if getattr(param, "_fsdp_flattened", False):  # FSDP1 marks its flat parameters and the originals
         raise TypeError(
-            "CLARA does not support FSDP1 (FullyShardedDataParallel) parameters: each rank holds a flat "
-            "shard it would adapt on its own; shard with FSDP2 (torch.distributed.fsdp.fully_shard)"
+            f"CLARA does not support FSDP1 (FullyShardedDataParallel) parameters (param group {group}): each rank "
+            "holds a flat shard it would adapt on its own; shard with FSDP2 (torch.distributed.fsdp.fully_shard)"
         )
 
 

@@ -76,7 +76,7 @@ class CLARA(ResolvedOptions):
 
     @classmethod
     def paper(cls, optimizer: Optimizer, **overrides: Any) -> CLARA:
-        """The paper's exact rule, defaults and statistic (:meth:`CLARAOptions.paper`: every coordinate)."""
+        """The paper's rule and defaults (:meth:`CLARAOptions.paper`); ``sample=None`` for its exact statistic."""
         return cls(optimizer, CLARAOptions.paper(**overrides))
 
     def __init__(  # the options of CLARAOptions, in its order (tests/controller/test_api.py keeps them equal)

@@ -235,8 +235,8 @@ class CLARAOptions:
 
     @classmethod
     def paper(cls, **overrides: Any) -> CLARAOptions:
-        """The paper's exact rule: ``rule="paper"``, ``c=0.2``, ``d=1e-3``, F from 1, every coordinate (no sample)."""
-        return cls(**{"rule": "paper", "sample": None, **overrides})
+        """The paper's rule and defaults: ``rule="paper"``, ``c=0.2``, ``d=1e-3``, F from 1 (``sample=None``: exact)."""
+        return cls(**{"rule": "paper", **overrides})
 
     def resolve(self, safeguarded_target: float | None = None, param_groups: Sequence[dict[str, Any]] = ()) -> Settings:
         """The concrete settings; ``safeguarded_target`` is the optimizer's target with a safeguard, if any;

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+#: An example's quick run takes 5-25 s on 2 busy cores; a hung one (a DDP deadlock) fails its tests after this.
+EXAMPLE_TIMEOUT_S = 300
 #: Each example's quick mode, as its docstring gives it (the clean-clone test runs every one of them).
 EXAMPLE_RUNS: dict[str, tuple[str, ...]] = {
     "digits.py": ("--quick",),
@@ -26,6 +29,26 @@ EXAMPLE_RUNS: dict[str, tuple[str, ...]] = {
     "lightning_cli.py": ("fit", "--config", "examples/config.yaml", "--trainer.max_epochs=1"),
     "ddp.py": ("--quick",),
 }
+
+
+def run_in_group(command: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` in its own process group, stdout and stderr together; on timeout kill the whole group
+    (a DDP run's spawned ranks included) and return code -9 with the output so far."""
+    # ROOT for the package, tests/ for the shared helpers a driver script imports
+    python_path = os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": python_path, "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
+    env.pop("MASTER_PORT", None)  # Lightning picks a free port
+    env |= {"COLUMNS": "120", "OMP_NUM_THREADS": "1"}  # rich must not wrap a table in a pipe
+    with subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    ) as process:
+        try:
+            output, _ = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            output, _ = process.communicate()
+            output += f"\n[killed: {command} did not finish within {timeout} s (deadlock?)]"
+    return subprocess.CompletedProcess(command, process.returncode, output, "")
 
 
 def git(*args: str, cwd: Path) -> str:
@@ -72,20 +95,12 @@ class ExampleRunner:
     runs: dict[str, ExampleRun] = field(default_factory=dict)
 
     def __call__(self, script: str) -> ExampleRun:
-        """``examples/<script>`` with :data:`EXAMPLE_RUNS`'s arguments, run once; this checkout's package first."""
+        """``examples/<script>`` with :data:`EXAMPLE_RUNS`'s arguments, run once (a failed or killed run too: its
+        code and output are what every test of it reads); this checkout's package first."""
         if script not in self.runs:
             args = [arg.replace("{out}", str(self.out)) for arg in EXAMPLE_RUNS[script]]
-            python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-            env = {**os.environ, "PYTHONPATH": python_path, "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
             before = status(self.clone)
-            completed = subprocess.run(
-                [sys.executable, str(self.clone / "examples" / script), *args],
-                cwd=self.clone,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=300,
-                check=False,
-            )
+            command = [sys.executable, str(self.clone / "examples" / script), *args]
+            completed = run_in_group(command, self.clone, EXAMPLE_TIMEOUT_S)
             self.runs[script] = ExampleRun(completed, self.clone, self.out, before, status(self.clone))
         return self.runs[script]

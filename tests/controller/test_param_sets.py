@@ -306,6 +306,22 @@ def test_a_tensor_added_after_attaching_is_checked_like_one_at_attach(kind: str)
     assert clara.num_adapted_steps == 0
 
 
+def test_a_frozen_complex_tensor_is_accepted_until_it_is_unfrozen() -> None:
+    """CLARA tracks trainable tensors only, at attach as later: a frozen complex tensor is no reason to refuse
+    the optimizer; unfrozen, it is refused at the next step."""
+    weight = torch.nn.Parameter(torch.ones(3))
+    frozen = torch.nn.Parameter(torch.ones(3, dtype=torch.complex64), requires_grad=False)
+    optimizer = torch.optim.SGD([weight, frozen], lr=0.1)
+    clara = CLARA(optimizer)
+    weight.grad = torch.ones(3)
+    optimizer.step()
+    assert clara.num_adapted_steps == 1
+    frozen.requires_grad_(True)
+    frozen.grad = torch.ones(3, dtype=torch.complex64)
+    with pytest.raises(TypeError, match=r"does not support complex parameters \(param group 0\)"):
+        optimizer.step()
+
+
 # ------------------------------------------------------------------------------------------ bounds
 
 

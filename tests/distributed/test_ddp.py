@@ -32,10 +32,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import traceback
 import warnings
@@ -46,7 +43,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from example_runs import ExampleRunner
+from example_runs import ExampleRunner, run_in_group
 from helpers import csv_series, make_net, make_regression_data
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -328,25 +325,6 @@ def driver(out_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
-def run_with_timeout(command: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
-    """Run ``command`` in its own process group; on timeout kill the whole group (spawned ranks included)."""
-    # ROOT for the package, tests/ for the shared helpers the driver script imports
-    python_path = os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": python_path, "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
-    env.pop("MASTER_PORT", None)  # Lightning picks a free port
-    env["COLUMNS"] = "120"  # rich must not wrap the example's table in a pipe
-    with subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    ) as process:
-        try:
-            output, _ = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            output, _ = process.communicate()
-            pytest.fail(f"{command} did not finish within {timeout} s (deadlock?); output:\n{output[-5000:]}")
-    return subprocess.CompletedProcess(command, process.returncode, output)
-
-
 @dataclass
 class DDPRuns:
     """The driver's output directory and console output, with readers for the per-rank records."""
@@ -365,7 +343,7 @@ class DDPRuns:
 def ddp_runs(tmp_path_factory: pytest.TempPathFactory) -> DDPRuns:
     """All DDP fits, once per module, in one driver subprocess."""
     out_dir = tmp_path_factory.mktemp("ddp")
-    completed = run_with_timeout([sys.executable, str(Path(__file__).resolve()), str(out_dir)], DRIVER_TIMEOUT_S)
+    completed = run_in_group([sys.executable, str(Path(__file__).resolve()), str(out_dir)], ROOT, DRIVER_TIMEOUT_S)
     assert completed.returncode == 0, completed.stdout[-5000:]
     errors = json.loads((out_dir / "errors.json").read_text())
     return DDPRuns(out_dir, completed.stdout, errors)

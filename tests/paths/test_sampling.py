@@ -98,17 +98,6 @@ def test_the_paper_variants_keep_the_sample(options: dict) -> None:
     assert clara.sample is not None
 
 
-def test_the_paper_preset_reads_every_coordinate() -> None:
-    """``CLARA.paper()`` is the paper's exact statistic: full paths (a sample only when asked for)."""
-
-    def optimizer() -> torch.optim.Optimizer:
-        return torch.optim.SGD([torch.zeros(10_000, requires_grad=True)], lr=0.1)
-
-    assert CLARA.paper(optimizer()).sample is None
-    assert CLARA.paper(optimizer(), sample=256).sample == 256
-    assert CLARA(optimizer(), rule="paper").sample == DEFAULT_SAMPLE  # the rule alone keeps the default sample
-
-
 # ------------------------------------------------------------------------------------ null model
 
 OptimizerFactory = Callable[[list[Tensor]], torch.optim.Optimizer]
