@@ -37,10 +37,18 @@ class LearningRateSwap:
         # every base is saved before any is written: torch gives each group the same tensor lr when
         # the constructor was given one, and a copy taken after the first fill would save the lr used
         copies: dict[int, Tensor] = {}
+        filled: dict[int, tuple[int, float]] = {}  # a tensor lr: the first group that fills it, and with what
         bases: list[Any] = []
-        for group in groups:
+        for j, (group, lr) in enumerate(zip(groups, lrs, strict=True)):
             base = group["lr"]
             if isinstance(base, Tensor):
+                first, value = filled.setdefault(id(base), (j, lr))
+                if value != lr:  # one tensor cannot hold two lrs: the last write would step every group
+                    raise ValueError(
+                        f"param groups {first} and {j} share one lr tensor, so they cannot step at different lrs "
+                        f"({value:.3g} and {lr:.3g}: scope='param_group' gives each group its own F); give each "
+                        "group its own lr tensor, or use scope='optimizer'"
+                    )
                 if id(base) not in copies:
                     copies[id(base)] = base.clone()
                 base = copies[id(base)]

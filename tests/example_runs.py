@@ -1,7 +1,7 @@
 """Each example's quick run, once per test session, in a clone of this checkout with its outputs at their defaults.
 
 The smoke tests of the examples read what a run printed and wrote; the clean-clone test checks that the same
-run left ``git status`` as it was. One run serves both (an example takes 5-20 s), so the examples run once.
+run left ``git status`` as it was. One run serves both (an example takes 5-25 s), so the examples run once.
 Opt-in outputs (``--summary``) and the plain example's checkpoint (by default a temp file, outside the clone)
 go to the session's own directory, written as ``{out}`` in the arguments.
 """
