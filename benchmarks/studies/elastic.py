@@ -15,7 +15,8 @@ second half of each block's r, as in ``ratio_dither.py``); ``gate`` is the loss 
 controller in this process (the workers inherit the patch; one CLARA per run). Variants (JSON): ``g`` (the
 step per block at full signal, default 0.15), ``e_star`` (0.1), ``n`` (3), ``dither`` (1: on; 0: the
 control, the library's rule), ``steer`` (1: on; 0: the dither with the library's rule, the second control),
-``cap`` (absent: none; k: log F at most ln k above the library's rule run beside it on the same ratios).
+``cap`` (absent: none; k: log F at most ln k above the library's rule run beside it on the same ratios),
+``floor`` (1: log F never below that rule's, so the steering only raises).
 
     python benchmarks/studies/elastic.py out.jsonl mlp,cnn,lm-short,gru,mse Adam+CLARA '{}' '{"dither": 0}'
 
@@ -105,6 +106,8 @@ def adapt(
             true = STATE["true"] if step % block != block - 1 else true  # below r = 1 only the block steps move F
     if "cap" in VARIANT:  # at most cap x the lr the library's rule would use, run beside it on the same r
         true = min(true, STATE["level"] + math.log(VARIANT["cap"]))
+    if VARIANT.get("floor"):  # never below the lr the library's rule would use: the steering only raises
+        true = max(true, STATE["level"])
     true = rule.clamp_log_factor(bounds, true)
     STATE["true"] = true
     q = 1.0 if ((step + 1) // block) % 2 == 0 else -1.0  # the block of the next step
