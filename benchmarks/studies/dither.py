@@ -30,6 +30,7 @@ import json
 import math
 import statistics
 import sys
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,40 @@ def run(job: tuple[str, float, int]) -> dict[str, Any]:
     }
 
 
+Row = dict[str, Any]
+
+
+def run_and_append(run: Callable[[Any], Row], jobs: list[Any], workers: int, out: Path) -> list[Row]:
+    """The jobs on ``workers`` processes, each result appended to ``out`` (JSON lines) as it comes."""
+    results = []
+    with ProcessPoolExecutor(workers) as pool, out.open("a") as file:
+        for result in pool.map(run, jobs):
+            results.append(result)
+            file.write(json.dumps(result) + "\n")
+            file.flush()
+    return results
+
+
+def window_table(title: str, rows_by_lr: dict[float, list[Row]], keys: tuple[str, str, str], fmt: str) -> Table:
+    """Per lr: the mean metric and, per window (early, late), the means of ``keys`` (a z-score as ``+.1f``)."""
+    table = Table(title=title)
+    for column in ("lr", "metric", *(f"{w} {k}" for w in ("early", "late") for k in keys)):
+        table.add_column(column, justify="right")
+    for lr, rows in rows_by_lr.items():
+        if not rows:
+            continue
+
+        def mean(window: str, key: str, rows: list[Row] = rows) -> float:
+            return statistics.fmean(r[window][key] for r in rows)
+
+        table.add_row(
+            f"{lr:g}",
+            f"{statistics.fmean(r['metric'] for r in rows):.4g}",
+            *(format(mean(w, k), "+.1f" if k == "z" else fmt) for w in ("early", "late") for k in keys),
+        )
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=list(CHOOSE), choices=sorted(suite.SPECS))
@@ -121,35 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     jobs = [(task, lr, seed) for seed in range(args.seeds) for task in args.tasks for lr in args.lrs]
-    results = []
-    with ProcessPoolExecutor(args.workers) as pool, args.out.open("a") as out:
-        for result in pool.map(run, jobs):
-            results.append(result)
-            out.write(json.dumps(result) + "\n")
-            out.flush()
+    results = run_and_append(run, jobs, args.workers, args.out)
     console = Console(width=160)
     for task in args.tasks:
-        table = Table(title=f"{task}: D (z) per window; D < 0: the loss falls faster at the higher lr")
-        for column in ("lr", "metric", "early D", "early z", "early slope", "late D", "late z", "late slope"):
-            table.add_column(column, justify="right")
-        for lr in args.lrs:
-            rows = [r for r in results if r["task"] == task and r["lr"] == lr]
-            if not rows:
-                continue
-
-            def mean(window: str, key: str, rows: list[dict[str, Any]] = rows) -> float:
-                return statistics.fmean(r[window][key] for r in rows)
-
-            table.add_row(
-                f"{lr:g}",
-                f"{statistics.fmean(r['metric'] for r in rows):.4g}",
-                *(
-                    f"{mean(w, k):+.2e}" if k != "z" else f"{mean(w, k):+.1f}"
-                    for w in ("early", "late")
-                    for k in ("d", "z", "slope")
-                ),
-            )
-        console.print(table)
+        rows = {lr: [r for r in results if r["task"] == task and r["lr"] == lr] for lr in args.lrs}
+        title = f"{task}: D (z) per window; D < 0: the loss falls faster at the higher lr"
+        console.print(window_table(title, rows, ("d", "z", "slope"), "+.2e"))
     return 0
 
 

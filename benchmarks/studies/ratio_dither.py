@@ -28,22 +28,20 @@ Verdict and numbers: ``benchmarks/RESULTS.md``, section 6 ("What r's response to
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
-from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import suite
 from deep import batches
+from dither import run_and_append, window_table
 
 from lightning_clara import CLARA
 
@@ -127,36 +125,16 @@ def main(argv: list[str] | None = None) -> int:
         for task in args.tasks
         for lr in args.lrs
     ]
-    results = []
-    with ProcessPoolExecutor(args.workers) as pool, args.out.open("a") as out:
-        for result in pool.map(run, jobs):
-            results.append(result)
-            out.write(json.dumps(result) + "\n")
-            out.flush()
+    results = run_and_append(run, jobs, args.workers, args.out)
     console = Console(width=160)
     for family in args.families:
         for task in args.tasks:
-            table = Table(title=f"{family}, {task}: elasticity d ln r / d ln lr per window (z), mean r")
-            for column in ("lr", "metric", "early e", "early z", "early r", "late e", "late z", "late r"):
-                table.add_column(column, justify="right")
-            for lr in args.lrs:
-                rows = [r for r in results if r["task"] == task and r["family"] == family and r["lr"] == lr]
-                if not rows:
-                    continue
-
-                def mean(window: str, key: str, rows: list[dict[str, Any]] = rows) -> float:
-                    return statistics.fmean(r[window][key] for r in rows)
-
-                table.add_row(
-                    f"{lr:g}",
-                    f"{statistics.fmean(r['metric'] for r in rows):.4g}",
-                    *(
-                        f"{mean(w, k):+.2f}" if k != "z" else f"{mean(w, k):+.1f}"
-                        for w in ("early", "late")
-                        for k in ("e", "z", "r")
-                    ),
-                )
-            console.print(table)
+            rows = {
+                lr: [r for r in results if r["task"] == task and r["family"] == family and r["lr"] == lr]
+                for lr in args.lrs
+            }
+            title = f"{family}, {task}: elasticity d ln r / d ln lr per window (z), mean r"
+            console.print(window_table(title, rows, ("e", "z", "r"), "+.2f"))
     return 0
 
 
