@@ -81,14 +81,18 @@ def lock_in(losses: list[float], block: int, start: int, stop: int) -> dict[str,
     }
 
 
-def run(job: tuple[str, float, int]) -> dict[str, Any]:
-    task_name, lr, seed = job
-    torch.set_num_threads(1)
-    steps = suite.SPECS[task_name].steps
-    block = block_length(steps)
-    task = suite.make_task(task_name, seed, steps)
-    optimizer = torch.optim.Adam(task.model.parameters(), lr=lr)
-    losses: list[float] = []
+def dithered_training(
+    task_name: str,
+    task: Any,
+    optimizer: torch.optim.Optimizer,
+    lr: float,
+    block: int,
+    steps: int,
+    read: Callable[[torch.Tensor], float],
+) -> tuple[list[float], float]:
+    """``steps`` steps at ``lr x RATIO`` and ``lr / RATIO`` in turn, ``block`` steps each: ``read(loss)`` after each
+    step, and the final metric (a diverged run scores ``suite.failed_value``)."""
+    values: list[float] = []
     task.model.train()
     for step, batch in enumerate(batches(task.loader, steps)):
         high = (step // block) % 2 == 0
@@ -97,11 +101,20 @@ def run(job: tuple[str, float, int]) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
+        values.append(read(loss))
     task.model.eval()
     metric = task.metric(task.model)
-    if not math.isfinite(metric):
-        metric = suite.failed_value(task_name)
+    return values, metric if math.isfinite(metric) else suite.failed_value(task_name)
+
+
+def run(job: tuple[str, float, int]) -> dict[str, Any]:
+    task_name, lr, seed = job
+    torch.set_num_threads(1)
+    steps = suite.SPECS[task_name].steps
+    block = block_length(steps)
+    task = suite.make_task(task_name, seed, steps)
+    optimizer = torch.optim.Adam(task.model.parameters(), lr=lr)
+    losses, metric = dithered_training(task_name, task, optimizer, lr, block, steps, lambda loss: loss.item())
     return {
         "task": task_name,
         "lr": lr,

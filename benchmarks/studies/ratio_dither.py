@@ -40,13 +40,11 @@ from rich.console import Console
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import suite
-from deep import batches
-from dither import run_and_append, window_table
+from dither import dithered_training, run_and_append, window_table
 
 from lightning_clara import CLARA
 
 CHOOSE = ("mlp", "cnn", "lm-short", "gru", "mse")
-RATIO = math.sqrt(2.0)  # the high block's lr over the run's lr (and the run's lr over the low block's)
 
 
 def block_length(steps: int) -> int:
@@ -82,21 +80,11 @@ def run(job: tuple[str, str, float, int]) -> dict[str, Any]:
     else:
         optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
     clara = CLARA(optimizer, min_factor=1.0, max_factor=1.0, initial_factor=1.0)
-    ratios: list[float] = []
-    task.model.train()
-    for step, batch in enumerate(batches(task.loader, steps)):
-        high = (step // block) % 2 == 0
-        optimizer.param_groups[0]["lr"] = lr * RATIO if high else lr / RATIO
-        loss = task.loss(task.model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        ratios.append(clara.ratio if clara.ratio is not None else math.nan)
-    task.model.eval()
-    metric = task.metric(task.model)
-    if not math.isfinite(metric):
-        metric = suite.failed_value(task_name)
-    ratios = [v if math.isfinite(v) else 0.0 for v in ratios]
+
+    def ratio(_: torch.Tensor) -> float:
+        return clara.ratio if clara.ratio is not None and math.isfinite(clara.ratio) else 0.0
+
+    ratios, metric = dithered_training(task_name, task, optimizer, lr, block, steps, ratio)
     return {
         "task": task_name,
         "family": family,
