@@ -319,7 +319,7 @@ def train(task: Task, method: Method, lr0: float, steps: int) -> dict[str, Any]:
 
 
 def run_one(task_name: str, method: Method, lr0: float, seed: int, steps: int) -> dict[str, Any]:
-    """Train once on one thread; a diverged run scores chance level."""
+    """Train once on one thread; a diverged run scores 0 % (a classifier) or the uniform model's loss (the LM)."""
     torch.set_num_threads(1)
     task = make_task(task_name, seed)
     result = train(task, method, lr0, steps)

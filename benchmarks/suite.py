@@ -27,14 +27,18 @@ DoG and Prodigy (``d0 = lr0``). Baselines are run on a finer grid (half decades)
 CLARA's worst case is taken over, so "tuned" means tuned to half a decade.
 
 Results go to a JSONL file, one run a line, keyed by task, method, lr0, seed and (for CLARA rows)
-the candidate's tag: a rerun skips what is there, so baselines and peers run once and are kept,
-and a candidate is judged by adding its CLARA rows only.
+the candidate's tag (and the run length where ``--steps`` changes it): a rerun skips what is there, so
+baselines and peers run once and are kept, and a candidate is judged by adding its CLARA rows only. A
+tag names one candidate: each CLARA row keeps its options, and a tag whose rows hold other options
+is refused. The report compares each CLARA row with its baselines over the same seeds, and its
+"seeds" column is the fewest seeds of any CLARA cell of the task.
 
     python benchmarks/suite.py --workers 2                       # whatever is missing, 1 seed
     python benchmarks/suite.py --seeds 3 --workers 2              # the final judgement
     python benchmarks/suite.py --rows clara --tag mine --clara '{"target": 0.6}'   # a candidate
     python benchmarks/suite.py --quick                             # seconds: keeps the script working
     python benchmarks/suite.py --report                            # tables from the file, no runs
+    python benchmarks/suite.py --report --write                    # ... and rewrite the tables, summary, plot
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import cache
@@ -323,7 +327,9 @@ class Job:
 
     @property
     def key(self) -> str:
-        return f"{self.task}|{self.method.name}|{self.tag}|{self.lr0:g}|{self.seed}"
+        """Task, method, candidate, lr0 and seed; and the run length where it is not the task's own (``--steps``)."""
+        steps = "" if self.steps == SPECS[self.task].steps else f"|{self.steps} steps"
+        return f"{self.task}|{self.method.name}|{self.tag}|{self.lr0:g}|{self.seed}{steps}"
 
 
 def execute(job: Job) -> dict[str, Any]:
@@ -336,6 +342,7 @@ def execute(job: Job) -> dict[str, Any]:
         "lr0": job.lr0,
         "seed": job.seed,
         "steps": job.steps,
+        "clara": job.method.clara,  # the candidate's options (None for baselines and peers)
         **result,
     }
 
@@ -357,22 +364,44 @@ def load(path: Path) -> dict[str, dict[str, Any]]:
 @dataclass(frozen=True)
 class Cell:
     metric: float
-    final_lr: float
+    final_lr: float  # inf where a run's final lr is not finite (it counts as above any bound)
     spread: float  # max - min over seeds
+    seeds: int
 
 
-def cells(runs: Iterable[dict[str, Any]], task: str, method: str, tag: str) -> dict[float, Cell]:
-    """Per lr0: the mean over seeds, the geometric mean final lr, the seed spread."""
+def cells(
+    runs: Iterable[dict[str, Any]],
+    task: str,
+    method: str,
+    tag: str,
+    steps: int | None = None,
+    seeds: Collection[int] | None = None,
+) -> dict[float, Cell]:
+    """Per lr0: the mean over seeds, the geometric mean final lr, the seed spread, the number of seeds. Only runs
+    of ``steps`` steps (None: the task's own) and, if given, of ``seeds`` (a baseline over CLARA's seeds)."""
+    length = steps or SPECS[task].steps
     grouped: dict[float, list[dict[str, Any]]] = {}
     for run in runs:
-        if run["task"] == task and run["method"] == method and run["tag"] == tag:
+        if (run["task"], run["method"], run["tag"], run["steps"]) == (task, method, tag, length) and (
+            seeds is None or run["seed"] in seeds
+        ):
             grouped.setdefault(run["lr0"], []).append(run)
     out = {}
     for lr0, group in sorted(grouped.items()):
         metrics = [r["metric"] for r in group]
-        final = math.exp(statistics.fmean(math.log(max(r["final_lr"], 1e-300)) for r in group))
-        out[lr0] = Cell(statistics.fmean(metrics), final, max(metrics) - min(metrics))
+        finals = [r["final_lr"] for r in group]
+        final = (
+            math.exp(statistics.fmean(math.log(max(lr, 1e-300)) for lr in finals))
+            if all(math.isfinite(lr) for lr in finals)
+            else math.inf
+        )
+        out[lr0] = Cell(statistics.fmean(metrics), final, max(metrics) - min(metrics), len(group))
     return out
+
+
+def seeds_of(runs: Iterable[dict[str, Any]], task: str, method: str, tag: str, steps: int | None = None) -> set[int]:
+    length = steps or SPECS[task].steps
+    return {r["seed"] for r in runs if (r["task"], r["method"], r["tag"], r["steps"]) == (task, method, tag, length)}
 
 
 def regret(spec: Spec, tuned: float, value: float) -> float:
@@ -406,8 +435,13 @@ def fmt(spec: Spec, value: float) -> str:
     return f"{value:.1f}" if spec.metric == "accuracy" else f"{value:.3f}"
 
 
-def report(runs: dict[str, dict[str, Any]], tasks: list[str], tag: str, lrs: list[float], console: Console) -> dict:
-    """Per-task tables and the summary against tuned baselines and DoG; returns the summary as a dict."""
+def report(
+    runs: dict[str, dict[str, Any]], tasks: list[str], tag: str, lrs: list[float], console: Console, steps: int | None
+) -> dict:
+    """Per-task tables and the summary against tuned baselines and DoG; returns the summary as a dict.
+
+    Every baseline cell is the mean over the seeds its CLARA rows have (the same seeds on both sides); "seeds" is
+    the fewest seeds of any CLARA cell of the task; DoG, run once per seed, is its first lr0's cell."""
     values = list(runs.values())
     summary: dict[str, Any] = {}
     table = Table(title=f"suite summary, CLARA candidate {tag!r}: worst case over lr0 {lrs[0]:g}...{lrs[-1]:g}")
@@ -431,15 +465,18 @@ def report(runs: dict[str, dict[str, Any]], tasks: list[str], tag: str, lrs: lis
     for task in tasks:
         spec = SPECS[task]
         row: dict[str, Any] = {"split": spec.split}
-        dog = cells(values, task, "DoG", "")
-        dog_value = statistics.fmean(c.metric for c in dog.values()) if dog else None
-        row["dog"] = dog_value
         broken = 0
         columns: list[str] = []
-        seeds = {r["seed"] for r in values if r["task"] == task and r["tag"] == tag}
+        counts: list[int] = []
+        row["dog"] = dog_value = None
         for family in ("Adam", "SGDm"):
-            base = cells(values, task, family, "")
-            ours = {lr: c for lr, c in cells(values, task, f"{family}+CLARA", tag).items() if lr in lrs}
+            seeds = seeds_of(values, task, f"{family}+CLARA", tag, steps)
+            base = cells(values, task, family, "", steps, seeds)
+            ours = {lr: c for lr, c in cells(values, task, f"{family}+CLARA", tag, steps).items() if lr in lrs}
+            counts += [c.seeds for c in ours.values()]
+            if family == "Adam":
+                dog = cells(values, task, "DoG", "", steps, seeds)
+                row["dog"] = dog_value = dog[min(dog)].metric if dog else None
             if not base or not ours:
                 columns += ["-", "-", "-"] + (["-"] if family == "Adam" else [])
                 continue
@@ -459,20 +496,27 @@ def report(runs: dict[str, dict[str, Any]], tasks: list[str], tag: str, lrs: lis
                     versus = -regret(spec, dog_value, worst_value)  # > 0: CLARA's worst case beats DoG
                     row["vs_dog"] = versus
                     columns.append(f"{versus:+.2f}{'' if versus >= 0 else ' ✗'}")
-        base = cells(values, task, "AdamW-cos", "")
-        ours = cells(values, task, "AdamW-cos+CLARA", tag)
+        seeds = seeds_of(values, task, "AdamW-cos+CLARA", tag, steps)
+        base = cells(values, task, "AdamW-cos", "", steps, seeds)
+        ours = cells(values, task, "AdamW-cos+CLARA", tag, steps)
         if base and ours:
-            tuned_lr = best_lr(spec, {lr: c for lr, c in base.items() if lr in ours} or base)
-            harm = regret(spec, base[tuned_lr].metric, ours[tuned_lr].metric) if tuned_lr in ours else math.nan
-            row["AdamW-cos"] = {"tuned": base[tuned_lr].metric, "tuned_lr": tuned_lr, "harm": harm}
-            mark = "" if harm <= limit(spec, "AdamW-cos") else " ✗"
-            columns += [f"{fmt(spec, base[tuned_lr].metric)} ({tuned_lr:g})", fmt(spec, ours[tuned_lr].metric)]
-            columns.append(f"{harm:+.2f}{mark}")
+            tuned_lr = best_lr(spec, base)  # over the whole baseline grid: harm is measured at the tuned lr only
+            tuned = base[tuned_lr].metric
+            harm = regret(spec, tuned, ours[tuned_lr].metric) if tuned_lr in ours else None
+            counts += [ours[tuned_lr].seeds] if tuned_lr in ours else []
+            row["AdamW-cos"] = {"tuned": tuned, "tuned_lr": tuned_lr, "harm": harm}
+            columns.append(f"{fmt(spec, tuned)} ({tuned_lr:g})")
+            if harm is None:  # no CLARA row at the tuned lr
+                columns += ["-", "-"]
+            else:
+                mark = "" if harm <= limit(spec, "AdamW-cos") else " ✗"
+                columns += [fmt(spec, ours[tuned_lr].metric), f"{harm:+.2f}{mark}"]
         else:
             columns += ["-", "-", "-"]
         row["broken_climbs"] = broken
+        row["seeds"] = min(counts, default=0)
         summary[task] = row
-        table.add_row(task, spec.split, *columns, str(broken), str(len(seeds)))
+        table.add_row(task, spec.split, *columns, str(broken), str(row["seeds"]))
     console.print(table)
     console.print(
         "regret: points (accuracy), nats (LM) or % relative MSE; ✗ misses the issue's limit (Adam 2 / 0.05 / 10 %, "
@@ -482,7 +526,9 @@ def report(runs: dict[str, dict[str, Any]], tasks: list[str], tag: str, lrs: lis
     return summary
 
 
-def task_tables(runs: dict[str, dict[str, Any]], tasks: list[str], tag: str, console: Console) -> None:
+def task_tables(
+    runs: dict[str, dict[str, Any]], tasks: list[str], tag: str, console: Console, steps: int | None
+) -> None:
     """Per task: every method's mean metric per lr0, worst / mean / best, and the final lr used."""
     values = list(runs.values())
     for task in tasks:
@@ -496,7 +542,7 @@ def task_tables(runs: dict[str, dict[str, Any]], tasks: list[str], tag: str, con
             table.add_column(column, justify="right")
         for method in (*BASELINES, *CLARA_METHODS):
             method_tag = tag if method.clara is not None else ""
-            row = cells(values, task, method.name, method_tag)
+            row = cells(values, task, method.name, method_tag, steps)
             if not row:
                 continue
             if method.lr_free:
@@ -517,7 +563,7 @@ def task_tables(runs: dict[str, dict[str, Any]], tasks: list[str], tag: str, con
         console.print(table)
 
 
-def plot(runs: dict[str, dict[str, Any]], tasks: list[str], tag: str, path: Path) -> None:
+def plot(runs: dict[str, dict[str, Any]], tasks: list[str], tag: str, path: Path, steps: int | None) -> None:
     """The lr used over the steps (seed 0), one panel per task and CLARA method, one line per lr0."""
     import matplotlib
 
@@ -529,12 +575,12 @@ def plot(runs: dict[str, dict[str, Any]], tasks: list[str], tag: str, path: Path
     colours = {lr0: f"C{i % 10}" for i, lr0 in enumerate(rates)}  # one colour per lr0 in every panel
     figure, axes = plt.subplots(len(tasks), len(names), figsize=(3.0 * len(names), 2.2 * len(tasks)), squeeze=False)
     for row, task in enumerate(tasks):
-        tuned = cells(runs.values(), task, "Adam", "")
+        tuned = cells(runs.values(), task, "Adam", "", steps)
         for column, name in enumerate(names):
             axis = axes[row][column]
             for run in sorted(runs.values(), key=lambda r: r["lr0"]):
-                wanted = (task, name, 0, tag if name != "DoG" else "")
-                if (run["task"], run["method"], run["seed"], run["tag"]) == wanted:
+                wanted = (task, name, 0, tag if name != "DoG" else "", steps or SPECS[task].steps)
+                if (run["task"], run["method"], run["seed"], run["tag"], run["steps"]) == wanted:
                     xs = [i * RECORD_EVERY for i in range(len(run["lrs"]))]
                     lrs = [max(v, 1e-14) for v in run["lrs"]]
                     axis.semilogy(xs, lrs, linewidth=1, color=colours[run["lr0"]], label=f"{run['lr0']:g}")
@@ -589,6 +635,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clara", default="{}", help="the candidate's CLARA options as JSON (default: the defaults)")
     parser.add_argument("--rows", choices=("all", "baselines", "clara"), default="all", help="which rows to run")
     parser.add_argument("--report", action="store_true", help="print the tables from the results file, run nothing")
+    parser.add_argument("--write", action="store_true", help="with --report: also write the tables, summary and plot")
     parser.add_argument("--steps", type=int, default=None, help="steps per run (default: each task's own)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--quick", action="store_true", help="20 steps of every task and method, for the test suite")
@@ -609,6 +656,10 @@ def main(argv: list[str] | None = None) -> int:
         args.seeds, args.lrs, args.baseline_lrs, args.steps = 1, [1e-3], [1e-3], 20
     console = Console(width=200, record=True)
     done = load(args.out)
+    stored = {json.dumps(r["clara"], sort_keys=True) for r in done.values() if r["tag"] == args.tag and "clara" in r}
+    if not args.report and args.rows != "baselines" and stored - {json.dumps(clara, sort_keys=True)}:
+        other = ", ".join(sorted(stored))
+        parser.error(f"tag {args.tag!r} holds runs of other CLARA options ({other}): use a new --tag")
     if not args.report:
         jobs = [job for job in plan(args, clara) if job.key not in done]
         console.print(f"{len(jobs)} runs to do ({len(done)} in {args.out})")
@@ -624,12 +675,14 @@ def main(argv: list[str] | None = None) -> int:
             if pool:
                 pool.shutdown()
         console.print(f"{len(jobs)} runs in {time.perf_counter() - start:.0f} s")
-    task_tables(done, args.tasks, args.tag, console)
-    summary = report(done, args.tasks, args.tag, args.lrs, console)
+    task_tables(done, args.tasks, args.tag, console, args.steps)
+    summary = report(done, args.tasks, args.tag, args.lrs, console, args.steps)
+    if args.report and not args.write:  # the kept tables are the run's: a report of changed rows prints only
+        return 0
     text = args.out.with_name(f"{args.out.stem}-{args.tag}.txt")
     text.write_text(console.export_text())
     (args.out.with_name(f"{args.out.stem}-{args.tag}-summary.json")).write_text(json.dumps(summary, indent=1))
-    plot(done, args.tasks, args.tag, args.out.with_name(f"{args.out.stem}-{args.tag}.png"))
+    plot(done, args.tasks, args.tag, args.out.with_name(f"{args.out.stem}-{args.tag}.png"), args.steps)
     console.print(f"wrote {text} and the summary / plot beside it")
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -191,3 +192,47 @@ def test_suite_quick_runs_every_task_and_method_and_resumes(tmp_path: Path) -> N
     again = run_script("suite.py", "--quick", "--workers", "1", "--out", str(out))
     assert "0 runs to do" in again
     assert len(out.read_text().splitlines()) == 80
+
+
+def test_suite_report_compares_like_with_like() -> None:
+    """The suite's report on hand-made rows (the MSE task, lower is better): a baseline is averaged over the
+    seeds its CLARA rows have, rows of another run length are left out, DoG is its first lr0's cell, a
+    non-finite final lr counts as a broken climb, and harm is measured at the tuned lr or not at all."""
+    import io
+
+    from rich.console import Console
+
+    spec = importlib.util.spec_from_file_location("clara_suite", ROOT / "benchmarks" / "suite.py")
+    suite = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[spec.name] = suite  # type: ignore[union-attr]  # its dataclasses look themselves up there
+    spec.loader.exec_module(suite)  # type: ignore[union-attr]
+    steps = suite.SPECS["mse"].steps
+    rows = [
+        ("Adam", "", 1e-3, 0, 0.050, 1e-3),
+        ("Adam", "", 1e-3, 1, 0.010, 1e-3),  # a seed CLARA lacks: a baseline over both would be tuned at 0.030
+        ("Adam", "", 1e-2, 0, 0.060, 1e-2),
+        ("Adam+CLARA", "t", 1e-5, 0, 0.055, math.nan),  # diverged lr: a broken climb (the metric is worse)
+        ("Adam+CLARA", "t", 1e-4, 0, 0.052, 2e-3),
+        ("DoG", "", 1e-5, 0, 0.070, 1e-3),
+        ("DoG", "", 1e-2, 0, 0.010, 1e-3),  # a second DoG cell (another lr0): not mixed in
+        ("AdamW-cos", "", 1e-3, 0, 0.040, 0.0),
+        ("AdamW-cos", "", 1e-2, 0, 0.045, 0.0),
+        ("AdamW-cos+CLARA", "t", 1e-2, 0, 0.046, 0.0),  # no row at the tuned 1e-3: no harm figure
+    ]
+    runs = [
+        {"task": "mse", "method": m, "tag": tag, "lr0": lr0, "seed": seed, "steps": steps, "metric": v, "final_lr": f}
+        for m, tag, lr0, seed, v, f in rows
+    ]
+    runs.append({**runs[4], "steps": 20, "metric": 9.9})  # a --steps 20 run of the same cell: left out
+    summary = suite.report(
+        {str(i): run for i, run in enumerate(runs)}, ["mse"], "t", [1e-5, 1e-4], Console(file=io.StringIO()), None
+    )["mse"]
+    assert summary["Adam"]["tuned"] == pytest.approx(0.050)
+    assert summary["Adam"]["worst"] == pytest.approx(0.055)
+    assert summary["Adam"]["regret"] == pytest.approx(10.0)  # % relative MSE
+    assert summary["dog"] == pytest.approx(0.070)
+    assert summary["broken_climbs"] == 1
+    assert summary["seeds"] == 1
+    assert summary["AdamW-cos"]["tuned_lr"] == 1e-3
+    assert summary["AdamW-cos"]["harm"] is None
+    json.dumps(summary, allow_nan=False)  # the summary file stays valid JSON
