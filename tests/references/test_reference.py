@@ -148,6 +148,26 @@ def test_expected_cosine_for_one_dimension_is_arcsine_law() -> None:
     torch.testing.assert_close(expected_cosine(1, rho), 2.0 / math.pi * torch.asin(rho), rtol=0, atol=1e-14)
 
 
+@pytest.mark.parametrize("n", [2, 3, 4, 7, 15])
+def test_expected_cosine_quadrature_matches_the_series(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below 16 coordinates Euler's integral is summed by quadrature (the series needs ~1e5 terms near |rho| = 1
+    for n = 2: 8.7 s at attach for SGD momentum 0.99 on a 2-entry tensor); both agree to 1e-12 on [-0.9999,
+    0.9999], and the heavy-ball curves they give agree to 1e-13 relative."""
+    from lightning_clara.reference import curves
+
+    quadrature = HeavyBallReference(0.2, 0.9)._compute([n])[n]
+    monkeypatch.setattr(curves, "_euler_integral", curves._series)
+    series = HeavyBallReference(0.2, 0.9)._compute([n])[n]
+    monkeypatch.undo()
+    torch.testing.assert_close(quadrature[1:], series[1:], rtol=1e-13, atol=0.0)
+
+    rho = torch.cat([torch.linspace(-0.9999, 0.9999, 801, dtype=torch.float64), torch.tensor([0.0, 0.999, 0.9999])])
+    x = rho * rho
+    torch.testing.assert_close(curves._euler_integral(n, x), curves._series(n, x), rtol=0.0, atol=1e-12)
+    prefactor = 2.0 / n * math.exp(2.0 * (math.lgamma((n + 1) / 2) - math.lgamma(n / 2)))
+    torch.testing.assert_close(expected_cosine(n, rho), rho * prefactor * curves._euler_integral(n, x), rtol=0, atol=0)
+
+
 def test_expected_cosine_tends_to_rho_for_large_n() -> None:
     """Norms concentrate as n grows, so E[cos] -> rho; the gap must shrink monotonically with n."""
     rho = torch.tensor([-0.8, -0.3, 0.1, 0.5, 0.9, 0.99], dtype=torch.float64)
