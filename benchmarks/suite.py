@@ -379,12 +379,9 @@ def cells(
 ) -> dict[float, Cell]:
     """Per lr0: the mean over seeds, the geometric mean final lr, the seed spread, the number of seeds. Only runs
     of ``steps`` steps (None: the task's own) and, if given, of ``seeds`` (a baseline over CLARA's seeds)."""
-    length = steps or SPECS[task].steps
     grouped: dict[float, list[dict[str, Any]]] = {}
-    for run in runs:
-        if (run["task"], run["method"], run["tag"], run["steps"]) == (task, method, tag, length) and (
-            seeds is None or run["seed"] in seeds
-        ):
+    for run in rows_of(runs, task, method, tag, steps):
+        if seeds is None or run["seed"] in seeds:
             grouped.setdefault(run["lr0"], []).append(run)
     out = {}
     for lr0, group in sorted(grouped.items()):
@@ -399,9 +396,16 @@ def cells(
     return out
 
 
-def seeds_of(runs: Iterable[dict[str, Any]], task: str, method: str, tag: str, steps: int | None = None) -> set[int]:
+def rows_of(
+    runs: Iterable[dict[str, Any]], task: str, method: str, tag: str, steps: int | None = None
+) -> list[dict[str, Any]]:
+    """The runs of one task, method and candidate, of ``steps`` steps (None: the task's own)."""
     length = steps or SPECS[task].steps
-    return {r["seed"] for r in runs if (r["task"], r["method"], r["tag"], r["steps"]) == (task, method, tag, length)}
+    return [r for r in runs if (r["task"], r["method"], r["tag"], r["steps"]) == (task, method, tag, length)]
+
+
+def seeds_of(runs: Iterable[dict[str, Any]], task: str, method: str, tag: str, steps: int | None = None) -> set[int]:
+    return {r["seed"] for r in rows_of(runs, task, method, tag, steps)}
 
 
 def regret(spec: Spec, tuned: float, value: float) -> float:

@@ -36,22 +36,20 @@ class LearningRateSwap:
     def apply(self, groups: Sequence[dict[str, Any]], lrs: Sequence[float]) -> None:
         # every base is saved before any is written: torch gives each group the same tensor lr when
         # the constructor was given one, and a copy taken after the first fill would save the lr used
-        copies: dict[int, Tensor] = {}
-        filled: dict[int, tuple[int, float]] = {}  # a tensor lr: the first group that fills it, and with what
+        saved: dict[int, tuple[int, float, Tensor]] = {}  # a tensor lr: the first group to fill it, its lr, a copy
         bases: list[Any] = []
         for j, (group, lr) in enumerate(zip(groups, lrs, strict=True)):
             base = group["lr"]
             if isinstance(base, Tensor):
-                first, value = filled.setdefault(id(base), (j, lr))
+                if id(base) not in saved:
+                    saved[id(base)] = (j, lr, base.clone())
+                first, value, base = saved[id(base)]
                 if value != lr:  # one tensor cannot hold two lrs: the last write would step every group
                     raise ValueError(
                         f"param groups {first} and {j} share one lr tensor, so they cannot step at different lrs "
                         f"({value:.3g} and {lr:.3g}: scope='param_group' gives each group its own F); give each "
                         "group its own lr tensor, or use scope='optimizer'"
                     )
-                if id(base) not in copies:
-                    copies[id(base)] = base.clone()
-                base = copies[id(base)]
             bases.append(base)
         for group, lr in zip(groups, lrs, strict=True):
             if isinstance(group["lr"], Tensor):
