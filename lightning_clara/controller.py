@@ -116,6 +116,11 @@ class CLARA(ResolvedOptions):
         self._guard = None if every is None else RankConsistencyGuard(every)
         if getattr(optimizer, "_clara_controller", None) is not None:
             raise RuntimeError("this optimizer already has a CLARA controller attached; detach() it first")
+        if self.settings.safeguard is not None and self.settings.safeguard.in_use:
+            raise ValueError(
+                "this PageHinkley already watches another CLARA controller's losses; give each controller its own "
+                "(a new PageHinkley(...)), or detach() the other one first"
+            )
         self.optimizer = optimizer
         plain = self.settings.variant == "salera"  # SALeRA: gradient paths against a plain random walk
         self.paths = PathStore(self.settings, GradientBucket if plain else None)
@@ -137,6 +142,8 @@ class CLARA(ResolvedOptions):
         self._unit_step = UnitStep(optimizer) if self.settings.unit_step else None  # hooks before ours: sees lr used
         on_device = self.settings.variant == "clara"  # SALeRA's paths read the raw gradient: no NaN step for them
         self._hooks = StepHooks(optimizer, self._before_step, self._after_step, self._swap, skips, on_device)
+        if self._safeguard is not None:
+            self._safeguard.detector.in_use = True  # one detector, one loss stream: a second controller is refused
         optimizer._clara_controller = self  # type: ignore[attr-defined]
 
     def set_total_steps(self, total_steps: int | None) -> None:
@@ -238,6 +245,7 @@ class CLARA(ResolvedOptions):
             self._unit_step.remove()
         if self._safeguard is not None:
             self._safeguard.release()  # the paths stay: state_dict still holds them after detaching
+            self._safeguard.detector.in_use = False
         if getattr(self.optimizer, "_clara_controller", None) is self:
             self.optimizer._clara_controller = None
 
@@ -288,7 +296,8 @@ class CLARA(ResolvedOptions):
             step = self.paths.step(optimizer, StepInputs(self._swap.used, self.references, scopes))
             flag, counted = self._hooks.device_flag, self._hooks.skip_counted  # a fused step's skip flag
             if step is not None:
-                self._pending = PendingStep.send(step, self._swap.used[:stepped], flag, counted)
+                bases = self._swap.current_bases(optimizer.param_groups)[:stepped]  # inside the step: the saved ones
+                self._pending = PendingStep.send(step, self._swap.used[:stepped], flag, counted, bases)
                 if not self._pending.deferred:  # on the host already: the rule runs now
                     self._settle(collectives=True)
             else:  # no tensor to adapt: the flag alone, read now
@@ -302,8 +311,7 @@ class CLARA(ResolvedOptions):
         self._skips.settled(self.optimizer, pending.skipped, pending.skip_counted)
         bounds = self.settings.bounds
         before = self._state.adapted_steps
-        groups, scopes = self.optimizer.param_groups, len(self._state.log_factors)
-        bases = bases_by_scope(bounds, self._swap.current_bases(groups), scopes, self._scope_of)
+        bases = bases_by_scope(bounds, pending.bases, len(self._state.log_factors), self._scope_of)
         losses = self._losses
         self._state = adapt(self._state, stats, self.settings.schedule, bounds, bases, losses.gate, losses.fitted)
         steps = self._state.adapted_steps
@@ -347,6 +355,8 @@ class CLARA(ResolvedOptions):
         """Restore paths, counters and factors saved by :meth:`state_dict` (matched by position)."""
         self._settle(collectives=False)
         self._state = restore_state(state_dict, self.settings, self.optimizer, self.paths, self._losses)
+        if self._safeguard is not None:
+            self._safeguard.release()  # parameters of before the load are no restore point for the loaded ones
         self._skips.count = int(state_dict.get("num_skipped_updates", 0))
         self._sync_scopes()
 

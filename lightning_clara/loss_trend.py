@@ -49,21 +49,26 @@ class LossTrend:
     slow: float = 0.0
     second: float = 0.0  # raw fast average of squared deviations from the fast average
     initial: float = 0.0  # the mean of the first WARMUP losses: the untrained network's loss
+    negative: bool = False  # a loss below 0 was seen: not bounded below by 0, so never "fitted"
 
     def observed(self, loss: float) -> LossTrend:
-        """With one more loss (a NaN/inf loss is not a trend: it is left out)."""
+        """With one more loss (a NaN/inf loss is not a trend, nor one whose squared deviation overflows: left out)."""
         if not math.isfinite(loss):
             return self
         a, b = self.rate, self.rate / 2.0
         deviation = loss - self._corrected(self.fast, a) if self.count else 0.0
         initial = self.initial + (loss - self.initial) / (self.count + 1) if self.count < WARMUP else self.initial
+        second = self.second + a * (deviation * deviation - self.second)
+        if not math.isfinite(second):  # a float64 loss near 1e154: inf - inf would make the trend NaN for good
+            return self
         return LossTrend(
             self.rate,
             self.count + 1,
             self.fast + a * (loss - self.fast),
             self.slow + b * (loss - self.slow),
-            self.second + a * (deviation * deviation - self.second),
+            second,
             initial,
+            self.negative or loss < 0.0,
         )
 
     def _corrected(self, raw: float, rate: float, count: int | None = None) -> float:
@@ -91,19 +96,22 @@ class LossTrend:
     @property
     def fitted(self) -> bool:
         """Whether the smoothed loss has fallen below ``FITTED`` of the untrained network's (a positive loss)."""
-        if self.count < WARMUP or self.initial <= 0.0:
+        if self.count < WARMUP or self.initial <= 0.0 or self.negative:
             return False
         return self._corrected(self.fast, self.rate) < FITTED * self.initial
 
-    def state_dict(self) -> dict[str, float | int]:
-        return {key: getattr(self, key) for key in STATE_KEYS}
+    def state_dict(self) -> dict[str, float | int | bool]:
+        return {**{key: getattr(self, key) for key in STATE_KEYS}, "negative": self.negative}
 
     @classmethod
-    def from_state(cls, rate: float, state: dict[str, float | int]) -> LossTrend:
-        return cls(rate, int(state["count"]), *(float(state[key]) for key in STATE_KEYS[1:]))
+    def from_state(cls, rate: float, state: dict[str, float | int | bool]) -> LossTrend:
+        """``negative`` may be missing (a checkpoint of 0.2.0.dev0 before it existed): False."""
+        numbers = (float(state[key]) for key in STATE_KEYS[1:])
+        return cls(rate, int(state["count"]), *numbers, bool(state.get("negative", False)))
 
 
-#: What a checkpoint keeps of a :class:`LossTrend` (its rate is the controller's c), in field order.
+#: The numbers a checkpoint keeps of a :class:`LossTrend` (its rate is the controller's c), in field order;
+#: beside them the flag ``negative``.
 STATE_KEYS = ("count", "fast", "slow", "second", "initial")
 
 

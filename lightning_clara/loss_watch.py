@@ -126,4 +126,6 @@ class LossWatch:
                 raise ValueError(f"loss_trend[{key!r}] must be a finite number, got {value!r}")
         if state["count"] < 0 or state["second"] < 0:
             raise ValueError("loss_trend['count'] and loss_trend['second'] must be >= 0")
+        if not isinstance(state.get("negative", False), bool):
+            raise ValueError(f"loss_trend['negative'] must be a bool, got {state['negative']!r}")
         return LossTrend.from_state(self.trend.rate, state)

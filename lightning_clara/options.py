@@ -124,8 +124,8 @@ OPTION_DOCS: dict[str, str] = {
     "paper's random walk, with rule='paper'). At a good lr a deep network's steps partly cancel, so a "
     "target below 1 accepts that cancellation.",
     "total_steps": "the number of optimizer steps of the run, if known (the Lightning callback uses the "
-    "Trainer's estimate). A short run finds faster: with rule='normalized', hold_after left at None "
-    "becomes 0.4 * total_steps (between 240 and 600) and d left at None grows as 0.03 * 600 / hold_after.",
+    "Trainer's estimate). A short run finds faster: with rule='normalized', hold_after left at None becomes "
+    "0.4 * total_steps (between 240 and 600) and then d left at None grows as 0.03 * 600 / hold_after.",
     "loss_brake": "gate the rule's upward moves with the trend of the losses given to CLARA.observe_loss (the "
     "callbacks give every step's loss): below r = 1 a raise of F needs a clearly falling smoothed loss and turns "
     "into a fall where the loss has stalled (at r >= 1 F rises ungated); once the smoothed loss is below 5 % of the "

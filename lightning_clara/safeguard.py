@@ -59,6 +59,7 @@ class PageHinkley:
         self.warmup = check_positive_int("warmup", warmup)
         self.reset()
         self.alarms = 0
+        self.in_use = False  # set while a CLARA controller feeds it: one detector watches one loss stream
 
     def reset(self) -> None:
         """Forget the statistics (after an alarm, or when the lr changed on purpose)."""

@@ -9,7 +9,7 @@ nothing waits. :meth:`PendingStep.settle` gives the step's :class:`~lightning_cl
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -51,13 +51,20 @@ class PendingStep:
     device: torch.device
     skip_flag: Tensor | None = None  # a fused optimizer's device-side skip flag (its host copy), if any
     skip_counted: bool = True  # the flag is CLARA's (a skip counts), not GradScaler's (a routine fp16 skip)
+    bases: list[Any] = field(default_factory=list)  # per group, the base lr of the step (the lr bounds' reference)
 
     @classmethod
     def send(
-        cls, step: DeviceStep, lr_used: Sequence[float], skip_flag: Tensor | None = None, skip_counted: bool = True
+        cls,
+        step: DeviceStep,
+        lr_used: Sequence[float],
+        skip_flag: Tensor | None = None,
+        skip_counted: bool = True,
+        bases: Sequence[Any] = (),
     ) -> PendingStep:
         """Start moving ``step``'s results (and the step's device skip flag) to the host: a copy behind an
-        event on CUDA, nothing on the CPU."""
+        event on CUDA, nothing on the CPU. ``bases``: the step's base lrs, kept so that the rule clamps to the
+        lr bounds against them whenever it runs (a deferred step settles after ``scheduler.step()``)."""
         results = list(step.results) if skip_flag is None else [*step.results, skip_flag]
         ready = None
         if any(result.device.type == "cuda" for result in results):
@@ -72,7 +79,7 @@ class PendingStep:
             ready = CopiesDone({result.device for result in results if result.device.type == "cuda"})
             results = buffers
         flag = results.pop() if skip_flag is not None else None
-        return cls(results, ready, step.finish, list(lr_used), step.device, flag, skip_counted)
+        return cls(results, ready, step.finish, list(lr_used), step.device, flag, skip_counted, list(bases))
 
     @property
     def deferred(self) -> bool:

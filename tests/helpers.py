@@ -418,9 +418,13 @@ def defer_pending_steps(monkeypatch: Any, on_wait: Callable[[], None] = lambda: 
     send = PendingStep.send
 
     def deferred(
-        step: Any, lr_used: Sequence[float], skip_flag: Tensor | None = None, skip_counted: bool = True
+        step: Any,
+        lr_used: Sequence[float],
+        skip_flag: Tensor | None = None,
+        skip_counted: bool = True,
+        bases: Sequence[Any] = (),
     ) -> PendingStep:
-        pending = send(step, lr_used, skip_flag, skip_counted)
+        pending = send(step, lr_used, skip_flag, skip_counted, bases)
         flag = None if pending.skip_flag is None else pending.skip_flag.clone()
         buffers = [b.clone() for b in pending.buffers]
         return dataclasses.replace(pending, buffers=buffers, ready=Ready(), skip_flag=flag)

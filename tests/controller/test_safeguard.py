@@ -201,6 +201,21 @@ def test_invalid_safeguard_option_is_a_type_error() -> None:
     assert CLARA(optimizer, safeguard=detector).safeguard is detector
 
 
+def test_one_detector_watches_one_controller() -> None:
+    """Two controllers fed by one PageHinkley would each see half its stream, and an alarm's reset would blind
+    the other: the second is refused until the first detaches."""
+    detector = PageHinkley()
+    first = CLARA(torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.1), safeguard=detector)
+    other = torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.1)
+    with pytest.raises(ValueError, match="PageHinkley already watches"):
+        CLARA(other, safeguard=detector)
+    assert getattr(other, "_clara_controller", None) is None  # refused before anything was attached
+    first.detach()
+    assert CLARA(other, safeguard=detector).safeguard is detector
+    fresh = [CLARA(torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.1), safeguard=True) for _ in range(2)]
+    assert fresh[0].safeguard is not fresh[1].safeguard  # safeguard=True: a detector each
+
+
 # ---------------------------------------------------------------------------------------------- controller
 def regression() -> tuple[Tensor, Tensor, list[Tensor]]:
     """A float64 linear regression (fixed seed) and zero-initialised weight and bias."""
@@ -550,3 +565,22 @@ def test_an_undo_goes_back_two_steps_that_ran_across_a_step_that_raised() -> Non
     with pytest.warns(RuntimeWarning, match=r"before the last 2 step\(s\)"):
         assert clara.observe_loss(math.nan) is True
     assert float(p[0]) == values[-2]  # before the last two steps that ran
+
+
+def test_loading_a_state_drops_the_restore_point_of_before_the_load() -> None:
+    """A rollback by hand (model, optimizer and CLARA loaded into the same objects): an alarm right after must
+    not bring back parameters of the abandoned steps, only undo what ran since the load."""
+    clara, x, y, params = make_clara()
+    train_quietly(clara, x, y, params, steps=20)
+    saved = ([p.detach().clone() for p in params], copy.deepcopy(clara.optimizer.state_dict()), clara.state_dict())
+    train_quietly(clara, x, y, params, steps=10)
+    with torch.no_grad():
+        for param, value in zip(params, saved[0], strict=True):
+            param.copy_(value)
+    clara.optimizer.load_state_dict(saved[1])
+    clara.load_state_dict(saved[2])
+    step(clara, x, y, params)
+    with pytest.warns(RuntimeWarning, match="safeguard") as record:
+        assert clara.observe_loss(math.nan) is True
+    assert str(record[-1].message).endswith("; parameters restored from before the last 1 step(s)")
+    assert_params_equal(params, saved[0])

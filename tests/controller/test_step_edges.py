@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lightning_clara import CLARA
+from tests.helpers import defer_pending_steps
 
 
 def _two_groups(**defaults: object) -> tuple[torch.nn.Parameter, torch.nn.Parameter, list[dict[str, object]]]:
@@ -272,3 +273,27 @@ def test_an_undo_goes_back_two_steps_that_ran_across_a_device_skip() -> None:
     with pytest.warns(RuntimeWarning, match=r"before the last 2 step\(s\)"):
         assert step(loss=math.inf) is True
     assert torch.equal(w.detach(), history[1])  # before steps 2 and 4, the last two that ran
+
+
+def test_lr_bounds_clamp_against_the_steps_own_base_lr_however_late_it_settles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA a step settles at the next pre-hook, after ``scheduler.step()`` changed the base lr: the clamp to
+    ``max_lr`` must still use the base lr that step ran at, so F does not depend on the device."""
+
+    def run(deferred: bool) -> list[float]:
+        with monkeypatch.context() as patch:
+            if deferred:
+                defer_pending_steps(patch)
+            weight = torch.nn.Parameter(torch.zeros(64))
+            optimizer = torch.optim.SGD([weight], lr=0.1)
+            clara = CLARA(optimizer, max_lr=0.05, initial_factor=1.0)
+            scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.8)
+            generator = torch.Generator().manual_seed(0)
+            for _ in range(12):
+                weight.grad = 1.0 + 0.1 * torch.randn(64, generator=generator)  # agreeing steps: F presses on max_lr
+                optimizer.step()
+                scheduler.step()
+            return clara.log_factors
+
+    host = run(deferred=False)
+    assert host == run(deferred=True)
+    assert host[0] > math.log(0.05 / 0.1)  # the bound moved with the falling base lr: it bound, and not only once

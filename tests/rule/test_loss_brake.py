@@ -146,3 +146,36 @@ def test_a_fitted_network_gets_no_raise_whatever_the_ratio() -> None:
     assert trend.fitted
     assert not fed(decaying[:40]).fitted
     assert not fed([-1.0 + 0.001 * t for t in range(200)]).fitted  # a loss that can be negative: no fit test
+
+
+def test_a_loss_that_went_below_zero_is_never_fitted_again() -> None:
+    """A negative log-likelihood starts positive and crosses 0: its 5 % of the first losses means nothing."""
+    falling = [2.0 - 0.02 * t for t in range(300)]  # 2.0 ... -3.98
+    assert fed(falling[:90]).fitted is False  # still far above 5 % of 2.0
+    crossed = fed(falling)
+    assert crossed.negative
+    assert not crossed.fitted
+    assert not fed([*falling, *([0.01] * 200)]).fitted  # back near 0 later: still not a loss bounded by 0
+    positive = fed([2.0 * math.exp(-t / 20) for t in range(300)])
+    assert positive.fitted
+    assert not positive.negative
+    state = crossed.state_dict()
+    assert state["negative"] is True
+    assert LossTrend.from_state(0.02, state) == crossed
+    older = {key: value for key, value in state.items() if key != "negative"}  # saved before the flag existed
+    assert LossTrend.from_state(0.02, older).negative is False
+    clara = anticorrelated_run(noise(200, 3))
+    bad = clara.state_dict()
+    bad["loss_trend"]["negative"] = "yes"
+    with pytest.raises(ValueError, match="negative"):
+        anticorrelated_run(None).load_state_dict(bad)
+
+
+def test_a_huge_finite_loss_is_left_out_instead_of_poisoning_the_trend() -> None:
+    """A float64 loss near 1e200: its squared deviation overflows; the trend stays finite and saveable."""
+    before = fed([1.0 + 0.01 * t for t in range(12)])
+    after = before.observed(1e200)
+    assert after == before
+    later = after.observed(1.0)
+    assert all(math.isfinite(v) for v in later.state_dict().values())
+    assert later.count == before.count + 1
