@@ -21,7 +21,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_clara.admission import unwrap
-from lightning_clara.checkpoint import check_state
+from lightning_clara.checkpoint import load_states
 from lightning_clara.controller import CLARA
 from lightning_clara.fit_inputs import estimated_steps, step_loss
 from lightning_clara.metrics import controller_metrics, optimizer_names
@@ -218,17 +218,31 @@ class CLARACallback(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        # The adaptation runs in the optimizer's own step hooks; here we only make sure that an
-        # optimizer swapped in after fit start (e.g. by another callback) is not silently left out.
-        # Lightning's parameter-less stand-in (configure_optimizers returned None) has nothing to adapt.
-        if getattr(unwrap(optimizer), "_clara_controller", None) is None and _has_parameters(optimizer):
+        self._attach_new(trainer, [optimizer])  # one made inside this batch's training_step
+
+    def _attach_new(self, trainer: pl.Trainer, optimizers: Sequence[Optimizer]) -> None:
+        """Attach CLARA to optimizers made after fit start (another callback's ``setup_optimizers``), and let go
+        of those the trainer no longer steps, so that a checkpoint holds the live ones only. The adaptation runs
+        in the optimizers' own step hooks; Lightning's parameter-less stand-in has nothing to adapt."""
+        new = [o for o in optimizers if getattr(unwrap(o), "_clara_controller", None) is None and _has_parameters(o)]
+        if not new:
+            return
+        live = {id(unwrap(o)) for o in trainer.optimizers}
+        for index in reversed(range(len(self.controllers))):
+            if id(self.controllers[index].optimizer) not in live:  # replaced: its steps are over
+                self.controllers.pop(index).detach()
+                del self._steps_at_batch_start[index : index + 1], self._steps_at_last_log[index : index + 1]
+                if self._fit_summary is not None:
+                    self._fit_summary.untrack(index)
+        for optimizer in new:
             rank_zero_warn(
                 f"CLARACallback: optimizer {type(optimizer).__name__} was created after fit start; attaching CLARA now"
             )
             self.controllers.append(CLARA(optimizer, self._fit_options))
-            self.names = self._names()
             if self._fit_summary is not None:
                 self._fit_summary.track(self.controllers[-1])
+        self._scheduler_configs = list(getattr(trainer, "lr_scheduler_configs", ()))
+        self.names = self._names()
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -269,6 +283,7 @@ class CLARACallback(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._attach_new(trainer, trainer.optimizers)  # made since the last batch: attached before their first step
         self._steps_at_batch_start = [controller.num_optimizer_steps for controller in self.controllers]
 
     @override
@@ -344,6 +359,8 @@ class CLARACallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        if self._to_restore is not None:  # a resumed fit before on_train_start loads it: that state is still its
+            return dict(self._to_restore)
         if self._restored is not None and (self._fit_starting or not self.controllers):
             return dict(self._restored)
         if self._fit_starting:
@@ -369,27 +386,9 @@ class CLARACallback(Callback):
             self._load_controllers(restored)
 
     def _load_controllers(self, state_dict: dict[str, Any]) -> None:
-        _load_states(self.controllers, state_dict)
+        load_states(self.controllers, state_dict)
         if self._fit_summary is not None:
             self._fit_summary.restart()
-
-
-def _load_states(controllers: Sequence[CLARA], state_dict: dict[str, Any]) -> None:
-    """A CLARACallback state into its controllers, one per optimizer: every one checked before any loads."""
-    saved = state_dict.get("controllers") if isinstance(state_dict, dict) else None
-    if not isinstance(saved, (list, tuple)):
-        raise ValueError(
-            "CLARACallback state must be a dict whose 'controllers' is a list of CLARA states (one per "
-            f"optimizer), got {state_dict!r:.80}"
-        )
-    if len(saved) != len(controllers):
-        raise ValueError(
-            f"checkpoint holds CLARA state for {len(saved)} optimizer(s), the model configures {len(controllers)}"
-        )
-    for controller, state in zip(controllers, saved, strict=True):
-        check_state(state, controller.settings, controller.optimizer)
-    for controller, state in zip(controllers, saved, strict=True):
-        controller.load_state_dict(state)
 
 
 CLARACallback.__doc__ = with_option_docs(CLARACallback.__doc__, CALLBACK_OPTIONS, docs=_CALLBACK_DOCS)

@@ -11,7 +11,7 @@ import math
 import sys
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -22,7 +22,10 @@ from lightning_clara.options import Settings
 from lightning_clara.rule import FactorState
 from lightning_clara.stores import PathStore, SavedTensors
 
-__all__ = ["STATE_FORMAT", "check_state", "export_state", "restore_state"]
+if TYPE_CHECKING:
+    from lightning_clara.controller import CLARA
+
+__all__ = ["STATE_FORMAT", "check_state", "export_state", "load_states", "restore_state"]
 
 STATE_FORMAT = 2
 _READABLE_FORMATS = (1, STATE_FORMAT)
@@ -189,3 +192,21 @@ def restore_state(
     )
     paths.restart()
     return factors
+
+
+def load_states(controllers: Sequence[CLARA], state_dict: dict[str, Any]) -> None:
+    """A CLARACallback state into its controllers, one per optimizer: every one checked before any loads."""
+    saved = state_dict.get("controllers") if isinstance(state_dict, dict) else None
+    if not isinstance(saved, (list, tuple)):
+        raise ValueError(
+            "CLARACallback state must be a dict whose 'controllers' is a list of CLARA states (one per "
+            f"optimizer), got {state_dict!r:.80}"
+        )
+    if len(saved) != len(controllers):
+        raise ValueError(
+            f"checkpoint holds CLARA state for {len(saved)} optimizer(s), the model configures {len(controllers)}"
+        )
+    for controller, state in zip(controllers, saved, strict=True):
+        check_state(state, controller.settings, controller.optimizer)
+    for controller, state in zip(controllers, saved, strict=True):
+        controller.load_state_dict(state)

@@ -29,7 +29,7 @@ from lightning_clara.checkpoint import export_state, restore_state
 from lightning_clara.distributed import RankConsistencyGuard, Sharding
 from lightning_clara.finite_guard import SkipCounter
 from lightning_clara.loss_watch import LossWatch
-from lightning_clara.lr_swap import LearningRateSwap, StepHooks
+from lightning_clara.lr_swap import LearningRateSwap, StepHooks, check_own_lr_tensors
 from lightning_clara.options import (
     OPTION_NAMES,
     CLARAOptions,
@@ -121,6 +121,8 @@ class CLARA(ResolvedOptions):
                 "this PageHinkley already watches another CLARA controller's losses; give each controller its own "
                 "(a new PageHinkley(...)), or detach() the other one first"
             )
+        if self.settings.scope == "param_group":
+            check_own_lr_tensors(optimizer.param_groups)
         self.optimizer = optimizer
         plain = self.settings.variant == "salera"  # SALeRA: gradient paths against a plain random walk
         self.paths = PathStore(self.settings, GradientBucket if plain else None)

@@ -98,7 +98,9 @@ class CLARATrainerCallback(TrainerCallback):
     ) -> None:
         if optimizer is None:
             raise ValueError("CLARATrainerCallback: the Trainer passed no optimizer to on_train_begin")
-        if getattr(args, "deepspeed", None):  # FSDP1's flat parameters CLARA refuses itself
+        # DeepSpeed by a config file or by `accelerate launch --use_deepspeed` (only the plugin is set then);
+        # FSDP1's flat parameters CLARA refuses itself
+        if getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None):
             raise NotImplementedError(
                 "CLARATrainerCallback does not support DeepSpeed yet: its ZeRO partitions are not wired in. "
                 "Supported: one device, DDP, and FSDP2, whose DTensor parameters CLARA reads itself."
@@ -122,7 +124,7 @@ class CLARATrainerCallback(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         """After each optimizer step: hand CLARA the loss of that step's batch (all its micro-batches)."""
-        if self.controller is not None and self._loss is not None:
+        if self.controller is not None and self._loss is not None and self.controller.wants_loss:
             loss = self._loss
             if args.world_size > 1:  # every rank the same loss: one small all-reduce per optimizer step
                 loss = self._reduce(loss)
@@ -145,7 +147,10 @@ class CLARATrainerCallback(TrainerCallback):
             state.log_history[-1].update(values)  # the Trainer appended a copy of logs before on_log
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        """Write CLARA's state into the checkpoint the Trainer has just saved (by the saving process)."""
+        """Write CLARA's state into the checkpoint the Trainer has just saved (by the saving process).
+
+        The Trainer calls this after its own save, and with ``push_to_hub`` after it started uploading the
+        folder: the Hub's copy may lack ``clara_state.pt`` (resume from the local folder to continue F)."""
         folder = os.path.join(str(args.output_dir), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if self.controller is None or not args.should_save:
             return

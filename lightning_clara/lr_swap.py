@@ -19,9 +19,26 @@ from torch.optim import Optimizer
 
 from lightning_clara.finite_guard import SkipUpdate, gradients_finite, non_finite_flag, state_ready, takes_found_inf
 
-__all__ = ["LearningRateSwap", "StepHooks"]
+__all__ = ["LearningRateSwap", "StepHooks", "check_own_lr_tensors"]
 
 Hook = Callable[[Optimizer, Any, Any], None]
+
+
+def _shared_message(first: int, second: int, lrs: str = "") -> str:
+    return (
+        f"param groups {first} and {second} share one lr tensor, so they cannot step at different lrs{lrs} "
+        "(scope='param_group' gives each group its own F); give each group its own lr tensor, or use "
+        "scope='optimizer'"
+    )
+
+
+def check_own_lr_tensors(groups: Sequence[dict[str, Any]]) -> None:
+    """Per-group factors need per-group lrs: refuse, at attach, groups that share one lr tensor (torch's
+    default for ``lr=torch.tensor(...)``), before their factors part (a group added later: at that step)."""
+    first: dict[int, int] = {}
+    for j, group in enumerate(groups):
+        if isinstance(group["lr"], Tensor) and first.setdefault(id(group["lr"]), j) != j:
+            raise ValueError(_shared_message(first[id(group["lr"])], j))
 
 
 class LearningRateSwap:
@@ -45,11 +62,7 @@ class LearningRateSwap:
                     saved[id(base)] = (j, lr, base.clone())
                 first, value, base = saved[id(base)]
                 if value != lr:  # one tensor cannot hold two lrs: the last write would step every group
-                    raise ValueError(
-                        f"param groups {first} and {j} share one lr tensor, so they cannot step at different lrs "
-                        f"({value:.3g} and {lr:.3g}: scope='param_group' gives each group its own F); give each "
-                        "group its own lr tensor, or use scope='optimizer'"
-                    )
+                    raise ValueError(_shared_message(first, j, f", here {value:.6g} and {lr:.6g}"))
             bases.append(base)
         for group, lr in zip(groups, lrs, strict=True):
             if isinstance(group["lr"], Tensor):

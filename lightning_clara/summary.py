@@ -220,6 +220,14 @@ class FitSummary:
         tracker.listening = True
         self._trackers.append(tracker)
 
+    def untrack(self, index: int) -> None:
+        """Stop gathering the ``index``-th tracked controller's statistics and leave it out of the rows
+        (its optimizer was replaced during the fit)."""
+        tracker = self._trackers.pop(index)
+        if tracker.listening:
+            tracker.controller.step_listeners.remove(tracker.on_step)
+            tracker.listening = False
+
     def restart(self) -> None:
         """Forget what was gathered and count from the controllers' current state (after a restore)."""
         for tracker in self._trackers:

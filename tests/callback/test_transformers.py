@@ -249,6 +249,7 @@ def test_resume_from_a_path_object_outside_the_output_dir(
     ("arguments", "refused"),
     [
         ({"deepspeed": "ds_config.json"}, True),
+        ({"deepspeed_plugin": object()}, True),  # `accelerate launch --use_deepspeed`: only the plugin is set
         ({"fsdp": ["full_shard"], "fsdp_config": {"version": 2}}, False),
         ({"fsdp": [], "fsdp_config": None}, False),
     ],
@@ -306,3 +307,11 @@ def test_the_loss_tap_leaves_the_trainer_its_own_loss() -> None:
     assert callback.controller is not None
     assert callback.controller._losses.last_loss == 5.0
     assert float(own) == 2.0
+    callback.on_train_end(args, SimpleNamespace(), None)  # type: ignore[arg-type]
+    quiet = CLARATrainerCallback(loss_brake=False)  # nothing wants the loss: no collective for it
+    quiet.tap(trainer)  # type: ignore[arg-type]
+    quiet.on_train_begin(args, SimpleNamespace(max_steps=10, global_step=0), None, optimizer=optimizer)  # type: ignore[arg-type]
+    trainer.training_step()
+    optimizer.step()
+    quiet.on_step_end(args, SimpleNamespace(), None)  # type: ignore[arg-type]
+    assert reduced == [4.0]

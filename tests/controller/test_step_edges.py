@@ -35,16 +35,21 @@ def test_a_tensor_lr_shared_by_groups_keeps_its_base() -> None:
 
 def test_a_tensor_lr_shared_by_groups_with_their_own_factors_is_refused() -> None:
     """Per-group factors (``scope="param_group"``) cannot share one tensor lr: the last group's write stepped
-    every group while ``lr_used`` reported each group's own lr. Refused at the first step whose lrs differ,
-    before any lr is written (the shared tensor keeps its base)."""
+    every group while ``lr_used`` reported each group's own lr. Refused at attach; a group added later with
+    the same tensor, at the first step whose lrs differ, before any lr is written (the tensor keeps its base)."""
     a, b, groups = _two_groups()
-    optimizer = torch.optim.Adam(groups, lr=torch.tensor(1e-2))
+    shared = torch.optim.Adam(groups, lr=torch.tensor(1e-2))
+    with pytest.raises(ValueError, match=r"param groups 0 and 1 share one lr tensor"):
+        CLARA(shared, scope="param_group")
+    assert getattr(shared, "_clara_controller", None) is None
+    optimizer = torch.optim.Adam([a], lr=torch.tensor(1e-2))
     clara = CLARA(optimizer, scope="param_group")
+    optimizer.add_param_group({"params": [b], "lr": optimizer.param_groups[0]["lr"]})
     for _ in range(2):  # the first ratio is 1 in every scope, so both groups step at one lr twice
         a.grad, b.grad = torch.ones(50), torch.randn(50)
         optimizer.step()
     assert clara.lr_factors[0] != clara.lr_factors[1]  # a's and b's gradients parted them
-    with pytest.raises(ValueError, match=r"param groups 0 and 1 share one lr tensor"):
+    with pytest.raises(ValueError, match=r"param groups 0 and 1 share one lr tensor.*, here 0\.001"):
         optimizer.step()
     assert clara.num_adapted_steps == 2
     assert float(optimizer.param_groups[0]["lr"]) == pytest.approx(1e-2)

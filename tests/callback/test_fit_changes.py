@@ -1,0 +1,126 @@
+"""A fit that changes under the callback: optimizers replaced mid-fit, a checkpoint taken before a resumed state
+loads, an accumulation schedule, several manual optimizers, a manual loss that is not one number."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers import clara_state, make_trainer, sgd
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
+
+from lightning_clara import CLARACallback
+
+STEPS_PER_EPOCH = 8  # 64 samples, batch 8
+
+
+class ReplaceOptimizers(Callback):
+    """Another callback rebuilding the optimizers as epoch ``at`` starts (switching optimizer mid-fit)."""
+
+    def __init__(self, at: int = 1) -> None:
+        self.at = at
+        self.replaced: list[torch.optim.Optimizer] = []
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.current_epoch == self.at:
+            self.replaced = list(trainer.optimizers)
+            trainer.strategy.setup_optimizers(trainer)
+
+
+def test_a_replaced_optimizer_is_let_go_and_its_successor_adapted_from_its_first_step(
+    make_module: Callable[..., LightningModule], trainer_kwargs: dict[str, Any], tmp_path: Path
+) -> None:
+    """The old optimizer's controller was kept and saved beside the new one's: the checkpoint could not be resumed
+    (2 states for 1 optimizer), and the new optimizer's first step ran at the scheduled lr, uncounted."""
+    replace, clara = ReplaceOptimizers(), CLARACallback(summary=True)
+    module = make_module(sgd())
+    trainer = make_trainer(trainer_kwargs, [replace, clara], max_epochs=2)
+    with pytest.warns(UserWarning, match="created after fit start"):
+        trainer.fit(module)
+    assert len(clara.controllers) == 1
+    assert clara.controllers[0].optimizer is trainer.optimizers[0]
+    assert clara.controllers[0].num_optimizer_steps == STEPS_PER_EPOCH  # attached before its first step
+    assert getattr(replace.replaced[0], "_clara_controller", None) is None  # detached
+    assert clara.summary_rows is not None
+    assert len(clara.summary_rows) == 1
+    path = tmp_path / "replaced.ckpt"
+    trainer.save_checkpoint(path)
+    assert len(clara_state(str(path))["controllers"]) == 1
+    resumed = CLARACallback(summary=False)
+    make_trainer(trainer_kwargs, [resumed], max_epochs=3).fit(make_module(sgd()), ckpt_path=path)
+    assert resumed.controllers[0].num_adapted_steps > STEPS_PER_EPOCH
+
+
+class SaveAtTrainStart(Callback):
+    """A checkpoint taken before CLARACallback's on_train_start loads the resumed state (another callback's save)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        trainer.save_checkpoint(self.path)
+
+
+def test_a_checkpoint_taken_before_the_resumed_state_loads_keeps_it(
+    make_module: Callable[..., LightningModule], trainer_kwargs: dict[str, Any], tmp_path: Path
+) -> None:
+    first = make_trainer(trainer_kwargs, [CLARACallback(summary=False)], max_epochs=1)
+    first.fit(make_module(sgd()))
+    saved = tmp_path / "epoch1.ckpt"
+    first.save_checkpoint(saved)
+    early = tmp_path / "early.ckpt"
+    second = make_trainer(trainer_kwargs, [SaveAtTrainStart(early), CLARACallback(summary=False)], max_epochs=2)
+    second.fit(make_module(sgd()), ckpt_path=saved)
+    kept, original = clara_state(str(early)), clara_state(str(saved))
+    assert kept["controllers"][0]["log_factors"] == original["controllers"][0]["log_factors"]
+    assert kept["controllers"][0]["num_adapted_steps"] == original["controllers"][0]["num_adapted_steps"] > 0
+
+
+def test_the_run_length_follows_an_accumulation_schedule(
+    make_module: Callable[..., LightningModule], trainer_kwargs: dict[str, Any]
+) -> None:
+    """GradientAccumulationScheduler sets the accumulation as each epoch starts; the Trainer's estimate used 1."""
+    clara = CLARACallback(summary=False)
+    schedule = GradientAccumulationScheduler({1: 4})
+    make_trainer(trainer_kwargs, [schedule, clara], max_epochs=3).fit(make_module(sgd()))
+    assert clara.controllers[0].settings.total_steps == STEPS_PER_EPOCH + 2 + 2
+    assert clara.controllers[0].num_optimizer_steps == STEPS_PER_EPOCH + 2 + 2
+
+
+def test_several_manual_optimizers_get_no_shared_run_length(
+    make_module: Callable[..., LightningModule], trainer_kwargs: dict[str, Any]
+) -> None:
+    """max_steps bounds manual optimizers' steps together, in shares the callback cannot know."""
+
+    def two(module: LightningModule) -> list[torch.optim.Optimizer]:
+        return [torch.optim.SGD(module.net[0].parameters(), lr=0.05), torch.optim.SGD(module.net[2].parameters(), 0.05)]
+
+    clara = CLARACallback(summary=False)
+    make_trainer(trainer_kwargs, [clara], max_steps=12, max_epochs=5).fit(make_module(two, manual=True))
+    assert [c.settings.total_steps for c in clara.controllers] == [None, None]
+    one = CLARACallback(summary=False)
+    make_trainer(trainer_kwargs, [one], max_steps=12, max_epochs=5).fit(make_module(sgd(), manual=True))
+    assert one.controllers[0].settings.total_steps == 12
+
+
+def test_a_manual_loss_that_is_not_one_number_is_left_out_with_a_warning(
+    make_module: Callable[..., LightningModule], trainer_kwargs: dict[str, Any]
+) -> None:
+    """Lightning accepts any tensor under 'loss' in manual optimization; the brake takes one number only."""
+    module = make_module(sgd(), manual=True)
+    step = module.training_step
+
+    def per_sample(batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        step(batch, batch_idx)
+        x, y = batch
+        return {"loss": ((module(x) - y) ** 2).detach().flatten()}
+
+    module.training_step = per_sample  # type: ignore[method-assign]
+    clara = CLARACallback(summary=False)
+    with pytest.warns(UserWarning, match="not one number"):
+        make_trainer(trainer_kwargs, [clara], max_epochs=1).fit(module)
+    assert clara.controllers[0].num_adapted_steps == STEPS_PER_EPOCH
