@@ -143,7 +143,9 @@ class CLARA(ResolvedOptions):
         skips = self._skips if self.settings.skip_nonfinite else None
         self._unit_step = UnitStep(optimizer) if self.settings.unit_step else None  # hooks before ours: sees lr used
         on_device = self.settings.variant == "clara"  # SALeRA's paths read the raw gradient: no NaN step for them
-        self._hooks = StepHooks(optimizer, self._before_step, self._after_step, self._swap, skips, on_device)
+        sharding = self.settings.sharding
+        across = None if sharding is None else sharding.sum_across_shards
+        self._hooks = StepHooks(optimizer, self._before_step, self._after_step, self._swap, skips, on_device, across)
         if self._safeguard is not None:
             self._safeguard.detector.in_use = True  # one detector, one loss stream: a second controller is refused
         optimizer._clara_controller = self  # type: ignore[attr-defined]

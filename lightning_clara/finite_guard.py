@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -72,15 +72,20 @@ class SkipCounter:
             )
 
 
-def gradients_finite(optimizer: Optimizer) -> bool:
+def gradients_finite(optimizer: Optimizer, across_shards: Callable[[Tensor], None] | None = None) -> bool:
     """Whether every gradient of ``optimizer``'s parameters is finite (True where none exists): the host decision."""
-    flag = non_finite_flag(optimizer)
+    flag = non_finite_flag(optimizer, across_shards)
     return flag is None or not bool(flag.item())
 
 
-def non_finite_flag(optimizer: Optimizer) -> Tensor | None:
+def non_finite_flag(optimizer: Optimizer, across_shards: Callable[[Tensor], None] | None = None) -> Tensor | None:
     """A 0-dim tensor, > 0 if any gradient entry of ``optimizer`` is NaN or inf (None: no gradient), left on
-    the device: summed over the devices, and under sharding over the ranks, without a host read."""
+    the device: summed over the devices, and under sharding over the ranks, without a host read.
+
+    ``across_shards``: the controller's sharding's in-place sum over its shard group (a manual
+    :class:`~lightning_clara.distributed.Sharding` holds no DTensors to tell; a rank that alone saw a NaN
+    would skip while the others step, and their collectives part). Without it, DTensor gradients are
+    summed over the default group."""
     by_device: dict[torch.device, list[Tensor]] = {}
     sharded = False
     for whole in _gradients(optimizer):
@@ -93,9 +98,11 @@ def non_finite_flag(optimizer: Optimizer) -> Tensor | None:
     if not found:
         return None
     flag = found[0] if len(found) == 1 else torch.stack([f.to(found[0].device) for f in found]).sum()
-    if sharded and dist.is_available() and dist.is_initialized():
-        dist.all_reduce(flag)  # each rank saw its shard: one decision for all
-    if len(found) > 1 or sharded:
+    if across_shards is not None:
+        across_shards(flag)  # each rank saw its shard: one decision for all
+    elif sharded and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flag)
+    if len(found) > 1 or sharded or across_shards is not None:
         flag.clamp_(max=1.0)  # a fused kernel skips on exactly 1 (and subtracts the flag from its step counts)
     return flag
 
@@ -130,7 +137,8 @@ def _gradients(optimizer: Optimizer) -> Iterator[Tensor]:
 
 def _non_finite_flag(device: torch.device, grads: list[Tensor]) -> Tensor:
     """1.0 on ``device`` if any entry of ``grads`` is NaN or inf: GradScaler's fused check, at scale 1."""
-    flag = torch.zeros((), device=device)  # 0-dim: a fused optimizer subtracts it from its 0-dim step counts
+    # float32 whatever the default dtype (the check needs it); 0-dim: a fused optimizer subtracts it from its steps
+    flag = torch.zeros((), dtype=torch.float32, device=device)
     torch._amp_foreach_non_finite_check_and_unscale_(grads, flag, _unit_scale(device))
     return flag
 
@@ -138,4 +146,4 @@ def _non_finite_flag(device: torch.device, grads: list[Tensor]) -> Tensor:
 @functools.cache
 def _unit_scale(device: torch.device) -> Tensor:
     """The check's inverse scale, 1 (it unscales in place: a scale of 1 leaves the gradients as they are)."""
-    return torch.ones((), device=device)
+    return torch.ones((), dtype=torch.float32, device=device)

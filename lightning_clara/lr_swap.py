@@ -108,8 +108,10 @@ class StepHooks:
         swap: LearningRateSwap,
         skipped: Callable[[Optimizer], None] | None = None,
         on_device: bool = False,
+        across_shards: Callable[[Tensor], None] | None = None,
     ) -> None:
         self.depth = 0  # pre-hooks run minus post-hooks run
+        self._across_shards = across_shards  # the sharding's sum over its shard group: one skip decision for all
         self._calls = 0  # wrapped optimizer.step() calls running
         self._opened_in = 0  # the wrapped calls running when the open step began
         self._before, self._after, self._swap = before, after, swap
@@ -195,10 +197,10 @@ class StepHooks:
     def _check(self, optimizer: Optimizer, loss: Any) -> None:
         """Skip now on a host read of the flag, or hand the flag to a fused optimizer's step (no read)."""
         if not (self._on_device and state_ready(optimizer)):
-            if not gradients_finite(optimizer):
+            if not gradients_finite(optimizer, self._across_shards):
                 raise SkipUpdate(loss)
             return
-        self.device_flag, self._own_flag = non_finite_flag(optimizer), True
+        self.device_flag, self._own_flag = non_finite_flag(optimizer, self._across_shards), True
         if self.device_flag is not None:
             optimizer.found_inf = self.device_flag  # type: ignore[attr-defined]
 

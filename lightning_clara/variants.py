@@ -81,7 +81,8 @@ class UnitStep:
                 torch._foreach_sub_(steps, [p.detach() for p in params])
                 # norms in fp32 at least: a bf16 norm is rounded, an fp16 one can overflow to inf
                 wide = [s if s.dtype in (torch.float32, torch.float64) else s.float() for s in steps]
-                norms = torch.stack(torch._foreach_norm(wide)).double()
+                # one group may span devices (layers on two GPUs): the norms meet on the first one, no host sync
+                norms = torch.stack([n.to(wide[0].device) for n in torch._foreach_norm(wide)]).double()
                 moved = torch.isfinite(norms) & (norms > 0)
                 safe = torch.where(moved, norms, torch.ones_like(norms))
                 lr = group["lr"]  # a tensor lr (capturable) stays on its device: no sync
@@ -90,5 +91,5 @@ class UnitStep:
                 torch._foreach_addcmul_(
                     [p.detach() for p in params],
                     steps,
-                    [s.to(p.dtype) for s, p in zip(scales.unbind(), params, strict=True)],
+                    [s.to(p.device, p.dtype) for s, p in zip(scales.unbind(), params, strict=True)],
                 )

@@ -279,3 +279,47 @@ def test_a_fused_sgd_skip_before_its_momentum_exists_is_decided_on_the_host() ->
         run_step(model, optimizer, batch, closure=False)
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
     assert clara.num_skipped_updates == 1
+
+
+@pytest.mark.parametrize("name", ["Adam", "Adam-fused"])
+def test_the_check_works_whatever_the_default_dtype(name: str) -> None:
+    """torch's non-finite check needs a float32 flag: under ``set_default_dtype(float64)`` every step raised."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = nn.Linear(4, 1)
+        optimizer = OPTIMIZERS[name](model.parameters())
+        clara = CLARA(optimizer)
+        model(torch.ones(2, 4)).sum().backward()
+        optimizer.step()
+        assert clara.num_adapted_steps == 1
+        before = [p.detach().clone() for p in model.parameters()]
+        model.weight.grad[0, 0] = math.nan
+        with pytest.warns(RuntimeWarning, match="skipped an update"):
+            optimizer.step()
+        assert clara.num_skipped_updates == 1
+        assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@pytest.mark.parametrize("name", ["Adam", "Adam-fused"])
+def test_a_manual_sharding_decides_the_skip_over_its_shard_group(name: str) -> None:
+    """With a manual ``Sharding`` (no DTensors to tell) each rank saw its shard only: the flag must go through the
+    sharding's sum, or a rank that alone saw a NaN skips while the others step (and their collectives part)."""
+    from lightning_clara.distributed import Sharding
+
+    def another_rank_saw_a_nan(tensor: torch.Tensor) -> None:
+        if tensor.dim() == 0:  # the skip flag (the path sums are not 0-dim)
+            tensor.add_(1.0)
+
+    model = nn.Linear(4, 1)
+    optimizer = OPTIMIZERS[name](model.parameters())
+    sharding = Sharding(full_numel=torch.Tensor.numel, sum_across_shards=another_rank_saw_a_nan, offset=lambda _: 0)
+    clara = CLARA(optimizer, sharding=sharding)
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.ones(2, 4)).sum().backward()  # finite here
+    with pytest.warns(RuntimeWarning, match="skipped an update"):
+        optimizer.step()
+    assert clara.num_skipped_updates == 1
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
