@@ -37,7 +37,16 @@ def simulation_hyperparameters(defaults: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in list(hyper.items()):
         if isinstance(value, torch.Tensor):
             hyper[key] = value.item() if value.numel() == 1 else value.tolist()
+    lr = hyper.get("lr")
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool) and not lr > 0:
+        # a warm-up from 0 when CLARA attaches: simulated at lr 0 the optimizer never moves, the curve is all
+        # zeros, and (lr being no key of the reference) no step of the run would ever adapt
+        hyper["lr"] = SIMULATION_LR
     return hyper
+
+
+#: The lr a Monte Carlo run uses where the group's is 0 (the reference does not depend on the lr's scale).
+SIMULATION_LR = 1e-3
 
 
 #: Sizes the Monte Carlo simulates (log-spaced); other sizes interpolate linearly in log n.

@@ -269,3 +269,22 @@ class PlainWithDictSetting(GradientStep):
 def test_an_unhashable_setting_is_probed_without_a_cache() -> None:
     clara = CLARA(PlainWithDictSetting(matrix()))
     assert clara.optimizer.param_groups[0]["options"] == {"scale": 1.0}
+
+
+@pytest.mark.parametrize("optimizer_class", [torch.optim.RAdam, torch.optim.Adamax])
+def test_a_warm_up_from_lr_zero_still_gets_a_reference(optimizer_class: type[torch.optim.Optimizer]) -> None:
+    """A scheduler that starts at lr 0 when CLARA attaches: simulated at lr 0 the reference was all zeros, and no
+    step of the run ever adapted (F stayed at initial_factor, silently)."""
+    model = nn.Linear(8, 1)
+    optimizer = optimizer_class(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / 10))
+    assert optimizer.param_groups[0]["lr"] == 0.0
+    clara = CLARA(optimizer)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        for param in model.parameters():
+            param.grad = torch.randn(param.shape, generator=generator)
+        optimizer.step()
+        scheduler.step()
+    assert clara.num_adapted_steps == 19  # every step but the first, taken at lr 0 (nothing moved)
+    assert clara.ratio is not None
