@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_clara.lr_swap import check_own_lr_tensors
 from lightning_clara.reference.curves import freeze
 from lightning_clara.reference.families import simulation_kwargs, torch_class
 from lightning_clara.reference.monte_carlo import simulation_hyperparameters
@@ -32,6 +33,7 @@ __all__ = [
     "SUPPORTED_OPTIMIZERS",
     "UNSUPPORTED",
     "ProbeError",
+    "check_attachable",
     "check_parameter",
     "check_supported",
     "probe_update",
@@ -163,6 +165,14 @@ def check_supported(optimizer: Any) -> None:
         for group in optimizer.param_groups:
             settings = simulation_hyperparameters(simulation_kwargs(optimizer, optimizer_class, group))
             probe_update(optimizer_class, settings)
+
+
+def check_attachable(optimizer: Optimizer, scope: str) -> None:
+    """Refuse a second controller on one optimizer, and per-group factors over one shared lr tensor."""
+    if getattr(optimizer, "_clara_controller", None) is not None:
+        raise RuntimeError("this optimizer already has a CLARA controller attached; detach() it first")
+    if scope == "param_group":
+        check_own_lr_tensors(optimizer.param_groups)
 
 
 def check_parameter(param: Tensor, group: int) -> None:

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
@@ -24,7 +23,7 @@ from lightning_clara.admission import unwrap
 from lightning_clara.checkpoint import load_states
 from lightning_clara.controller import CLARA
 from lightning_clara.fit_inputs import estimated_steps, step_loss
-from lightning_clara.metrics import controller_metrics, optimizer_names
+from lightning_clara.metrics import controller_metrics, optimizer_names, show_in_progress_bar
 from lightning_clara.options import (
     OPTION_NAMES,
     CLARAOptions,
@@ -300,7 +299,7 @@ class CLARACallback(Callback):
             self.names = self._names()  # a group was added
         self._feed_loss(trainer, outputs, stepped)
         if self.prog_bar:
-            self._show_in_progress_bar(pl_module, stepped)
+            show_in_progress_bar(pl_module, self.controllers, self.names, stepped)
         if not self.log or not trainer.loggers or not trainer._logger_connector.should_update_logs:
             return
         # every optimizer that stepped since its last log, not only this batch's: two optimizers stepped
@@ -321,19 +320,6 @@ class CLARACallback(Callback):
             return
         for index in stepped:
             self.controllers[index].observe_loss(loss)
-
-    def _show_in_progress_bar(self, pl_module: pl.LightningModule, stepped: list[int]) -> None:
-        """Log the lr used to the progress bar only; ``lr_used`` is a host float, logged as a CPU tensor.
-
-        A CPU tensor keeps Lightning's result entry on the CPU: no host-to-device copy when it is
-        logged and no device-to-host copy when the bar reads it.
-        """
-        single = sum(len(names) for names in self.names) == 1
-        for index in stepped:
-            for name, lr in zip(self.names[index], self.controllers[index].lr_used, strict=True):
-                key = "clara_lr" if single else f"clara_lr-{name}"
-                value = torch.tensor(lr, dtype=torch.float64)
-                pl_module.log(key, value, prog_bar=True, logger=False, on_step=True, on_epoch=False)
 
     def metrics(self, optimizers: Sequence[int] | None = None) -> dict[str, float]:
         """The current ``clara/*`` values of every optimizer (or of the given optimizer indices) and param group.

@@ -24,12 +24,12 @@ from typing import Any
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_clara.admission import check_supported, safeguarded_target, unwrap
+from lightning_clara.admission import check_attachable, check_supported, safeguarded_target, unwrap
 from lightning_clara.checkpoint import export_state, restore_state
 from lightning_clara.distributed import RankConsistencyGuard, Sharding
 from lightning_clara.finite_guard import SkipCounter
 from lightning_clara.loss_watch import LossWatch
-from lightning_clara.lr_swap import LearningRateSwap, StepHooks, check_own_lr_tensors
+from lightning_clara.lr_swap import LearningRateSwap, StepHooks
 from lightning_clara.options import (
     OPTION_NAMES,
     CLARAOptions,
@@ -114,15 +114,7 @@ class CLARA(ResolvedOptions):
         self.settings: Settings = self.options.resolve(safeguarded_target(optimizer), optimizer.param_groups)
         every = self.settings.consistency_check_every
         self._guard = None if every is None else RankConsistencyGuard(every)
-        if getattr(optimizer, "_clara_controller", None) is not None:
-            raise RuntimeError("this optimizer already has a CLARA controller attached; detach() it first")
-        if self.settings.safeguard is not None and self.settings.safeguard.in_use:
-            raise ValueError(
-                "this PageHinkley already watches another CLARA controller's losses; give each controller its own "
-                "(a new PageHinkley(...)), or detach() the other one first"
-            )
-        if self.settings.scope == "param_group":
-            check_own_lr_tensors(optimizer.param_groups)
+        check_attachable(optimizer, self.settings.scope)
         self.optimizer = optimizer
         plain = self.settings.variant == "salera"  # SALeRA: gradient paths against a plain random walk
         self.paths = PathStore(self.settings, GradientBucket if plain else None)
@@ -143,11 +135,8 @@ class CLARA(ResolvedOptions):
         skips = self._skips if self.settings.skip_nonfinite else None
         self._unit_step = UnitStep(optimizer) if self.settings.unit_step else None  # hooks before ours: sees lr used
         on_device = self.settings.variant == "clara"  # SALeRA's paths read the raw gradient: no NaN step for them
-        sharding = self.settings.sharding
-        across = None if sharding is None else sharding.sum_across_shards
+        across = getattr(self.settings.sharding, "sum_across_shards", None)  # one skip decision for all shards
         self._hooks = StepHooks(optimizer, self._before_step, self._after_step, self._swap, skips, on_device, across)
-        if self._safeguard is not None:
-            self._safeguard.detector.in_use = True  # one detector, one loss stream: a second controller is refused
         optimizer._clara_controller = self  # type: ignore[attr-defined]
 
     def set_total_steps(self, total_steps: int | None) -> None:
@@ -155,9 +144,7 @@ class CLARA(ResolvedOptions):
         left unset take :func:`~lightning_clara.options.run_length_defaults`, a pure function of it."""
         self.options = dataclasses.replace(self.options, total_steps=total_steps)
         new = self.options.resolve()  # only the schedule moves: the safeguard's detector and the paths stay
-        self.settings = dataclasses.replace(
-            self.settings, total_steps=new.total_steps, d=new.d, hold_after=new.hold_after
-        )
+        self.settings = dataclasses.replace(self.settings, **{k: getattr(new, k) for k in _RUN_LENGTH_FIELDS})
 
     @property
     def lr_factor(self) -> float:
@@ -248,8 +235,7 @@ class CLARA(ResolvedOptions):
         if self._unit_step is not None:
             self._unit_step.remove()
         if self._safeguard is not None:
-            self._safeguard.release()  # the paths stay: state_dict still holds them after detaching
-            self._safeguard.detector.in_use = False
+            self._safeguard.close()  # the paths stay: state_dict still holds them after detaching
         if getattr(self.optimizer, "_clara_controller", None) is self:
             self.optimizer._clara_controller = None
 
@@ -366,6 +352,10 @@ class CLARA(ResolvedOptions):
 
     def __repr__(self) -> str:
         return _describe(self.settings, type(self.optimizer).__name__, self.lr_factors, self._state.adapted_steps)
+
+
+#: The settings the run's length decides (``set_total_steps``).
+_RUN_LENGTH_FIELDS = ("total_steps", "d", "hold_after")
 
 
 def _describe(s: Settings, optimizer: str, factors: list[float], steps: int) -> str:

@@ -21,11 +21,12 @@ def estimated_steps(trainer: pl.Trainer) -> int | None:
     as each epoch starts (the estimate would use 1), and under manual optimization with several optimizers
     ``max_steps`` bounds their steps together, in shares only the user's ``training_step`` knows.
     """
-    if not trainer.lightning_module.automatic_optimization and len(trainer.optimizers) > 1:
-        return None
     try:
+        if not trainer.lightning_module.automatic_optimization and len(trainer.optimizers) > 1:
+            return None
         steps = trainer.estimated_stepping_batches
-        schedule = next((c for c in trainer.callbacks if isinstance(c, GradientAccumulationScheduler)), None)
+        callbacks = getattr(trainer, "callbacks", ())  # a property Lightning sets, not declared on the class
+        schedule = next((c for c in callbacks if isinstance(c, GradientAccumulationScheduler)), None)
         if schedule is not None and math.isfinite(steps) and trainer.max_epochs not in (None, -1):
             steps = _scheduled_accumulation_steps(trainer, schedule, steps)
     except Exception:  # a stand-in trainer, or a loader without a length: the defaults apply

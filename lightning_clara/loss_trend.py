@@ -106,8 +106,8 @@ class LossTrend:
     @classmethod
     def from_state(cls, rate: float, state: dict[str, float | int | bool]) -> LossTrend:
         """``negative`` may be missing (a checkpoint of 0.2.0.dev0 before it existed): False."""
-        numbers = (float(state[key]) for key in STATE_KEYS[1:])
-        return cls(rate, int(state["count"]), *numbers, bool(state.get("negative", False)))
+        fast, slow, second, initial = (float(state[key]) for key in STATE_KEYS[1:])
+        return cls(rate, int(state["count"]), fast, slow, second, initial, bool(state.get("negative", False)))
 
 
 #: The numbers a checkpoint keeps of a :class:`LossTrend` (its rate is the controller's c), in field order;

@@ -7,11 +7,12 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch.optim import Optimizer
 
 from lightning_clara.controller import CLARA
 
-__all__ = ["controller_metrics", "optimizer_names"]
+__all__ = ["controller_metrics", "optimizer_names", "show_in_progress_bar"]
 
 
 def optimizer_names(optimizers: Sequence[Optimizer], lr_scheduler_configs: Sequence[Any] = ()) -> list[list[str]]:
@@ -69,3 +70,17 @@ def controller_metrics(controller: CLARA, names: Sequence[str]) -> dict[str, flo
         if controller.num_skipped_updates:
             out[f"clara/skipped_updates-{name}"] = float(controller.num_skipped_updates)
     return out
+
+
+def show_in_progress_bar(
+    pl_module: Any, controllers: Sequence[CLARA], names: Sequence[Sequence[str]], stepped: Sequence[int]
+) -> None:
+    """Log the lr the ``stepped`` controllers used to the progress bar only (``clara_lr`` when the fit has a single
+    param group, else ``clara_lr-{name}``). ``lr_used`` is a host float, logged as a CPU tensor: Lightning's
+    result entry stays on the CPU, no copy to the device when it is logged nor back when the bar reads it."""
+    single = sum(len(group_names) for group_names in names) == 1
+    for index in stepped:
+        for name, lr in zip(names[index], controllers[index].lr_used, strict=True):
+            key = "clara_lr" if single else f"clara_lr-{name}"
+            value = torch.tensor(lr, dtype=torch.float64)
+            pl_module.log(key, value, prog_bar=True, logger=False, on_step=True, on_epoch=False)

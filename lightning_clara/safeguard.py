@@ -170,6 +170,12 @@ class Safeguard:
     """
 
     def __init__(self, detector: PageHinkley, view: Callable[[Tensor], Tensor] | None = None) -> None:
+        if detector.in_use:  # fed two loss streams, it would see half of each, and one alarm would blind both
+            raise ValueError(
+                "this PageHinkley already watches another CLARA controller's losses; give each controller its own "
+                "(a new PageHinkley(...)), or detach() the other one first"
+            )
+        detector.in_use = True
         self.detector = detector
         self.restore_point = RestorePoint(view)
 
@@ -195,7 +201,13 @@ class Safeguard:
         return self.restore_point.undo()
 
     def release(self) -> None:
+        """Drop the restore point (detached, or a state loaded: an alarm undoes only steps taken since)."""
         self.restore_point.release()
+
+    def close(self) -> None:
+        """Release the restore point and the detector, which another controller may then take."""
+        self.release()
+        self.detector.in_use = False
 
     def state_dict(self) -> dict[str, Any]:
         return self.detector.state_dict()

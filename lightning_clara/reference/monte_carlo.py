@@ -205,7 +205,7 @@ class MonteCarloReference(Reference):
         """Per grid size: the smoothed mean ||p_t||^2 (or its difference to heavy-ball on the same noise)."""
         elements_per_step = max(self.budget // self.horizon, 1)
         trials = {n: max(self.min_trials, elements_per_step // n) for n in grid}
-        with _one_thread():
+        with _simulation_settings():
             curves = _simulate(
                 self.optimizer_class,
                 self.hyperparameters,
@@ -230,14 +230,18 @@ class MonteCarloReference(Reference):
 
 
 @contextmanager
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: thread start-up costs more than it saves, badly so under load."""
-    threads = torch.get_num_threads()
+def _simulation_settings() -> Iterator[None]:
+    """Tiny tensors: thread start-up costs more than it saves, badly so under load. And fp32 whatever the
+    default dtype: torch's optimizers keep their step counters in it, and the curve is cached process-wide
+    (simulated under a float64 default it would differ from the other ranks')."""
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
     torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float32)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+        torch.set_default_dtype(dtype)
 
 
 def _simulate(

@@ -340,3 +340,23 @@ def test_invalid_beta_raises(beta: float) -> None:
     """Momentum must lie in [0, 1): beta = 1 never forgets, so no stationary reference exists."""
     with pytest.raises(ValueError, match="beta"):
         HeavyBallReference(C, beta)
+
+
+def test_a_simulated_reference_does_not_depend_on_the_default_dtype() -> None:
+    """The Monte Carlo run is fp32 whatever ``torch.set_default_dtype`` says: its curves are cached process-wide,
+    so one simulated under a float64 default gave every later controller in the process (and not the other
+    ranks) another reference."""
+    from lightning_clara.reference.monte_carlo import MonteCarloReference
+
+    def simulated() -> Tensor:
+        return MonteCarloReference(0.1, torch.optim.RMSprop, {"alpha": 0.9, "momentum": 0.5}, budget=20_000).curve(8)
+
+    expected = simulated()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        under_float64 = simulated()
+    finally:
+        torch.set_default_dtype(previous)
+    assert expected.dtype == under_float64.dtype
+    assert torch.equal(under_float64, expected)
