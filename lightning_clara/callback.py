@@ -13,9 +13,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks.callback import Callback
-from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
-from rich.console import Console
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -33,7 +31,7 @@ from lightning_clara.options import (
     with_option_docs,
 )
 from lightning_clara.strategies import sharding_for
-from lightning_clara.summary import FitSummary, GroupSummary, summary_table
+from lightning_clara.summary import FitSummary, GroupSummary, print_below_progress_bar, summary_table
 
 __all__ = ["CALLBACK_OPTIONS", "CLARACallback", "optimizer_names"]  # optimizer_names lives in .metrics
 
@@ -50,27 +48,28 @@ _CALLBACK_DOCS = {
 }
 
 
-def _print_below_progress_bar(trainer: pl.Trainer, pl_module: pl.LightningModule, renderable: Any) -> None:
-    """Print after the progress bar's last line: Rich's live bar is stopped first (its own teardown, idempotent).
-
-    Printed from a second console while Rich's bar is live, the bar is drawn twice around the table.
-    """
-    bar = getattr(trainer, "progress_bar_callback", None)
-    if isinstance(bar, RichProgressBar) and bar.progress is not None:
-        bar.teardown(trainer, pl_module, "fit")
-        bar.progress.console.print(renderable)
-        return
-    Console().print(renderable)
-
-
 def _runs_in_worker_processes(trainer: pl.Trainer) -> bool:
     """Whether this fit runs in processes that a launcher started (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``)."""
     launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
     return type(launcher).__name__ == "_MultiProcessingLauncher"
 
 
+def _tell_if_run_in_workers(trainer: pl.Trainer) -> None:
+    """At fit end in the main process of a spawned fit: its callback saw none of the fit."""
+    if _runs_in_worker_processes(trainer) and _is_rank_zero():
+        rank_zero_info(
+            "CLARACallback: this fit ran in worker processes (ddp_spawn/ddp_fork): the callback in the main "
+            "process keeps no controllers or summary_rows; read the clara/* logs or a checkpoint instead"
+        )
+
+
 def _has_parameters(optimizer: Optimizer) -> bool:
     return any(group["params"] for group in optimizer.param_groups)
+
+
+def _at(counts: Sequence[int], index: int | None) -> int:
+    """A controller's count kept across a reordering (0 for one attached since)."""
+    return counts[index] if index is not None and index < len(counts) else 0
 
 
 def _changed(counts: Sequence[int], before: Sequence[int]) -> list[int]:
@@ -217,29 +216,35 @@ class CLARACallback(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        self._attach_new(trainer, [optimizer])  # one made inside this batch's training_step
+        self._follow_optimizers(trainer)  # one made inside this batch's training_step: its first step runs as is
 
-    def _attach_new(self, trainer: pl.Trainer, optimizers: Sequence[Optimizer]) -> None:
-        """Attach CLARA to optimizers made after fit start (another callback's ``setup_optimizers``), and let go
-        of those the trainer no longer steps, so that a checkpoint holds the live ones only. The adaptation runs
-        in the optimizers' own step hooks; Lightning's parameter-less stand-in has nothing to adapt."""
-        new = [o for o in optimizers if getattr(unwrap(o), "_clara_controller", None) is None and _has_parameters(o)]
-        if not new:
-            return
-        live = {id(unwrap(o)) for o in trainer.optimizers}
-        for index in reversed(range(len(self.controllers))):
-            if id(self.controllers[index].optimizer) not in live:  # replaced: its steps are over
-                self.controllers.pop(index).detach()
-                del self._steps_at_batch_start[index : index + 1], self._steps_at_last_log[index : index + 1]
-                if self._fit_summary is not None:
-                    self._fit_summary.untrack(index)
-        for optimizer in new:
-            rank_zero_warn(
-                f"CLARACallback: optimizer {type(optimizer).__name__} was created after fit start; attaching CLARA now"
-            )
-            self.controllers.append(CLARA(optimizer, self._fit_options))
-            if self._fit_summary is not None:
-                self._fit_summary.track(self.controllers[-1])
+    def _follow_optimizers(self, trainer: pl.Trainer) -> None:
+        """One controller per optimizer the trainer steps, in its order (a resume matches states by position):
+        attach CLARA to optimizers made after fit start (another callback's ``setup_optimizers``, an assignment
+        to ``trainer.optimizers``), let go of those it no longer steps. Lightning's parameter-less stand-in and
+        an optimizer someone else attached CLARA to are left alone."""
+        ours = {id(c.optimizer): (i, c) for i, c in enumerate(self.controllers)}
+        live = [
+            o
+            for o in map(unwrap, trainer.optimizers)
+            if _has_parameters(o) and (id(o) in ours or getattr(o, "_clara_controller", None) is None)
+        ]
+        if [id(o) for o in live] == list(ours):
+            return  # nearly every batch: the same optimizers, in the same order
+        kept: list[tuple[int | None, CLARA]] = []
+        for optimizer in live:
+            index, controller = ours.pop(id(optimizer), (None, None))
+            if controller is None:
+                rank_zero_warn(f"CLARACallback: optimizer {type(optimizer).__name__} was created after fit start")
+                controller = CLARA(optimizer, self._fit_options)
+            kept.append((index, controller))
+        for _, replaced in ours.values():
+            replaced.detach()  # its steps are over
+        self.controllers = [controller for _, controller in kept]
+        self._steps_at_batch_start = [_at(self._steps_at_batch_start, index) for index, _ in kept]
+        self._steps_at_last_log = [_at(self._steps_at_last_log, index) for index, _ in kept]
+        if self._fit_summary is not None:
+            self._fit_summary.follow(self.controllers)
         self._scheduler_configs = list(getattr(trainer, "lr_scheduler_configs", ()))
         self.names = self._names()
 
@@ -250,12 +255,8 @@ class CLARACallback(Callback):
             self._fit_summary.close()  # before detaching: the controllers still hold the last step
             self.summary_rows = self._fit_summary.rows(self._names())
             self._fit_summary = None
-            _print_below_progress_bar(trainer, pl_module, summary_table(self.summary_rows))
-        if _runs_in_worker_processes(trainer) and _is_rank_zero():
-            rank_zero_info(
-                "CLARACallback: this fit ran in worker processes (ddp_spawn/ddp_fork): the callback in the main "
-                "process keeps no controllers or summary_rows; read the clara/* logs or a checkpoint instead"
-            )
+            print_below_progress_bar(trainer, pl_module, summary_table(self.summary_rows))
+        _tell_if_run_in_workers(trainer)
         self._detach()
 
     @override
@@ -282,7 +283,7 @@ class CLARACallback(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._attach_new(trainer, trainer.optimizers)  # made since the last batch: attached before their first step
+        self._follow_optimizers(trainer)  # optimizers made since the last batch: attached before their first step
         self._steps_at_batch_start = [controller.num_optimizer_steps for controller in self.controllers]
 
     @override

@@ -126,12 +126,12 @@ class CLARA(ResolvedOptions):
         self._pending: PendingStep | None = None
         self._skips = SkipCounter()
         self.step_listeners: list[StepListener] = []  # told of each adapted step (the fit summary)
-        self._safeguard = Safeguard.maybe(self.settings.safeguard, self.settings.sharding)
-        self._losses = LossWatch(self.settings, self._safeguard)
         self._steps_seen = 0
         self.references.sync()
         for j in range(groups):
             self.references.get(j)  # the references now: a Monte Carlo one is simulated (or cached) at attach
+        self._safeguard = Safeguard.maybe(self.settings.safeguard, self.settings.sharding)  # claims its detector
+        self._losses = LossWatch(self.settings, self._safeguard)
         skips = self._skips if self.settings.skip_nonfinite else None
         self._unit_step = UnitStep(optimizer) if self.settings.unit_step else None  # hooks before ours: sees lr used
         on_device = self.settings.variant == "clara"  # SALeRA's paths read the raw gradient: no NaN step for them

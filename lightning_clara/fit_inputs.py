@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
+from lightning.pytorch.utilities import rank_zero_warn
 
 __all__ = ["estimated_steps", "step_loss"]
 
@@ -55,20 +55,20 @@ def step_loss(trainer: pl.Trainer, outputs: Any) -> Any:
     runs here, without the barrier Lightning's ``reduce`` puts before it: that one blocks the host on the
     GPU) gives every rank the same loss brake and the same alarms, so F and the restored parameters stay
     identical across ranks. The batch's ``outputs`` keep their own loss. A manual ``training_step`` may
-    return a loss that is not one number (per-sample losses): it is not CLARA's, and is left out.
+    return a loss that is not a 0-dim tensor (per-sample losses): it is not CLARA's, and is left out (decided
+    by its shape, which is the same on every rank, so every rank joins the all-reduce or none does).
     """
     loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
     if not isinstance(loss, torch.Tensor):
         return loss
-    if loss.numel() != 1:
-        warnings.warn(
-            f"CLARACallback: training_step returned a loss of shape {tuple(loss.shape)}, not one number; the loss "
-            "brake gets none from it (return the scalar loss under 'loss', or call observe_loss yourself)",
-            UserWarning,
-            stacklevel=2,
+    automatic = trainer.lightning_module.automatic_optimization
+    if loss.numel() != 1 or (not automatic and loss.dim() != 0):  # by shape alone: every rank decides alike
+        rank_zero_warn(
+            "CLARACallback: training_step returned a 'loss' that is not a 0-dim tensor (per-sample losses?); the "
+            "loss brake gets none from it (return the scalar loss under 'loss', or call observe_loss yourself)"
         )
         return None
-    scale = trainer.accumulate_grad_batches if trainer.lightning_module.automatic_optimization else 1
+    scale = trainer.accumulate_grad_batches if automatic else 1
     loss = loss.detach() * scale  # a new tensor: the reduce below runs in place on it, not on the outputs
     if trainer.world_size > 1:
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -178,6 +178,7 @@ class Safeguard:
         detector.in_use = True
         self.detector = detector
         self.restore_point = RestorePoint(view)
+        self._holds_detector = True  # until close(): a second close() must not free it for another controller
 
     @classmethod
     def maybe(cls, detector: PageHinkley | None, sharding: Any = None) -> Safeguard | None:
@@ -207,7 +208,8 @@ class Safeguard:
     def close(self) -> None:
         """Release the restore point and the detector, which another controller may then take."""
         self.release()
-        self.detector.in_use = False
+        if self._holds_detector:
+            self.detector.in_use = self._holds_detector = False
 
     def state_dict(self) -> dict[str, Any]:
         return self.detector.state_dict()

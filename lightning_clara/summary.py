@@ -17,12 +17,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBar
+from rich.console import Console
 from rich.table import Table
 
 from lightning_clara.controller import CLARA
 
-__all__ = ["FitSummary", "GroupSummary", "summary_table"]
+__all__ = ["FitSummary", "GroupSummary", "print_below_progress_bar", "summary_table"]
 
 TITLE = "CLARA: learning rate used over the fit"
 CAPTION = (
@@ -220,13 +223,20 @@ class FitSummary:
         tracker.listening = True
         self._trackers.append(tracker)
 
-    def untrack(self, index: int) -> None:
-        """Stop gathering the ``index``-th tracked controller's statistics and leave it out of the rows
-        (its optimizer was replaced during the fit)."""
-        tracker = self._trackers.pop(index)
-        if tracker.listening:
-            tracker.controller.step_listeners.remove(tracker.on_step)
-            tracker.listening = False
+    def follow(self, controllers: Sequence[CLARA]) -> None:
+        """Track exactly ``controllers``, in their order (optimizers replaced during the fit): the ones dropped
+        stop listening and leave the rows, new ones start."""
+        trackers = {id(tracker.controller): tracker for tracker in self._trackers}
+        self._trackers = []
+        for controller in controllers:
+            if id(controller) in trackers:
+                self._trackers.append(trackers.pop(id(controller)))
+            else:
+                self.track(controller)
+        for tracker in trackers.values():
+            if tracker.listening:
+                tracker.controller.step_listeners.remove(tracker.on_step)
+                tracker.listening = False
 
     def restart(self) -> None:
         """Forget what was gathered and count from the controllers' current state (after a restore)."""
@@ -250,3 +260,16 @@ class FitSummary:
     def rows(self, names: Sequence[Sequence[str]]) -> list[GroupSummary]:
         """One :class:`GroupSummary` per param group; ``names`` per tracked controller, per group."""
         return [row for tracker, groups in zip(self._trackers, names, strict=True) for row in tracker.rows(groups)]
+
+
+def print_below_progress_bar(trainer: Any, pl_module: Any, renderable: Any) -> None:
+    """Print after the progress bar's last line: Rich's live bar is stopped first (its own teardown, idempotent).
+
+    Printed from a second console while Rich's bar is live, the bar is drawn twice around the table.
+    """
+    bar = getattr(trainer, "progress_bar_callback", None)
+    if isinstance(bar, RichProgressBar) and bar.progress is not None:
+        bar.teardown(trainer, pl_module, "fit")
+        bar.progress.console.print(renderable)
+        return
+    Console().print(renderable)

@@ -38,7 +38,7 @@ def simulation_hyperparameters(defaults: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(value, torch.Tensor):
             hyper[key] = value.item() if value.numel() == 1 else value.tolist()
     lr = hyper.get("lr")
-    if isinstance(lr, (int, float)) and not isinstance(lr, bool) and not lr > 0:
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr == 0:
         # a warm-up from 0 when CLARA attaches: simulated at lr 0 the optimizer never moves, the curve is all
         # zeros, and (lr being no key of the reference) no step of the run would ever adapt
         hyper["lr"] = SIMULATION_LR
@@ -236,12 +236,14 @@ def _simulation_settings() -> Iterator[None]:
     (simulated under a float64 default it would differ from the other ranks')."""
     threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
     torch.set_num_threads(1)
-    torch.set_default_dtype(torch.float32)
+    if dtype != torch.float32:  # process-wide: switched only where it differs, for the simulation's seconds
+        torch.set_default_dtype(torch.float32)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
-        torch.set_default_dtype(dtype)
+        if dtype != torch.float32:
+            torch.set_default_dtype(dtype)
 
 
 def _simulate(

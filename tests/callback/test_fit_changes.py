@@ -89,6 +89,11 @@ def test_the_run_length_follows_an_accumulation_schedule(
     make_trainer(trainer_kwargs, [schedule, clara], max_epochs=3).fit(make_module(sgd()))
     assert clara.controllers[0].settings.total_steps == STEPS_PER_EPOCH + 2 + 2
     assert clara.controllers[0].num_optimizer_steps == STEPS_PER_EPOCH + 2 + 2
+    bounded = CLARACallback(summary=False)
+    make_trainer(trainer_kwargs, [GradientAccumulationScheduler({1: 4}), bounded], max_epochs=3, max_steps=9).fit(
+        make_module(sgd())
+    )
+    assert bounded.controllers[0].settings.total_steps == 9  # max_steps binds before the schedule's 12
 
 
 def test_several_manual_optimizers_get_no_shared_run_length(
@@ -96,18 +101,15 @@ def test_several_manual_optimizers_get_no_shared_run_length(
 ) -> None:
     """max_steps bounds manual optimizers' steps together, in shares the callback cannot know."""
 
-    def two(module: LightningModule) -> list[torch.optim.Optimizer]:
-        return [torch.optim.SGD(module.net[0].parameters(), lr=0.05), torch.optim.SGD(module.net[2].parameters(), 0.05)]
-
     clara = CLARACallback(summary=False)
-    make_trainer(trainer_kwargs, [clara], max_steps=12, max_epochs=5).fit(make_module(two, manual=True))
+    make_trainer(trainer_kwargs, [clara], max_steps=12, max_epochs=5).fit(make_module(_two, manual=True))
     assert [c.settings.total_steps for c in clara.controllers] == [None, None]
     one = CLARACallback(summary=False)
     make_trainer(trainer_kwargs, [one], max_steps=12, max_epochs=5).fit(make_module(sgd(), manual=True))
     assert one.controllers[0].settings.total_steps == 12
 
 
-def test_a_manual_loss_that_is_not_one_number_is_left_out_with_a_warning(
+def test_a_manual_loss_that_is_not_a_0_dim_tensor_is_left_out_with_a_warning(
     make_module: Callable[..., LightningModule], trainer_kwargs: dict[str, Any]
 ) -> None:
     """Lightning accepts any tensor under 'loss' in manual optimization; the brake takes one number only."""
@@ -121,6 +123,49 @@ def test_a_manual_loss_that_is_not_one_number_is_left_out_with_a_warning(
 
     module.training_step = per_sample  # type: ignore[method-assign]
     clara = CLARACallback(summary=False)
-    with pytest.warns(UserWarning, match="not one number"):
+    with pytest.warns(UserWarning, match="not a 0-dim tensor"):
         make_trainer(trainer_kwargs, [clara], max_epochs=1).fit(module)
     assert clara.controllers[0].num_adapted_steps == STEPS_PER_EPOCH
+
+
+def _two(module: LightningModule) -> list[torch.optim.Optimizer]:
+    return [torch.optim.SGD(module.net[0].parameters(), lr=0.05), torch.optim.SGD(module.net[2].parameters(), 0.05)]
+
+
+class EditOptimizers(Callback):
+    """At epoch 1 replace the first of two optimizers by hand (``trainer.optimizers = ...``); at epoch 2 drop the
+    second."""
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.current_epoch == 1:
+            first = torch.optim.SGD(pl_module.net[0].parameters(), lr=0.05)
+            trainer.optimizers = [first, trainer.optimizers[1]]
+        elif trainer.current_epoch == 2:
+            trainer.optimizers = trainer.optimizers[:1]
+
+
+def test_controllers_follow_the_trainers_optimizers_in_order(
+    make_module: Callable[..., LightningModule], trainer_kwargs: dict[str, Any], tmp_path: Path
+) -> None:
+    """A state is matched to an optimizer by position: replacing the first of two optimizers put its successor's
+    controller last (a resume then loaded one optimizer's state into the other), and dropping one without a
+    replacement kept its controller (and its state in the checkpoint)."""
+    clara = CLARACallback(summary=True)
+    trainer = make_trainer(trainer_kwargs, [EditOptimizers(), clara], max_epochs=2)
+    with pytest.warns(UserWarning, match="created after fit start"):
+        trainer.fit(make_module(_two, manual=True))
+    assert [c.optimizer for c in clara.controllers] == trainer.optimizers
+    assert [c.num_optimizer_steps for c in clara.controllers] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+    assert clara.summary_rows is not None
+    assert len(clara.summary_rows) == 2
+    path = tmp_path / "edited.ckpt"
+    trainer.save_checkpoint(path)
+    resumed = CLARACallback(summary=False)
+    make_trainer(trainer_kwargs, [resumed], max_epochs=3).fit(make_module(_two, manual=True), ckpt_path=path)
+    dropped = CLARACallback(summary=False)
+    trainer = make_trainer(trainer_kwargs, [EditOptimizers(), dropped], max_epochs=3)
+    with pytest.warns(UserWarning, match="created after fit start"):
+        trainer.fit(make_module(_two, manual=True))
+    assert len(dropped.controllers) == 1
+    assert dropped.controllers[0].optimizer is trainer.optimizers[0]
+    assert len(dropped.state_dict()["controllers"]) == 1

@@ -211,7 +211,17 @@ def test_one_detector_watches_one_controller() -> None:
         CLARA(other, safeguard=detector)
     assert getattr(other, "_clara_controller", None) is None  # refused before anything was attached
     first.detach()
-    assert CLARA(other, safeguard=detector).safeguard is detector
+    second = CLARA(other, safeguard=detector)
+    assert second.safeguard is detector
+    first.detach()  # again: must not free the detector the second controller holds
+    third = torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.1)
+    with pytest.raises(ValueError, match="PageHinkley already watches"):
+        CLARA(third, safeguard=detector)
+    second.detach()
+    CLARA(first.optimizer)  # attached again, without a safeguard
+    with pytest.raises(RuntimeError, match="already has a CLARA controller"):
+        CLARA(first.optimizer, safeguard=detector)
+    assert not detector.in_use  # a construction that failed claims nothing
     fresh = [CLARA(torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.1), safeguard=True) for _ in range(2)]
     assert fresh[0].safeguard is not fresh[1].safeguard  # safeguard=True: a detector each
 
