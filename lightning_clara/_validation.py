@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection
-from numbers import Real
+from numbers import Integral, Real
 from typing import Any
 
 __all__ = ["check_choice", "check_in_range", "check_optional_positive", "check_positive_int"]
@@ -40,21 +40,25 @@ def check_optional_positive(name: str, value: Any) -> float | None:
 
 
 def check_positive_int(name: str, value: Any) -> int:
-    """An ``int`` >= 1 (bools refused)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    """An integer >= 1 (a NumPy integer too; bools refused), as a Python ``int``."""
+    value = _as_int(name, value)
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value!r}")
     return value
 
 
 def check_non_negative_int(name: str, value: Any) -> int:
-    """An ``int`` >= 0 (bools refused)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    """An integer >= 0 (a NumPy integer too; bools refused), as a Python ``int``."""
+    value = _as_int(name, value)
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}")
     return value
+
+
+def _as_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral):  # NumPy's bool_ is no Integral
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
 
 
 def check_choice(name: str, value: Any, choices: Collection[str]) -> str:

@@ -41,7 +41,8 @@ STATE_FILE = "clara_state.pt"
 
 
 class CLARATrainerCallback(TrainerCallback):
-    """Adapt the learning rate of the Trainer's optimizer with CLARA; options as for :class:`CLARA`.
+    """Adapt the learning rate of the Trainer's optimizer with CLARA; options as for :class:`CLARA`, given as
+    ``**overrides``: each one given replaces its field of ``options``, a default value included.
 
     The Trainer's scheduler keeps setting the base lr; the lr used is ``lr_scheduled * F``. At each
     logging step the callback adds, per param group, ``clara/lr``, ``clara/ratio`` and

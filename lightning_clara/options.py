@@ -235,7 +235,7 @@ class CLARAOptions:
 
     @classmethod
     def paper(cls, **overrides: Any) -> CLARAOptions:
-        """The paper's rule and defaults: ``rule="paper"``, ``c=0.2``, ``d=1e-3``, F from 1 (``sample=None``: exact)."""
+        """The paper's rule and defaults: ``rule="paper"``, ``c=0.2``, ``d=1e-3``, F from 1 (exact with sample=None)."""
         return cls(**{"rule": "paper", **overrides})
 
     def resolve(self, safeguarded_target: float | None = None, param_groups: Sequence[dict[str, Any]] = ()) -> Settings:

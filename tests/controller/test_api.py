@@ -83,3 +83,15 @@ def test_given_overrides_replace_every_field_they_name_and_unknown_names_are_ref
     assert merged_options(CLARAOptions.paper(), {"rule": "normalized"}, signature=False).rule == "normalized"
     with pytest.raises(TypeError, match="bogus"):
         merged_options(CLARAOptions(), {"bogus": 1}, signature=False)
+
+
+def test_numpy_integers_are_integers_for_the_integer_options() -> None:
+    """NumPy floats were accepted for the float options and NumPy integers refused for the integer ones."""
+    import numpy as np
+
+    for name in ("total_steps", "sample", "hold_after", "fast_start", "consistency_check_every"):
+        resolved = getattr(CLARAOptions(**{name: np.int64(300)}).resolve(), name)
+        assert resolved == 300
+        assert type(resolved) is int, name
+    with pytest.raises(TypeError, match="total_steps"):
+        CLARAOptions(total_steps=np.bool_(True))
