@@ -275,7 +275,10 @@ def test_a_resume_with_clara_listed_before_a_finetuning_callback(make_module, tr
     clara = resumed[0]
     assert isinstance(clara, CLARACallback)
     assert clara.summary_rows is not None
-    assert clara.summary_rows[0].adapted_steps > 0
+    saved = clara_state(checkpoint.last_model_path)["controllers"][0]["num_adapted_steps"]
+    assert saved > 0
+    assert clara.summary_rows[0].adapted_steps > 0  # this fit's steps, counted from the restored state
+    assert clara.controllers[0].num_adapted_steps == saved + clara.summary_rows[0].adapted_steps
 
 
 def test_a_checkpoint_saved_inside_the_step_resumes_at_the_base_lr(make_module, trainer_kwargs, tmp_path: Path) -> None:

@@ -232,4 +232,5 @@ def test_fabric_logs_clara_metrics_with_log_dict(fabric_run: tuple[Completed, Pa
     assert len(rows) == QUICK_STEPS // 5
     lr = [float(row["clara/lr-Adam"]) for row in rows]
     assert lr[-1] > lr[0] >= INITIAL_FACTOR * 1e-6
-    assert all(row["clara/ratio-Adam"] for row in rows)
+    ratios = [float(row["clara/ratio-Adam"]) for row in rows]
+    assert all(math.isfinite(r) and r > 0 for r in ratios), ratios
