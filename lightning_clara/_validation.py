@@ -41,18 +41,18 @@ def check_optional_positive(name: str, value: Any) -> float | None:
 
 def check_positive_int(name: str, value: Any) -> int:
     """An integer >= 1 (a NumPy integer too; bools refused), as a Python ``int``."""
-    value = _as_int(name, value)
-    if value < 1:
+    number = _as_int(name, value)
+    if number < 1:
         raise ValueError(f"{name} must be >= 1, got {value!r}")
-    return value
+    return number
 
 
 def check_non_negative_int(name: str, value: Any) -> int:
     """An integer >= 0 (a NumPy integer too; bools refused), as a Python ``int``."""
-    value = _as_int(name, value)
-    if value < 0:
+    number = _as_int(name, value)
+    if number < 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}")
-    return value
+    return number
 
 
 def _as_int(name: str, value: Any) -> int:
