@@ -15,7 +15,8 @@ entry's gradient history changed for (b). It costs a few milliseconds, once per 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,9 +24,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_clara.lr_swap import check_own_lr_tensors
+from lightning_clara.reference.cache import GroupReference
 from lightning_clara.reference.curves import freeze
 from lightning_clara.reference.families import simulation_kwargs, torch_class
 from lightning_clara.reference.monte_carlo import simulation_hyperparameters
+from lightning_clara.rule import Schedule, signal
 
 __all__ = [
     "FOREIGN_UNSUPPORTED",
@@ -34,6 +37,7 @@ __all__ = [
     "UNSUPPORTED",
     "ProbeError",
     "check_attachable",
+    "check_null_drift",
     "check_parameter",
     "check_supported",
     "probe_update",
@@ -173,6 +177,53 @@ def check_attachable(optimizer: Optimizer, scope: str) -> None:
         raise RuntimeError("this optimizer already has a CLARA controller attached; detach() it first")
     if scope == "param_group":
         check_own_lr_tensors(optimizer.param_groups)
+
+
+#: The share of its full rate at which the normalized rule may raise F on pure noise (r = 1) before
+#: attaching warns: the defaults sit at 0.003-0.08 (c = 0.02); the paper's c = 0.2 gives Adam 0.39-0.49.
+NULL_DRIFT_WARNING = 0.25
+
+
+def check_null_drift(
+    schedule: Schedule,
+    scope: str,
+    optimizer: Optimizer,
+    references: Sequence[GroupReference],
+    reference_size: Callable[[Tensor], int],
+) -> None:
+    """Refuse a normalized rule that cannot move F, and warn where it would climb on pure noise.
+
+    The signal divides by ``r_max / target - 1``, with ``r_max`` (per scope, once paths are old:
+    tensors / sum of the references' stationary values) shrinking towards 1 as ``c`` grows. A target
+    at or above it leaves no range (F would never move, silently); a range small against
+    ``1 / target - 1`` makes a random walk (r = 1) raise F at a large share of the agreeing steps' rate.
+    """
+    if schedule.rule != "normalized":
+        return  # the paper's rule has no range: at its target 1 the null model is flat
+    pooled: list[list[float]] = [[]] if scope == "optimizer" else [[] for _ in references]
+    for j, (group, reference) in enumerate(zip(optimizer.param_groups, references, strict=True)):
+        sizes = [reference_size(p) for p in group["params"] if p.requires_grad]
+        pooled[0 if scope == "optimizer" else j] += [reference.curves[n][-1] for n in sizes if n > 0]
+    for k, stationary in enumerate(pooled):
+        if not stationary:
+            continue  # nothing to track in this scope
+        r_max = len(stationary) / sum(stationary)
+        where = "" if scope == "optimizer" else f" (param group {k})"
+        if r_max / schedule.target - 1.0 <= 1e-12:
+            raise ValueError(
+                f"CLARA: target {schedule.target:g} is at or above the largest ratio the steps can reach{where}, "
+                f"r_max = {r_max:.4g} (c too large for this optimizer): the normalized rule could never move F; "
+                "lower c or target"
+            )
+        drift = signal(schedule, 1.0, r_max)
+        if drift > NULL_DRIFT_WARNING:
+            warnings.warn(
+                f"CLARA: the largest ratio the steps can reach is r_max = {r_max:.3g}{where} (target "
+                f"{schedule.target:g}): on pure noise (r = 1) the normalized rule raises F at {drift:.0%} of its full "
+                "rate. Keep c small (default 0.02; r_max falls towards 1 as c grows) or use rule='paper'",
+                UserWarning,
+                stacklevel=3,
+            )
 
 
 def check_parameter(param: Tensor, group: int) -> None:

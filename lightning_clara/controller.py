@@ -24,7 +24,13 @@ from typing import Any
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_clara.admission import check_attachable, check_supported, safeguarded_target, unwrap
+from lightning_clara.admission import (
+    check_attachable,
+    check_null_drift,
+    check_supported,
+    safeguarded_target,
+    unwrap,
+)
 from lightning_clara.checkpoint import export_state, restore_state
 from lightning_clara.distributed import RankConsistencyGuard, Sharding
 from lightning_clara.finite_guard import SkipCounter
@@ -128,8 +134,8 @@ class CLARA(ResolvedOptions):
         self.step_listeners: list[StepListener] = []  # told of each adapted step (the fit summary)
         self._steps_seen = 0
         self.references.sync()
-        for j in range(groups):
-            self.references.get(j)  # the references now: a Monte Carlo one is simulated (or cached) at attach
+        built = [self.references.get(j) for j in range(groups)]  # a Monte Carlo one is simulated (or cached) now
+        check_null_drift(self.settings.schedule, self.settings.scope, optimizer, built, self.paths.reference_size)
         self._safeguard = Safeguard.maybe(self.settings.safeguard, self.settings.sharding)  # claims its detector
         self._losses = LossWatch(self.settings, self._safeguard)
         skips = self._skips if self.settings.skip_nonfinite else None

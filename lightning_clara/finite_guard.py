@@ -14,8 +14,8 @@ step late on CUDA), only to count the skip (:func:`takes_found_inf`, :func:`stat
 Gradients exist only once the step's closure has run (Lightning runs ``training_step`` and
 ``backward`` inside ``optimizer.step(closure)``), so the check runs right after the closure returns,
 before a torch optimizer touches anything, and :class:`SkipUpdate` carries the closure's loss out of
-the optimizer's step. Under sharding (DTensor gradients) every rank holds a part, so the flag is
-summed over the ranks: they all skip, or none does.
+the optimizer's step. Under sharding every rank holds a part, so the flag is summed with the
+sharding's own sum over its shard group (FSDP2's, or a manual one): they all skip, or none does.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -82,15 +81,12 @@ def non_finite_flag(optimizer: Optimizer, across_shards: Callable[[Tensor], None
     """A 0-dim tensor, > 0 if any gradient entry of ``optimizer`` is NaN or inf (None: no gradient), left on
     the device: summed over the devices, and under sharding over the ranks, without a host read.
 
-    ``across_shards``: the controller's sharding's in-place sum over its shard group (a manual
-    :class:`~lightning_clara.distributed.Sharding` holds no DTensors to tell; a rank that alone saw a NaN
-    would skip while the others step, and their collectives part). Without it, DTensor gradients are
-    summed over the default group."""
+    ``across_shards``: the controller's sharding's in-place sum over its shard group (FSDP2's for DTensor
+    parameters, or a manual :class:`~lightning_clara.distributed.Sharding`'s); without it the flag is this
+    rank's alone (a rank that alone saw a NaN would skip while the others step, and their collectives part)."""
     by_device: dict[torch.device, list[Tensor]] = {}
-    sharded = False
     for whole in _gradients(optimizer):
         grad = local_shard(whole)
-        sharded |= grad is not whole
         if grad.is_sparse:
             grad = grad._values()  # an uncoalesced duplicate sums to non-finite too
         by_device.setdefault(grad.device, []).append(grad)
@@ -100,9 +96,7 @@ def non_finite_flag(optimizer: Optimizer, across_shards: Callable[[Tensor], None
     flag = found[0] if len(found) == 1 else torch.stack([f.to(found[0].device) for f in found]).sum()
     if across_shards is not None:
         across_shards(flag)  # each rank saw its shard: one decision for all
-    elif sharded and dist.is_available() and dist.is_initialized():
-        dist.all_reduce(flag)
-    if len(found) > 1 or sharded or across_shards is not None:
+    if len(found) > 1 or across_shards is not None:
         flag.clamp_(max=1.0)  # a fused kernel skips on exactly 1 (and subtracts the flag from its step counts)
     return flag
 
