@@ -37,6 +37,7 @@ __all__ = [
     "UNSUPPORTED",
     "ProbeError",
     "check_attachable",
+    "check_distinct",
     "check_null_drift",
     "check_parameter",
     "check_supported",
@@ -161,6 +162,7 @@ def check_supported(optimizer: Any) -> None:
                 f"CLARA cannot steer {type(optimizer).__name__}: param group {j} has lr={lr!r}; CLARA scales a "
                 "numeric lr" + (" (an optimizer given lr=None computes its own step size)" if lr is None else "")
             )
+        check_distinct(group["params"], j)
         for param in group["params"]:
             if param.requires_grad:  # as the path layout does: a frozen tensor is never tracked
                 check_parameter(param, j)
@@ -224,6 +226,13 @@ def check_null_drift(
                 UserWarning,
                 stacklevel=3,
             )
+
+
+def check_distinct(params: Sequence[Tensor], group: int) -> None:
+    """Refuse a group that lists one tensor twice (torch warns and deprecates it): its two paths, sampled at
+    different entries, would be saved under one key, and a resume would load one row's path into both."""
+    if len({id(param) for param in params}) != len(params):
+        raise ValueError(f"CLARA: param group {group} lists a tensor more than once; list each tensor once")
 
 
 def check_parameter(param: Tensor, group: int) -> None:

@@ -17,10 +17,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_clara.admission import unwrap
 from lightning_clara.checkpoint import load_states
 from lightning_clara.controller import CLARA
 from lightning_clara.fit_inputs import estimated_steps, step_loss
+from lightning_clara.followed import changed, count_at, follow, has_parameters
 from lightning_clara.metrics import controller_metrics, optimizer_names, show_in_progress_bar
 from lightning_clara.options import (
     OPTION_NAMES,
@@ -61,20 +61,6 @@ def _tell_if_run_in_workers(trainer: pl.Trainer) -> None:
             "CLARACallback: this fit ran in worker processes (ddp_spawn/ddp_fork): the callback in the main "
             "process keeps no controllers or summary_rows; read the clara/* logs or a checkpoint instead"
         )
-
-
-def _has_parameters(optimizer: Optimizer) -> bool:
-    return any(group["params"] for group in optimizer.param_groups)
-
-
-def _at(counts: Sequence[int], index: int | None) -> int:
-    """A controller's count kept across a reordering (0 for one attached since)."""
-    return counts[index] if index is not None and index < len(counts) else 0
-
-
-def _changed(counts: Sequence[int], before: Sequence[int]) -> list[int]:
-    """The indices whose count differs from ``before`` (an optimizer attached since counts from 0)."""
-    return [index for index, count in enumerate(counts) if count != (before[index] if index < len(before) else 0)]
 
 
 class CLARACallback(Callback):
@@ -170,7 +156,7 @@ class CLARACallback(Callback):
         self._fit_summary = None
         self.summary_rows = None
         # Lightning runs a fit whose configure_optimizers returned None with a parameter-less stand-in
-        optimizers = [optimizer for optimizer in trainer.optimizers if _has_parameters(optimizer)]
+        optimizers = [optimizer for optimizer in trainer.optimizers if has_parameters(optimizer)]
         if not optimizers:
             self.controllers, self.names = [], []
             rank_zero_warn(
@@ -185,7 +171,9 @@ class CLARACallback(Callback):
             )
         self._fits_started += 1
         self._fit_options = self.options if sharding is None else dataclasses.replace(self.options, sharding=sharding)
-        self.controllers = [CLARA(optimizer, self._fit_options) for optimizer in optimizers]
+        self.controllers = []
+        for optimizer in optimizers:  # one by one: if one is refused, on_exception detaches those attached
+            self.controllers.append(CLARA(optimizer, self._fit_options))
         self._scheduler_configs = list(getattr(trainer, "lr_scheduler_configs", ()))  # absent on stand-ins
         self.names = self._names()
         self._steps_at_batch_start, self._steps_at_last_log = [0] * len(self.controllers), [0] * len(self.controllers)
@@ -200,6 +188,8 @@ class CLARACallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # until this fit attaches, the last fit's controllers are not its state (a tuner saves one meanwhile)
         self._fit_starting = stage == "fit"
+        if self._fit_starting:  # a fit restores its checkpoint after setup: a state held now is a failed fit's
+            self._restored = None
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -219,34 +209,25 @@ class CLARACallback(Callback):
         self._follow_optimizers(trainer)  # one made inside this batch's training_step: its first step runs as is
 
     def _follow_optimizers(self, trainer: pl.Trainer) -> None:
-        """One controller per optimizer the trainer steps, in its order (a resume matches states by position):
-        attach CLARA to optimizers made after fit start (another callback's ``setup_optimizers``, an assignment
-        to ``trainer.optimizers``), let go of those it no longer steps. Lightning's parameter-less stand-in and
-        an optimizer someone else attached CLARA to are left alone."""
-        ours = {id(c.optimizer): (i, c) for i, c in enumerate(self.controllers)}
-        live = [
-            o
-            for o in map(unwrap, trainer.optimizers)
-            if _has_parameters(o) and (id(o) in ours or getattr(o, "_clara_controller", None) is None)
-        ]
-        if [id(o) for o in live] == list(ours):
+        """One controller per optimizer the trainer steps, in its order (:func:`~lightning_clara.followed.follow`):
+        optimizers made after fit start attached before their first step, those no longer stepped let go."""
+        change = follow(self.controllers, trainer.optimizers, self._attach_late)
+        if change is None:
             return  # nearly every batch: the same optimizers, in the same order
-        kept: list[tuple[int | None, CLARA]] = []
-        for optimizer in live:
-            index, controller = ours.pop(id(optimizer), (None, None))
-            if controller is None:
-                rank_zero_warn(f"CLARACallback: optimizer {type(optimizer).__name__} was created after fit start")
-                controller = CLARA(optimizer, self._fit_options)
-            kept.append((index, controller))
-        for _, replaced in ours.values():
+        kept, dropped = change
+        for replaced in dropped:
             replaced.detach()  # its steps are over
         self.controllers = [controller for _, controller in kept]
-        self._steps_at_batch_start = [_at(self._steps_at_batch_start, index) for index, _ in kept]
-        self._steps_at_last_log = [_at(self._steps_at_last_log, index) for index, _ in kept]
+        self._steps_at_batch_start = [count_at(self._steps_at_batch_start, index) for index, _ in kept]
+        self._steps_at_last_log = [count_at(self._steps_at_last_log, index) for index, _ in kept]
         if self._fit_summary is not None:
             self._fit_summary.follow(self.controllers)
         self._scheduler_configs = list(getattr(trainer, "lr_scheduler_configs", ()))
         self.names = self._names()
+
+    def _attach_late(self, optimizer: Optimizer) -> CLARA:
+        rank_zero_warn(f"CLARACallback: optimizer {type(optimizer).__name__} was created after fit start")
+        return CLARA(optimizer, self._fit_options)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -274,6 +255,12 @@ class CLARACallback(Callback):
     def _names(self) -> list[list[str]]:
         return optimizer_names([c.optimizer for c in self.controllers], self._scheduler_configs)
 
+    def _current_names(self) -> list[list[str]]:
+        """``names``, made again where a param group was added since (BaseFinetuning unfreezes into a new one)."""
+        if [len(names) for names in self.names] != [len(c.optimizer.param_groups) for c in self.controllers]:
+            self.names = self._names()
+        return self.names
+
     def _detach(self) -> None:
         for controller in self.controllers:
             controller.detach()
@@ -293,19 +280,18 @@ class CLARACallback(Callback):
         # only optimizers that really stepped in this batch: accumulation micro-batches and
         # optimizers stepped every k-th batch by hand are neither logged nor fed the loss
         steps = [controller.num_optimizer_steps for controller in self.controllers]
-        stepped = _changed(steps, self._steps_at_batch_start)
-        if not stepped:
-            return
-        if [len(names) for names in self.names] != [len(c.optimizer.param_groups) for c in self.controllers]:
-            self.names = self._names()  # a group was added
-        self._feed_loss(trainer, outputs, stepped)
-        if self.prog_bar:
-            show_in_progress_bar(pl_module, self.controllers, self.names, stepped)
+        stepped = changed(steps, self._steps_at_batch_start)
+        if stepped:
+            self._feed_loss(trainer, outputs, stepped)
+            if self.prog_bar:
+                show_in_progress_bar(pl_module, self.controllers, self._current_names(), stepped)
+        elif pl_module.automatic_optimization:
+            return  # an accumulation micro-batch: the step, and its log, come with the last one
         if not self.log or not trainer.loggers or not trainer._logger_connector.should_update_logs:
             return
         # every optimizer that stepped since its last log, not only this batch's: two optimizers stepped
         # on alternate batches with an even log_every_n_steps would otherwise leave one never logged
-        metrics, self._steps_at_last_log = self.metrics(_changed(steps, self._steps_at_last_log)), steps
+        metrics, self._steps_at_last_log = self.metrics(changed(steps, self._steps_at_last_log)), steps
         if not metrics:
             return
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
@@ -328,8 +314,9 @@ class CLARACallback(Callback):
         Optimizers that have not adapted a step yet are left out.
         """
         out: dict[str, float] = {}
+        names = self._current_names()
         for index in range(len(self.controllers)) if optimizers is None else optimizers:
-            out.update(controller_metrics(self.controllers[index], self.names[index]))
+            out.update(controller_metrics(self.controllers[index], names[index]))
         return out
 
     # ------------------------------------------------------------------ checkpoints

@@ -13,6 +13,10 @@ callbacks passed to ``Trainer(callbacks=...)``; :func:`add_clara` puts the callb
 integrations see the ``clara/*`` values. A callback passed in ``callbacks=`` still adapts, and its
 values reach ``trainer.state.log_history``, but not the integrations that ran before it.
 
+If ``trainer.train()`` raises, :func:`add_clara`'s wrapper detaches CLARA (the optimizer steps at its
+own lr again); the Trainer has no exception hook, so a callback passed in ``callbacks=`` stays
+attached after a crash: call its ``on_train_end`` (or build a new optimizer) before stepping on.
+
 CLARA's state goes into each Trainer checkpoint (``checkpoint-N/clara_state.pt``) and comes back on
 ``train(resume_from_checkpoint=...)``, checked before it is loaded, so log F continues exactly.
 """
@@ -84,7 +88,11 @@ class CLARATrainerCallback(TrainerCallback):
             if resume is True:  # the Trainer resolves it the same way (and raises if there is none)
                 resume = get_last_checkpoint(trainer.args.output_dir)  # type: ignore[no-untyped-call]
             self._resume_from = os.fspath(resume) if isinstance(resume, (str, os.PathLike)) else None
-            return train(*args, **kwargs)
+            try:
+                return train(*args, **kwargs)
+            except BaseException:
+                self._detach()  # the Trainer has no exception hook: the optimizer must not keep lr x F after a crash
+                raise
 
         trainer.train = train_and_note_the_checkpoint  # type: ignore[method-assign]
         self.tapped = True

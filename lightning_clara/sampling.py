@@ -128,6 +128,10 @@ class SampleBucket:
         # ||p||^2 and ||s|| per row, written in place each step (read on the host before the next)
         self._results = torch.zeros(2, rows, dtype=self.path_dtype, device=self.device)
         self._squared, self._norms = self._results.unbind()
+        # below this norm every entry's square underflows to a subnormal: ||s|| is off (by 30 % measured), the unit
+        # step is not unit, and the path outgrows 1 (its checkpoint was refused): such a step counts as no move
+        tiny = torch.finfo(self.path_dtype).tiny
+        self._still_below = float(torch.tensor(math.sqrt(tiny * self.width), dtype=self.path_dtype))
         self._sources = [None if m.source is None else m.source.to(self.device) for m in self.members]
         # a sharded rank gathers only the entries it holds, which ``targets`` place in the rows
         self._targets: Tensor | None = None
@@ -229,7 +233,8 @@ class SampleBucket:
     def update(self, c: float, lr_used: Sequence[float] = ()) -> SampleStep:
         """``p <- (1 - c) p + c s / ||s||`` for every row whose step is finite and non-zero.
 
-        A zero step (no gradient, zero lr) leaves its row alone; a non-finite one resets it. On the
+        A zero step (no gradient, zero lr), or one too small for the path dtype's squares, leaves its row
+        alone; a non-finite one resets it. On the
         device, in ten kernels whatever the tensor count; the per-row bookkeeping (counts, the
         reference) is left to :meth:`tally`, on the host.
         """
@@ -238,7 +243,7 @@ class SampleBucket:
         squared, norms = self._squared, self._norms
         with torch.no_grad():
             torch.linalg.vector_norm(step, dim=1, out=norms)
-            still = norms == 0  # False for NaN
+            still = norms <= self._still_below  # False for NaN
             # c / ||s|| where moved, 0 where still (a step whose squares underflow adds nothing either); a NaN
             # or inf row adds NaN, zeroed below
             scale = torch.where(still, zero, torch.div(c_value, norms))
@@ -258,7 +263,7 @@ class SampleBucket:
         table: list[list[float]] = [[], [], [], []]
         for row, (norm, curve) in enumerate(zip(norms, curves, strict=True)):
             finite = norm < math.inf  # False for NaN too
-            moved = finite and norm > 0
+            moved = finite and norm > self._still_below
             counts[row] = counts[row] + moved if finite else 0
             weight = float(moved)
             table[0].append(squared[row] * weight)

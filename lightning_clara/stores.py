@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_clara.admission import check_parameter
+from lightning_clara.admission import check_distinct, check_parameter
 from lightning_clara.options import Settings
 from lightning_clara.reference.cache import ReferenceCache
 from lightning_clara.rule import StepStatistics
@@ -125,6 +125,8 @@ class SampledPaths:
                 for i, param in enumerate(group["params"])
                 if param.requires_grad
             ]
+            for j, group in enumerate(param_groups):
+                check_distinct(group["params"], j)
             for j, _, param, _ in members:
                 check_parameter(param, j)  # a tensor added after attaching (add_param_group, an unfrozen layer)
             self._relayout(members)

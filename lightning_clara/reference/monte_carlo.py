@@ -170,7 +170,8 @@ class MonteCarloReference(Reference):
             "monte_carlo",
             None if self.speed_up is None else (self.speed_up.name, self.speed_up.at_step, self.speed_up.factor),
             self.c,
-            f"{self.optimizer_class.__module__}.{self.optimizer_class.__qualname__}",
+            # the class itself, not its name: one redefined in a notebook, or made by a factory, is another optimizer
+            self.optimizer_class,
             freeze(self.hyperparameters),
             self.control_beta,
             self.horizon,

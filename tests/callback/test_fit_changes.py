@@ -169,3 +169,90 @@ def test_controllers_follow_the_trainers_optimizers_in_order(
     assert len(dropped.controllers) == 1
     assert dropped.controllers[0].optimizer is trainer.optimizers[0]
     assert len(dropped.state_dict()["controllers"]) == 1
+
+
+def test_a_manual_optimizer_stepped_off_the_logging_batches_is_still_logged(
+    make_module: Callable[..., LightningModule], trainer_kwargs: dict[str, Any]
+) -> None:
+    """Stepped on even batches, logged every 2nd batch (odd ones): clara/* was never logged (the batch end returned
+    before logging when nothing stepped in that batch); now each log carries the steps since the last one."""
+    from helpers import RecordingLogger
+
+    logger = RecordingLogger()
+    clara = CLARACallback(summary=False)
+    kwargs = {**trainer_kwargs, "logger": logger, "log_every_n_steps": 2}
+    make_trainer(kwargs, [clara], max_epochs=2).fit(make_module(sgd(), manual=True, step_every=[2]))
+    assert clara.controllers[0].num_optimizer_steps == STEPS_PER_EPOCH  # 4 per epoch
+    lrs = logger.series("clara/lr-SGD")
+    assert len(lrs) == STEPS_PER_EPOCH  # one per logging batch, each after a step
+
+
+def test_metrics_name_a_param_group_added_since_the_last_step(
+    make_module: Callable[..., LightningModule], trainer_kwargs: dict[str, Any]
+) -> None:
+    """metrics() between an added group and the next step raised (zip over stale names); BaseFinetuning adds one."""
+
+    class AddGroupThenRead(Callback):
+        def __init__(self, clara: CLARACallback) -> None:
+            self.clara = clara
+            self.read: dict[str, float] = {}
+
+        def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+            if trainer.current_epoch == 1:
+                extra = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+                trainer.optimizers[0].add_param_group({"params": [extra]})
+                self.read = self.clara.metrics()
+
+    clara = CLARACallback(summary=False)
+    reader = AddGroupThenRead(clara)
+    make_trainer(trainer_kwargs, [clara, reader], max_epochs=2).fit(make_module(sgd()))
+    assert "clara/lr-SGD/pg1" in reader.read
+    assert "clara/lr-SGD/pg2" in reader.read
+
+
+def test_an_optimizer_refused_at_fit_start_leaves_none_of_the_others_attached(
+    make_module: Callable[..., LightningModule], trainer_kwargs: dict[str, Any]
+) -> None:
+    """The controllers were made in one expression: the first, attached before LBFGS was refused, was never
+    stored, so on_exception could not detach it, and a later plain step ran at lr x F."""
+    made: list[torch.optim.Optimizer] = []
+
+    def sgd_then_lbfgs(module: LightningModule) -> list[torch.optim.Optimizer]:
+        made[:] = [torch.optim.SGD(module.net[0].parameters(), lr=0.05), torch.optim.LBFGS(module.net[2].parameters())]
+        return made
+
+    with pytest.raises(TypeError, match="LBFGS"):
+        make_trainer(trainer_kwargs, [CLARACallback(summary=False)]).fit(make_module(sgd_then_lbfgs, manual=True))
+    first = made[0]
+    assert getattr(first, "_clara_controller", None) is None
+    assert not first._optimizer_step_pre_hooks
+    assert not first._optimizer_step_post_hooks
+
+
+def test_a_failed_fits_restored_state_is_not_loaded_by_a_later_resume(
+    make_module: Callable[..., LightningModule], trainer_kwargs: dict[str, Any], tmp_path: Path
+) -> None:
+    """A fit resuming checkpoint A fails before CLARA attaches; a later fit resumes B, saved without CLARA: it
+    warned 'start fresh' and then loaded A's state all the same."""
+
+    class FailOnce(Callback):
+        failed = False
+
+        def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("a set-up problem")
+
+    with_clara = make_trainer(trainer_kwargs, [CLARACallback(summary=False)], max_epochs=2)
+    with_clara.fit(make_module(sgd()))
+    with_clara.save_checkpoint(tmp_path / "a.ckpt")
+    without = make_trainer(trainer_kwargs, [], max_epochs=1)
+    without.fit(make_module(sgd()))
+    without.save_checkpoint(tmp_path / "b.ckpt")
+    clara = CLARACallback(summary=False)
+    failing = make_trainer(trainer_kwargs, [FailOnce(), clara], max_epochs=3)
+    with pytest.raises(RuntimeError, match="set-up problem"):
+        failing.fit(make_module(sgd()), ckpt_path=tmp_path / "a.ckpt")
+    with pytest.warns(UserWarning, match="holds no CLARA state"):
+        make_trainer(trainer_kwargs, [clara], max_epochs=2).fit(make_module(sgd()), ckpt_path=tmp_path / "b.ckpt")
+    assert clara.controllers[0].num_adapted_steps == STEPS_PER_EPOCH  # fresh: epoch 2 only, not A's 16 + 8

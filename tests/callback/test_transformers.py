@@ -98,6 +98,27 @@ def test_add_clara_feeds_the_loss_brake_every_steps_loss(tmp_path: Path) -> None
     assert sum(seen[:10]) / 10 == pytest.approx(logged[0], rel=1e-4)  # the Trainer's own mean of those losses
 
 
+def test_a_crash_in_train_detaches_clara(tmp_path: Path) -> None:
+    """The Trainer has no exception hook: after a crash CLARA stayed attached, and the user's optimizer, stepped
+    on by hand, ran at lr x F. add_clara's wrapper of train() detaches it."""
+    trainer = tiny_trainer(tmp_path)
+    callback = add_clara(trainer)
+    calls = [0]
+
+    def crash_on_the_sixth_batch(module: torch.nn.Module, args: object) -> None:
+        calls[0] += 1
+        if calls[0] == 6:
+            raise RuntimeError("a bad batch")
+
+    trainer.model.register_forward_pre_hook(crash_on_the_sixth_batch)
+    with pytest.raises(RuntimeError, match="a bad batch"):
+        trainer.train()
+    assert callback.controller is not None
+    assert callback.controller.num_adapted_steps > 0  # it had attached and adapted
+    assert not callback.controller.attached
+    assert not callback.controller.optimizer._optimizer_step_pre_hooks  # the optimizer accelerate wraps
+
+
 def test_the_callback_passed_to_the_trainer_also_adapts(tmp_path: Path) -> None:
     callback = CLARATrainerCallback(c=0.1)
     trainer = tiny_trainer(tmp_path, callbacks=[callback])

@@ -10,6 +10,7 @@ SimpleCLARA use ``rule="paper"`` (log F += d (r - 1)), the rule SimpleCLARA impl
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -475,3 +476,21 @@ def test_param_group_added_inside_the_step_closure(sample: int | None) -> None:
         assert clara.lr_used == pytest.approx(expected, rel=1e-12)
     assert path_entry(clara, 1, 0)["count"] == 5 + seen_first
     assert clara.lr_factors[1] != 1.0
+
+
+def test_a_tensor_listed_twice_in_a_group_is_refused() -> None:
+    """torch accepts SGD([p, p]) with a deprecation warning; CLARA kept two rows sampled at different entries but
+    saved them under one key, so a resume loaded the second row's path into both."""
+    param = torch.nn.Parameter(torch.randn(10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's own deprecation of duplicates
+        twice = torch.optim.SGD([param, param], lr=0.1)
+        with pytest.raises(ValueError, match="more than once"):
+            CLARA(twice)
+        other = torch.nn.Parameter(torch.randn(3))
+        optimizer = torch.optim.SGD([other], lr=0.1)
+        CLARA(optimizer)
+        optimizer.add_param_group({"params": [param, param]})
+    param.grad, other.grad = torch.randn(10), torch.randn(3)
+    with pytest.raises(ValueError, match="param group 1 lists a tensor more than once"):
+        optimizer.step()

@@ -78,3 +78,27 @@ def test_a_step_with_lr_zero_does_not_adapt() -> None:
     assert log_factors[0] == 0.0  # the step at lr 0
     assert clara.num_adapted_steps == 4
     assert log_factors[-1] > 0.0  # agreeing steps afterwards: F rises
+
+
+def test_a_step_too_small_for_float32_squares_counts_as_no_move() -> None:
+    """Steps of 4.5e-23 per entry: their squares are subnormal in float32, the norm came out 30 % off, the path
+    grew past length 1 (r 13 where a constant gradient gives 1/mu = 9) and its own checkpoint was refused. Such a
+    step now counts as no move; at a representable size the same gradients give r = 9 again."""
+    param = torch.nn.Parameter(torch.zeros(64))
+    optimizer = torch.optim.SGD([param], lr=4.5e-23)
+    clara = CLARA.paper(optimizer, sample=None, min_factor=1.0, max_factor=1.0)
+
+    def steps(count: int) -> None:
+        for _ in range(count):
+            param.grad = -torch.ones(64)
+            optimizer.step()
+            with torch.no_grad():
+                param.zero_()  # the entries stay at 0, where the step keeps its full size
+
+    steps(50)
+    assert clara.num_adapted_steps == 0
+    fresh = CLARA.paper(torch.optim.SGD([torch.nn.Parameter(torch.zeros(64))], lr=1.0), sample=None)
+    fresh.load_state_dict(clara.state_dict())
+    optimizer.param_groups[0]["lr"] = 1e-16
+    steps(200)
+    assert clara.ratio == pytest.approx(9.0, rel=1e-5)  # 1 / mu for c = 0.2 and a constant direction

@@ -288,3 +288,30 @@ def test_a_warm_up_from_lr_zero_still_gets_a_reference(optimizer_class: type[tor
         scheduler.step()
     assert clara.num_adapted_steps == 19  # every step but the first, taken at lr 0 (nothing moved)
     assert clara.ratio is not None
+
+
+def test_two_classes_of_one_name_get_their_own_simulated_reference() -> None:
+    """The process-wide cache keyed a simulated reference by the class's name: a class redefined in a notebook,
+    or made by a factory, got the first one's curves (heavy ball 0.9 read plain SGD's 0.111, against 0.68)."""
+
+    def make(beta: float) -> type[torch.optim.Optimizer]:
+        class HeavyBall(torch.optim.Optimizer):
+            def __init__(self, params: Any, lr: float = 0.1) -> None:
+                super().__init__(params, {"lr": lr})
+
+            @torch.no_grad()
+            def step(self, closure: Any = None) -> None:
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        buffer = self.state[p].setdefault("buffer", torch.zeros_like(p))
+                        p.add_(buffer.mul_(beta).add_(p.grad), alpha=-group["lr"])
+
+        return HeavyBall
+
+    stationary = []
+    for beta in (0.0, 0.9):
+        clara = CLARA.paper(make(beta)([torch.nn.Parameter(torch.randn(100))]))
+        stationary.append(clara.references.get(0).curves[100][-1])
+        clara.detach()
+    assert stationary[0] == pytest.approx(1 / 9, rel=0.05)  # plain: c / (2 - c) at c = 0.2
+    assert stationary[1] > 0.5  # heavy ball 0.9 (the closed form: 0.68)
