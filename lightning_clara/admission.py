@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -182,7 +183,9 @@ def check_attachable(optimizer: Optimizer, scope: str) -> None:
 
 
 #: The share of its full rate at which the normalized rule may raise F on pure noise (r = 1) before
-#: attaching warns: the defaults sit at 0.003-0.08 (c = 0.02); the paper's c = 0.2 gives Adam 0.39-0.49.
+#: attaching warns. At c = 0.02 torch's default settings sit at 0.003-0.08 and momentum (or Adam's beta1) 0.95 at
+#: 0.15-0.2, but 0.99 at 0.35 (it correlates steps over 100 steps, the path remembers 50); the paper's c = 0.2
+#: gives Adam 0.39-0.49.
 NULL_DRIFT_WARNING = 0.25
 
 
@@ -207,8 +210,8 @@ def check_null_drift(
         sizes = [reference_size(p) for p in group["params"] if p.requires_grad]
         pooled[0 if scope == "optimizer" else j] += [reference.curves[n][-1] for n in sizes if n > 0]
     for k, stationary in enumerate(pooled):
-        if not stationary:
-            continue  # nothing to track in this scope
+        if not stationary or sum(stationary) <= 0.0:
+            continue  # nothing to track in this scope (or a custom reference of zeros, which never adapts)
         r_max = len(stationary) / sum(stationary)
         where = "" if scope == "optimizer" else f" (param group {k})"
         if r_max / schedule.target - 1.0 <= 1e-12:
@@ -218,11 +221,13 @@ def check_null_drift(
                 "lower c or target"
             )
         drift = signal(schedule, 1.0, r_max)
-        if drift > NULL_DRIFT_WARNING:
+        if drift > NULL_DRIFT_WARNING and _rank_zero():
             warnings.warn(
                 f"CLARA: the largest ratio the steps can reach is r_max = {r_max:.3g}{where} (target "
                 f"{schedule.target:g}): on pure noise (r = 1) the normalized rule raises F at {drift:.0%} of its full "
-                "rate. Keep c small (default 0.02; r_max falls towards 1 as c grows) or use rule='paper'",
+                "rate. r_max falls towards 1 as the path's memory 1/c shortens against the optimizer's own (momentum "
+                "beta correlates steps over ~1/(1 - beta)): lower c well below 1 - beta, or set target=1 (no rise on "
+                "noise), or use rule='paper'",
                 UserWarning,
                 stacklevel=3,
             )
@@ -233,6 +238,11 @@ def check_distinct(params: Sequence[Tensor], group: int) -> None:
     different entries, would be saved under one key, and a resume would load one row's path into both."""
     if len({id(param) for param in params}) != len(params):
         raise ValueError(f"CLARA: param group {group} lists a tensor more than once; list each tensor once")
+
+
+def _rank_zero() -> bool:
+    """Whether this process warns for all: rank 0, or the only process (every rank attaches its own controller)."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def check_parameter(param: Tensor, group: int) -> None:

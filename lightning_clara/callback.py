@@ -339,7 +339,7 @@ class CLARACallback(Callback):
             return dict(self._restored)
         if self._fit_starting:
             return {"controllers": [], "names": []}
-        return {"controllers": [controller.state_dict() for controller in self.controllers], "names": self.names}
+        return {"controllers": [c.state_dict() for c in self.controllers], "names": self._current_names()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -190,17 +190,20 @@ def test_a_manual_optimizer_stepped_off_the_logging_batches_is_still_logged(
 def test_metrics_name_a_param_group_added_since_the_last_step(
     make_module: Callable[..., LightningModule], trainer_kwargs: dict[str, Any]
 ) -> None:
-    """metrics() between an added group and the next step raised (zip over stale names); BaseFinetuning adds one."""
+    """metrics() between an added group and the next step raised (zip over stale names), and a checkpoint saved
+    there named the old groups; BaseFinetuning adds one."""
 
     class AddGroupThenRead(Callback):
         def __init__(self, clara: CLARACallback) -> None:
             self.clara = clara
             self.read: dict[str, float] = {}
+            self.saved_names: list[list[str]] = []
 
         def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
             if trainer.current_epoch == 1:
                 extra = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
                 trainer.optimizers[0].add_param_group({"params": [extra]})
+                self.saved_names = self.clara.state_dict()["names"]  # a checkpoint taken now
                 self.read = self.clara.metrics()
 
     clara = CLARACallback(summary=False)
@@ -208,6 +211,7 @@ def test_metrics_name_a_param_group_added_since_the_last_step(
     make_trainer(trainer_kwargs, [clara, reader], max_epochs=2).fit(make_module(sgd()))
     assert "clara/lr-SGD/pg1" in reader.read
     assert "clara/lr-SGD/pg2" in reader.read
+    assert reader.saved_names == [["SGD/pg1", "SGD/pg2"]]
 
 
 def test_an_optimizer_refused_at_fit_start_leaves_none_of_the_others_attached(

@@ -59,3 +59,14 @@ def test_per_group_scope_names_the_group() -> None:
     )
     with pytest.warns(UserWarning, match=r"r_max = .*\(param group 0\)"):
         CLARA(optimizer, c=0.3, scope="param_group").detach()
+
+
+def test_a_high_momentum_warns_at_the_default_c_and_says_what_helps() -> None:
+    """Momentum 0.99 correlates steps over ~100 steps, longer than the default path's memory (50): r_max 1.5."""
+    optimizer = torch.optim.SGD(_model().parameters(), lr=0.1, momentum=0.99)
+    with pytest.warns(UserWarning, match=r"lower c well below 1 - beta, or set target=1"):
+        CLARA(optimizer).detach()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CLARA(optimizer, c=0.002).detach()  # a memory of 500 steps
+        CLARA(optimizer, target=1.0).detach()  # no rise on noise
