@@ -196,15 +196,15 @@ def check_null_drift(
     references: Sequence[GroupReference],
     reference_size: Callable[[Tensor], int],
 ) -> None:
-    """Refuse a normalized rule that cannot move F, and warn where it would climb on pure noise.
+    """Refuse a target the ratio can never pass, and warn where the normalized rule would climb on pure noise.
 
-    The signal divides by ``r_max / target - 1``, with ``r_max`` (per scope, once paths are old:
-    tensors / sum of the references' stationary values) shrinking towards 1 as ``c`` grows. A target
-    at or above it leaves no range (F would never move, silently); a range small against
-    ``1 / target - 1`` makes a random walk (r = 1) raise F at a large share of the agreeing steps' rate.
+    ``r_max`` (per scope, once paths are old: tensors / sum of the references' stationary values)
+    shrinks towards 1 as ``c`` grows (at ``c = 1`` the path is the unit step: r is 1 whatever the
+    steps). A target at or above it leaves F no way up, silently (the normalized rule, which divides
+    by ``r_max / target - 1``, not even a way down). A range small against ``1 / target - 1`` makes a
+    random walk (r = 1) raise F at a large share of the agreeing steps' rate (the paper's rule is flat
+    there at its target 1).
     """
-    if schedule.rule != "normalized":
-        return  # the paper's rule has no range: at its target 1 the null model is flat
     pooled: list[list[float]] = [[]] if scope == "optimizer" else [[] for _ in references]
     for j, (group, reference) in enumerate(zip(optimizer.param_groups, references, strict=True)):
         sizes = [reference_size(p) for p in group["params"] if p.requires_grad]
@@ -217,17 +217,18 @@ def check_null_drift(
         if r_max / schedule.target - 1.0 <= 1e-12:
             raise ValueError(
                 f"CLARA: target {schedule.target:g} is at or above the largest ratio the steps can reach{where}, "
-                f"r_max = {r_max:.4g} (c too large for this optimizer): the normalized rule could never move F; "
-                "lower c or target"
+                f"r_max = {r_max:.4g} (c too large for this optimizer): F could never rise; lower c or target"
             )
+        if schedule.rule != "normalized":
+            continue
         drift = signal(schedule, 1.0, r_max)
         if drift > NULL_DRIFT_WARNING and _rank_zero():
             warnings.warn(
                 f"CLARA: the largest ratio the steps can reach is r_max = {r_max:.3g}{where} (target "
                 f"{schedule.target:g}): on pure noise (r = 1) the normalized rule raises F at {drift:.0%} of its full "
                 "rate. r_max falls towards 1 as the path's memory 1/c shortens against the optimizer's own (momentum "
-                "beta correlates steps over ~1/(1 - beta)): lower c well below 1 - beta, or set target=1 (no rise on "
-                "noise), or use rule='paper'",
+                "beta correlates steps over ~1/(1 - beta)): set target=1 (no rise on noise), use rule='paper', or "
+                "lower c well below 1 - beta (its reference takes longer to compute at attach)",
                 UserWarning,
                 stacklevel=3,
             )

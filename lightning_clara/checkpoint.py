@@ -166,8 +166,9 @@ def restore_state(
     check_state(state_dict, settings, optimizer)
     trend = losses.checked(state_dict.get("loss_trend"))
     config = state_dict["config"]
-    kept = {"sample": config.get("sample"), "c": config.get("c", settings.c)}  # how the paths were kept
-    same_paths = kept == {"sample": settings.sample, "c": settings.c}
+    # how the paths were kept: SALeRA's hold gradients, CLARA's the realised steps
+    kept = {"sample": config.get("sample"), "c": config.get("c", settings.c), "variant": config.get("variant", "clara")}
+    same_paths = kept == {"sample": settings.sample, "c": settings.c, "variant": settings.variant}
     if same_paths:
         paths.check(state_dict["tensors"], optimizer)
     factors = FactorState(
@@ -184,9 +185,9 @@ def restore_state(
         paths.load(state_dict["tensors"], optimizer)
         return factors
     warnings.warn(
-        f"CLARA: the checkpoint's paths were kept with sample={kept['sample']!r}, c={kept['c']!r}; this "
-        f"controller keeps sample={settings.sample!r}, c={settings.c!r}: the paths restart (factors and step "
-        "counters are restored)",
+        f"CLARA: the checkpoint's paths were kept with sample={kept['sample']!r}, c={kept['c']!r}, variant="
+        f"{kept['variant']!r}; this controller keeps sample={settings.sample!r}, c={settings.c!r}, variant="
+        f"{settings.variant!r}: the paths restart (factors and step counters are restored)",
         RuntimeWarning,
         stacklevel=3,
     )

@@ -157,6 +157,8 @@ def lr_for(bounds: Bounds, base: float, log_factor: float) -> float:
     """The lr used, ``lr_base * F``, within the lr bounds; a group whose base lr is 0 stays at 0."""
     if base == 0:
         return 0.0  # frozen by its lr (or a warm-up's first step): the bounds are for groups that move
+    if not base > 0:  # min_lr would flip a negative lr's sign; NaN would poison the step
+        raise ValueError(f"CLARA scales a positive learning rate; a param group's scheduled lr is {base!r}")
     lr = base * factor(bounds, log_factor)
     if bounds.min_lr is not None:
         lr = max(lr, bounds.min_lr)
@@ -223,8 +225,8 @@ def adapt(
             step = step_damping * value
             log_factors[scope] = clamp_log_factor(bounds, log_factors[scope] + step)
             adapted = True
-    if bases is not None:
-        log_factors = clamp_to_lr_bounds(bounds, log_factors, bases)
+    if bases is not None:  # the lr bounds win over the factor bounds; log F stays within both for the log
+        log_factors = [clamp_log_factor(bounds, v) for v in clamp_to_lr_bounds(bounds, log_factors, bases)]
     return FactorState(
         tuple(log_factors),
         tuple(ratios),

@@ -10,6 +10,7 @@ alarm at once. :class:`RestorePoint` keeps the parameters from before the last t
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,7 +19,11 @@ from torch import Tensor
 
 from lightning_clara._validation import check_in_range, check_positive_int
 
-__all__ = ["PageHinkley", "RestorePoint", "Safeguard", "snapshot"]
+__all__ = ["UNFED_STEPS", "PageHinkley", "RestorePoint", "Safeguard", "snapshot"]
+
+#: Optimizer steps after which a safeguard fed no loss warns: it watches nothing, and Adam's safeguarded target
+#: (0.55, chosen with the watch on) runs unwatched.
+UNFED_STEPS = 100
 
 
 def snapshot(store: dict[Tensor, Tensor], params: Sequence[Tensor], views: Sequence[Tensor]) -> None:
@@ -179,6 +184,7 @@ class Safeguard:
         self.detector = detector
         self.restore_point = RestorePoint(view)
         self._holds_detector = True  # until close(): a second close() must not free it for another controller
+        self._judged = 0  # losses fed since attaching
 
     @classmethod
     def maybe(cls, detector: PageHinkley | None, sharding: Any = None) -> Safeguard | None:
@@ -188,10 +194,19 @@ class Safeguard:
 
     def before_step(self, params: Sequence[Tensor], steps_taken: int | None = None, skipped: bool = False) -> None:
         """Snapshot the parameters the coming step will change (the arguments: see :class:`RestorePoint`)."""
+        if steps_taken == UNFED_STEPS and not self._judged:
+            warnings.warn(
+                f"CLARA: safeguard=True, but no loss in {UNFED_STEPS} optimizer steps: the safeguard watches nothing "
+                "(and Adam's safeguarded target 0.55 runs unwatched). Call observe_loss(loss) after each step; "
+                "CLARACallback does it with training_step's loss (return it), the Transformers callback via add_clara",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self.restore_point.before_step(params, steps_taken, skipped)
 
     def judge(self, loss: float) -> bool:
         """Feed one step's loss; True on an alarm, after which the test starts afresh."""
+        self._judged += 1
         if not self.detector.update(loss):
             return False
         self.detector.reset()

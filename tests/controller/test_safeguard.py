@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_clara import CLARA, CLARACallback
 from lightning_clara.rule import LOG_FACTOR_LIMIT
-from lightning_clara.safeguard import PageHinkley
+from lightning_clara.safeguard import UNFED_STEPS, PageHinkley
 
 STREAM = 2000
 SEEDS = 50
@@ -594,3 +594,28 @@ def test_loading_a_state_drops_the_restore_point_of_before_the_load() -> None:
         assert clara.observe_loss(math.nan) is True
     assert str(record[-1].message).endswith("; parameters restored from before the last 1 step(s)")
     assert_params_equal(params, saved[0])
+
+
+def test_a_safeguard_fed_no_loss_warns_once() -> None:
+    """safeguard=True lowers Adam's target to 0.55 on the promise of watching the loss; a loop that never calls
+    observe_loss left it watching nothing, silently."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+
+    def run(feed: bool) -> list[str]:
+        optimizer = torch.optim.Adam(model.parameters())
+        clara = CLARA(optimizer, safeguard=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(UNFED_STEPS + 20):
+                optimizer.zero_grad()
+                loss = model(torch.randn(8, 4)).pow(2).mean()
+                loss.backward()
+                optimizer.step()
+                if feed:
+                    clara.observe_loss(loss)
+        clara.detach()
+        return [str(w.message) for w in caught if "watches nothing" in str(w.message)]
+
+    assert len(run(feed=False)) == 1
+    assert run(feed=True) == []

@@ -302,3 +302,43 @@ def test_lr_bounds_clamp_against_the_steps_own_base_lr_however_late_it_settles(m
     host = run(deferred=False)
     assert host == run(deferred=True)
     assert host[0] > math.log(0.05 / 0.1)  # the bound moved with the falling base lr: it bound, and not only once
+
+
+def _stepped(clara: CLARA, steps: int = 5) -> None:
+    for _ in range(steps):
+        for group in clara.optimizer.param_groups:
+            for param in group["params"]:
+                param.grad = torch.ones_like(param)
+        clara.optimizer.step()
+
+
+def test_an_lr_bound_against_a_factor_bound_wins_and_log_f_stays_within_both() -> None:
+    """min_lr 10x the base lr with max_factor 1: the lr used is min_lr (the lr bounds win), but log F was pushed
+    to log 10 while F read 1, so clara/log_factor and lr_factor disagreed."""
+    param = torch.nn.Parameter(torch.zeros(3))
+    clara = CLARA(torch.optim.SGD([param], lr=1e-3), max_factor=1.0, min_lr=1e-2)
+    _stepped(clara)
+    assert clara.lr_used == [pytest.approx(1e-2)]
+    assert clara.log_factors[0] <= 0.0
+    assert clara.lr_factor == pytest.approx(math.exp(clara.log_factors[0]))
+
+
+def test_a_negative_scheduled_lr_is_refused_not_flipped() -> None:
+    """A scheduler's negative lr came out of min_lr with its sign flipped (ascent became descent)."""
+    param = torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.SGD([param], lr=1e-2)
+    clara = CLARA(optimizer, min_lr=1e-3)
+    _stepped(clara, 1)
+    optimizer.param_groups[0]["lr"] = -1e-2
+    with pytest.raises(ValueError, match="positive learning rate"):
+        _stepped(clara, 1)
+
+
+def test_a_checkpoint_of_another_variant_restarts_the_paths() -> None:
+    """SALeRA keeps gradient paths, CLARA realised-step paths: loading one into the other restarts them."""
+    param = torch.nn.Parameter(torch.zeros(3))
+    salera = CLARA(torch.optim.Adam([param]), variant="salera")
+    _stepped(salera)
+    clara = CLARA(torch.optim.Adam([torch.nn.Parameter(torch.zeros(3))]))
+    with pytest.warns(RuntimeWarning, match="variant='salera'.*the paths restart"):
+        clara.load_state_dict(salera.state_dict())

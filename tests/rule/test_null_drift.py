@@ -47,9 +47,13 @@ def test_a_large_c_with_the_normalized_rule_warns_with_the_rise_on_noise() -> No
 
 
 def test_a_target_the_steps_cannot_reach_is_refused() -> None:
-    with pytest.raises(ValueError, match="could never move F"):
+    with pytest.raises(ValueError, match="could never rise"):
         CLARA(OPTIMIZERS["sgd-momentum"](_model().parameters()), c=0.9, target=1.5)
-    CLARA(OPTIMIZERS["sgd-momentum"](_model().parameters()), c=0.9, target=1.5, rule="paper").detach()
+    with pytest.raises(ValueError, match="could never rise"):  # the paper's rule: F could only fall
+        CLARA(OPTIMIZERS["sgd-momentum"](_model().parameters()), c=0.9, target=1.5, rule="paper")
+    with pytest.raises(ValueError, match="could never rise"):  # c = 1: the path is the unit step, r = 1 always
+        CLARA.paper(OPTIMIZERS["sgd"](_model().parameters()), c=1.0)
+    CLARA.paper(OPTIMIZERS["sgd-momentum"](_model().parameters())).detach()  # the paper's own settings
 
 
 def test_per_group_scope_names_the_group() -> None:
@@ -64,9 +68,8 @@ def test_per_group_scope_names_the_group() -> None:
 def test_a_high_momentum_warns_at_the_default_c_and_says_what_helps() -> None:
     """Momentum 0.99 correlates steps over ~100 steps, longer than the default path's memory (50): r_max 1.5."""
     optimizer = torch.optim.SGD(_model().parameters(), lr=0.1, momentum=0.99)
-    with pytest.warns(UserWarning, match=r"lower c well below 1 - beta, or set target=1"):
+    with pytest.warns(UserWarning, match=r"set target=1 \(no rise on noise\), use rule='paper', or lower c"):
         CLARA(optimizer).detach()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        CLARA(optimizer, c=0.002).detach()  # a memory of 500 steps
-        CLARA(optimizer, target=1.0).detach()  # no rise on noise
+        CLARA(optimizer, target=1.0).detach()  # no rise on noise (a longer memory, c = 0.002, also: 100 s to build)
