@@ -231,7 +231,7 @@ def batches(loader: DataLoader, steps: int) -> Iterator[tuple[torch.Tensor, ...]
 
 # ---------------------------------------------------------------------------------------- optimizers
 def make_optimizer(
-    method: Method, params: list[nn.Parameter], lr0: float, steps: int
+    method: Method, params: list[nn.Parameter], lr0: float, steps: int, batch_norm: bool = False
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
     if method.base == "adam":
         return torch.optim.Adam(params, lr=lr0), None
@@ -247,10 +247,12 @@ def make_optimizer(
             return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine)
-    if method.base == "dog":
+    if method.base in ("dog", "dog_avg"):
         import dog
 
-        return dog.DoG(params), None
+        # "dog_avg" as its authors prescribe (dog 1.0.3's docstring): reps_rel 1e-4 for batch-norm models, and
+        # evaluated at its polynomial-decay average (train() keeps it); "dog": the last iterate, reps_rel 1e-6
+        return dog.DoG(params, reps_rel=1e-4 if batch_norm and method.base == "dog_avg" else 1e-6), None
     if method.base == "prodigy":
         import prodigyopt
 
@@ -294,7 +296,13 @@ def train(task: Task, method: Method, lr0: float, steps: int) -> dict[str, Any]:
     """
     from lightning_clara import CLARA
 
-    optimizer, scheduler = make_optimizer(method, list(task.model.parameters()), lr0, steps)
+    batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in task.model.modules())
+    optimizer, scheduler = make_optimizer(method, list(task.model.parameters()), lr0, steps, batch_norm)
+    averager = None
+    if method.base == "dog_avg":
+        import dog
+
+        averager = dog.PolynomialDecayAverager(task.model)
     clara = None if method.clara is None else CLARA(optimizer, **{"total_steps": steps, **method.clara})
     lrs: list[float] = []
     start = time.perf_counter()
@@ -304,16 +312,19 @@ def train(task: Task, method: Method, lr0: float, steps: int) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if averager is not None:
+            averager.step()
         if clara is not None:
             clara.observe_loss(loss.detach())  # as CLARACallback does: every step's loss
+        if step % RECORD_EVERY == 0 or step == steps - 1:  # the lr this step ran at: before the schedule moves it
+            lrs.append(clara.lr_used[0] if clara is not None else effective_lr(optimizer))
         if scheduler is not None:
             scheduler.step()
-        if step % RECORD_EVERY == 0 or step == steps - 1:
-            lrs.append(clara.lr_used[0] if clara is not None else effective_lr(optimizer))
     if method.base == "schedulefree":
         optimizer.eval()  # schedule-free evaluates at its averaged point
-    task.model.eval()
-    metric = task.metric(task.model)
+    evaluated = task.model if averager is None else averager.averaged_model
+    evaluated.eval()
+    metric = task.metric(evaluated)
     alarms = 0 if clara is None else clara.num_safeguard_alarms
     return {"metric": metric, "final_lr": lrs[-1], "lrs": lrs, "alarms": alarms, "seconds": time.perf_counter() - start}
 

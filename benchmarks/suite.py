@@ -109,6 +109,7 @@ BASELINES: tuple[Method, ...] = (
     Method("SGDm", "sgdm", family="SGDm"),
     Method("AdamW-cos", "adamw_wc", family="AdamW-cos"),
     Method("DoG", "dog", lr_free=True),
+    Method("DoG-avg", "dog_avg", lr_free=True),  # as prescribed: iterate averaging (the "vs DoG" peer)
     Method("Prodigy", "prodigy"),
 )
 CLARA_METHODS: tuple[Method, ...] = (
@@ -479,9 +480,10 @@ def report(
             ours = {lr: c for lr, c in cells(values, task, f"{family}+CLARA", tag, steps).items() if lr in lrs}
             counts += [c.seeds for c in ours.values()]
             if family == "Adam":
-                dog = cells(values, task, "DoG", "", steps, seeds)
+                # DoG as its authors prescribe (iterate averaging) where run, else its last iterate
+                dog = cells(values, task, "DoG-avg", "", steps, seeds) or cells(values, task, "DoG", "", steps, seeds)
                 row["dog"] = dog_value = dog[min(dog)].metric if dog else None
-            if not base or not ours:
+            if not base or not set(lrs) <= set(ours):  # a worst case over some of the lr0s is none
                 columns += ["-", "-", "-"] + (["-"] if family == "Adam" else [])
                 continue
             tuned_lr = best_lr(spec, base)
@@ -660,10 +662,13 @@ def main(argv: list[str] | None = None) -> int:
         args.seeds, args.lrs, args.baseline_lrs, args.steps = 1, [1e-3], [1e-3], 20
     console = Console(width=200, record=True)
     done = load(args.out)
-    stored = {json.dumps(r["clara"], sort_keys=True) for r in done.values() if r["tag"] == args.tag and "clara" in r}
+    # rows written before the options were recorded hold none ("null"): their options are unknown, so no match
+    stored = {json.dumps(r.get("clara"), sort_keys=True) for r in done.values() if r["tag"] == args.tag}
     if not args.report and args.rows != "baselines" and stored - {json.dumps(clara, sort_keys=True)}:
         other = ", ".join(sorted(stored))
-        parser.error(f"tag {args.tag!r} holds runs of other CLARA options ({other}): use a new --tag")
+        parser.error(
+            f"tag {args.tag!r} holds runs of other (or unrecorded: null) CLARA options ({other}): use a new --tag"
+        )
     if not args.report:
         jobs = [job for job in plan(args, clara) if job.key not in done]
         console.print(f"{len(jobs)} runs to do ({len(done)} in {args.out})")

@@ -164,9 +164,9 @@ def test_suite_quick_runs_every_task_and_method_and_resumes(tmp_path: Path) -> N
     """Every task of the default-rule suite, every baseline, peer and CLARA row; a rerun runs nothing."""
     out = tmp_path / "suite.jsonl"
     stdout = run_script("suite.py", "--quick", "--workers", "2", "--out", str(out))
-    assert "80 runs to do" in stdout  # 10 tasks x (Adam, SGDm, AdamW-cos, DoG, Prodigy, 3 CLARA rows)
+    assert "90 runs to do" in stdout  # 10 tasks x (Adam, SGDm, AdamW-cos, DoG, DoG-avg, Prodigy, 3 CLARA rows)
     runs = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(runs) == 80
+    assert len(runs) == 90
     assert {r["task"] for r in runs} == {
         "mlp",
         "cnn",
@@ -191,7 +191,7 @@ def test_suite_quick_runs_every_task_and_method_and_resumes(tmp_path: Path) -> N
     assert (tmp_path / "suite-default.png").stat().st_size > 0
     again = run_script("suite.py", "--quick", "--workers", "1", "--out", str(out))
     assert "0 runs to do" in again
-    assert len(out.read_text().splitlines()) == 80
+    assert len(out.read_text().splitlines()) == 90
 
 
 def test_suite_report_compares_like_with_like() -> None:
@@ -236,3 +236,10 @@ def test_suite_report_compares_like_with_like() -> None:
     assert summary["AdamW-cos"]["tuned_lr"] == 1e-3
     assert summary["AdamW-cos"]["harm"] is None
     json.dumps(summary, allow_nan=False)  # the summary file stays valid JSON
+    # DoG as prescribed (iterate averaging) is the peer where it was run; a worst case needs every lr0
+    runs.append({**runs[5], "method": "DoG-avg", "metric": 0.065})
+    table = {str(i): run for i, run in enumerate(runs)}
+    summary = suite.report(table, ["mse"], "t", [1e-5, 1e-4], Console(file=io.StringIO()), None)["mse"]
+    assert summary["dog"] == pytest.approx(0.065)
+    incomplete = suite.report(table, ["mse"], "t", [1e-5, 1e-4, 1e-3], Console(file=io.StringIO()), None)["mse"]
+    assert "Adam" not in incomplete  # no cell at lr0 1e-3: no worst case over the grid
