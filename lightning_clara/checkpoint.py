@@ -166,7 +166,7 @@ def restore_state(
     check_state(state_dict, settings, optimizer)
     trend = losses.checked(state_dict.get("loss_trend"))
     config = state_dict["config"]
-    # how the paths were kept: SALeRA's hold gradients, CLARA's the realised steps
+    # how the paths were kept (SALeRA's paths hold gradients, CLARA's the realised steps)
     kept = {"sample": config.get("sample"), "c": config.get("c", settings.c), "variant": config.get("variant", "clara")}
     same_paths = kept == {"sample": settings.sample, "c": settings.c, "variant": settings.variant}
     if same_paths:

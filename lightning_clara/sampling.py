@@ -234,9 +234,8 @@ class SampleBucket:
         """``p <- (1 - c) p + c s / ||s||`` for every row whose step is finite and non-zero.
 
         A zero step (no gradient, zero lr), or one too small for the path dtype's squares, leaves its row
-        alone; a non-finite one resets it. On the
-        device, in ten kernels whatever the tensor count; the per-row bookkeeping (counts, the
-        reference) is left to :meth:`tally`, on the host.
+        alone; a non-finite one resets it. On the device, in ten kernels whatever the tensor count; the
+        per-row bookkeeping (counts, the reference) is left to :meth:`tally`, on the host.
         """
         step = self.realised_step(lr_used)
         one, c_value, keep, zero = self._constants_for(c)
