@@ -323,6 +323,11 @@ def train(task: Task, method: Method, lr0: float, steps: int) -> dict[str, Any]:
     if method.base == "schedulefree":
         optimizer.eval()  # schedule-free evaluates at its averaged point
     evaluated = task.model if averager is None else averager.averaged_model
+    if averager is not None:  # the averager blends float buffers too: a causal mask's -inf x 0 became NaN
+        trained = dict(task.model.named_buffers())
+        for name, buffer in evaluated.named_buffers():
+            if buffer.is_floating_point() and not torch.isfinite(buffer).all():
+                buffer.copy_(trained[name])
     evaluated.eval()
     metric = task.metric(evaluated)
     alarms = 0 if clara is None else clara.num_safeguard_alarms

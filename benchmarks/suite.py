@@ -481,7 +481,9 @@ def report(
             counts += [c.seeds for c in ours.values()]
             if family == "Adam":
                 # DoG as its authors prescribe (iterate averaging) where run, else its last iterate
-                dog = cells(values, task, "DoG-avg", "", steps, seeds) or cells(values, task, "DoG", "", steps, seeds)
+                # (only where it covers every seed of the CLARA rows: no comparison across seeds)
+                averaged = seeds_of(values, task, "DoG-avg", "", steps) >= seeds
+                dog = cells(values, task, "DoG-avg" if averaged else "DoG", "", steps, seeds)
                 row["dog"] = dog_value = dog[min(dog)].metric if dog else None
             if not base or not set(lrs) <= set(ours):  # a worst case over some of the lr0s is none
                 columns += ["-", "-", "-"] + (["-"] if family == "Adam" else [])

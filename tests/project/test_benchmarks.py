@@ -236,7 +236,13 @@ def test_suite_report_compares_like_with_like() -> None:
     assert summary["AdamW-cos"]["tuned_lr"] == 1e-3
     assert summary["AdamW-cos"]["harm"] is None
     json.dumps(summary, allow_nan=False)  # the summary file stays valid JSON
-    # DoG as prescribed (iterate averaging) is the peer where it was run; a worst case needs every lr0
+    # DoG as prescribed (iterate averaging) is the peer where it covers the CLARA rows' seeds; a worst case
+    # needs every lr0
+    runs.append({**runs[5], "method": "DoG-avg", "seed": 1, "metric": 0.049})  # another seed only: not compared
+    other_seed = {str(i): run for i, run in enumerate(runs)}
+    assert suite.report(other_seed, ["mse"], "t", [1e-5, 1e-4], Console(file=io.StringIO()), None)["mse"]["dog"] == (
+        pytest.approx(0.070)
+    )
     runs.append({**runs[5], "method": "DoG-avg", "metric": 0.065})
     table = {str(i): run for i, run in enumerate(runs)}
     summary = suite.report(table, ["mse"], "t", [1e-5, 1e-4], Console(file=io.StringIO()), None)["mse"]
