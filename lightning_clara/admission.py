@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_clara.distributed import is_distributed
 from lightning_clara.lr_swap import check_own_lr_tensors
 from lightning_clara.reference.cache import GroupReference
 from lightning_clara.reference.curves import freeze
@@ -243,7 +244,7 @@ def check_distinct(params: Sequence[Tensor], group: int) -> None:
 
 def _rank_zero() -> bool:
     """Whether this process warns for all: rank 0, or the only process (every rank attaches its own controller)."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return not is_distributed() or dist.get_rank() == 0
 
 
 def check_parameter(param: Tensor, group: int) -> None:
