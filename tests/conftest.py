@@ -59,6 +59,28 @@ def trainer_kwargs(tmp_path: Path) -> dict[str, Any]:
     }
 
 
+#: Test modules that share the session's example runs (``run_in_clone``): one xdist worker runs them all,
+#: so each example runs once, as in a serial session.
+SHARED_EXAMPLE_RUNS = frozenset({"test_examples.py", "test_examples_clean.py", "test_examples_more.py", "test_ddp.py"})
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """pytest-xdist's ``-n 2`` (README's test command): whole modules per worker, as ``--dist loadscope`` does,
+    so that a module-scoped fixture (a DDP driver, a wheel build) runs once; the modules that share the example
+    runs count as one. Another ``--dist`` given on the command line keeps its own scheduler."""
+    if config.getoption("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "examples" if Path(module).name in SHARED_EXAMPLE_RUNS else module
+
+    return ModuleScheduling(config, log)
+
+
 @pytest.fixture(scope="session")
 def run_in_clone(tmp_path_factory: pytest.TempPathFactory) -> Any:  # example_runs.ExampleRunner
     """``run_in_clone(script)``: the example's quick run in a clone of this checkout, once per session
