@@ -2,7 +2,8 @@
 
 Two runs, same seed, same data, same SGD started at a deliberately small learning rate: the
 first keeps it, the second adds ``CLARACallback()``. Both log to TensorBoard, and a table at
-the end compares the learning rate each finished with and its test accuracy::
+the end compares the largest learning rate each used (the one CLARA found), the one each finished
+with (CLARA anneals the second half of a run at a constant lr) and the test accuracy::
 
     python examples/digits.py                      # about ten seconds on 2 CPU cores
     tensorboard --logdir lightning_logs_digits     # clara/lr-SGD, clara/ratio-SGD, train_loss ...
@@ -48,6 +49,7 @@ class RunResult:
 
     name: str
     initial_lr: float
+    largest_lr: float  # the lr CLARA found (its anneal ends the run below it)
     final_lr: float
     test_accuracy: float
     optimizer_steps: int
@@ -131,21 +133,25 @@ def train_once(name: str, args: argparse.Namespace, clara: CLARACallback | None)
     seconds = time.perf_counter() - start
     (metrics,) = trainer.test(model, dataloaders=test_loader, verbose=False)
     if clara is not None:
-        final_lr = clara.controllers[0].lr_used[0]  # lr_scheduled * F, see CLARA.lr_used
+        final_lr = clara.controllers[0].lr_used[0]  # lr_scheduled * F x the anneal, see CLARA.lr_used
+        rows = clara.summary_rows or []  # the fit summary's rows: the lr used's min and max among them
+        largest_lr = rows[0].lr_max if rows and rows[0].lr_max is not None else final_lr
     else:
-        final_lr = float(trainer.optimizers[0].param_groups[0]["lr"])
-    return RunResult(name, args.lr, final_lr, float(metrics["test_acc"]), trainer.global_step, seconds)
+        final_lr = largest_lr = float(trainer.optimizers[0].param_groups[0]["lr"])
+    accuracy = float(metrics["test_acc"])
+    return RunResult(name, args.lr, largest_lr, final_lr, accuracy, trainer.global_step, seconds)
 
 
 def summary_table(results: list[RunResult]) -> Table:
     """The comparison as a rich table."""
     table = Table(title="SGD on digits: fixed learning rate vs CLARA")
-    for column in ("run", "initial lr", "final lr", "test acc", "steps", "fit time"):
+    for column in ("run", "initial lr", "largest lr", "final lr", "test acc", "steps", "fit time"):
         table.add_column(column, justify="left" if column == "run" else "right")
     for r in results:
         table.add_row(
             r.name,
             f"{r.initial_lr:.2e}",
+            f"{r.largest_lr:.2e}",
             f"{r.final_lr:.2e}",
             f"{r.test_accuracy:.3f}",
             str(r.optimizer_steps),

@@ -228,7 +228,13 @@ def plot_dynamics(runs: list[Run], path: Path) -> None:
         factor_ax.plot(steps, log_factor, color=color, label=run.label)
     lr_ax.set_yscale("log")
     lr_ax.set_ylabel("lr used  (clara/lr-*)")
-    lr_ax.set_title(f"CLARA dynamics on digits (logged every {LOG_EVERY} steps; dotted: initial lr)")
+    steps = max(run.steps for run in clara_runs)
+    lr_ax.set_title(
+        f"CLARA dynamics on digits (logged every {LOG_EVERY} steps; dotted: initial lr);\n"
+        f"from step {max(min(run.hold_after for run in clara_runs), steps // 2)} the anneal takes the lr used down "
+        "(a constant scheduled lr)",
+        fontsize="medium",
+    )
     ratio_ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
     ratio_ax.set_yscale("log")
     ratio_ax.set_ylim(bottom=0.3)  # room for the legend below r = 1

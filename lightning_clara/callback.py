@@ -19,16 +19,16 @@ from typing_extensions import override
 
 from lightning_clara.checkpoint import load_states
 from lightning_clara.controller import CLARA
-from lightning_clara.fit_inputs import estimated_steps, step_loss
+from lightning_clara.fit_inputs import estimated_steps, fit_options, step_loss
 from lightning_clara.followed import changed, count_at, follow, has_parameters
 from lightning_clara.metrics import controller_metrics, optimizer_names, show_in_progress_bar
+from lightning_clara.option_docs import with_option_docs
 from lightning_clara.options import (
     OPTION_NAMES,
     CLARAOptions,
     Rule,
     Scope,
     merged_options,
-    with_option_docs,
 )
 from lightning_clara.strategies import sharding_for
 from lightning_clara.summary import FitSummary, GroupSummary, print_below_progress_bar, summary_table
@@ -67,7 +67,8 @@ class CLARACallback(Callback):
     """Adapt the learning rate of every optimizer in Trainer.fit with CLARA.
 
     Keep your optimizer and scheduler: while an optimizer steps, its learning rate is
-    lr_scheduled * F; F rises while successive steps agree and falls when they cancel.
+    lr_scheduled * F; F rises while successive steps agree and falls when they cancel. A fit without
+    an lr scheduler (automatic optimization) decays it linearly over its second half (option anneal).
     Every log_every_n_steps the callback logs, per optimizer and param group, clara/lr-{name}
     (the lr used), clara/ratio-{name} and clara/log_factor-{name} on LearningRateMonitor's step axis.
 
@@ -113,6 +114,7 @@ class CLARACallback(Callback):
         sample: int | None = 4096,
         loss_brake: bool | None = None,
         skip_nonfinite: bool = True,
+        anneal: bool | None = None,
     ) -> None:
         given = {name: value for name, value in locals().items() if name in CALLBACK_OPTIONS}
         for flag, value in (("log", log), ("summary", summary), ("prog_bar", prog_bar), ("safeguard", safeguard)):
@@ -126,9 +128,7 @@ class CLARACallback(Callback):
             raise ValueError(
                 "CLARACallback takes the sharding from the Trainer's strategy: leave options.sharding None"
             )
-        self.log = log
-        self.summary = summary
-        self.prog_bar = prog_bar
+        self.log, self.summary, self.prog_bar = log, summary, prog_bar
         self.controllers: list[CLARA] = []
         self.names: list[list[str]] = []
         self._scheduler_configs: list[Any] = []
@@ -170,7 +170,7 @@ class CLARACallback(Callback):
                 "the optimizers again; to continue a fit's factors, resume it with fit(ckpt_path=...)"
             )
         self._fits_started += 1
-        self._fit_options = self.options if sharding is None else dataclasses.replace(self.options, sharding=sharding)
+        self._fit_options = fit_options(trainer, self.options, sharding)
         self.controllers = []
         for optimizer in optimizers:  # one by one: if one is refused, on_exception detaches those attached
             self.controllers.append(CLARA(optimizer, self._fit_options))
@@ -193,14 +193,14 @@ class CLARACallback(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._load_pending()
-        # The run's length, for the run-length defaults of d and hold_after: here, not in on_fit_start,
-        # because estimating it there would load the train dataloader before a resumed fit restores it.
+        # The run's length (run-length defaults, the anneal): not in on_fit_start, where estimating it would load the
+        # train dataloader before a resumed fit restores it; before the resumed state loads (it checks the length).
         if self.options.total_steps is None and self.controllers:
             steps = estimated_steps(trainer)
             self._fit_options = dataclasses.replace(self._fit_options, total_steps=steps)
             for controller in self.controllers:
                 controller.set_total_steps(steps)
+        self._load_pending()
 
     @override
     def on_before_optimizer_step(

@@ -30,7 +30,19 @@ __all__ = ["STATE_FORMAT", "check_state", "export_state", "load_states", "restor
 STATE_FORMAT = 2
 _READABLE_FORMATS = (1, STATE_FORMAT)
 #: The settings a state dict records (``scope`` must match on load, ``sample`` and ``c`` decide whether paths load).
-_CONFIG_KEYS = ("rule", "c", "d", "fast_start", "hold_after", "target", "scope", "variant", "unit_step", "sample")
+_CONFIG_KEYS = (
+    "rule",
+    "c",
+    "d",
+    "fast_start",
+    "hold_after",
+    "target",
+    "scope",
+    "variant",
+    "unit_step",
+    "sample",
+    "total_steps",
+)
 
 
 def export_state(
@@ -46,14 +58,15 @@ def export_state(
         "num_adapted_steps": factors.adapted_steps,
         "num_skipped_steps": factors.skipped_steps,
         "num_skipped_updates": skipped_updates,
+        "anneal_stopped": factors.anneal_stopped,
         "tensors": tensors,
         "safeguard": None if losses.safeguard is None else losses.safeguard.state_dict(),
         "loss_trend": losses.state_dict(),
     }
 
 
-#: The keys every readable state holds (``safeguard``, ``loss_trend`` and ``num_skipped_updates`` may
-#: be absent: older states).
+#: The keys every readable state holds (``safeguard``, ``loss_trend``, ``num_skipped_updates`` and
+#: ``anneal_stopped`` may be absent: older states).
 _REQUIRED_KEYS = ("format", "config", "log_factors", "ratios", "num_adapted_steps", "num_skipped_steps", "tensors")
 #: ``||p|| <= 1`` for a path of unit steps (a convex combination of unit vectors and 0); the slack
 #: covers a low-precision path's rounding.
@@ -126,6 +139,8 @@ def check_state(state_dict: Any, settings: Settings, optimizer: Optimizer) -> No
     _number("num_adapted_steps", state_dict["num_adapted_steps"], 0, math.inf, integer=True)
     _number("num_skipped_steps", state_dict["num_skipped_steps"], 0, math.inf, integer=True)
     _number("num_skipped_updates", state_dict.get("num_skipped_updates", 0), 0, math.inf, integer=True)
+    if state_dict.get("anneal_stopped") is not None:
+        _number("anneal_stopped", state_dict["anneal_stopped"], 0, state_dict["num_adapted_steps"], integer=True)
     groups = state_dict["tensors"]
     sizes = [len(group["params"]) for group in optimizer.param_groups]
     if (
@@ -154,6 +169,28 @@ def check_state(state_dict: Any, settings: Settings, optimizer: Optimizer) -> No
                 )
 
 
+def _anneal_stopped(state_dict: dict[str, Any]) -> int | None:
+    """Where the anneal stopped; a state saved before the anneal existed, after steps were taken, ran without it
+    (its scheduler, if any, is not known here): it continues without it (stopped at 0)."""
+    if "anneal_stopped" in state_dict:
+        return None if state_dict["anneal_stopped"] is None else int(state_dict["anneal_stopped"])
+    return 0 if int(state_dict["num_adapted_steps"]) > 0 else None
+
+
+def _warn_if_the_run_length_moved(config: dict[str, Any], settings: Settings) -> None:
+    """The anneal's window follows ``total_steps``: a resume with another length moves it (an anneal already
+    under way restarts from the new window, so the lr can rise back to the lr held)."""
+    saved = config.get("total_steps")
+    if settings.anneal and saved is not None and settings.total_steps is not None and saved != settings.total_steps:
+        warnings.warn(
+            f"CLARA: the checkpoint was saved in a run of total_steps={saved}, this run has "
+            f"total_steps={settings.total_steps}: the anneal's window moves with it (an anneal under way "
+            "starts again from the new window); pass anneal=False to keep the lr the rule holds",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 def restore_state(
     state_dict: dict[str, Any], settings: Settings, optimizer: Optimizer, paths: PathStore, losses: LossWatch
 ) -> FactorState:
@@ -176,7 +213,9 @@ def restore_state(
         tuple(None if v is None else float(v) for v in state_dict["ratios"]),
         int(state_dict["num_adapted_steps"]),
         int(state_dict["num_skipped_steps"]),
+        _anneal_stopped(state_dict),
     )
+    _warn_if_the_run_length_moved(config, settings)
     if losses.safeguard is not None and state_dict.get("safeguard") is not None:
         losses.safeguard.load_state_dict(state_dict["safeguard"])
     if trend is not None:

@@ -1,7 +1,8 @@
 """``CLARA``: cumulative learning-rate adaptation for one torch optimizer, attached through its step hooks.
 
 Contract with the optimizer and any LR scheduler: while ``optimizer.step()`` runs,
-``param_groups[j]["lr"]`` holds the learning rate actually used, ``lr_base * F``; outside the
+``param_groups[j]["lr"]`` holds the learning rate actually used, ``lr_base * F`` (x the anneal's
+``rule.annealed`` at the end of a run of known length whose scheduled lr never moved); outside the
 step it holds ``lr_base`` again. A scheduler therefore only ever sees and sets ``lr_base``,
 and the learning rate used is ``lr_scheduled * F``. A step the optimizer never runs (a
 GradScaler skip, an accumulation micro-batch) fires no hook and changes nothing.
@@ -16,7 +17,6 @@ The parts: :mod:`~lightning_clara.options`, :mod:`~lightning_clara.stores`,
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from typing import Any
@@ -36,6 +36,7 @@ from lightning_clara.distributed import RankConsistencyGuard, Sharding
 from lightning_clara.finite_guard import SkipCounter
 from lightning_clara.loss_watch import LossWatch
 from lightning_clara.lr_swap import LearningRateSwap, StepHooks
+from lightning_clara.option_docs import with_option_docs
 from lightning_clara.options import (
     OPTION_NAMES,
     CLARAOptions,
@@ -44,12 +45,11 @@ from lightning_clara.options import (
     Settings,
     Variant,
     merged_options,
-    with_option_docs,
 )
 from lightning_clara.reference.cache import ReferenceCache
 from lightning_clara.reference.curves import Reference
 from lightning_clara.resolved import ResolvedOptions
-from lightning_clara.rule import FactorState, adapt, bases_by_scope, clamp_log_factor, damping, factor, lr_for
+from lightning_clara.rule import FactorState, adapt, annealed, bases_by_scope, clamp_log_factor, damping, factor, lr_for
 from lightning_clara.safeguard import PageHinkley, Safeguard
 from lightning_clara.stores import PathStore, StepInputs, trainable
 from lightning_clara.transfer import PendingStep, StepListener
@@ -61,10 +61,9 @@ __all__ = ["CLARA"]
 class CLARA(ResolvedOptions):
     """Adapt the learning rates of ``optimizer`` with CLARA (arXiv 2508.05408).
 
-    Every optimizer step updates, per parameter tensor, a path ``p <- (1-c) p + c s/||s||`` of
-    the realised step s, compares ``r = sum ||p||^2 / sum mu`` with the same optimizer's
-    random-walk reference mu, and moves ``log F`` (the lr used is ``lr_base * F``). The resolved
-    options read as attributes (``clara.c``, ``clara.hold_after``, ``clara.sample`` ...).
+    Every optimizer step updates, per parameter tensor, a path ``p <- (1-c) p + c s/||s||`` of the realised step s,
+    compares ``r = sum ||p||^2 / sum mu`` with the same optimizer's random-walk reference mu and moves ``log F``: the lr
+    used is ``lr_base * F`` (``anneal``: decayed at the end). Resolved options read as attributes (``clara.c`` ...).
 
     Example::
 
@@ -112,14 +111,14 @@ class CLARA(ResolvedOptions):
         sample: int | None = 4096,
         loss_brake: bool | None = None,
         skip_nonfinite: bool = True,
+        anneal: bool | None = None,
     ) -> None:
         given = {name: value for name, value in locals().items() if name in OPTION_NAMES}
         optimizer = unwrap(optimizer)  # Fabric's wrapper: hook the optimizer it wraps
         check_supported(optimizer)
         self.options = merged_options(options, given)
         self.settings: Settings = self.options.resolve(safeguarded_target(optimizer), optimizer.param_groups)
-        every = self.settings.consistency_check_every
-        self._guard = None if every is None else RankConsistencyGuard(every)
+        self._guard = None if (every := self.settings.consistency_check_every) is None else RankConsistencyGuard(every)
         check_attachable(optimizer, self.settings.scope)
         self.optimizer = optimizer
         plain = self.settings.variant == "salera"  # SALeRA: gradient paths against a plain random walk
@@ -144,13 +143,6 @@ class CLARA(ResolvedOptions):
         across = getattr(self.settings.sharding, "sum_across_shards", None)  # one skip decision for all shards
         self._hooks = StepHooks(optimizer, self._before_step, self._after_step, self._swap, skips, on_device, across)
         optimizer._clara_controller = self  # type: ignore[attr-defined]
-
-    def set_total_steps(self, total_steps: int | None) -> None:
-        """Give the run's length once known (``CLARACallback`` does, in ``on_train_start``): ``d`` and ``hold_after``
-        left unset take :func:`~lightning_clara.options.run_length_defaults`, a pure function of it."""
-        self.options = dataclasses.replace(self.options, total_steps=total_steps)
-        new = self.options.resolve()  # only the schedule moves: the safeguard's detector and the paths stay
-        self.settings = dataclasses.replace(self.settings, **{k: getattr(new, k) for k in _RUN_LENGTH_FIELDS})
 
     @property
     def lr_factor(self) -> float:
@@ -266,7 +258,8 @@ class CLARA(ResolvedOptions):
 
     def _lr_for(self, j: int, base: Any) -> float:
         state = self._state.grown(self._scope_of(j) + 1, self._initial_log_factor)  # a group added since: F_0
-        return lr_for(self.settings.bounds, float(base), state.log_factors[self._scope_of(j)])
+        scale = annealed(self.settings.schedule, state.adapted_steps, state.anneal_stopped)
+        return lr_for(self.settings.bounds, float(base) * scale, state.log_factors[self._scope_of(j)])
 
     def _before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self._swap.restore(optimizer.param_groups)  # a previous step that raised never ran the post-hook
@@ -277,7 +270,8 @@ class CLARA(ResolvedOptions):
         if self._safeguard is not None:
             self._safeguard.before_step(list(trainable(optimizer)), self._steps_seen, self._skips.last)
         groups = optimizer.param_groups
-        self._swap.apply(groups, [self._lr_for(j, group["lr"]) for j, group in enumerate(groups)])
+        if self._swap.apply(groups, [self._lr_for(j, group["lr"]) for j, group in enumerate(groups)]):
+            self._state = self._state.with_anneal_stopped()  # a scheduler at work: the anneal stops where it is
 
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self._steps_seen += 1
@@ -358,10 +352,6 @@ class CLARA(ResolvedOptions):
 
     def __repr__(self) -> str:
         return _describe(self.settings, type(self.optimizer).__name__, self.lr_factors, self._state.adapted_steps)
-
-
-#: The settings the run's length decides (``set_total_steps``).
-_RUN_LENGTH_FIELDS = ("total_steps", "d", "hold_after")
 
 
 def _describe(s: Settings, optimizer: str, factors: list[float], steps: int) -> str:

@@ -1,7 +1,9 @@
-"""What :class:`~lightning_clara.callback.CLARACallback` reads from a Lightning fit: its length and each step's loss."""
+"""What :class:`~lightning_clara.callback.CLARACallback` reads from a Lightning fit: its length, each step's loss,
+and the options its controllers run with."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -10,7 +12,22 @@ import torch
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.utilities import rank_zero_warn
 
-__all__ = ["estimated_steps", "step_loss"]
+from lightning_clara.distributed import Sharding
+from lightning_clara.options import CLARAOptions
+
+__all__ = ["estimated_steps", "fit_options", "step_loss"]
+
+
+def fit_options(trainer: pl.Trainer, options: CLARAOptions, sharding: Sharding | None) -> CLARAOptions:
+    """The options of this fit's controllers: the strategy's sharding, and the anneal left at None turned off in
+    a fit with an lr scheduler (its schedule decays: the anneal would stack on a late first change) or with manual
+    optimization (the fit's estimate counts batches, not each optimizer's steps)."""
+    changes: dict[str, Any] = {} if sharding is None else {"sharding": sharding}
+    scheduled = bool(getattr(trainer, "lr_scheduler_configs", ()))  # absent on stand-ins
+    manual = not getattr(getattr(trainer, "lightning_module", None), "automatic_optimization", True)
+    if options.anneal is None and (scheduled or manual):
+        changes["anneal"] = False
+    return dataclasses.replace(options, **changes) if changes else options
 
 
 def estimated_steps(trainer: pl.Trainer) -> int | None:

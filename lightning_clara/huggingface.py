@@ -48,7 +48,8 @@ class CLARATrainerCallback(TrainerCallback):
     """Adapt the learning rate of the Trainer's optimizer with CLARA; options as for :class:`CLARA`, given as
     ``**overrides``: each one given replaces its field of ``options``, a default value included.
 
-    The Trainer's scheduler keeps setting the base lr; the lr used is ``lr_scheduled * F``. At each
+    The Trainer's scheduler keeps setting the base lr; the lr used is ``lr_scheduled * F`` (the anneal only
+    with ``lr_scheduler_type="constant"``: every other schedule decays by itself). At each
     logging step the callback adds, per param group, ``clara/lr``, ``clara/ratio`` and
     ``clara/log_factor`` (suffixed ``-pg{j}`` when there are several groups, as the Trainer's
     decay / no-decay split makes). ``total_steps`` defaults to the Trainer's ``max_steps``. Each
@@ -119,6 +120,8 @@ class CLARATrainerCallback(TrainerCallback):
         if options.total_steps is None and state.max_steps > 0:
             # the run-length defaults of hold_after and d
             options = dataclasses.replace(options, total_steps=state.max_steps)
+        if options.anneal is None and getattr(args, "lr_scheduler_type", "linear") != "constant":  # a str enum
+            options = dataclasses.replace(options, anneal=False)  # the Trainer's schedule decays: no anneal on it
         self.controller = CLARA(optimizer, options)  # unwraps accelerate's AcceleratedOptimizer
         self._loss = None
         if state.global_step > 0:  # the Trainer resumed a checkpoint: continue CLARA where it was

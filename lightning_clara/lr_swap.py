@@ -1,7 +1,7 @@
 """The step's lifecycle around the optimizer's own update: CLARA's hooks and the learning-rate swap.
 
 While ``optimizer.step()`` runs each group's lr is the lr used, outside it the base, so a scheduler
-only ever sees and sets the base lr and the lr used is ``lr_scheduled * F``. A tensor lr (capturable
+only ever sees and sets the base lr and the lr used is ``lr_scheduled * F`` (x the anneal). A tensor lr (capturable
 optimizers) is filled in place and restored from a copy. :class:`StepHooks` runs CLARA's pre- and
 post-step hooks once per outermost step, puts the base lrs back when the step raises, and skips an
 update whose gradients are not finite (:mod:`~lightning_clara.finite_guard`).
@@ -10,6 +10,7 @@ update whose gradients are not finite (:mod:`~lightning_clara.finite_guard`).
 from __future__ import annotations
 
 import functools
+import math
 import types
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,6 +23,9 @@ from lightning_clara.finite_guard import SkipUpdate, gradients_finite, non_finit
 __all__ = ["LearningRateSwap", "StepHooks", "check_own_lr_tensors"]
 
 Hook = Callable[[Optimizer, Any, Any], None]
+#: A scheduled lr that moves by less than this (relative) counts as constant: a closed-form scheduler
+#: recomputing an unchanged lr may round differently.
+SCHEDULE_TOLERANCE = 1e-9
 
 
 def _shared_message(first: int, second: int, lrs: str = "") -> str:
@@ -49,8 +53,13 @@ class LearningRateSwap:
         self.bases: list[Any] | None = None
         #: The lr each group used in the last step.
         self.used: list[float] = []
+        self._scheduled: list[float] = []  # the base lrs of the last step
 
-    def apply(self, groups: Sequence[dict[str, Any]], lrs: Sequence[float]) -> None:
+    def apply(self, groups: Sequence[dict[str, Any]], lrs: Sequence[float]) -> bool:
+        """Set the lrs used; True when a group's base lr changed since the last step (a scheduler at work).
+
+        Groups added since are compared from their second step on; the first step after a resume compares nothing.
+        """
         # every base is saved before any is written: torch gives each group the same tensor lr when
         # the constructor was given one, and a copy taken after the first fill would save the lr used
         saved: dict[int, tuple[int, float, Tensor]] = {}  # a tensor lr: the first group to fill it, its lr, a copy
@@ -71,6 +80,9 @@ class LearningRateSwap:
                 group["lr"] = lr
         self.bases = bases
         self.used = list(lrs)
+        scheduled, before = [float(base) for base in bases], self._scheduled
+        self._scheduled = scheduled
+        return any(not math.isclose(a, b, rel_tol=SCHEDULE_TOLERANCE) for a, b in zip(scheduled, before, strict=False))
 
     def restore(self, groups: Sequence[dict[str, Any]]) -> None:
         """Put the base lrs back (groups added inside the step keep their own)."""

@@ -1,4 +1,4 @@
-"""The resolved options as typed, read-only attributes (``clara.c``, ``clara.sample`` ...).
+"""The resolved options as typed, read-only attributes (``clara.c``, ``clara.sample`` ...), and the run's length.
 
 One attribute per :class:`~lightning_clara.options.Settings` field, each a descriptor that reads
 ``self.settings``: a type checker and an IDE see every name and its type, and nothing is looked up
@@ -7,10 +7,11 @@ by string at run time. ``tests/controller/test_api.py`` keeps the list equal to 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Generic, TypeVar, overload
 
 from lightning_clara.distributed import Sharding
-from lightning_clara.options import Rule, Scope, Settings, Variant
+from lightning_clara.options import CLARAOptions, Rule, Scope, Settings, Variant
 from lightning_clara.reference.curves import Reference
 from lightning_clara.safeguard import PageHinkley
 
@@ -37,8 +38,9 @@ class _Setting(Generic[T]):
 
 
 class ResolvedOptions:
-    """Every resolved option of ``self.settings`` as an attribute of its own type."""
+    """Every resolved option of ``self.settings`` as an attribute of its own type, and the run's length."""
 
+    options: CLARAOptions
     settings: Settings
     rule: _Setting[Rule] = _Setting()
     c: _Setting[float] = _Setting()
@@ -48,6 +50,7 @@ class ResolvedOptions:
     initial_factor: _Setting[float] = _Setting()
     target: _Setting[float] = _Setting()
     loss_brake: _Setting[bool] = _Setting()
+    anneal: _Setting[bool] = _Setting()
     skip_nonfinite: _Setting[bool] = _Setting()
     total_steps: _Setting[int | None] = _Setting()
     scope: _Setting[Scope] = _Setting()
@@ -62,3 +65,14 @@ class ResolvedOptions:
     max_factor: _Setting[float | None] = _Setting()
     min_lr: _Setting[float | None] = _Setting()
     max_lr: _Setting[float | None] = _Setting()
+
+    def set_total_steps(self, total_steps: int | None) -> None:
+        """Give the run's length once known (``CLARACallback`` does, in ``on_train_start``): ``d`` and ``hold_after``
+        left unset take :func:`~lightning_clara.options.run_length_defaults`, and the anneal its window."""
+        self.options = dataclasses.replace(self.options, total_steps=total_steps)
+        new = self.options.resolve()  # only the schedule moves: the safeguard's detector and the paths stay
+        self.settings = dataclasses.replace(self.settings, **{k: getattr(new, k) for k in _RUN_LENGTH_FIELDS})
+
+
+#: The settings the run's length decides (``set_total_steps``).
+_RUN_LENGTH_FIELDS = ("total_steps", "d", "hold_after")

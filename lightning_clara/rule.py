@@ -9,6 +9,9 @@ One adapted step: the path store gives each scope's sums (:class:`StepStatistics
    during the fast start and decayed after ``hold_after`` (:class:`Schedule`): a function of the
    step count only, so log F stays unbiased under the null model.
 
+The lr used is ``lr_scheduled * F``, times :func:`annealed` in the second half of a run of known length
+whose scheduled lr stays constant (no scheduler at work): a linear decay to ``ANNEAL_FLOOR``.
+
 :func:`adapt` returns the next :class:`FactorState`; ``tests/reference_loop.py`` is the same rule as
 a plain loop, and ``tests/rule/test_rule.py`` holds one against the other.
 """
@@ -17,10 +20,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 __all__ = [
+    "ANNEAL_FLOOR",
     "FAST_START_GAIN",
     "HOLD_DECAY",
     "LOG_FACTOR_LIMIT",
@@ -29,6 +33,7 @@ __all__ = [
     "Schedule",
     "StepStatistics",
     "adapt",
+    "annealed",
     "bases_by_scope",
     "clamp_log_factor",
     "clamp_to_lr_bounds",
@@ -45,6 +50,8 @@ HOLD_DECAY = 1.0 / 3.0
 FAST_START_GAIN = 20.0
 #: |log F| never exceeds this (F in [1e-26, 1e26]): F stays finite and non-zero whatever happens.
 LOG_FACTOR_LIMIT = 60.0
+#: Where the anneal ends, as a fraction of the lr it starts from (the last steps still move).
+ANNEAL_FLOOR = 0.01
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,10 @@ class Schedule:
     fast_start: int
     hold_after: int
     target: float
+    #: The anneal's window in adapted steps (``anneal_to == 0``: no anneal): the lr used falls linearly
+    #: from ``anneal_from`` to ``ANNEAL_FLOOR`` of it at ``anneal_to``, the run's last step.
+    anneal_from: int = 0
+    anneal_to: int = 0
 
 
 @dataclass(frozen=True)
@@ -86,6 +97,8 @@ class FactorState:
     ratios: tuple[float | None, ...]
     adapted_steps: int = 0
     skipped_steps: int = 0
+    #: The adapted step at which a scheduled lr first changed (a scheduler at work): the anneal stops there.
+    anneal_stopped: int | None = None
 
     @classmethod
     def initial(cls, log_factor: float, scopes: int = 1) -> FactorState:
@@ -96,15 +109,14 @@ class FactorState:
         extra = scopes - len(self.log_factors)
         if extra <= 0:
             return self
-        return FactorState(
-            self.log_factors + (log_factor,) * extra,
-            self.ratios + (None,) * extra,
-            self.adapted_steps,
-            self.skipped_steps,
-        )
+        return replace(self, log_factors=self.log_factors + (log_factor,) * extra, ratios=self.ratios + (None,) * extra)
 
     def with_log_factors(self, log_factors: Sequence[float]) -> FactorState:
-        return FactorState(tuple(log_factors), self.ratios, self.adapted_steps, self.skipped_steps)
+        return replace(self, log_factors=tuple(log_factors))
+
+    def with_anneal_stopped(self) -> FactorState:
+        """The user's schedule moved the lr: the anneal keeps the value it has now (the first time only)."""
+        return self if self.anneal_stopped is not None else replace(self, anneal_stopped=self.adapted_steps)
 
 
 def damping(schedule: Schedule, adapted_steps: int) -> float:
@@ -114,6 +126,19 @@ def damping(schedule: Schedule, adapted_steps: int) -> float:
     if schedule.hold_after and adapted_steps > schedule.hold_after:
         value *= math.exp(-(adapted_steps - schedule.hold_after) / (HOLD_DECAY * schedule.hold_after))
     return value
+
+
+def annealed(schedule: Schedule, adapted_steps: int, stopped: int | None = None) -> float:
+    """The anneal's multiplier of the lr used after ``adapted_steps``: 1 until ``anneal_from``, then linear
+    to ``ANNEAL_FLOOR`` at ``anneal_to``; ``stopped`` (a scheduler moved the lr there) holds its value from then on.
+
+    A constant lr found by the rule and held is what the user's constant lr asks for until the end, where a
+    decay gains what a tuned schedule's does (benchmarks/RESULTS.md, section 6). A step count alone sets it.
+    """
+    t = adapted_steps if stopped is None else min(adapted_steps, stopped)
+    if schedule.anneal_to <= schedule.anneal_from or t <= schedule.anneal_from:
+        return 1.0
+    return max(ANNEAL_FLOOR, (schedule.anneal_to - t) / (schedule.anneal_to - schedule.anneal_from))
 
 
 def signal(schedule: Schedule, ratio: float, r_max: float) -> float:
@@ -232,4 +257,5 @@ def adapt(
         tuple(ratios),
         state.adapted_steps + int(adapted),
         state.skipped_steps + int(stats.non_finite > 0),
+        state.anneal_stopped,
     )

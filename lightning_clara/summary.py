@@ -29,9 +29,9 @@ __all__ = ["FitSummary", "GroupSummary", "print_below_progress_bar", "summary_ta
 
 TITLE = "CLARA: learning rate used over the fit"
 CAPTION = (
-    "lr: the lr used (lr_scheduled × F) at the adapted steps. r: the path ratio (1 on noise); the rule "
-    "raises the lr while r > target and lowers it below, until its hold. skipped: steps with a NaN/inf "
-    "update, not adapted."
+    "lr: the lr used (lr_scheduled × F, annealed at the end of a fit with a constant lr) at the adapted "
+    "steps. r: the path ratio (1 on noise); the rule raises the lr while r > target and lowers it below, "
+    "until its hold. skipped: steps with a NaN/inf update, not adapted."
 )
 
 
@@ -207,7 +207,7 @@ class FitSummary:
 
     :meth:`track` listens to the controller, which tells each adapted step as its host part runs
     (``CLARA.step_listeners``). The statistics cover the adapted steps of this fit: ``lr`` values
-    are the learning rates used (``lr_scheduled * F``, host floats) and the mean ratio is the mean
+    are the learning rates used (``lr_scheduled * F``, x the anneal; host floats) and the mean ratio is the mean
     of the ratio after each adapted step. With ``scope="param_group"`` a group that did not move
     in a step keeps its previous ratio, which then counts again.
     """

@@ -11,6 +11,7 @@ Results and verdict: ``benchmarks/RESULTS.md``, section 6.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -55,7 +56,7 @@ def adapt(state: rule.FactorState, stats: rule.StepStatistics, *args: Any, **kwa
         ratio = new.ratios[k]
         if ratio is not None and ratio >= 1.0 and now > old:
             logs[k] = rule.clamp_log_factor(bounds, old - (now - old))
-    return rule.FactorState(tuple(logs), new.ratios, new.adapted_steps, new.skipped_steps)
+    return new.with_log_factors(logs)
 
 
 loss_trend.LossTrend.gate = property(gate)  # type: ignore[method-assign, assignment]
@@ -69,6 +70,7 @@ def job(args: tuple[str, float, dict[str, float]]) -> tuple[str, float, str, flo
     VARIANT.clear()
     VARIANT.update(variant)
     method = next(m for m in suite.CLARA_METHODS if m.name == "Adam+CLARA")
+    method = dataclasses.replace(method, clara={**(method.clara or {}), "anneal": False})  # measured before the anneal
     result = suite.run_one(task, method, lr0, 0, suite.SPECS[task].steps)
     return task, lr0, json.dumps(variant), result["metric"], result["final_lr"]
 

@@ -26,6 +26,7 @@ study: ``benchmarks/results/elastic-study.jsonl``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -77,9 +78,9 @@ def adapt(
         return _adapt(state, stats, schedule, bounds, bases, gate, fitted)
     if STATE["true"] is None:
         STATE["true"] = STATE["level"] = state.log_factors[0]
-    level_state = rule.FactorState((STATE["level"],), state.ratios, state.adapted_steps, state.skipped_steps)
+    level_state = state.with_log_factors((STATE["level"],))
     STATE["level"] = _adapt(level_state, stats, schedule, bounds, bases, gate, fitted).log_factors[0]
-    base = rule.FactorState((STATE["true"],), state.ratios, state.adapted_steps, state.skipped_steps)
+    base = state.with_log_factors((STATE["true"],))
     new = _adapt(base, stats, schedule, bounds, bases, gate, fitted)
     ratio = new.ratios[0]
     steer = VARIANT.get("steer", 1)  # 0: the dither alone, the library's rule everywhere (a control)
@@ -113,7 +114,7 @@ def adapt(
     q = 1.0 if ((step + 1) // block) % 2 == 0 else -1.0  # the block of the next step
     STATE["trace"].append((step, ratio or 0.0, true))
     used = rule.clamp_log_factor(bounds, true + q * math.log(math.sqrt(2.0)))
-    return rule.FactorState((used,), new.ratios, new.adapted_steps, new.skipped_steps)
+    return new.with_log_factors((used,))
 
 
 controller.adapt = adapt  # type: ignore[assignment]
@@ -123,6 +124,7 @@ def run(task: str, lr0: float, method_name: str, variant: dict[str, float], seed
     steps = suite.SPECS[task].steps
     reset(variant, steps)
     method = next(m for m in suite.CLARA_METHODS if m.name == method_name)
+    method = dataclasses.replace(method, clara={**(method.clara or {}), "anneal": False})  # measured before the anneal
     result = suite.run_one(task, method, lr0, seed, steps)
     true = STATE["true"]
     final = result["final_lr"] if true is None else lr0 * math.exp(true)

@@ -18,6 +18,7 @@ Results and verdict: ``benchmarks/RESULTS.md``, section 6 ("The hold on falls").
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -60,7 +61,7 @@ def adapt(
             logs[scope] = rule.clamp_log_factor(bounds, old + (now - old) * VARIANT.get("k", 1.0))
         if now < old:
             logs[scope] = old + (now - old) * (1.0 - VARIANT.get("s", 0.0) * max(gate, 0.0))
-    return rule.FactorState(tuple(logs), new.ratios, new.adapted_steps, new.skipped_steps)
+    return new.with_log_factors(logs)
 
 
 controller.adapt = adapt  # type: ignore[assignment]
@@ -71,6 +72,7 @@ def run(task: str, lr0: float, method_name: str, variant: dict[str, float]) -> d
     VARIANT.update(variant)
     TRACE.clear()
     method = next(m for m in suite.CLARA_METHODS if m.name == method_name)
+    method = dataclasses.replace(method, clara={**(method.clara or {}), "anneal": False})  # measured before the anneal
     result = suite.run_one(task, method, lr0, 0, suite.SPECS[task].steps)
     return {
         "task": task,

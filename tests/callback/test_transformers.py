@@ -65,6 +65,7 @@ def test_add_clara_adapts_the_trainers_optimizer_and_logs_through_it(tmp_path: P
     assert controller is not None
     assert controller.num_adapted_steps == 29  # the warm-up's first step has lr 0: nothing moved
     assert (controller.total_steps, controller.hold_after) == (30, 240)  # the Trainer's max_steps
+    assert not controller.anneal  # the Trainer's linear schedule decays by itself
     assert not controller.attached  # detached at train end: the optimizer's lr is its scheduler's again
     # F moved from its initial value, and the lr used is the scheduled lr times F
     last = training_logs[-1]
@@ -117,6 +118,19 @@ def test_a_crash_in_train_detaches_clara(tmp_path: Path) -> None:
     assert callback.controller.num_adapted_steps > 0  # it had attached and adapted
     assert not callback.controller.attached
     assert not callback.controller.optimizer._optimizer_step_pre_hooks  # the optimizer accelerate wraps
+
+
+def test_a_constant_schedule_gets_the_anneal(tmp_path: Path) -> None:
+    trainer = tiny_trainer(tmp_path, {"lr_scheduler_type": "constant", "warmup_steps": 0, "logging_steps": 1})
+    callback = add_clara(trainer, min_factor=1.0, max_factor=1.0, initial_factor=1.0, hold_after=4)
+    trainer.train()
+    controller = callback.controller
+    assert controller is not None
+    assert controller.anneal
+    lrs = [entry["clara/lr-pg0"] for entry in trainer.state.log_history if "clara/lr-pg0" in entry]
+    # F is pinned at 1: the lr used is the Trainer's 1e-3 until step 15 (max(4, 30 // 2)), then falls linearly
+    assert lrs[0] == pytest.approx(1e-3)
+    assert lrs[-1] == pytest.approx(1e-3 * (30 - 29) / (30 - 15))
 
 
 def test_the_callback_passed_to_the_trainer_also_adapts(tmp_path: Path) -> None:

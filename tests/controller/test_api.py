@@ -51,7 +51,7 @@ def test_every_resolved_option_is_a_typed_attribute() -> None:
     hints = typing.get_type_hints(ResolvedOptions)
     settings = typing.get_type_hints(Settings)
     names = [f.name for f in dataclasses.fields(Settings)]
-    assert sorted(n for n in hints if n != "settings") == sorted(names)
+    assert sorted(n for n in hints if n not in ("settings", "options")) == sorted(names)
     for name in names:
         assert hints[name] == _Setting[settings[name]], name
     clara = CLARA(torch.optim.SGD([torch.zeros(3, requires_grad=True)], lr=0.1), c=0.05, max_lr=0.5)

@@ -236,6 +236,10 @@ def test_suite_report_compares_like_with_like() -> None:
     assert summary["AdamW-cos"]["tuned_lr"] == 1e-3
     assert summary["AdamW-cos"]["harm"] is None
     json.dumps(summary, allow_nan=False)  # the summary file stays valid JSON
+    # the lr a run held is the largest of its second half: an anneal's (or a cosine's) end is no evidence
+    assert suite.held_lr({"final_lr": 1e-4, "lrs": [1e-3, 2.0, 1.0, 0.5, 1e-4]}) == 1.0
+    assert suite.held_lr({"final_lr": 3e-3}) == 3e-3  # no trace kept
+    assert suite.held_lr({"final_lr": 1e-4, "lrs": [1e-3, 1e-3, math.nan, 1e-4]}) == math.inf
     # DoG as prescribed (iterate averaging) is the peer where it covers the CLARA rows' seeds; a worst case
     # needs every lr0
     runs.append({**runs[5], "method": "DoG-avg", "seed": 1, "metric": 0.049})  # another seed only: not compared

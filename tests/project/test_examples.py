@@ -30,7 +30,7 @@ def test_demo_exits_cleanly_and_prints_the_table(quick_run: tuple[subprocess.Com
     assert completed.returncode == 0, completed.stdout + completed.stderr
     out = completed.stdout
     assert "SGD on digits: fixed learning rate vs CLARA" in out
-    for header in ("initial lr", "final lr", "test acc", "steps"):
+    for header in ("initial lr", "largest lr", "final lr", "test acc", "steps"):
         assert header in out
     assert "sgd-clara" in out
 

@@ -1,0 +1,178 @@
+"""The anneal (``anneal=True``, the normalized rule's default): the lr used of a run of known length whose
+scheduled lr stays constant falls linearly over the run's second half; a scheduler that moves the lr stops it
+where it is. The measurements behind it: benchmarks/RESULTS.md, section 6 ("An anneal at the end").
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from helpers import make_trainer, sgd
+
+from lightning_clara import CLARA, CLARACallback, CLARAOptions
+from lightning_clara.rule import ANNEAL_FLOOR, Schedule, annealed
+
+TOTAL = 40
+HOLD = 10  # the window is then [max(10, 40 // 2), 40] = [20, 40]
+BASE = 0.1
+PINNED = {"min_factor": 1.0, "max_factor": 1.0, "initial_factor": 1.0}  # F = 1: the lr used is the anneal's
+
+
+def window(**options: Any) -> tuple[int, int]:
+    schedule = CLARAOptions(**options).resolve().schedule
+    return schedule.anneal_from, schedule.anneal_to
+
+
+def run(
+    clara_options: dict[str, Any], steps: int = TOTAL, scheduler: Callable[[Any], Any] | None = None
+) -> tuple[CLARA, list[float], list[float]]:
+    """``steps`` SGD steps on Gaussian gradients; the lr used and the scheduled lr of each step."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(8, 4)), torch.nn.Parameter(torch.zeros(4))]
+    optimizer = torch.optim.SGD(params, lr=BASE)
+    schedule = None if scheduler is None else scheduler(optimizer)
+    clara = CLARA(optimizer, **{**PINNED, "hold_after": HOLD, "total_steps": TOTAL, **clara_options})
+    used, scheduled = [], []
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        scheduled.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        used.append(clara.lr_used[0])
+        if schedule is not None:
+            schedule.step()
+    return clara, used, scheduled
+
+
+def test_the_multiplier_is_one_then_linear_to_the_floor() -> None:
+    schedule = Schedule("normalized", 0.03, 0, HOLD, 0.7, 20, 40)
+    assert [annealed(schedule, t) for t in (0, 10, 20)] == [1.0, 1.0, 1.0]
+    assert annealed(schedule, 30) == pytest.approx(0.5)
+    assert annealed(schedule, 39) == pytest.approx(0.05)
+    assert annealed(schedule, 40) == annealed(schedule, 400) == ANNEAL_FLOOR
+    assert annealed(schedule, 35, stopped=25) == pytest.approx(0.75)  # held where a scheduler moved the lr
+    assert annealed(schedule, 15, stopped=10) == 1.0
+    assert annealed(Schedule("normalized", 0.03, 0, HOLD, 0.7), 10_000) == 1.0  # no window: no anneal
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"total_steps": 3000}, (1500, 3000)),  # the default hold (600) ends before the second half
+        ({"total_steps": 300}, (240, 300)),  # a short run: the hold (240 at least) ends after the half
+        ({"total_steps": 10_000, "hold_after": 6000}, (6000, 10_000)),  # never during the find
+        ({"total_steps": None}, (600, 0)),  # an unknown length: no anneal
+        ({"total_steps": 3000, "anneal": False}, (600, 0)),
+        ({"total_steps": 3000, "rule": "paper"}, (0, 0)),  # the paper's rule has none
+    ],
+)
+def test_the_window_is_the_second_half_of_a_known_run(options: dict[str, Any], expected: tuple[int, int]) -> None:
+    assert window(**options) == expected
+
+
+def test_a_constant_lr_falls_linearly_over_the_second_half() -> None:
+    clara, used, _ = run({})
+    schedule = clara.settings.schedule
+    assert used == pytest.approx([BASE * annealed(schedule, t) for t in range(TOTAL)], rel=1e-12)
+    assert used[HOLD] == used[20] == pytest.approx(BASE)  # the hold is not the anneal
+    assert used[-1] == pytest.approx(BASE / (TOTAL - 20))  # one step from the end
+    assert min(used) > 0.0
+
+
+def test_anneal_false_and_the_paper_rule_keep_the_lr() -> None:
+    assert run({"anneal": False})[1] == pytest.approx([BASE] * TOTAL)
+    assert run({"rule": "paper"})[1] == pytest.approx([BASE] * TOTAL)
+    assert run({"total_steps": None})[1] == pytest.approx([BASE] * TOTAL)
+
+
+def test_a_scheduler_that_moves_the_lr_later_stops_the_anneal_where_it_is() -> None:
+    step_decay = lambda optimizer: torch.optim.lr_scheduler.StepLR(optimizer, step_size=30, gamma=0.1)  # noqa: E731
+    clara, used, scheduled = run({}, scheduler=step_decay)
+    held = annealed(clara.settings.schedule, 30)
+    assert held == pytest.approx(0.5)
+    assert used[:30] == pytest.approx([BASE * annealed(clara.settings.schedule, t) for t in range(30)])
+    assert used[30:] == pytest.approx([s * held for s in scheduled[30:]])  # 0.01 x 0.5: no further decay
+    assert clara.state_dict()["anneal_stopped"] == 30
+
+
+def test_a_warm_up_turns_the_anneal_off() -> None:
+    warm_up = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 5))  # noqa: E731
+    clara, used, scheduled = run({}, scheduler=warm_up)
+    assert used == pytest.approx(scheduled)  # from step 1 on the user's schedule rules
+    assert scheduled[-1] == BASE
+    assert clara.state_dict()["anneal_stopped"] == 1
+
+
+def test_the_stop_is_checkpointed_and_checked() -> None:
+    step_decay = lambda optimizer: torch.optim.lr_scheduler.StepLR(optimizer, step_size=30, gamma=0.1)  # noqa: E731
+    saved = run({}, steps=35, scheduler=step_decay)[0].state_dict()
+    resumed, _, _ = run({}, steps=0)
+    resumed.load_state_dict(saved)
+    group = resumed.optimizer.param_groups[0]
+    group["lr"] = BASE * 0.1  # the scheduler's lr, as a resumed fit restores it
+    resumed.optimizer.step()
+    assert resumed.lr_used[0] == pytest.approx(BASE * 0.1 * 0.5)  # still held at step 30's value
+    # saved before the anneal existed, after steps: that run had none, and continues so (its scheduler is unknown)
+    older = {k: v for k, v in saved.items() if k != "anneal_stopped"}
+    resumed.load_state_dict(older)
+    assert resumed.state_dict()["anneal_stopped"] == 0
+    resumed.load_state_dict({**older, "num_adapted_steps": 0})  # no step taken yet: the anneal is to come
+    assert resumed.state_dict()["anneal_stopped"] is None
+    for wrong in (-1, 36, 1.5):  # 35 steps were adapted
+        with pytest.raises(ValueError, match="anneal_stopped"):
+            resumed.load_state_dict({**saved, "anneal_stopped": wrong})
+
+
+def test_a_resume_with_another_run_length_warns_that_the_window_moved() -> None:
+    saved = run({}, steps=25)[0].state_dict()
+    assert saved["config"]["total_steps"] == TOTAL
+    longer, _, _ = run({"total_steps": 2 * TOTAL}, steps=0)
+    with pytest.warns(RuntimeWarning, match="anneal's window moves"):
+        longer.load_state_dict(saved)
+    same, _, _ = run({}, steps=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same.load_state_dict(saved)
+
+
+def test_the_callback_anneals_a_constant_lr_fit(make_module: Any, trainer_kwargs: dict[str, Any]) -> None:
+    callback = CLARACallback(**PINNED, hold_after=2)  # 8 batches x 2 epochs: the window is [8, 16]
+    make_trainer(trainer_kwargs, [callback], max_epochs=2).fit(make_module(sgd(BASE)))
+    clara = callback.controllers[0]
+    assert clara.total_steps == 16
+    assert clara.anneal
+    assert clara.num_adapted_steps == 16
+    assert clara.lr_used[0] == pytest.approx(BASE * (16 - 15) / (16 - 8))  # the last step's
+
+
+def with_scheduler(module: Any) -> dict[str, Any]:
+    """SGD with a step decay whose first change comes late (at step 14, after the anneal would have started)."""
+    optimizer = torch.optim.SGD(module.parameters(), lr=BASE)
+    decay = torch.optim.lr_scheduler.StepLR(optimizer, step_size=14, gamma=0.5)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
+
+
+@pytest.mark.parametrize("anneal", [None, True])
+def test_a_fit_with_a_scheduler_has_no_anneal_unless_asked(
+    make_module: Any, trainer_kwargs: dict[str, Any], anneal: bool | None
+) -> None:
+    """The callback knows the fit's schedulers: a late first change would stack the user's decay on the anneal."""
+    callback = CLARACallback(**PINNED, hold_after=2, anneal=anneal)
+    make_trainer(trainer_kwargs, [callback], max_epochs=2).fit(make_module(with_scheduler))
+    clara = callback.controllers[0]
+    assert clara.anneal is bool(anneal)
+    # the last step: the scheduler's 0.05 alone, or x the anneal's value where the decay first moved (step 14)
+    expected = BASE * 0.5 * (1.0 if anneal is None else (16 - 14) / (16 - 8))
+    assert clara.lr_used[0] == pytest.approx(expected)
+
+
+def test_manual_optimization_has_no_anneal(make_module: Any, trainer_kwargs: dict[str, Any]) -> None:
+    """Under manual optimization the fit's estimate counts batches, not each optimizer's steps."""
+    callback = CLARACallback(**PINNED, hold_after=2)
+    make_trainer(trainer_kwargs, [callback], max_epochs=2).fit(make_module(sgd(BASE), manual=True))
+    assert not callback.controllers[0].anneal
+    assert callback.controllers[0].lr_used[0] == pytest.approx(BASE)
