@@ -68,6 +68,7 @@ CONFIGS: dict[str, Config] = {
     "adamw": Config(_adam(cls=torch.optim.AdamW, weight_decay=0.01)),
     "adam-no-loss": Config(_adam(), feed_loss=False),
     "adam-total-steps": Config(_adam(), {"total_steps": 160}),
+    "adam-anneal": Config(_adam(), {"total_steps": 160, "hold_after": 40}),  # the anneal over steps 80-160
     "adam-small-sample": Config(_adam(), {"sample": 64}),
     "adam-full-paths": Config(_adam(), {"sample": None}),
     "sgd-momentum-full": Config(_sgd(momentum=0.9), {"sample": None}),
