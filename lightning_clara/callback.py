@@ -44,7 +44,11 @@ _CALLBACK_DOCS = {
     "CLARA: the loss brake, fed the same loss, is on. With it Adam and AdamW steer to 0.55. Costs two "
     "parameter snapshots.",
     "total_steps": "the optimizer steps of the fit, for the run-length defaults of hold_after and d (a short "
-    "fit finds in its first 40 %); None: the Trainer's estimated_stepping_batches, when it is finite.",
+    "fit finds in its first 40 %) and the anneal; None: the Trainer's estimated_stepping_batches, when it is finite.",
+    "anneal": "decay the lr used linearly over the fit's second half, from max(hold_after, total_steps / 2) "
+    "towards 0 (at least 1 %) (None, the default: on in a fit with automatic optimization and no lr scheduler, "
+    "StochasticWeightAveraging or BackboneFinetuning; off otherwise; True: on, held where a scheduled lr first "
+    "moves; False: off).",
 }
 
 
@@ -194,7 +198,7 @@ class CLARACallback(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The run's length (run-length defaults, the anneal): not in on_fit_start, where estimating it would load the
-        # train dataloader before a resumed fit restores it; before the resumed state loads (it checks the length).
+        # train dataloader before a resumed fit restores it; before a resumed state loads here (it checks the length).
         if self.options.total_steps is None and self.controllers:
             steps = estimated_steps(trainer)
             self._fit_options = dataclasses.replace(self._fit_options, total_steps=steps)

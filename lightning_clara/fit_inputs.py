@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import GradientAccumulationScheduler
+from lightning.pytorch.callbacks import BaseFinetuning, GradientAccumulationScheduler, StochasticWeightAveraging
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_clara.distributed import Sharding
@@ -20,10 +20,13 @@ __all__ = ["estimated_steps", "fit_options", "step_loss"]
 
 def fit_options(trainer: pl.Trainer, options: CLARAOptions, sharding: Sharding | None) -> CLARAOptions:
     """The options of this fit's controllers: the strategy's sharding, and the anneal left at None turned off in
-    a fit with an lr scheduler (its schedule decays: the anneal would stack on a late first change) or with manual
-    optimization (the fit's estimate counts batches, not each optimizer's steps)."""
+    a fit with an lr scheduler, or a callback that schedules the lr later (SWA's SWALR, BackboneFinetuning), where
+    the anneal would stack on a late first change, or with manual optimization (the fit's estimate counts batches,
+    not each optimizer's steps)."""
     changes: dict[str, Any] = {} if sharding is None else {"sharding": sharding}
-    scheduled = bool(getattr(trainer, "lr_scheduler_configs", ()))  # absent on stand-ins
+    callbacks = getattr(trainer, "callbacks", ())  # absent on stand-ins
+    scheduling = any(isinstance(c, (StochasticWeightAveraging, BaseFinetuning)) for c in callbacks)
+    scheduled = scheduling or bool(getattr(trainer, "lr_scheduler_configs", ()))
     manual = not getattr(getattr(trainer, "lightning_module", None), "automatic_optimization", True)
     if options.anneal is None and (scheduled or manual):
         changes["anneal"] = False

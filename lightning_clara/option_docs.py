@@ -63,10 +63,11 @@ OPTION_DOCS: dict[str, str] = {
     "Without losses it does nothing. Under DDP give every rank the same loss (the mean over ranks, as the "
     "callbacks do).",
     "anneal": "with a known total_steps and a scheduled lr that stays constant (no scheduler at work), take the lr "
-    "used down linearly over the run's second half (from max(hold_after, total_steps / 2)) to 1 % of it at the last "
-    "step: the rule finds a constant lr, and a decay at the end gains what a tuned schedule's does. Any change of "
-    "the scheduled lr (a warm-up, a cosine, a step decay) stops it where it is: your schedule rules (default True; "
-    "False with rule='paper').",
+    "used down linearly from max(hold_after, total_steps / 2) towards 0 at the last step (at least 1 %): the rule "
+    "finds a constant lr, and a decay at the end gains what a tuned schedule's does. The first change of the "
+    "scheduled lr (a warm-up, a cosine, a step decay) holds it where it is; a scheduler whose first change comes "
+    "later decays on top of that value (pass False there; the callbacks turn it off for the schedulers they know). "
+    "Default True; False with rule='paper'.",
     "skip_nonfinite": "skip an optimizer update whose gradients hold a NaN or inf, as GradScaler does: the "
     "parameters and the optimizer's state stay as they were, the first skip warns and later ones are counted "
     "(num_skipped_updates, the summary table) (default True). One fused read of the gradients per step; on CUDA "

@@ -176,3 +176,15 @@ def test_manual_optimization_has_no_anneal(make_module: Any, trainer_kwargs: dic
     make_trainer(trainer_kwargs, [callback], max_epochs=2).fit(make_module(sgd(BASE), manual=True))
     assert not callback.controllers[0].anneal
     assert callback.controllers[0].lr_used[0] == pytest.approx(BASE)
+
+
+def test_a_callback_that_schedules_the_lr_later_turns_the_anneal_off(
+    make_module: Any, trainer_kwargs: dict[str, Any]
+) -> None:
+    """StochasticWeightAveraging sets its SWALR from 80 % of the epochs: the anneal would be under way by then."""
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    callback = CLARACallback(**PINNED, hold_after=2)
+    swa = StochasticWeightAveraging(swa_lrs=BASE)
+    make_trainer(trainer_kwargs, [callback, swa], max_epochs=2).fit(make_module(sgd(BASE)))
+    assert not callback.controllers[0].anneal
