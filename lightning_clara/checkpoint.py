@@ -42,6 +42,7 @@ _CONFIG_KEYS = (
     "unit_step",
     "sample",
     "total_steps",
+    "anneal",
 )
 
 
@@ -177,11 +178,19 @@ def _anneal_stopped(state_dict: dict[str, Any]) -> int | None:
     return 0 if int(state_dict["num_adapted_steps"]) > 0 else None
 
 
-def _warn_if_the_run_length_moved(config: dict[str, Any], settings: Settings) -> None:
-    """The anneal's window follows ``total_steps``: a resume with another length moves it (an anneal already
-    under way restarts from the new window, so the lr can rise back to the lr held)."""
+def _warn_if_the_run_length_moved(state_dict: dict[str, Any], settings: Settings) -> None:
+    """The anneal's window follows ``total_steps``: a resume with another length moves it, and an anneal the saved
+    run had begun restarts from the new window (the lr can rise back to the lr held). One that had not begun (it
+    starts at max(hold_after, total_steps / 2), 240 steps in at the least with the defaults) loses nothing."""
+    config, steps = state_dict["config"], int(state_dict["num_adapted_steps"])
     saved = config.get("total_steps")
-    if settings.anneal and saved is not None and settings.total_steps is not None and saved != settings.total_steps:
+    if (
+        not (settings.anneal and config.get("anneal") and saved and settings.total_steps)
+        or saved == settings.total_steps
+    ):
+        return
+    stopped = state_dict.get("anneal_stopped")
+    if min(steps, steps if stopped is None else int(stopped)) > max(int(config.get("hold_after", 0)), saved // 2):
         warnings.warn(
             f"CLARA: the checkpoint was saved in a run of total_steps={saved}, this run has "
             f"total_steps={settings.total_steps}: the anneal's window moves with it (an anneal under way "
@@ -215,7 +224,7 @@ def restore_state(
         int(state_dict["num_skipped_steps"]),
         _anneal_stopped(state_dict),
     )
-    _warn_if_the_run_length_moved(config, settings)
+    _warn_if_the_run_length_moved(state_dict, settings)
     if losses.safeguard is not None and state_dict.get("safeguard") is not None:
         losses.safeguard.load_state_dict(state_dict["safeguard"])
     if trend is not None:

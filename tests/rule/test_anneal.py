@@ -134,9 +134,11 @@ def test_a_resume_with_another_run_length_warns_that_the_window_moved() -> None:
     with pytest.warns(RuntimeWarning, match="anneal's window moves"):
         longer.load_state_dict(saved)
     same, _, _ = run({}, steps=0)
+    early = run({}, steps=15)[0].state_dict()  # before the window's start (20): nothing had been annealed
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         same.load_state_dict(saved)
+        longer.load_state_dict(early)
 
 
 def test_the_callback_anneals_a_constant_lr_fit(make_module: Any, trainer_kwargs: dict[str, Any]) -> None:
