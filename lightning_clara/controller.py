@@ -356,6 +356,7 @@ class CLARA(ResolvedOptions):
 
 def _describe(s: Settings, optimizer: str, factors: list[float], steps: int) -> str:
     rule = f"c={s.c}, d={s.d}, fast_start={s.fast_start}, hold_after={s.hold_after}, target={s.target}"
+    rule += f", anneal={s.anneal}"
     f = ", ".join(f"{v:.4g}" for v in factors)
     return f"CLARA({optimizer}, {rule}, scope={s.scope!r}, sample={s.sample}, F=[{f}], steps={steps})"
 

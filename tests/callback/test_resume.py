@@ -74,7 +74,10 @@ CONFIGS: dict[str, tuple[Callable[[LightningModule], Optimizer], bool]] = {
     "sgd": (sgd(), False),
     "adam": (_adam, False),
     "sgd-safeguard": (sgd(), True),
+    "adam-anneal": (_adam, False),
 }
+#: Options beyond the configuration's: the anneal's window is [8, 16] (resumes at step 5, before it, and 10, inside)
+OPTIONS: dict[str, dict[str, Any]] = {"adam-anneal": {"hold_after": 2}}
 
 
 class Run:
@@ -94,7 +97,8 @@ class Run:
         configure, safeguard = CONFIGS[config]
         self.module = make_module(configure)
         self.data = StatefulBatches(dataset)
-        self.callback = CLARACallback(c=C, d=D, safeguard=safeguard, initial_factor=1.0) if clara else None
+        options = OPTIONS.get(config, {})
+        self.callback = CLARACallback(c=C, d=D, safeguard=safeguard, initial_factor=1.0, **options) if clara else None
         self.recorder = LRRecorder()
         self.checkpoint = ModelCheckpoint(dirpath=directory, every_n_train_steps=EVERY, save_top_k=-1)
         callbacks: list[Callback] = [self.recorder, self.checkpoint]
@@ -163,6 +167,9 @@ def test_mid_epoch_resume_continues_the_trajectory_exactly(
     assert used[0] != full.recorder.first_group()[0]  # F != 1 at the resume point: a reset would show
     assert max_relative_error(used, expected) < 1e-12
     _assert_same_state(resumed.controller, full.controller)
+    if config in OPTIONS:  # the anneal acted: its last step at 1/8 of the lr held
+        assert full.controller.settings.schedule.anneal_from == 8
+        assert resumed.controller.state_dict()["anneal_stopped"] is None
     if CONFIGS[config][1]:
         assert full.controller.safeguard is not None
         assert full.controller.safeguard.count == total  # it watched every step, across the resume
