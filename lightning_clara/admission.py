@@ -20,11 +20,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_clara.distributed import is_distributed
+from lightning_clara.distributed import is_rank_zero
 from lightning_clara.lr_swap import check_own_lr_tensors
 from lightning_clara.reference.cache import GroupReference
 from lightning_clara.reference.curves import freeze
@@ -223,7 +222,7 @@ def check_null_drift(
         if schedule.rule != "normalized":
             continue
         drift = signal(schedule, 1.0, r_max)
-        if drift > NULL_DRIFT_WARNING and _rank_zero():
+        if drift > NULL_DRIFT_WARNING and is_rank_zero():
             warnings.warn(
                 f"CLARA: the largest ratio the steps can reach is r_max = {r_max:.3g}{where} (target "
                 f"{schedule.target:g}): on pure noise (r = 1) the normalized rule raises F at {drift:.0%} of its full "
@@ -240,11 +239,6 @@ def check_distinct(params: Sequence[Tensor], group: int) -> None:
     different entries, would be saved under one key, and a resume would load one row's path into both."""
     if len({id(param) for param in params}) != len(params):
         raise ValueError(f"CLARA: param group {group} lists a tensor more than once; list each tensor once")
-
-
-def _rank_zero() -> bool:
-    """Whether this process warns for all: rank 0, or the only process (every rank attaches its own controller)."""
-    return not is_distributed() or dist.get_rank() == 0
 
 
 def check_parameter(param: Tensor, group: int) -> None:

@@ -17,11 +17,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_clara.checkpoint import load_states
+from lightning_clara.checkpoint import checked_states, load_states
 from lightning_clara.controller import CLARA
 from lightning_clara.fit_inputs import estimated_steps, fit_options, step_loss
 from lightning_clara.followed import changed, count_at, follow, has_parameters
-from lightning_clara.metrics import controller_metrics, optimizer_names, show_in_progress_bar
+from lightning_clara.metrics import controller_metrics, log_to_loggers, optimizer_names, show_in_progress_bar
 from lightning_clara.option_docs import with_option_docs
 from lightning_clara.options import (
     OPTION_NAMES,
@@ -77,8 +77,8 @@ class CLARACallback(Callback):
     (the lr used), clara/ratio-{name} and clara/log_factor-{name} on LearningRateMonitor's step axis.
 
     Args:
-        options: a CLARAOptions to start from; the keyword options not at their defaults replace its
-            fields. The defaults are CLARA's: the callback runs CLARA fed every step's loss.
+        options: a CLARAOptions to start from; the keyword options not at their defaults replace its fields.
+            The defaults are CLARA's: the callback runs CLARA fed every step's loss.
         log: log the dynamics to trainer.loggers.
         summary: at the end of a fit that completed, print (rank 0, rich, standard output) one row
             per optimizer and param group: the lr used at the first and last adapted step, its min
@@ -142,6 +142,7 @@ class CLARACallback(Callback):
         self._fits_started = 0
         self._fit_starting = False  # between setup("fit") and on_fit_start
         self._to_restore: dict[str, Any] | None = None  # the state this fit resumes, loaded in on_train_start
+        self._train_started = False  # this fit's on_train_start ran: the run's length is known
         self._fit_options = self.options
         self._fit_summary: FitSummary | None = None
         #: The rows of the last summary table (rank 0 with ``summary=True``, after a completed fit).
@@ -181,12 +182,10 @@ class CLARACallback(Callback):
         self._scheduler_configs = list(getattr(trainer, "lr_scheduler_configs", ()))  # absent on stand-ins
         self.names = self._names()
         self._steps_at_batch_start, self._steps_at_last_log = [0] * len(self.controllers), [0] * len(self.controllers)
-        self._to_restore, self._fit_starting = restored, False  # loaded in on_train_start
+        self._to_restore, self._fit_starting, self._train_started = restored, False, False  # loaded in on_train_start
         if self.summary and _is_rank_zero():
             # after the controllers attached; a resumed state restarts it when it loads (on_train_start)
-            self._fit_summary = FitSummary()
-            for controller in self.controllers:
-                self._fit_summary.track(controller)
+            self._fit_summary = FitSummary(self.controllers)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -204,6 +203,7 @@ class CLARACallback(Callback):
             self._fit_options = dataclasses.replace(self._fit_options, total_steps=steps)
             for controller in self.controllers:
                 controller.set_total_steps(steps)
+        self._train_started = True
         self._load_pending()
 
     @override
@@ -296,11 +296,8 @@ class CLARACallback(Callback):
         # every optimizer that stepped since its last log, not only this batch's: two optimizers stepped
         # on alternate batches with an even log_every_n_steps would otherwise leave one never logged
         metrics, self._steps_at_last_log = self.metrics(changed(steps, self._steps_at_last_log)), steps
-        if not metrics:
-            return
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        if metrics:
+            log_to_loggers(trainer, metrics)
 
     def _feed_loss(self, trainer: pl.Trainer, outputs: Any, stepped: list[int]) -> None:
         """Give the batch loss (:func:`~lightning_clara.fit_inputs.step_loss`) to the optimizers that stepped."""
@@ -347,14 +344,16 @@ class CLARACallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Lightning restores callbacks before the optimizers exist (except for strategies that
-        # restore after setup): keep the state until on_fit_start attaches the controllers.
-        if self.controllers and all(c.attached for c in self.controllers):
-            self._load_controllers(state_dict)
-        elif not isinstance(state_dict, dict):
+        # Lightning restores callbacks before the optimizers exist, strategies that restore after setup (ModelParallel)
+        # after on_fit_start: a fit's state loads in on_train_start, once the run's length is known (checked on resume)
+        if not isinstance(state_dict, dict):
             raise ValueError(f"CLARACallback state must be a dict, got {type(state_dict).__name__}")
-        else:
+        if not (self.controllers and all(c.attached for c in self.controllers)):
             self._restored = dict(state_dict)
+        elif self._train_started:
+            self._load_controllers(state_dict)
+        else:  # checked now, loaded in on_train_start
+            self._to_restore = checked_states(self.controllers, state_dict)
 
     def _load_pending(self) -> None:
         """The state this fit resumes, after every on_fit_start (BaseFinetuning's rebuilds its groups); an empty

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_clara.distributed import is_rank_zero
 from lightning_clara.loss_watch import LossWatch
 from lightning_clara.options import Settings
 from lightning_clara.rule import FactorState
@@ -47,10 +48,16 @@ _CONFIG_KEYS = (
 
 
 def export_state(
-    settings: Settings, factors: FactorState, tensors: SavedTensors, losses: LossWatch, skipped_updates: int = 0
+    settings: Settings,
+    factors: FactorState,
+    tensors: SavedTensors,
+    losses: LossWatch,
+    skipped_updates: int = 0,
+    scheduled: Sequence[float] = (),
 ) -> dict[str, Any]:
     """The state dict of a controller (``loss_trend``: the loss brake's averages, None without the brake;
-    ``num_skipped_updates``: the updates skipped for non-finite gradients)."""
+    ``num_skipped_updates``: the updates skipped for non-finite gradients; ``scheduled_lrs``: the base lrs of
+    the last step, which the next step's are compared with to see a scheduler at work)."""
     return {
         "format": STATE_FORMAT,
         "config": {key: getattr(settings, key) for key in _CONFIG_KEYS},
@@ -60,14 +67,15 @@ def export_state(
         "num_skipped_steps": factors.skipped_steps,
         "num_skipped_updates": skipped_updates,
         "anneal_stopped": factors.anneal_stopped,
+        "scheduled_lrs": [float(lr) for lr in scheduled],
         "tensors": tensors,
         "safeguard": None if losses.safeguard is None else losses.safeguard.state_dict(),
         "loss_trend": losses.state_dict(),
     }
 
 
-#: The keys every readable state holds (``safeguard``, ``loss_trend``, ``num_skipped_updates`` and
-#: ``anneal_stopped`` may be absent: older states).
+#: The keys every readable state holds (``safeguard``, ``loss_trend``, ``num_skipped_updates``,
+#: ``anneal_stopped`` and ``scheduled_lrs`` may be absent: older states).
 _REQUIRED_KEYS = ("format", "config", "log_factors", "ratios", "num_adapted_steps", "num_skipped_steps", "tensors")
 #: ``||p|| <= 1`` for a path of unit steps (a convex combination of unit vectors and 0); the slack
 #: covers a low-precision path's rounding.
@@ -110,6 +118,23 @@ def _check_path(field: str, entry: Any) -> None:
         raise ValueError(f"CLARA state: {field}['path'] has norm {norm:.4g}; a path of unit steps has norm <= 1")
 
 
+def _check_steps(state_dict: dict[str, Any], num_groups: int) -> None:
+    """The step counters, where the anneal stopped and the last step's scheduled lrs."""
+    _number("num_adapted_steps", state_dict["num_adapted_steps"], 0, math.inf, integer=True)
+    _number("num_skipped_steps", state_dict["num_skipped_steps"], 0, math.inf, integer=True)
+    _number("num_skipped_updates", state_dict.get("num_skipped_updates", 0), 0, math.inf, integer=True)
+    if state_dict.get("anneal_stopped") is not None:
+        _number("anneal_stopped", state_dict["anneal_stopped"], 0, state_dict["num_adapted_steps"], integer=True)
+    scheduled = state_dict.get("scheduled_lrs", [])
+    if not isinstance(scheduled, (list, tuple)) or len(scheduled) > num_groups:
+        raise ValueError(
+            f"CLARA state: scheduled_lrs must be a list of at most {num_groups} lr(s) (one per param group), "
+            f"got {scheduled!r:.80}"
+        )
+    for j, lr in enumerate(scheduled):
+        _number(f"scheduled_lrs[{j}]", lr, 0.0)
+
+
 def check_state(state_dict: Any, settings: Settings, optimizer: Optimizer) -> None:
     """Raise ``ValueError`` (naming the field and what it must be) unless ``state_dict`` is a CLARA state
     this controller can load: every entry is checked before anything changes."""
@@ -137,11 +162,7 @@ def check_state(state_dict: Any, settings: Settings, optimizer: Optimizer) -> No
     for j, value in enumerate(_sequence("ratios", state_dict["ratios"], scopes)):
         if value is not None:
             _number(f"ratios[{j}]", value, 0.0)
-    _number("num_adapted_steps", state_dict["num_adapted_steps"], 0, math.inf, integer=True)
-    _number("num_skipped_steps", state_dict["num_skipped_steps"], 0, math.inf, integer=True)
-    _number("num_skipped_updates", state_dict.get("num_skipped_updates", 0), 0, math.inf, integer=True)
-    if state_dict.get("anneal_stopped") is not None:
-        _number("anneal_stopped", state_dict["anneal_stopped"], 0, state_dict["num_adapted_steps"], integer=True)
+    _check_steps(state_dict, len(optimizer.param_groups))
     groups = state_dict["tensors"]
     sizes = [len(group["params"]) for group in optimizer.param_groups]
     if (
@@ -190,7 +211,8 @@ def _warn_if_the_run_length_moved(state_dict: dict[str, Any], settings: Settings
     ):
         return
     stopped = state_dict.get("anneal_stopped")
-    if min(steps, steps if stopped is None else int(stopped)) > max(int(config.get("hold_after", 0)), saved // 2):
+    begun = min(steps, steps if stopped is None else int(stopped)) > max(int(config.get("hold_after", 0)), saved // 2)
+    if begun and is_rank_zero():
         warnings.warn(
             f"CLARA: the checkpoint was saved in a run of total_steps={saved}, this run has "
             f"total_steps={settings.total_steps}: the anneal's window moves with it (an anneal under way "
@@ -243,8 +265,8 @@ def restore_state(
     return factors
 
 
-def load_states(controllers: Sequence[CLARA], state_dict: dict[str, Any]) -> None:
-    """A CLARACallback state into its controllers, one per optimizer: every one checked before any loads."""
+def checked_states(controllers: Sequence[CLARA], state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A CLARACallback state (a copy), once each controller's state was checked against its controller."""
     saved = state_dict.get("controllers") if isinstance(state_dict, dict) else None
     if not isinstance(saved, (list, tuple)):
         raise ValueError(
@@ -257,5 +279,10 @@ def load_states(controllers: Sequence[CLARA], state_dict: dict[str, Any]) -> Non
         )
     for controller, state in zip(controllers, saved, strict=True):
         check_state(state, controller.settings, controller.optimizer)
-    for controller, state in zip(controllers, saved, strict=True):
+    return dict(state_dict)
+
+
+def load_states(controllers: Sequence[CLARA], state_dict: dict[str, Any]) -> None:
+    """A CLARACallback state into its controllers, one per optimizer: every one checked before any loads."""
+    for controller, state in zip(controllers, checked_states(controllers, state_dict)["controllers"], strict=True):
         controller.load_state_dict(state)

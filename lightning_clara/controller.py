@@ -339,7 +339,7 @@ class CLARA(ResolvedOptions):
         """Plain values and tensors keyed by (group index, position in group): checkpoint-safe."""
         self._sync_scopes()
         tensors = self.paths.export(self.optimizer)
-        return export_state(self.settings, self._state, tensors, self._losses, self._skips.count)
+        return export_state(self.settings, self._state, tensors, self._losses, self._skips.count, self._swap.scheduled)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore paths, counters and factors saved by :meth:`state_dict` (matched by position)."""
@@ -348,6 +348,7 @@ class CLARA(ResolvedOptions):
         if self._safeguard is not None:
             self._safeguard.release()  # parameters of before the load are no restore point for the loaded ones
         self._skips.count = int(state_dict.get("num_skipped_updates", 0))
+        self._swap.resume(state_dict.get("scheduled_lrs", ()))
         self._sync_scopes()
 
     def __repr__(self) -> str:

@@ -26,6 +26,11 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def is_rank_zero() -> bool:
+    """Whether this process warns for all: rank 0, or the only process (every rank runs its own controllers)."""
+    return not is_distributed() or dist.get_rank() == 0
+
+
 class ShardSum:
     """Sum a tensor in place across the ranks of ``group`` (the shards of each parameter)."""
 

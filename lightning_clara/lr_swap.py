@@ -58,7 +58,7 @@ class LearningRateSwap:
     def apply(self, groups: Sequence[dict[str, Any]], lrs: Sequence[float]) -> bool:
         """Set the lrs used; True when a group's base lr changed since the last step (a scheduler at work).
 
-        Groups added since are compared from their second step on; the first step after a resume compares nothing.
+        Groups added since are compared from their second step on; a resume compares with the checkpoint's lrs.
         """
         # every base is saved before any is written: torch gives each group the same tensor lr when
         # the constructor was given one, and a copy taken after the first fill would save the lr used
@@ -83,6 +83,15 @@ class LearningRateSwap:
         scheduled, before = [float(base) for base in bases], self._scheduled
         self._scheduled = scheduled
         return any(not math.isclose(a, b, rel_tol=SCHEDULE_TOLERANCE) for a, b in zip(scheduled, before, strict=False))
+
+    @property
+    def scheduled(self) -> list[float]:
+        """The base lrs of the last step (what the next step's are compared with; checkpointed)."""
+        return list(self._scheduled)
+
+    def resume(self, scheduled: Sequence[float]) -> None:
+        """Continue from a checkpoint's last scheduled lrs, so that a change at the first step after a resume counts."""
+        self._scheduled = [float(lr) for lr in scheduled]
 
     def restore(self, groups: Sequence[dict[str, Any]]) -> None:
         """Put the base lrs back (groups added inside the step keep their own)."""

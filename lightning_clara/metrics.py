@@ -84,3 +84,10 @@ def show_in_progress_bar(
             key = "clara_lr" if single else f"clara_lr-{name}"
             value = torch.tensor(lr, dtype=torch.float64)
             pl_module.log(key, value, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+
+
+def log_to_loggers(trainer: Any, metrics: dict[str, float]) -> None:
+    """Send ``metrics`` to every logger of the fit, on LearningRateMonitor's step axis (the steps that stepped)."""
+    step = trainer.fit_loop.epoch_loop._batches_that_stepped
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)

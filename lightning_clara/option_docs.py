@@ -25,7 +25,8 @@ OPTION_DOCS: dict[str, str] = {
     "min_lr": "lower bound on the learning rate used, lr_base * F (x the anneal), or None.",
     "max_lr": "upper bound on the learning rate used, or None.",
     "initial_factor": "F before the first step (default 0.1; 1 with rule='paper'): starting 10x below the "
-    "given lr lets CLARA climb to a too-large lr instead of diverging before it can act.",
+    "given lr lets CLARA climb to a too-large lr instead of diverging before it can act. One given outside "
+    "[min_factor, max_factor] raises ValueError (the default is clamped into them).",
     "variant": "'clara', or 'salera' (the 2017 rule: normalised raw gradients against a plain random walk, "
     "whatever the optimizer; for ablations).",
     "unit_step": "the paper's unit-step variant: each tensor's step becomes lr * s/||s|| (costs one parameter "
@@ -46,7 +47,8 @@ OPTION_DOCS: dict[str, str] = {
     "log F += d * (r - 1), with its defaults.",
     "fast_start": "for this many adapted steps the damping starts at 20 d and falls linearly to d "
     "(default 50; 0, off, with rule='paper'), so that a bad initial lr is rescued within short runs. "
-    "The gain depends on the step count only, so log F stays unbiased under the null model.",
+    "The gain depends on the step count only, so log F stays unbiased under the null model. Given together "
+    "with hold_after > 0, it must be <= hold_after.",
     "hold_after": "'find, then hold': after this many adapted steps the damping decays as "
     "exp(-(t - hold_after) / (hold_after / 3)), so F settles and the schedule takes over (default 600; "
     "0, never, with rule='paper').",

@@ -268,6 +268,18 @@ class CLARAOptions:
         for low, high in (("min_factor", "max_factor"), ("min_lr", "max_lr")):
             if values[low] is not None and values[high] is not None and values[low] > values[high]:
                 raise ValueError(f"{low} ({values[low]}) must be <= {high} ({values[high]})")
+        start, low, high = values["initial_factor"], values["min_factor"], values["max_factor"]
+        if self.initial_factor is not None and not (low or 0.0) <= start <= (high or math.inf):
+            # a default initial_factor outside the bounds is clamped into them: the bounds were the choice
+            raise ValueError(
+                f"initial_factor ({start}) lies outside [min_factor, max_factor] = [{low}, {high}]: "
+                "F would start clamped to the bound; choose one inside them"
+            )
+        if self.fast_start is not None and self.hold_after and values["fast_start"] > values["hold_after"]:
+            raise ValueError(
+                f"fast_start ({values['fast_start']}) must be <= hold_after ({values['hold_after']}): the hold "
+                "would begin while the fast start's larger steps still run"
+            )
 
 
 def merged_options(

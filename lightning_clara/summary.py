@@ -212,8 +212,10 @@ class FitSummary:
     in a step keeps its previous ratio, which then counts again.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, controllers: Sequence[CLARA] = ()) -> None:
         self._trackers: list[_Tracker] = []
+        for controller in controllers:
+            self.track(controller)
 
     def track(self, controller: CLARA) -> None:
         """Start gathering statistics of ``controller`` (attached, and after any state restore)."""

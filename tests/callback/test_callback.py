@@ -358,6 +358,9 @@ def test_unsupported_optimizer_raises_at_fit_start(make_module: MakeModule, trai
         ({"min_lr": 1.0, "max_lr": 0.1}, ValueError, "min_lr"),
         ({"max_lr": 0.0}, ValueError, "max_lr"),
         ({"min_factor": 2.0, "max_factor": 0.5}, ValueError, "min_factor"),
+        ({"initial_factor": 2.0, "max_factor": 1.0}, ValueError, "initial_factor"),
+        ({"initial_factor": 0.01, "min_factor": 0.1}, ValueError, "initial_factor"),
+        ({"fast_start": 100, "hold_after": 50}, ValueError, "fast_start"),
         ({"log": "yes"}, TypeError, "log"),
     ],
 )
@@ -371,6 +374,10 @@ def test_boundary_arguments_are_accepted() -> None:
     """c = 1 is inside (0, 1]; equal lr bounds are allowed."""
     callback = CLARACallback(c=1.0, d=1e-5, min_lr=0.1, max_lr=0.1, scope="param_group", sample=None, log=False)
     assert callback.log is False
+    # a default initial_factor (0.1) outside the bounds is clamped into them; a hold shorter than the default
+    # fast start (50) is the user's choice of hold; an initial_factor on a bound is inside
+    for options in ({"max_factor": 0.05}, {"hold_after": 20}, {"initial_factor": 1.0, "max_factor": 1.0}):
+        assert CLARACallback(**options).options.resolve().initial_factor == options.get("initial_factor", 0.1)
     assert callback.controllers == []  # nothing attaches before fit
 
 

@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 import torch
 from helpers import make_trainer, sgd
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from lightning_clara import CLARA, CLARACallback, CLARAOptions
 from lightning_clara.rule import ANNEAL_FLOOR, Schedule, annealed
@@ -127,6 +129,31 @@ def test_the_stop_is_checkpointed_and_checked() -> None:
             resumed.load_state_dict({**saved, "anneal_stopped": wrong})
 
 
+def test_a_scheduler_change_at_the_first_step_after_a_resume_stops_the_anneal() -> None:
+    """The last step's scheduled lrs are checkpointed: a resume compares its first step's with them."""
+    step_decay = lambda optimizer: torch.optim.lr_scheduler.StepLR(optimizer, step_size=30, gamma=0.1)  # noqa: E731
+    full, used, scheduled = run({}, steps=TOTAL, scheduler=step_decay)
+    assert scheduled[29:31] == pytest.approx([BASE, BASE * 0.1])  # the decay's first change: step 31
+    saved = run({}, steps=30, scheduler=step_decay)[0].state_dict()
+    assert saved["scheduled_lrs"] == [BASE]
+    resumed, _, _ = run({}, steps=0)
+    resumed.load_state_dict(saved)
+    resumed_used = []
+    for _ in range(TOTAL - 30):
+        resumed.optimizer.param_groups[0]["lr"] = BASE * 0.1  # the scheduler's lr, as a resumed fit restores it
+        for p in resumed.optimizer.param_groups[0]["params"]:
+            p.grad = torch.randn_like(p)
+        resumed.optimizer.step()
+        resumed_used.append(resumed.lr_used[0])
+    assert resumed_used == pytest.approx(used[30:])  # held at step 30's value, as without the resume
+    assert resumed.state_dict()["anneal_stopped"] == full.state_dict()["anneal_stopped"] == 30
+    older = {k: v for k, v in saved.items() if k != "scheduled_lrs"}  # saved before the key existed: loads
+    resumed.load_state_dict(older)
+    for wrong in ([BASE, BASE], [-1.0], [float("nan")], BASE):
+        with pytest.raises(ValueError, match="scheduled_lrs"):
+            resumed.load_state_dict({**saved, "scheduled_lrs": wrong})
+
+
 def test_a_resume_with_another_run_length_warns_that_the_window_moved() -> None:
     saved = run({}, steps=25)[0].state_dict()
     assert saved["config"]["total_steps"] == TOTAL
@@ -149,6 +176,34 @@ def test_the_callback_anneals_a_constant_lr_fit(make_module: Any, trainer_kwargs
     assert clara.anneal
     assert clara.num_adapted_steps == 16
     assert clara.lr_used[0] == pytest.approx(BASE * (16 - 15) / (16 - 8))  # the last step's
+
+
+class _RestoresAfterSetup(SingleDeviceStrategy):
+    """As ModelParallelStrategy does: the checkpoint (callback states included) is restored after on_fit_start."""
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("after_setup", [False, True])
+def test_a_resumed_fit_checks_the_run_length_whenever_its_strategy_restores(
+    make_module: Any, trainer_kwargs: dict[str, Any], tmp_path: Any, after_setup: bool
+) -> None:
+    """The resumed state loads once the run's length is known, also where it is restored after setup."""
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=12, save_top_k=-1)
+    options = {**PINNED, "hold_after": 2}  # 8 batches x 2 epochs: the window is [8, 16]; saved at step 12
+    first = make_trainer(
+        trainer_kwargs, [CLARACallback(**options), checkpoint], max_epochs=2, enable_checkpointing=True
+    )
+    first.fit(make_module(sgd(BASE)))
+    callback = CLARACallback(**options)
+    strategy = {"strategy": _RestoresAfterSetup(torch.device("cpu"))} if after_setup else {}
+    trainer = make_trainer(trainer_kwargs, [callback], max_epochs=3, **strategy)
+    with pytest.warns(RuntimeWarning, match="anneal's window moves"):
+        trainer.fit(make_module(sgd(BASE)), ckpt_path=str(tmp_path / "epoch=1-step=12.ckpt"))
+    clara = callback.controllers[0]
+    assert (clara.total_steps, clara.num_adapted_steps) == (24, 24)  # resumed at 12, not from 0
 
 
 def with_scheduler(module: Any) -> dict[str, Any]:
