@@ -33,7 +33,6 @@ from lightning_clara.rule import Schedule, signal
 
 __all__ = [
     "FOREIGN_UNSUPPORTED",
-    "SAFEGUARDED_TARGETS",
     "SUPPORTED_OPTIMIZERS",
     "UNSUPPORTED",
     "ProbeError",
@@ -43,7 +42,6 @@ __all__ = [
     "check_parameter",
     "check_supported",
     "probe_update",
-    "safeguarded_target",
     "unwrap",
 ]
 
@@ -85,19 +83,6 @@ FOREIGN_UNSUPPORTED: dict[str, str] = {
     "Shampoo": "its preconditioner couples the entries of a matrix (not element-wise)",
     "SOAP": "its preconditioner couples the entries of a matrix (not element-wise)",
 }
-
-#: The target ratio of the normalized rule for these ``torch.optim`` classes when the safeguard is on.
-#: Measured on MNIST-1D: at the default 0.7 Adam settles 2-3x below its tuned lr (SGD with momentum
-#: within 2x, and it ran away on the MLP at 0.5); at 0.55 Adam reaches its tuned lr on the CNN, but on
-#: the MLP, whose r stays above 0.55 early in training at every lr, it can climb into a broken
-#: network, which the loss watch catches (benchmarks/RESULTS.md).
-SAFEGUARDED_TARGETS: dict[str, float] = {"Adam": 0.55, "AdamW": 0.55}
-
-
-def safeguarded_target(optimizer: Optimizer) -> float | None:
-    """The target for ``optimizer`` with the safeguard on, or None for the rule's default."""
-    name = torch_class(optimizer)
-    return None if name is None else SAFEGUARDED_TARGETS.get(name)
 
 
 def _step_is_hooked(optimizer: Optimizer) -> bool:

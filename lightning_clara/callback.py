@@ -41,8 +41,7 @@ CALLBACK_OPTIONS: tuple[str, ...] = tuple(n for n in OPTION_NAMES if n not in ("
 _CALLBACK_DOCS = {
     "safeguard": "also watch the training loss (training_step's loss) with a Page-Hinkley test; on a blow-up "
     "undo the last step where a snapshot exists and halve F (see CLARA.observe_loss). Off by default, as in "
-    "CLARA: the loss brake, fed the same loss, is on. With it Adam and AdamW steer to 0.55. Costs two "
-    "parameter snapshots.",
+    "CLARA: the loss brake, fed the same loss, is on. Costs two parameter snapshots.",
     "total_steps": "the optimizer steps of the fit, for the run-length defaults of hold_after and d (a short "
     "fit finds in its first 40 %) and the anneal; None: the Trainer's estimated_stepping_batches, when it is finite.",
     "anneal": "decay the lr used linearly over the fit's second half, from max(hold_after, total_steps / 2) "

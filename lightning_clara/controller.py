@@ -28,7 +28,6 @@ from lightning_clara.admission import (
     check_attachable,
     check_null_drift,
     check_supported,
-    safeguarded_target,
     unwrap,
 )
 from lightning_clara.checkpoint import export_state, restore_state
@@ -117,7 +116,7 @@ class CLARA(ResolvedOptions):
         optimizer = unwrap(optimizer)  # Fabric's wrapper: hook the optimizer it wraps
         check_supported(optimizer)
         self.options = merged_options(options, given)
-        self.settings: Settings = self.options.resolve(safeguarded_target(optimizer), optimizer.param_groups)
+        self.settings: Settings = self.options.resolve(optimizer.param_groups)
         self._guard = None if (every := self.settings.consistency_check_every) is None else RankConsistencyGuard(every)
         check_attachable(optimizer, self.settings.scope)
         self.optimizer = optimizer

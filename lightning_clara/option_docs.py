@@ -34,8 +34,7 @@ OPTION_DOCS: dict[str, str] = {
     "reference": "a lightning_clara.reference.Reference to use for every group instead of the automatic one.",
     "safeguard": "True (or a lightning_clara.safeguard.PageHinkley) to watch the loss given to "
     "CLARA.observe_loss with a Page-Hinkley test: on a blow-up, restore the parameters and halve F "
-    "(default False in every API). With it, Adam and AdamW steer to a lower target (0.55). Costs two "
-    "parameter snapshots.",
+    "(default False in every API). Costs two parameter snapshots.",
     "sharding": "how parameters are sharded across ranks (FSDP/ZeRO-like), a "
     "lightning_clara.distributed.Sharding; None: FSDP2's where the parameters are DTensors, else whole "
     "tensors (DDP too).",
@@ -52,9 +51,8 @@ OPTION_DOCS: dict[str, str] = {
     "hold_after": "'find, then hold': after this many adapted steps the damping decays as "
     "exp(-(t - hold_after) / (hold_after / 3)), so F settles and the schedule takes over (default 600; "
     "0, never, with rule='paper').",
-    "target": "the ratio the rule steers to (default 0.7; 0.55 for Adam and AdamW with safeguard=True; 1, the "
-    "paper's random walk, with rule='paper'). At a good lr a deep network's steps partly cancel, so a "
-    "target below 1 accepts that cancellation.",
+    "target": "the ratio the rule steers to (default 0.5; 1, the paper's random walk, with rule='paper'). At a "
+    "good lr a deep network's steps partly cancel, so a target below 1 accepts that cancellation.",
     "total_steps": "the number of optimizer steps of the run, if known (the Lightning callback uses the "
     "Trainer's estimate). A short run finds faster: with rule='normalized', hold_after left at None becomes "
     "0.4 * total_steps (between 240 and 600) and then d left at None grows as 0.03 * 600 / hold_after.",

@@ -59,7 +59,7 @@ RULE_DEFAULTS: dict[str, dict[str, Any]] = {
         "fast_start": 50,
         "hold_after": 600,
         "initial_factor": 0.1,
-        "target": 0.7,
+        "target": 0.5,
         "loss_brake": True,
         "anneal": True,
     },
@@ -184,9 +184,9 @@ class CLARAOptions:
         """The paper's rule and defaults: ``rule="paper"``, ``c=0.2``, ``d=1e-3``, F from 1 (exact with sample=None)."""
         return cls(**{"rule": "paper", **overrides})
 
-    def resolve(self, safeguarded_target: float | None = None, param_groups: Sequence[dict[str, Any]] = ()) -> Settings:
-        """The concrete settings; ``safeguarded_target`` is the optimizer's target with a safeguard, if any;
-        ``sharding`` left at None is FSDP2's where the parameters of ``param_groups`` are DTensors.
+    def resolve(self, param_groups: Sequence[dict[str, Any]] = ()) -> Settings:
+        """The concrete settings; ``sharding`` left at None is FSDP2's where the parameters of ``param_groups``
+        are DTensors.
 
         Options given as None take the default of their ``rule`` (:data:`RULE_DEFAULTS`); with
         ``rule="normalized"`` and ``total_steps`` given, ``hold_after`` and ``d`` left at None follow
@@ -219,8 +219,6 @@ class CLARAOptions:
         )
         values["sample"] = self._resolve_sample()
         self._check_combinations(values)
-        if self.target is None and rule == "normalized" and values["safeguard"] is not None and safeguarded_target:
-            values["target"] = safeguarded_target
         return Settings(**values)
 
     def _resolve_features(self, param_groups: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -21,8 +21,7 @@ from lightning_clara._validation import check_in_range, check_positive_int
 
 __all__ = ["UNFED_STEPS", "PageHinkley", "RestorePoint", "Safeguard", "snapshot"]
 
-#: Optimizer steps after which a safeguard fed no loss warns: it watches nothing, and Adam's safeguarded target
-#: (0.55, chosen with the watch on) runs unwatched.
+#: Optimizer steps after which a safeguard fed no loss warns: it watches nothing.
 UNFED_STEPS = 100
 
 
@@ -196,8 +195,8 @@ class Safeguard:
         """Snapshot the parameters the coming step will change (the arguments: see :class:`RestorePoint`)."""
         if steps_taken == UNFED_STEPS and not self._judged:
             warnings.warn(
-                f"CLARA: safeguard=True, but no loss in {UNFED_STEPS} optimizer steps: the safeguard watches nothing "
-                "(and Adam's safeguarded target 0.55 runs unwatched). Call observe_loss(loss) after each step; "
+                f"CLARA: safeguard=True, but no loss in {UNFED_STEPS} optimizer steps: the safeguard watches nothing. "
+                "Call observe_loss(loss) after each step; "
                 "CLARACallback does it with training_step's loss (return it), the Transformers callback via add_clara",
                 RuntimeWarning,
                 stacklevel=2,

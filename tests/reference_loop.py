@@ -58,12 +58,12 @@ class SimpleCLARA:
         initial_factor: float | None = None,
         samples: Sequence[Tensor | None] | None = None,
     ) -> None:
-        # None: the library's default for the rule (normalized: F from 0.1, target 0.7; paper: 1, 1)
+        # None: the library's default for the rule (normalized: F from 0.1, target 0.5; paper: 1, 1)
         normalized = rule == "normalized"
         self.c, self.d, self.mu, self.rule = c, d, mu, rule
         self.fast_start = (50 if normalized else 0) if fast_start is None else fast_start
         self.hold_after = (600 if normalized else 0) if hold_after is None else hold_after
-        self.target = (0.7 if normalized else 1.0) if target is None else target
+        self.target = (0.5 if normalized else 1.0) if target is None else target
         initial_factor = (0.1 if normalized else 1.0) if initial_factor is None else initial_factor
         self.adapted = 0
         # samples[k]: flat indices of tensor k's sampled coordinates (its path lives on them), or None

@@ -597,8 +597,8 @@ def test_loading_a_state_drops_the_restore_point_of_before_the_load() -> None:
 
 
 def test_a_safeguard_fed_no_loss_warns_once() -> None:
-    """safeguard=True lowers Adam's target to 0.55 on the promise of watching the loss; a loop that never calls
-    observe_loss left it watching nothing, silently."""
+    """safeguard=True promises to watch the loss; a loop that never calls observe_loss left it watching
+    nothing, silently."""
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
 
