@@ -344,14 +344,14 @@ class CLARACallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Lightning restores callbacks before the optimizers exist, strategies that restore after setup (ModelParallel)
-        # after on_fit_start: a fit's state loads in on_train_start, once the run's length is known (checked on resume)
+        # after on_fit_start: checked then, loaded in on_train_start once the run's length is known ([]: not attached)
         if not isinstance(state_dict, dict):
             raise ValueError(f"CLARACallback state must be a dict, got {type(state_dict).__name__}")
         if not (self.controllers and all(c.attached for c in self.controllers)):
             self._restored = dict(state_dict)
         elif self._train_started:
             self._load_controllers(state_dict)
-        else:  # checked now, loaded in on_train_start
+        elif state_dict.get("controllers") != []:
             self._to_restore = checked_states(self.controllers, state_dict)
 
     def _load_pending(self) -> None:

@@ -26,7 +26,7 @@ from lightning_clara.stores import PathStore, SavedTensors
 if TYPE_CHECKING:
     from lightning_clara.controller import CLARA
 
-__all__ = ["STATE_FORMAT", "check_state", "export_state", "load_states", "restore_state"]
+__all__ = ["STATE_FORMAT", "check_state", "checked_states", "export_state", "load_states", "restore_state"]
 
 STATE_FORMAT = 2
 _READABLE_FORMATS = (1, STATE_FORMAT)

@@ -167,9 +167,10 @@ def test_mid_epoch_resume_continues_the_trajectory_exactly(
     assert used[0] != full.recorder.first_group()[0]  # F != 1 at the resume point: a reset would show
     assert max_relative_error(used, expected) < 1e-12
     _assert_same_state(resumed.controller, full.controller)
-    if config in OPTIONS:  # the anneal acted: its last step at 1/8 of the lr held
+    if config in OPTIONS:  # the anneal acted: A = 2/8 then 1/8 at the last two steps, F held (the hold from step 2)
         assert full.controller.settings.schedule.anneal_from == 8
         assert resumed.controller.state_dict()["anneal_stopped"] is None
+        assert used[-1] / used[-2] == pytest.approx(0.5, rel=1e-6)
     if CONFIGS[config][1]:
         assert full.controller.safeguard is not None
         assert full.controller.safeguard.count == total  # it watched every step, across the resume

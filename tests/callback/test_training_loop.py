@@ -484,6 +484,11 @@ def test_alternating_optimizers_both_reach_the_logger_with_an_even_interval(
 
 
 # ---------------------------------------------------------------------------------------------- d. clipping
+#: The clipping check compares two float64 trajectories to 1e-9: at a target (0.7) whose lr climbs less within the
+#: run, rounding differences between Lightning's clip and the hand loop's are not amplified past that.
+TARGET = 0.7
+
+
 @pytest.mark.parametrize(("algorithm", "clip_val"), [("norm", 0.5), ("value", 0.1)])
 def test_clipped_step_is_the_adapted_direction(
     algorithm: str,
@@ -500,7 +505,8 @@ def test_clipped_step_is_the_adapted_direction(
     initial_net = copy.deepcopy(make_module(sgd()).net)
     for name, sample in (("full", None), ("sample", 4096)):
         module = make_module(sgd())
-        callback, recorder = CLARACallback(c=C, d=D, safeguard=False, loss_brake=False, sample=sample), LRRecorder()
+        options = {"c": C, "d": D, "safeguard": False, "loss_brake": False, "sample": sample, "target": TARGET}
+        callback, recorder = CLARACallback(**options), LRRecorder()
         trainer = make_trainer(
             trainer_kwargs,
             [callback, recorder],
@@ -518,7 +524,7 @@ def test_clipped_step_is_the_adapted_direction(
     def hand_loop(clip: bool) -> tuple[list[float], float, int]:
         net = copy.deepcopy(initial_net)
         params = list(net.parameters())
-        clara = SimpleCLARA([p.shape for p in params], C, D, plain_sgd_mu(C))
+        clara = SimpleCLARA([p.shape for p in params], C, D, plain_sgd_mu(C), target=TARGET)
         used, clipped = [], 0
         for _ in range(epochs):
             for x, y in DataLoader(regression_data, batch_size=8, shuffle=False):

@@ -175,3 +175,13 @@ def test_the_callbacks_state_is_checked(state: dict[str, Any]) -> None:
     callback.controllers = [clara]
     with pytest.raises(ValueError, match="CLARA"):
         callback.load_state_dict(state)
+
+
+def test_a_state_saved_before_clara_attached_is_skipped_when_restored_after_setup() -> None:
+    """A fit without optimizers saves ``{"controllers": []}``; a strategy restoring after on_fit_start skips it."""
+    _, clara = trained()
+    callback = CLARACallback()
+    callback.controllers = [clara]  # attached, before on_train_start: where ModelParallelStrategy restores
+    callback.load_state_dict({"controllers": [], "names": []})
+    (state,) = callback.state_dict()["controllers"]  # nothing pending: the controller's own state
+    assert state["num_adapted_steps"] == clara.num_adapted_steps > 0
