@@ -269,7 +269,8 @@ class CLARA(ResolvedOptions):
         if self._safeguard is not None:
             self._safeguard.before_step(list(trainable(optimizer)), self._steps_seen, self._skips.last)
         groups = optimizer.param_groups
-        if self._swap.apply(groups, [self._lr_for(j, group["lr"]) for j, group in enumerate(groups)]):
+        scheduled = [float(group["lr"]) for group in groups]  # read once per step (a CUDA tensor lr: one sync)
+        if self._swap.apply(groups, [self._lr_for(j, lr) for j, lr in enumerate(scheduled)], scheduled):
             self._state = self._state.with_anneal_stopped()  # a scheduler at work: the anneal stops where it is
 
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:

@@ -55,8 +55,9 @@ class LearningRateSwap:
         self.used: list[float] = []
         self._scheduled: list[float] = []  # the base lrs of the last step
 
-    def apply(self, groups: Sequence[dict[str, Any]], lrs: Sequence[float]) -> bool:
-        """Set the lrs used; True when a group's base lr changed since the last step (a scheduler at work).
+    def apply(self, groups: Sequence[dict[str, Any]], lrs: Sequence[float], scheduled: Sequence[float]) -> bool:
+        """Set the lrs used; True when a group's base lr (``scheduled``, as floats: read once by the caller) changed
+        since the last step (a scheduler at work).
 
         Groups added since are compared from their second step on; a resume compares with the checkpoint's lrs.
         """
@@ -80,8 +81,7 @@ class LearningRateSwap:
                 group["lr"] = lr
         self.bases = bases
         self.used = list(lrs)
-        scheduled, before = [float(base) for base in bases], self._scheduled
-        self._scheduled = scheduled
+        before, self._scheduled = self._scheduled, list(scheduled)
         return any(not math.isclose(a, b, rel_tol=SCHEDULE_TOLERANCE) for a, b in zip(scheduled, before, strict=False))
 
     @property
