@@ -30,7 +30,7 @@ from lightning_clara.admission import (
     check_supported,
     unwrap,
 )
-from lightning_clara.checkpoint import export_state, restore_state
+from lightning_clara.checkpoint import export_state, optimizer_steps, restore_state
 from lightning_clara.distributed import RankConsistencyGuard, Sharding
 from lightning_clara.finite_guard import SkipCounter
 from lightning_clara.loss_watch import LossWatch
@@ -130,7 +130,7 @@ class CLARA(ResolvedOptions):
         self._pending: PendingStep | None = None
         self._skips = SkipCounter()
         self.step_listeners: list[StepListener] = []  # told of each adapted step (the fit summary)
-        self._steps_seen = 0
+        self._steps_seen = self._steps_before = 0  # hooked steps since attaching; the run's before (a loaded state's)
         self.references.sync()
         built = [self.references.get(j) for j in range(groups)]  # a Monte Carlo one is simulated (or cached) now
         check_null_drift(self.settings.schedule, self.settings.scope, optimizer, built, self.paths.reference_size)
@@ -236,6 +236,11 @@ class CLARA(ResolvedOptions):
         if getattr(self.optimizer, "_clara_controller", None) is self:
             self.optimizer._clara_controller = None
 
+    @property
+    def _run_step(self) -> int:
+        """The run's optimizer steps, skipped ones and a loaded state's included: the anneal's clock (total_steps')."""
+        return self._steps_before + self._steps_seen + self._skips.on_host
+
     def _scope_of(self, group_index: int) -> int:
         return 0 if self.settings.scope == "optimizer" else group_index
 
@@ -257,7 +262,7 @@ class CLARA(ResolvedOptions):
 
     def _lr_for(self, j: int, base: Any) -> float:
         state = self._state.grown(self._scope_of(j) + 1, self._initial_log_factor)  # a group added since: F_0
-        scale = annealed(self.settings.schedule, state.adapted_steps, state.anneal_stopped)
+        scale = annealed(self.settings.schedule, self._run_step, state.anneal_stopped)
         return lr_for(self.settings.bounds, float(base) * scale, state.log_factors[self._scope_of(j)])
 
     def _before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
@@ -271,7 +276,7 @@ class CLARA(ResolvedOptions):
         groups = optimizer.param_groups
         scheduled = [float(group["lr"]) for group in groups]  # read once per step (a CUDA tensor lr: one sync)
         if self._swap.apply(groups, [self._lr_for(j, lr) for j, lr in enumerate(scheduled)], scheduled):
-            self._state = self._state.with_anneal_stopped()  # a scheduler at work: the anneal stops where it is
+            self._state = self._state.with_anneal_stopped(self._run_step)  # a scheduler at work: the anneal stops
 
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self._steps_seen += 1
@@ -299,10 +304,8 @@ class CLARA(ResolvedOptions):
         """The host part of a step: the rule on each scope's sums moves log F (float64)."""
         stats = pending.settle()
         self._skips.settled(self.optimizer, pending.skipped, pending.skip_counted)
-        bounds = self.settings.bounds
-        before = self._state.adapted_steps
+        bounds, losses, before = self.settings.bounds, self._losses, self._state.adapted_steps
         bases = bases_by_scope(bounds, pending.bases, len(self._state.log_factors), self._scope_of)
-        losses = self._losses
         self._state = adapt(self._state, stats, self.settings.schedule, bounds, bases, losses.gate, losses.fitted)
         steps = self._state.adapted_steps
         if self._guard is not None and steps > before and self._guard.due(steps):
@@ -338,8 +341,8 @@ class CLARA(ResolvedOptions):
     def state_dict(self) -> dict[str, Any]:
         """Plain values and tensors keyed by (group index, position in group): checkpoint-safe."""
         self._sync_scopes()
-        tensors = self.paths.export(self.optimizer)
-        return export_state(self.settings, self._state, tensors, self._losses, self._skips.count, self._swap.scheduled)
+        counts = (self._skips.count, self._swap.scheduled, self._run_step)
+        return export_state(self.settings, self._state, self.paths.export(self.optimizer), self._losses, *counts)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore paths, counters and factors saved by :meth:`state_dict` (matched by position)."""
@@ -348,6 +351,7 @@ class CLARA(ResolvedOptions):
         if self._safeguard is not None:
             self._safeguard.release()  # parameters of before the load are no restore point for the loaded ones
         self._skips.count = int(state_dict.get("num_skipped_updates", 0))
+        self._steps_before = optimizer_steps(state_dict) - self._steps_seen - self._skips.on_host
         self._swap.resume(state_dict.get("scheduled_lrs", ()))
         self._sync_scopes()
 

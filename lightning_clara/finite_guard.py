@@ -50,6 +50,7 @@ class SkipCounter:
 
     def __init__(self) -> None:
         self.count = 0
+        self.on_host = 0  # the skips decided on the host: no step hook ran for them (the run's clock counts them)
         self.last = False  # whether the last settled step was a fused optimizer's skip on a device flag
 
     def settled(self, optimizer: Optimizer, skipped: bool, counted: bool = True) -> None:
@@ -57,9 +58,14 @@ class SkipCounter:
         ``counted``: on GradScaler's, a routine fp16 skip; its loss is ignored all the same)."""
         self.last = skipped
         if skipped and counted:  # counted where the step settles, inside the library: the warning says which
-            self(optimizer, stacklevel=2)
+            self._count(optimizer, stacklevel=2)
 
     def __call__(self, optimizer: Optimizer, stacklevel: int = 4) -> None:
+        """An update skipped on the host, before the step hooks (``stacklevel`` 4: the caller of optimizer.step())."""
+        self.on_host += 1
+        self._count(optimizer, stacklevel + 1)
+
+    def _count(self, optimizer: Optimizer, stacklevel: int) -> None:
         self.count += 1
         if self.count == 1:
             warnings.warn(
@@ -67,7 +73,7 @@ class SkipCounter:
                 "parameters and state are as they were. Later skips are counted without a warning "
                 "(num_skipped_updates, the summary table); skip_nonfinite=False steps them as given",
                 RuntimeWarning,
-                stacklevel=stacklevel,  # 4: the caller of optimizer.step()
+                stacklevel=stacklevel,
             )
 
 

@@ -63,7 +63,7 @@ class Schedule:
     fast_start: int
     hold_after: int
     target: float
-    #: The anneal's window in adapted steps (``anneal_to == 0``: no anneal): the lr used falls linearly
+    #: The anneal's window in optimizer steps (``anneal_to == 0``: no anneal): the lr used falls linearly
     #: from ``anneal_from`` to ``ANNEAL_FLOOR`` of it at ``anneal_to``, the run's last step.
     anneal_from: int = 0
     anneal_to: int = 0
@@ -97,7 +97,7 @@ class FactorState:
     ratios: tuple[float | None, ...]
     adapted_steps: int = 0
     skipped_steps: int = 0
-    #: The adapted step at which a scheduled lr first changed (a scheduler at work): the anneal stops there.
+    #: The optimizer step at which a scheduled lr first changed (a scheduler at work): the anneal stops there.
     anneal_stopped: int | None = None
 
     @classmethod
@@ -114,9 +114,10 @@ class FactorState:
     def with_log_factors(self, log_factors: Sequence[float]) -> FactorState:
         return replace(self, log_factors=tuple(log_factors))
 
-    def with_anneal_stopped(self) -> FactorState:
-        """The user's schedule moved the lr: the anneal keeps the value it has now (the first time only)."""
-        return self if self.anneal_stopped is not None else replace(self, anneal_stopped=self.adapted_steps)
+    def with_anneal_stopped(self, step: int) -> FactorState:
+        """The user's schedule moved the lr at optimizer step ``step``: the anneal keeps the value it has now (the
+        first time only)."""
+        return self if self.anneal_stopped is not None else replace(self, anneal_stopped=step)
 
 
 def damping(schedule: Schedule, adapted_steps: int) -> float:
@@ -128,14 +129,16 @@ def damping(schedule: Schedule, adapted_steps: int) -> float:
     return value
 
 
-def annealed(schedule: Schedule, adapted_steps: int, stopped: int | None = None) -> float:
-    """The anneal's multiplier of the lr used after ``adapted_steps``: 1 until ``anneal_from``, then linear
+def annealed(schedule: Schedule, step: int, stopped: int | None = None) -> float:
+    """The anneal's multiplier of the lr used at optimizer step ``step``: 1 until ``anneal_from``, then linear
     to ``ANNEAL_FLOOR`` at ``anneal_to``; ``stopped`` (a scheduler moved the lr there) holds its value from then on.
 
     A constant lr found by the rule and held is what the user's constant lr asks for until the end, where a
-    decay gains what a tuned schedule's does (benchmarks/RESULTS.md, section 6). A step count alone sets it.
+    decay gains what a tuned schedule's does (benchmarks/RESULTS.md, section 6). A step count alone sets it:
+    the run's optimizer steps, skipped updates included, as ``total_steps`` counts them (the rule's damping
+    counts adapted steps).
     """
-    t = adapted_steps if stopped is None else min(adapted_steps, stopped)
+    t = step if stopped is None else min(step, stopped)
     if schedule.anneal_to <= schedule.anneal_from or t <= schedule.anneal_from:
         return 1.0
     return max(ANNEAL_FLOOR, (schedule.anneal_to - t) / (schedule.anneal_to - schedule.anneal_from))

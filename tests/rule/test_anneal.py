@@ -30,18 +30,24 @@ def window(**options: Any) -> tuple[int, int]:
 
 
 def run(
-    clara_options: dict[str, Any], steps: int = TOTAL, scheduler: Callable[[Any], Any] | None = None
+    clara_options: dict[str, Any],
+    steps: int = TOTAL,
+    scheduler: Callable[[Any], Any] | None = None,
+    nan_at: frozenset[int] = frozenset(),
 ) -> tuple[CLARA, list[float], list[float]]:
-    """``steps`` SGD steps on Gaussian gradients; the lr used and the scheduled lr of each step."""
+    """``steps`` SGD steps on Gaussian gradients (a NaN in one at the steps ``nan_at``); the lr used and the
+    scheduled lr of each step."""
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.zeros(8, 4)), torch.nn.Parameter(torch.zeros(4))]
     optimizer = torch.optim.SGD(params, lr=BASE)
     schedule = None if scheduler is None else scheduler(optimizer)
     clara = CLARA(optimizer, **{**PINNED, "hold_after": HOLD, "total_steps": TOTAL, **clara_options})
     used, scheduled = [], []
-    for _ in range(steps):
+    for step in range(steps):
         for p in params:
             p.grad = torch.randn_like(p)
+        if step in nan_at:
+            params[1].grad[0] = float("nan")
         scheduled.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         used.append(clara.lr_used[0])
@@ -152,6 +158,39 @@ def test_a_scheduler_change_at_the_first_step_after_a_resume_stops_the_anneal() 
     for wrong in ([BASE, BASE], [-1.0], [float("nan")], BASE):
         with pytest.raises(ValueError, match="scheduled_lrs"):
             resumed.load_state_dict({**saved, "scheduled_lrs": wrong})
+
+
+def test_skipped_updates_keep_the_anneal_on_the_runs_clock() -> None:
+    """An update skipped for a NaN gradient is one of the run's optimizer steps (``total_steps`` counts it): the
+    anneal follows optimizer steps, not adapted ones, and reaches its floor at the last step as without skips."""
+    skipped = frozenset({5, 25, 33})
+    clara, used, _ = run({}, nan_at=skipped)
+    schedule = clara.settings.schedule
+    assert (clara.num_skipped_updates, clara.num_adapted_steps) == (3, TOTAL - 3)
+    stepped = [t for t in range(TOTAL) if t not in skipped]  # a skipped step ran at no lr (lr_used: the last one)
+    assert [used[t] for t in stepped] == pytest.approx([BASE * annealed(schedule, t) for t in stepped], rel=1e-12)
+    assert used[-1] == pytest.approx(BASE / (TOTAL - 20))
+    assert clara.state_dict()["num_optimizer_steps"] == TOTAL
+
+
+def test_the_runs_clock_is_checkpointed_and_checked() -> None:
+    saved = run({}, steps=30, nan_at=frozenset({5, 25}))[0].state_dict()
+    assert (saved["num_optimizer_steps"], saved["num_adapted_steps"]) == (30, 28)
+    older = {k: v for k, v in saved.items() if k != "num_optimizer_steps"}  # saved before the key: adapted + skipped
+    for state in (saved, older):
+        resumed, _, _ = run({}, steps=0)
+        resumed.load_state_dict(state)
+        for p in resumed.optimizer.param_groups[0]["params"]:
+            p.grad = torch.randn_like(p)
+        resumed.optimizer.step()
+        assert resumed.lr_used[0] == pytest.approx(BASE * 0.5)  # step 30 of [20, 40], not adapted step 28's 0.6
+        assert resumed.state_dict()["num_optimizer_steps"] == 31
+    for wrong in (27, -1, 30.5, float("nan")):  # fewer optimizer steps than adapted ones
+        with pytest.raises(ValueError, match="num_optimizer_steps"):
+            resumed.load_state_dict({**saved, "num_optimizer_steps": wrong})
+    with pytest.raises(ValueError, match="anneal_stopped"):
+        resumed.load_state_dict({**saved, "anneal_stopped": 31})
+    resumed.load_state_dict({**saved, "anneal_stopped": 30})  # stopped at the last optimizer step: fine
 
 
 def test_a_resume_with_another_run_length_warns_that_the_window_moved() -> None:
