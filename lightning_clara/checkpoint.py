@@ -54,13 +54,12 @@ def export_state(
     losses: LossWatch,
     skipped_updates: int = 0,
     scheduled: Sequence[float] = (),
-    optimizer_steps: int | None = None,
+    steps: int = 0,
 ) -> dict[str, Any]:
     """The state dict of a controller (``loss_trend``: the loss brake's averages, None without the brake;
     ``num_skipped_updates``: the updates skipped for non-finite gradients; ``scheduled_lrs``: the base lrs of
-    the last step, which the next step's are compared with to see a scheduler at work; ``num_optimizer_steps``:
-    the run's optimizer steps, adapted or not, the anneal's clock)."""
-    steps = factors.adapted_steps + skipped_updates if optimizer_steps is None else optimizer_steps
+    the last step, which the next step's are compared with to see a scheduler at work; ``num_run_steps``:
+    the run's optimizer steps, adapted or not, a loaded state's included: the anneal's clock)."""
     return {
         "format": STATE_FORMAT,
         "config": {key: getattr(settings, key) for key in _CONFIG_KEYS},
@@ -69,7 +68,7 @@ def export_state(
         "num_adapted_steps": factors.adapted_steps,
         "num_skipped_steps": factors.skipped_steps,
         "num_skipped_updates": skipped_updates,
-        "num_optimizer_steps": steps,
+        "num_run_steps": steps,
         "anneal_stopped": factors.anneal_stopped,
         "scheduled_lrs": [float(lr) for lr in scheduled],
         "tensors": tensors,
@@ -79,7 +78,7 @@ def export_state(
 
 
 #: The keys every readable state holds (``safeguard``, ``loss_trend``, ``num_skipped_updates``,
-#: ``num_optimizer_steps``, ``anneal_stopped`` and ``scheduled_lrs`` may be absent: older states).
+#: ``num_run_steps``, ``anneal_stopped`` and ``scheduled_lrs`` may be absent: older states).
 _REQUIRED_KEYS = ("format", "config", "log_factors", "ratios", "num_adapted_steps", "num_skipped_steps", "tensors")
 #: ``||p|| <= 1`` for a path of unit steps (a convex combination of unit vectors and 0); the slack
 #: covers a low-precision path's rounding.
@@ -127,11 +126,11 @@ def _check_steps(state_dict: dict[str, Any], num_groups: int) -> None:
     _number("num_adapted_steps", state_dict["num_adapted_steps"], 0, math.inf, integer=True)
     _number("num_skipped_steps", state_dict["num_skipped_steps"], 0, math.inf, integer=True)
     _number("num_skipped_updates", state_dict.get("num_skipped_updates", 0), 0, math.inf, integer=True)
-    if "num_optimizer_steps" in state_dict:  # every adapted step was an optimizer step
-        adapted = state_dict["num_adapted_steps"]
-        _number("num_optimizer_steps", state_dict["num_optimizer_steps"], adapted, math.inf, integer=True)
+    if "num_run_steps" in state_dict:  # every adapted step and every skipped update was one of the run's steps
+        least = state_dict["num_adapted_steps"] + state_dict.get("num_skipped_updates", 0)
+        _number("num_run_steps", state_dict["num_run_steps"], least, math.inf, integer=True)
     if state_dict.get("anneal_stopped") is not None:
-        _number("anneal_stopped", state_dict["anneal_stopped"], 0, optimizer_steps(state_dict), integer=True)
+        _number("anneal_stopped", state_dict["anneal_stopped"], 0, run_steps(state_dict), integer=True)
     scheduled = state_dict.get("scheduled_lrs", [])
     if not isinstance(scheduled, (list, tuple)) or len(scheduled) > num_groups:
         raise ValueError(
@@ -198,11 +197,11 @@ def check_state(state_dict: Any, settings: Settings, optimizer: Optimizer) -> No
                 )
 
 
-def optimizer_steps(state_dict: dict[str, Any]) -> int:
+def run_steps(state_dict: dict[str, Any]) -> int:
     """The saved run's optimizer steps (the anneal's clock); a state saved before they were kept: its adapted steps
     and skipped updates (a step that moved no tensor was not counted then)."""
-    if "num_optimizer_steps" in state_dict:
-        return int(state_dict["num_optimizer_steps"])
+    if "num_run_steps" in state_dict:
+        return int(state_dict["num_run_steps"])
     return int(state_dict["num_adapted_steps"]) + int(state_dict.get("num_skipped_updates", 0))
 
 
@@ -218,7 +217,7 @@ def _warn_if_the_run_length_moved(state_dict: dict[str, Any], settings: Settings
     """The anneal's window follows ``total_steps``: a resume with another length moves it, and an anneal the saved
     run had begun restarts from the new window (the lr can rise back to the lr held). One that had not begun (it
     starts at max(hold_after, total_steps / 2), 240 steps in at the least with the defaults) loses nothing."""
-    config, steps = state_dict["config"], optimizer_steps(state_dict)
+    config, steps = state_dict["config"], run_steps(state_dict)
     saved = config.get("total_steps")
     if (
         not (settings.anneal and config.get("anneal") and saved and settings.total_steps)

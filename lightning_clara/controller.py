@@ -5,7 +5,9 @@ Contract with the optimizer and any LR scheduler: while ``optimizer.step()`` run
 ``rule.annealed`` at the end of a run of known length whose scheduled lr never moved); outside the
 step it holds ``lr_base`` again. A scheduler therefore only ever sees and sets ``lr_base``,
 and the learning rate used is ``lr_scheduled * F``. A step the optimizer never runs (a
-GradScaler skip, an accumulation micro-batch) fires no hook and changes nothing.
+GradScaler skip of a non-fused optimizer, an accumulation micro-batch) fires no hook and changes nothing;
+an update CLARA skips for a NaN/inf gradient, and a fused optimizer's skip, count as the run's steps (the
+anneal's clock).
 
 This module is orchestration only; one step reads top to bottom as
 :meth:`CLARA._before_step` (sample / snapshot, lr swap) -> the optimizer's step ->
@@ -30,7 +32,7 @@ from lightning_clara.admission import (
     check_supported,
     unwrap,
 )
-from lightning_clara.checkpoint import export_state, optimizer_steps, restore_state
+from lightning_clara.checkpoint import export_state, restore_state, run_steps
 from lightning_clara.distributed import RankConsistencyGuard, Sharding
 from lightning_clara.finite_guard import SkipCounter
 from lightning_clara.loss_watch import LossWatch
@@ -351,7 +353,7 @@ class CLARA(ResolvedOptions):
         if self._safeguard is not None:
             self._safeguard.release()  # parameters of before the load are no restore point for the loaded ones
         self._skips.count = int(state_dict.get("num_skipped_updates", 0))
-        self._steps_before = optimizer_steps(state_dict) - self._steps_seen - self._skips.on_host
+        self._steps_before = run_steps(state_dict) - self._steps_seen - self._skips.on_host
         self._swap.resume(state_dict.get("scheduled_lrs", ()))
         self._sync_scopes()
 

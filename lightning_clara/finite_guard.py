@@ -21,8 +21,10 @@ sharding's own sum over its shard group (FSDP2's, or a manual one): they all ski
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 from collections.abc import Callable, Iterator
+from types import FrameType
 from typing import Any
 
 import torch
@@ -60,10 +62,10 @@ class SkipCounter:
         if skipped and counted:  # counted where the step settles, inside the library: the warning says which
             self._count(optimizer, stacklevel=2)
 
-    def __call__(self, optimizer: Optimizer, stacklevel: int = 4) -> None:
-        """An update skipped on the host, before the step hooks (``stacklevel`` 4: the caller of optimizer.step())."""
+    def __call__(self, optimizer: Optimizer) -> None:
+        """An update skipped on the host, before the step hooks: the warning points at the optimizer.step() call."""
         self.on_host += 1
-        self._count(optimizer, stacklevel + 1)
+        self._count(optimizer, _first_frame_outside(("lightning_clara.", "torch.optim.")))
 
     def _count(self, optimizer: Optimizer, stacklevel: int) -> None:
         self.count += 1
@@ -75,6 +77,17 @@ class SkipCounter:
                 RuntimeWarning,
                 stacklevel=stacklevel,
             )
+
+
+def _first_frame_outside(packages: tuple[str, ...]) -> int:
+    """The ``stacklevel``, for a ``warnings.warn`` one call below our caller, of the first frame whose module is
+    not in ``packages``: the user's ``optimizer.step()`` line, whatever wrappers (CLARA's, a scheduler's) lie
+    between."""
+    frame: FrameType | None = sys._getframe(2)  # our caller's caller: stacklevel 3 from the warn below us
+    level = 3
+    while frame is not None and str(frame.f_globals.get("__name__", "")).startswith(packages):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def gradients_finite(optimizer: Optimizer, across_shards: Callable[[Tensor], None] | None = None) -> bool:

@@ -100,16 +100,10 @@ RAMP = {"on": True}
 _adapt = rule.adapt
 
 
-def adapt(
-    state: rule.FactorState,
-    stats: rule.StepStatistics,
-    schedule: rule.Schedule,
-    bounds: rule.Bounds,
-    bases: Any = None,
-    gate: float = 1.0,
-    fitted: bool = False,
-) -> rule.FactorState:
-    new = _adapt(state, stats, schedule, bounds, bases, gate, fitted)
+def adapt(state: rule.FactorState, stats: rule.StepStatistics, *args: Any, **kwargs: Any) -> rule.FactorState:
+    """The library's rule (the controller's positional call), then the ramp's raise while it is on."""
+    new = _adapt(state, stats, *args, **kwargs)
+    bounds: rule.Bounds = args[1]
     if not VARIANT or not RAMP["on"] or not SENSOR.ratios:
         return new
     if state.adapted_steps < VARIANT.get("after", 20):

@@ -9,9 +9,11 @@ the bad batches had never been drawn.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -205,6 +207,22 @@ def test_the_option_is_checked_and_on_by_default() -> None:
     assert CLARAOptions.paper().skip_nonfinite is True
     with pytest.raises(TypeError, match="skip_nonfinite must be a bool"):
         CLARAOptions(skip_nonfinite=None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("scheduler_after", [False, True])
+def test_the_skip_warning_points_at_the_optimizer_step_call(scheduler_after: bool) -> None:
+    """However many wrappers lie between (CLARA's; a scheduler made after CLARA wraps the step once more)."""
+    _, optimizer, _, _ = setup("SGDm")
+    if scheduler_after:
+        torch.optim.lr_scheduler.StepLR(optimizer, step_size=10)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = torch.full_like(p, math.nan)
+    line = inspect.currentframe().f_lineno + 2  # type: ignore[union-attr]
+    with pytest.warns(RuntimeWarning, match="skipped an update") as caught:
+        optimizer.step()
+    skips = [w for w in caught if "skipped an update" in str(w.message)]
+    assert [(Path(w.filename).name, w.lineno) for w in skips] == [(Path(__file__).name, line)]
 
 
 @pytest.mark.parametrize("name", ["SGDm-fused", "Adam-fused", "AdamW-fused"])

@@ -34,12 +34,15 @@ def run(
     steps: int = TOTAL,
     scheduler: Callable[[Any], Any] | None = None,
     nan_at: frozenset[int] = frozenset(),
+    how: str = "plain",
 ) -> tuple[CLARA, list[float], list[float]]:
     """``steps`` SGD steps on Gaussian gradients (a NaN in one at the steps ``nan_at``); the lr used and the
-    scheduled lr of each step."""
+    scheduled lr of each step. ``how``: "plain", "closure" (the step takes one) or "fused" (SGD with momentum,
+    fused: a skip on the device flag, the step's hooks run)."""
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.zeros(8, 4)), torch.nn.Parameter(torch.zeros(4))]
-    optimizer = torch.optim.SGD(params, lr=BASE)
+    fused = {"momentum": 0.9, "fused": True} if how == "fused" else {}
+    optimizer = torch.optim.SGD(params, lr=BASE, **fused)
     schedule = None if scheduler is None else scheduler(optimizer)
     clara = CLARA(optimizer, **{**PINNED, "hold_after": HOLD, "total_steps": TOTAL, **clara_options})
     used, scheduled = [], []
@@ -49,7 +52,7 @@ def run(
         if step in nan_at:
             params[1].grad[0] = float("nan")
         scheduled.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
+        optimizer.step((lambda: 0.0) if how == "closure" else None)
         used.append(clara.lr_used[0])
         if schedule is not None:
             schedule.step()
@@ -130,7 +133,7 @@ def test_the_stop_is_checkpointed_and_checked() -> None:
     assert resumed.state_dict()["anneal_stopped"] == 0
     resumed.load_state_dict({**older, "num_adapted_steps": 0})  # no step taken yet: the anneal is to come
     assert resumed.state_dict()["anneal_stopped"] is None
-    for wrong in (-1, 36, 1.5):  # 35 steps were adapted
+    for wrong in (-1, 36, 1.5):  # 35 steps were taken
         with pytest.raises(ValueError, match="anneal_stopped"):
             resumed.load_state_dict({**saved, "anneal_stopped": wrong})
 
@@ -160,34 +163,37 @@ def test_a_scheduler_change_at_the_first_step_after_a_resume_stops_the_anneal() 
             resumed.load_state_dict({**saved, "scheduled_lrs": wrong})
 
 
-def test_skipped_updates_keep_the_anneal_on_the_runs_clock() -> None:
-    """An update skipped for a NaN gradient is one of the run's optimizer steps (``total_steps`` counts it): the
-    anneal follows optimizer steps, not adapted ones, and reaches its floor at the last step as without skips."""
+@pytest.mark.parametrize("how", ["plain", "closure", "fused"])
+def test_skipped_updates_keep_the_anneal_on_the_runs_clock(how: str) -> None:
+    """An update skipped for a NaN gradient is one of the run's optimizer steps (``total_steps`` counts it), on the
+    host (plain, with a closure) or on a fused optimizer's device flag (its hooks run: counted once): the anneal
+    follows optimizer steps, not adapted ones, and reaches its floor at the last step as without skips."""
     skipped = frozenset({5, 25, 33})
-    clara, used, _ = run({}, nan_at=skipped)
+    clara, used, _ = run({}, nan_at=skipped, how=how)
     schedule = clara.settings.schedule
     assert (clara.num_skipped_updates, clara.num_adapted_steps) == (3, TOTAL - 3)
     stepped = [t for t in range(TOTAL) if t not in skipped]  # a skipped step ran at no lr (lr_used: the last one)
     assert [used[t] for t in stepped] == pytest.approx([BASE * annealed(schedule, t) for t in stepped], rel=1e-12)
     assert used[-1] == pytest.approx(BASE / (TOTAL - 20))
-    assert clara.state_dict()["num_optimizer_steps"] == TOTAL
+    assert clara.state_dict()["num_run_steps"] == TOTAL
+    assert clara.num_optimizer_steps == TOTAL - (0 if how == "fused" else 3)  # step() calls whose hooks ran
 
 
 def test_the_runs_clock_is_checkpointed_and_checked() -> None:
     saved = run({}, steps=30, nan_at=frozenset({5, 25}))[0].state_dict()
-    assert (saved["num_optimizer_steps"], saved["num_adapted_steps"]) == (30, 28)
-    older = {k: v for k, v in saved.items() if k != "num_optimizer_steps"}  # saved before the key: adapted + skipped
-    for state in (saved, older):
-        resumed, _, _ = run({}, steps=0)
+    assert (saved["num_run_steps"], saved["num_adapted_steps"], saved["num_skipped_updates"]) == (30, 28, 2)
+    older = {k: v for k, v in saved.items() if k != "num_run_steps"}  # saved before the key: adapted + skipped
+    used_before = run({}, steps=7, nan_at=frozenset({2}))[0]  # a controller that saw steps and a skip already
+    for resumed, state in ((run({}, steps=0)[0], saved), (run({}, steps=0)[0], older), (used_before, saved)):
         resumed.load_state_dict(state)
         for p in resumed.optimizer.param_groups[0]["params"]:
             p.grad = torch.randn_like(p)
         resumed.optimizer.step()
         assert resumed.lr_used[0] == pytest.approx(BASE * 0.5)  # step 30 of [20, 40], not adapted step 28's 0.6
-        assert resumed.state_dict()["num_optimizer_steps"] == 31
-    for wrong in (27, -1, 30.5, float("nan")):  # fewer optimizer steps than adapted ones
-        with pytest.raises(ValueError, match="num_optimizer_steps"):
-            resumed.load_state_dict({**saved, "num_optimizer_steps": wrong})
+        assert resumed.state_dict()["num_run_steps"] == 31
+    for wrong in (29, -1, 30.5, float("nan")):  # fewer than the 28 adapted steps and 2 skipped updates, or no count
+        with pytest.raises(ValueError, match="num_run_steps"):
+            resumed.load_state_dict({**saved, "num_run_steps": wrong})
     with pytest.raises(ValueError, match="anneal_stopped"):
         resumed.load_state_dict({**saved, "anneal_stopped": 31})
     resumed.load_state_dict({**saved, "anneal_stopped": 30})  # stopped at the last optimizer step: fine
