@@ -16,7 +16,8 @@ controller in this process (the workers inherit the patch; one CLARA per run). V
 step per block at full signal, default 0.15), ``e_star`` (0.1), ``n`` (3), ``dither`` (1: on; 0: the
 control, the library's rule), ``steer`` (1: on; 0: the dither with the library's rule, the second control),
 ``cap`` (absent: none; k: log F at most ln k above the library's rule run beside it on the same ratios),
-``floor`` (1: log F never below that rule's, so the steering only raises).
+``floor`` (1: log F never below that rule's, so the steering only raises), ``anneal`` (1: the library's anneal
+stays on, as in its default since the ninth session; absent: off, as first measured).
 
     python benchmarks/studies/elastic.py out.jsonl mlp,cnn,lm-short,gru,mse Adam+CLARA '{}' '{"dither": 0}'
 
@@ -124,7 +125,8 @@ def run(task: str, lr0: float, method_name: str, variant: dict[str, float], seed
     steps = suite.SPECS[task].steps
     reset(variant, steps)
     method = next(m for m in suite.CLARA_METHODS if m.name == method_name)
-    method = dataclasses.replace(method, clara={**(method.clara or {}), "anneal": False})  # measured before the anneal
+    if not variant.get("anneal"):  # measured before the anneal; {"anneal": 1}: the library's anneal on (2026-12-04)
+        method = dataclasses.replace(method, clara={**(method.clara or {}), "anneal": False})
     result = suite.run_one(task, method, lr0, seed, steps)
     true = STATE["true"]
     final = result["final_lr"] if true is None else lr0 * math.exp(true)
