@@ -25,7 +25,7 @@ import suite
 import lightning_clara.controller as controller
 import lightning_clara.rule as rule
 
-K = float(sys.argv[2]) if len(sys.argv) > 2 else 1.0
+K = 1.0  # set from the command line before the workers fork
 _annealed = rule.annealed
 
 
@@ -48,6 +48,7 @@ def job(cell: tuple[str, float]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    K = float(sys.argv[2])
     cells = [(t, lr) for t in sys.argv[3].split(",") for lr in (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)]
     cells.sort(key=lambda c: -suite.SPECS[c[0]].steps * suite.SPECS[c[0]].batch)
     with ProcessPoolExecutor(2) as pool, open(sys.argv[1], "a") as out:
