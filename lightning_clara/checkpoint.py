@@ -225,7 +225,8 @@ def _warn_if_the_run_length_moved(state_dict: dict[str, Any], settings: Settings
     ):
         return
     stopped = state_dict.get("anneal_stopped")
-    begun = min(steps, steps if stopped is None else int(stopped)) > max(int(config.get("hold_after", 0)), saved // 2)
+    last = steps - 1 if stopped is None else min(steps - 1, int(stopped))  # the clock of the last step taken
+    begun = last > max(int(config.get("hold_after", 0)), saved // 2)  # it ran below the lr held
     if begun and is_rank_zero():
         warnings.warn(
             f"CLARA: the checkpoint was saved in a run of total_steps={saved}, this run has "

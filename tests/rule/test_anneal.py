@@ -207,10 +207,14 @@ def test_a_resume_with_another_run_length_warns_that_the_window_moved() -> None:
         longer.load_state_dict(saved)
     same, _, _ = run({}, steps=0)
     early = run({}, steps=15)[0].state_dict()  # before the window's start (20): nothing had been annealed
+    at_start = run({}, steps=21)[0].state_dict()  # its last step (20) still ran at the multiplier 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         same.load_state_dict(saved)
         longer.load_state_dict(early)
+        longer.load_state_dict(at_start)
+    with pytest.warns(RuntimeWarning, match="anneal's window moves"):  # its last step (21) ran at 0.95
+        longer.load_state_dict(run({}, steps=22)[0].state_dict())
 
 
 def test_the_callback_anneals_a_constant_lr_fit(make_module: Any, trainer_kwargs: dict[str, Any]) -> None:
