@@ -20,7 +20,7 @@ from torch.optim import Optimizer
 from lightning_clara.distributed import is_rank_zero
 from lightning_clara.loss_watch import LossWatch
 from lightning_clara.options import Settings
-from lightning_clara.rule import FactorState
+from lightning_clara.rule import FactorState, anneal_start
 from lightning_clara.stores import PathStore, SavedTensors
 
 if TYPE_CHECKING:
@@ -52,9 +52,9 @@ def export_state(
     factors: FactorState,
     tensors: SavedTensors,
     losses: LossWatch,
-    skipped_updates: int = 0,
-    scheduled: Sequence[float] = (),
-    steps: int = 0,
+    skipped_updates: int,
+    scheduled: Sequence[float],
+    steps: int,
 ) -> dict[str, Any]:
     """The state dict of a controller (``loss_trend``: the loss brake's averages, None without the brake;
     ``num_skipped_updates``: the updates skipped for non-finite gradients; ``scheduled_lrs``: the base lrs of
@@ -226,7 +226,7 @@ def _warn_if_the_run_length_moved(state_dict: dict[str, Any], settings: Settings
         return
     stopped = state_dict.get("anneal_stopped")
     last = steps - 1 if stopped is None else min(steps - 1, int(stopped))  # the clock of the last step taken
-    begun = last > max(int(config.get("hold_after", 0)), saved // 2)  # it ran below the lr held
+    begun = last > anneal_start(int(config.get("hold_after", 0)), saved)  # it ran below the lr held
     if begun and is_rank_zero():
         warnings.warn(
             f"CLARA: the checkpoint was saved in a run of total_steps={saved}, this run has "

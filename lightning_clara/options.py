@@ -28,7 +28,7 @@ from lightning_clara._validation import (
 from lightning_clara.distributed import Sharding, dtensor_sharding
 from lightning_clara.option_docs import OPTION_DOCS, with_option_docs
 from lightning_clara.reference.curves import Reference
-from lightning_clara.rule import Bounds, Schedule
+from lightning_clara.rule import Bounds, Schedule, anneal_start
 from lightning_clara.safeguard import PageHinkley
 from lightning_clara.sampling import DEFAULT_SAMPLE
 
@@ -135,7 +135,7 @@ class Settings:
         """The rule's record: how log F moves per step."""
         end = self.total_steps if self.anneal and self.total_steps else 0
         return Schedule(
-            self.rule, self.d, self.fast_start, self.hold_after, self.target, max(self.hold_after, end // 2), end
+            self.rule, self.d, self.fast_start, self.hold_after, self.target, anneal_start(self.hold_after, end), end
         )
 
     @cached_property

@@ -33,6 +33,7 @@ __all__ = [
     "Schedule",
     "StepStatistics",
     "adapt",
+    "anneal_start",
     "annealed",
     "bases_by_scope",
     "clamp_log_factor",
@@ -127,6 +128,11 @@ def damping(schedule: Schedule, adapted_steps: int) -> float:
     if schedule.hold_after and adapted_steps > schedule.hold_after:
         value *= math.exp(-(adapted_steps - schedule.hold_after) / (HOLD_DECAY * schedule.hold_after))
     return value
+
+
+def anneal_start(hold_after: int, total_steps: int) -> int:
+    """The optimizer step after which a run of ``total_steps`` anneals: its second half, never during the find."""
+    return max(hold_after, total_steps // 2)
 
 
 def annealed(schedule: Schedule, step: int, stopped: int | None = None) -> float:
