@@ -13,6 +13,7 @@ training loss over its last tenth beside the test metric: where a cell scores wo
 does its training loss see it (what a loss-aware rule could read), or only the test metric?
 
     python benchmarks/studies/hysteresis.py swap out.jsonl mlp,cnn,lm-short,gru,finetune
+    python benchmarks/studies/hysteresis.py swap out.jsonl mlp,cnn,lm-short,gru,finetune 1,2   # steady cells
     python benchmarks/studies/hysteresis.py loss out.jsonl
 """
 
@@ -46,11 +47,11 @@ HELD = {
 PHASES = {"mlp": (600, 200), "cnn": (600, 200), "lm-short": (120, 100), "gru": (600, 200), "finetune": (400, 200)}
 
 
-def swap(cell: tuple[str, float, float]) -> dict[str, Any]:
-    task_name, lr_a, lr_b = cell
+def swap(cell: tuple[str, float, float, int]) -> dict[str, Any]:
+    task_name, lr_a, lr_b, seed = cell
     torch.set_num_threads(1)
     length_a, length_b = PHASES[task_name]
-    task = suite.make_task(task_name, 0)
+    task = suite.make_task(task_name, seed)
     method = next(m for m in suite.BASELINES if m.name == "Adam")
     optimizer, _ = make_optimizer(method, list(task.model.parameters()), lr_a, length_a + length_b)
     clara = CLARA(optimizer, min_factor=1.0, max_factor=1.0, initial_factor=1.0)
@@ -74,6 +75,7 @@ def swap(cell: tuple[str, float, float]) -> dict[str, Any]:
         "task": task_name,
         "lr_a": lr_a,
         "lr_b": lr_b,
+        "seed": seed,
         "ratio": statistics.fmean(ratios[window]),
         "loss": statistics.fmean(losses[window]),
         "ratio_end_of_a": statistics.fmean(ratios[length_a - length_b // 2 : length_a]),
@@ -140,7 +142,10 @@ if __name__ == "__main__":
         cells: list[Any] = []
         for name in sys.argv[3].split(","):
             low, high = HELD[name]
-            cells += [(name, a, b) for a in (low, high) for b in (low, (low * high) ** 0.5, high)]
+            if len(sys.argv) > 4:  # seeds: the steady cells only (lr_b = lr_a)
+                cells += [(name, a, a, int(s)) for s in sys.argv[4].split(",") for a in (low, high)]
+            else:
+                cells += [(name, a, b, 0) for a in (low, high) for b in (low, (low * high) ** 0.5, high)]
         function: Any = swap
     else:
         cells, function = LOSS_CELLS, final_loss
