@@ -19,7 +19,7 @@ from typing_extensions import override
 
 from lightning_clara.checkpoint import checked_states, load_states
 from lightning_clara.controller import CLARA
-from lightning_clara.fit_inputs import estimated_steps, fit_options, step_loss
+from lightning_clara.fit_inputs import estimated_steps, fit_options, step_loss, steps_left
 from lightning_clara.followed import changed, count_at, follow, has_parameters
 from lightning_clara.metrics import controller_metrics, log_to_loggers, optimizer_names, show_in_progress_bar
 from lightning_clara.option_docs import with_option_docs
@@ -198,10 +198,10 @@ class CLARACallback(Callback):
         # The run's length (run-length defaults, the anneal): not in on_fit_start, where estimating it would load the
         # train dataloader before a resumed fit restores it; before a resumed state loads here (it checks the length).
         if self.options.total_steps is None and self.controllers:
-            steps = estimated_steps(trainer)
-            self._fit_options = dataclasses.replace(self._fit_options, total_steps=steps)
-            for controller in self.controllers:
-                controller.set_total_steps(steps)
+            self._fit_options = dataclasses.replace(self._fit_options, total_steps=estimated_steps(trainer))
+        total, resumed = self._fit_options.total_steps, bool(self._to_restore and self._to_restore.get("controllers"))
+        for controller in self.controllers:  # without a saved state, one that starts mid-fit runs over the fit's rest
+            controller.set_total_steps(total if resumed else steps_left(trainer, total))
         self._train_started = True
         self._load_pending()
 
@@ -214,7 +214,7 @@ class CLARACallback(Callback):
     def _follow_optimizers(self, trainer: pl.Trainer) -> None:
         """One controller per optimizer the trainer steps, in its order (:func:`~lightning_clara.followed.follow`):
         optimizers made after fit start attached before their first step, those no longer stepped let go."""
-        change = follow(self.controllers, trainer.optimizers, self._attach_late)
+        change = follow(self.controllers, trainer.optimizers, lambda optimizer: self._attach_late(optimizer, trainer))
         if change is None:
             return  # nearly every batch: the same optimizers, in the same order
         kept, dropped = change
@@ -228,9 +228,10 @@ class CLARACallback(Callback):
         self._scheduler_configs = list(getattr(trainer, "lr_scheduler_configs", ()))
         self.names = self._names()
 
-    def _attach_late(self, optimizer: Optimizer) -> CLARA:
+    def _attach_late(self, optimizer: Optimizer, trainer: pl.Trainer) -> CLARA:
         rank_zero_warn(f"CLARACallback: optimizer {type(optimizer).__name__} was created after fit start")
-        return CLARA(optimizer, self._fit_options)
+        options = dataclasses.replace(self._fit_options, total_steps=steps_left(trainer, self._fit_options.total_steps))
+        return CLARA(optimizer, options)  # its find and anneal over the rest of the fit
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -328,7 +329,7 @@ class CLARACallback(Callback):
         if fitting and self.state_key not in checkpoint.get("callbacks", {}):
             rank_zero_warn(
                 "CLARACallback: the checkpoint holds no CLARA state (saved without the callback?); "
-                "paths and factors start fresh (F = initial_factor)"
+                "paths and factors start fresh (F = initial_factor), the find and the anneal run over the steps left"
             )
 
     @override

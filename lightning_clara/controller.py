@@ -265,7 +265,7 @@ class CLARA(ResolvedOptions):
     def _lr_for(self, j: int, base: Any) -> float:
         state = self._state.grown(self._scope_of(j) + 1, self._initial_log_factor)  # a group added since: F_0
         scale = annealed(self.settings.schedule, self._run_step, state.anneal_stopped)
-        return lr_for(self.settings.bounds, float(base) * scale, state.log_factors[self._scope_of(j)])
+        return lr_for(self.settings.bounds, float(base), state.log_factors[self._scope_of(j)], scale)
 
     def _before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self._swap.restore(optimizer.param_groups)  # a previous step that raised never ran the post-hook

@@ -188,10 +188,13 @@ class CLARATrainerCallback(TrainerCallback):
         if not os.path.isfile(path):
             warnings.warn(
                 f"CLARATrainerCallback: resuming at step {state.global_step} from a checkpoint without CLARA "
-                f"state ({path} not found): paths and F start afresh",
+                f"state ({path} not found): paths and F start afresh, the find and the anneal run over the steps left",
                 UserWarning,
                 stacklevel=3,
             )
+            total = self.controller.total_steps  # the Trainer's max_steps counts from its first step, CLARA's from 0
+            if total is not None:
+                self.controller.set_total_steps(max(1, total - state.global_step))
             return
         self.controller.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 

@@ -23,7 +23,7 @@ OPTION_DOCS: dict[str, str] = {
     "min_factor": "lower bound on F, or None.",
     "max_factor": "upper bound on F, or None (log F is clamped, so there is no wind-up).",
     "min_lr": "lower bound on the learning rate used, lr_base * F (x the anneal), or None.",
-    "max_lr": "upper bound on the learning rate used, or None.",
+    "max_lr": "upper bound on the learning rate used (the anneal decays from it), or None.",
     "initial_factor": "F before the first step (default 0.1; 1 with rule='paper'): starting 10x below the "
     "given lr lets CLARA climb to a too-large lr instead of diverging before it can act. One given outside "
     "[min_factor, max_factor] raises ValueError (the default is clamped into them).",

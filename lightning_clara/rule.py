@@ -187,17 +187,22 @@ def factor(bounds: Bounds, log_factor: float) -> float:
     return value
 
 
-def lr_for(bounds: Bounds, base: float, log_factor: float) -> float:
-    """The lr used, ``lr_base * F``, within the lr bounds; a group whose base lr is 0 stays at 0."""
+def lr_for(bounds: Bounds, base: float, log_factor: float, anneal: float = 1.0) -> float:
+    """The lr used, ``lr_base * F`` capped at ``max_lr``, times the anneal's multiplier, at least ``min_lr``.
+
+    The anneal decays the lr held within the bounds: a group held at ``max_lr`` decays from it (capping after
+    the decay kept it at ``max_lr`` until the multiplier fell below ``max_lr / (lr_base * F)``). A group whose
+    base lr is 0 stays at 0.
+    """
     if base == 0:
         return 0.0  # frozen by its lr (or a warm-up's first step): the bounds are for groups that move
     if not base > 0:  # min_lr would flip a negative lr's sign; NaN would poison the step
         raise ValueError(f"CLARA scales a positive learning rate; a param group's scheduled lr is {base!r}")
-    lr = base * factor(bounds, log_factor)
+    lr = base * anneal * factor(bounds, log_factor)
+    if bounds.max_lr is not None:
+        lr = min(lr, bounds.max_lr * anneal)
     if bounds.min_lr is not None:
         lr = max(lr, bounds.min_lr)
-    if bounds.max_lr is not None:
-        lr = min(lr, bounds.max_lr)
     return lr
 
 

@@ -44,6 +44,7 @@ def test_a_replaced_optimizer_is_let_go_and_its_successor_adapted_from_its_first
     assert len(clara.controllers) == 1
     assert clara.controllers[0].optimizer is trainer.optimizers[0]
     assert clara.controllers[0].num_optimizer_steps == STEPS_PER_EPOCH  # attached before its first step
+    assert clara.controllers[0].total_steps == STEPS_PER_EPOCH  # its find and anneal run over the fit's rest
     assert getattr(replace.replaced[0], "_clara_controller", None) is None  # detached
     assert clara.summary_rows is not None
     assert len(clara.summary_rows) == 1

@@ -204,6 +204,10 @@ def test_resume_from_a_checkpoint_without_clara_state_warns_once(saved_run: tupl
     with pytest.warns(UserWarning, match="without CLARA state") as caught:
         resumed.train(resume_from_checkpoint=str(out / "checkpoint-20"))
     assert len([w for w in caught if "CLARA state" in str(w.message)]) == 1
+    callback = next(c for c in resumed.callback_handler.callbacks if isinstance(c, CLARATrainerCallback))
+    assert callback.controller is not None
+    # a fresh controller counts from 0: its find and anneal run over the 20 steps left, not the Trainer's 40
+    assert callback.controller.total_steps == 20
 
 
 def test_a_corrupted_clara_state_is_refused_on_resume(saved_run: tuple[Path, dict[int, float]]) -> None:

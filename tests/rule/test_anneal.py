@@ -217,6 +217,52 @@ def test_a_resume_with_another_run_length_warns_that_the_window_moved() -> None:
         longer.load_state_dict(run({}, steps=22)[0].state_dict())
 
 
+def test_a_group_held_at_max_lr_decays_from_it() -> None:
+    """Capped after the decay, a group whose lr_base x F lies above max_lr stayed at max_lr until the multiplier
+    fell below max_lr / (lr_base x F) and ended at 10 % of it here, where the other group ended at 1 %."""
+    torch.manual_seed(0)
+    small, large = torch.nn.Parameter(torch.zeros(10)), torch.nn.Parameter(torch.zeros(10))
+    optimizer = torch.optim.SGD([{"params": [small], "lr": 1e-3}, {"params": [large], "lr": 1e-2}])
+    pinned_at_10 = {"min_factor": 10.0, "max_factor": 10.0, "initial_factor": 10.0}
+    clara = CLARA(optimizer, **pinned_at_10, max_lr=1e-2, hold_after=HOLD, total_steps=TOTAL)
+    used = []
+    for _ in range(TOTAL):
+        small.grad, large.grad = torch.randn(10), torch.randn(10)
+        optimizer.step()
+        used.append(clara.lr_used)
+    assert used[-1] == pytest.approx([1e-2 / 20, 1e-2 / 20])  # both held 1e-2: the window is [20, 40]
+    assert all(small_lr == pytest.approx(large_lr) for small_lr, large_lr in used)
+
+
+def test_a_controller_that_starts_mid_fit_anneals_over_the_rest(
+    make_module: Any, trainer_kwargs: dict[str, Any], tmp_path: Any
+) -> None:
+    """Resumed from a checkpoint saved without CLARA, a fresh controller counts its steps from 0: given the whole
+    fit's 16 steps, its window [8, 16] was never reached in the 8 steps left and the lr was never decayed."""
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=8, save_top_k=-1)
+    make_trainer(trainer_kwargs, [checkpoint], max_epochs=1, enable_checkpointing=True).fit(make_module(sgd(BASE)))
+    callback = CLARACallback(**PINNED, hold_after=2)
+    trainer = make_trainer(trainer_kwargs, [callback], max_epochs=2)
+    with pytest.warns(UserWarning, match="holds no CLARA state"):
+        trainer.fit(make_module(sgd(BASE)), ckpt_path=str(tmp_path / "epoch=0-step=8.ckpt"))
+    clara = callback.controllers[0]
+    assert (clara.total_steps, clara.num_adapted_steps) == (8, 8)
+    assert clara.lr_used[0] == pytest.approx(BASE * (8 - 7) / (8 - 4))  # the last step of the window [4, 8]
+
+
+def test_a_state_without_the_anneal_warns_where_the_resume_anneals_at_once() -> None:
+    """Saved with anneal=False, or by a run whose length was unknown: resumed inside the window, the next step
+    runs at once at the window's multiplier (here 0.5 at step 30 of [20, 40])."""
+    resuming, _, _ = run({}, steps=0)
+    for options in ({"anneal": False}, {"total_steps": None}):
+        saved = run(options, steps=30)[0].state_dict()
+        with pytest.warns(RuntimeWarning, match=r"drops at once to 0\.5 x the lr held"):
+            resuming.load_state_dict(saved)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resuming.load_state_dict(run({"anneal": False}, steps=20)[0].state_dict())  # its next step runs at 1
+
+
 def test_the_callback_anneals_a_constant_lr_fit(make_module: Any, trainer_kwargs: dict[str, Any]) -> None:
     callback = CLARACallback(**PINNED, hold_after=2)  # 8 batches x 2 epochs: the window is [8, 16]
     make_trainer(trainer_kwargs, [callback], max_epochs=2).fit(make_module(sgd(BASE)))

@@ -88,6 +88,9 @@ def test_clamps_and_bounds() -> None:
     assert factor(bounded, math.log(4.0) + 1e-15) <= 4.0  # exp's rounding cannot cross the bound
     assert lr_for(bounded, 1.0, 0.0) == 0.1  # lr 1 x F 1 is capped at max_lr
     assert lr_for(bounded, 1e-6, 0.0) == 1e-3
+    # the anneal decays the lr held within the bounds: from max_lr, and never below min_lr
+    assert lr_for(bounded, 1.0, 0.0, anneal=0.5) == pytest.approx(0.05)
+    assert lr_for(bounded, 1e-2, 0.0, anneal=0.01) == 1e-3
     # scope 0: bases 0.01 and 0.05 -> log F at most log(0.1 / 0.01), at least log(1e-3 / 0.05)
     clamped = clamp_to_lr_bounds(bounded, [5.0, -5.0, 0.3], [[0.01, 0.05], [0.01, 0.05], []])
     assert clamped[0] == pytest.approx(math.log(10.0))
