@@ -17,9 +17,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_clara.checkpoint import checked_states, load_states
+from lightning_clara.checkpoint import checked_states, load_states, run_length
 from lightning_clara.controller import CLARA
-from lightning_clara.fit_inputs import estimated_steps, fit_options, step_loss, steps_left
+from lightning_clara.fit_inputs import estimated_steps, fit_options, step_loss
 from lightning_clara.followed import changed, count_at, follow, has_parameters
 from lightning_clara.metrics import controller_metrics, log_to_loggers, optimizer_names, show_in_progress_bar
 from lightning_clara.option_docs import with_option_docs
@@ -199,9 +199,9 @@ class CLARACallback(Callback):
         # train dataloader before a resumed fit restores it; before a resumed state loads here (it checks the length).
         if self.options.total_steps is None and self.controllers:
             self._fit_options = dataclasses.replace(self._fit_options, total_steps=estimated_steps(trainer))
-        total, resumed = self._fit_options.total_steps, bool(self._to_restore and self._to_restore.get("controllers"))
-        for controller in self.controllers:  # without a saved state, one that starts mid-fit runs over the fit's rest
-            controller.set_total_steps(total if resumed else steps_left(trainer, total))
+        total, saved = self._fit_options.total_steps, _states_to_load(self._to_restore, len(self.controllers))
+        for controller, state in zip(self.controllers, saved, strict=True):  # one made mid-fit: the fit's rest
+            controller.set_total_steps(run_length(total, trainer.global_step, state))
         self._train_started = True
         self._load_pending()
 
@@ -230,8 +230,8 @@ class CLARACallback(Callback):
 
     def _attach_late(self, optimizer: Optimizer, trainer: pl.Trainer) -> CLARA:
         rank_zero_warn(f"CLARACallback: optimizer {type(optimizer).__name__} was created after fit start")
-        options = dataclasses.replace(self._fit_options, total_steps=steps_left(trainer, self._fit_options.total_steps))
-        return CLARA(optimizer, options)  # its find and anneal over the rest of the fit
+        left = run_length(self._fit_options.total_steps, trainer.global_step)  # its find and anneal: the fit's rest
+        return CLARA(optimizer, dataclasses.replace(self._fit_options, total_steps=left))
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -369,6 +369,12 @@ class CLARACallback(Callback):
 
 
 CLARACallback.__doc__ = with_option_docs(CLARACallback.__doc__, CALLBACK_OPTIONS, docs=_CALLBACK_DOCS)
+
+
+def _states_to_load(pending: dict[str, Any] | None, count: int) -> list[Any]:
+    """Each controller's state the fit will load, or None for each where it loads none (no state, a tuner's)."""
+    saved = (pending or {}).get("controllers")
+    return list(saved) if isinstance(saved, (list, tuple)) and len(saved) == count else [None] * count
 
 
 def _is_rank_zero() -> bool:

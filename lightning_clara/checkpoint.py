@@ -26,7 +26,15 @@ from lightning_clara.stores import PathStore, SavedTensors
 if TYPE_CHECKING:
     from lightning_clara.controller import CLARA
 
-__all__ = ["STATE_FORMAT", "check_state", "checked_states", "export_state", "load_states", "restore_state"]
+__all__ = [
+    "STATE_FORMAT",
+    "check_state",
+    "checked_states",
+    "export_state",
+    "load_states",
+    "restore_state",
+    "run_length",
+]
 
 STATE_FORMAT = 2
 _READABLE_FORMATS = (1, STATE_FORMAT)
@@ -203,6 +211,29 @@ def run_steps(state_dict: dict[str, Any]) -> int:
     if "num_run_steps" in state_dict:
         return int(state_dict["num_run_steps"])
     return int(state_dict["num_adapted_steps"]) + int(state_dict.get("num_skipped_updates", 0))
+
+
+def run_length(total_steps: int | None, global_step: int, state_dict: Any = None) -> int | None:
+    """The ``total_steps`` of a controller made at a trainer's ``global_step`` of a run of ``total_steps`` steps.
+
+    A controller counts its steps (the anneal's clock) from when it attached. One made at the run's start, or
+    resuming the state of one that was, runs the whole length. One made later without a state (an optimizer
+    made mid-fit, a resume from a checkpoint saved without CLARA, a second ``fit``) gets the steps left, so that
+    its find and anneal run over the rest of the run; a state saved by such a controller resumes with the length
+    it had, the run's less the steps taken before it attached (``state_dict``: the state it will load, or None).
+    """
+    if total_steps is None or global_step <= 0:
+        return total_steps
+    if state_dict is None:
+        return max(1, total_steps - global_step)
+    config = state_dict.get("config") if isinstance(state_dict, dict) else None
+    if not isinstance(config, dict) or config.get("total_steps") in (None, total_steps):
+        return total_steps  # attached at the run's start (a state that fails its checks is refused when it loads)
+    try:
+        before = global_step - run_steps(state_dict)
+    except (KeyError, TypeError, ValueError):
+        return total_steps
+    return max(1, total_steps - before) if before > 0 else total_steps
 
 
 def _anneal_stopped(state_dict: dict[str, Any]) -> int | None:

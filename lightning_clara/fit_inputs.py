@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning_clara.distributed import Sharding
 from lightning_clara.options import CLARAOptions
 
-__all__ = ["estimated_steps", "fit_options", "step_loss", "steps_left"]
+__all__ = ["estimated_steps", "fit_options", "step_loss"]
 
 
 def fit_options(trainer: pl.Trainer, options: CLARAOptions, sharding: Sharding | None) -> CLARAOptions:
@@ -54,20 +54,6 @@ def estimated_steps(trainer: pl.Trainer) -> int | None:
     if isinstance(steps, bool) or not isinstance(steps, (int, float)) or not math.isfinite(steps) or steps < 1:
         return None
     return int(steps)
-
-
-def steps_left(trainer: pl.Trainer, total_steps: int | None) -> int | None:
-    """The optimizer steps left in the fit for a controller that starts at its ``global_step``.
-
-    ``total_steps`` counts the fit's steps from its first. A controller with no saved state that starts later
-    (an optimizer made after fit start, a resume from a checkpoint without CLARA's state, a second ``fit`` on
-    the same Trainer) counts its own steps from 0: given the whole fit's length, its anneal would end late or
-    not at all. Given what is left, its find and its anneal run over the rest of the fit.
-    """
-    done = int(getattr(trainer, "global_step", 0) or 0)
-    if total_steps is None or done <= 0:
-        return total_steps
-    return max(1, total_steps - done)
 
 
 def _scheduled_accumulation_steps(trainer: pl.Trainer, schedule: GradientAccumulationScheduler, steps: float) -> float:

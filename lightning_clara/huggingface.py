@@ -35,6 +35,7 @@ from torch.optim import Optimizer
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from lightning_clara.checkpoint import run_length
 from lightning_clara.controller import CLARA
 from lightning_clara.options import CLARAOptions, merged_options
 
@@ -192,11 +193,12 @@ class CLARATrainerCallback(TrainerCallback):
                 UserWarning,
                 stacklevel=3,
             )
-            total = self.controller.total_steps  # the Trainer's max_steps counts from its first step, CLARA's from 0
-            if total is not None:
-                self.controller.set_total_steps(max(1, total - state.global_step))
+            # the Trainer's max_steps counts from its first step, a fresh controller from 0: the steps left
+            self.controller.set_total_steps(run_length(self.controller.total_steps, state.global_step))
             return
-        self.controller.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        self.controller.set_total_steps(run_length(self.controller.total_steps, state.global_step, saved))
+        self.controller.load_state_dict(saved)
 
     def metrics(self) -> dict[str, float]:
         """The current ``clara/*`` values (empty before the first adapted step)."""

@@ -54,6 +54,8 @@ def test_a_replaced_optimizer_is_let_go_and_its_successor_adapted_from_its_first
     resumed = CLARACallback(summary=False)
     make_trainer(trainer_kwargs, [resumed], max_epochs=3).fit(make_module(sgd()), ckpt_path=path)
     assert resumed.controllers[0].num_adapted_steps > STEPS_PER_EPOCH
+    # it attached 8 steps into the fit: resumed, it keeps that offset (24 - 8), not the whole fit's 24
+    assert resumed.controllers[0].total_steps == 2 * STEPS_PER_EPOCH
 
 
 class SaveAtTrainStart(Callback):

@@ -219,7 +219,7 @@ def test_a_resume_with_another_run_length_warns_that_the_window_moved() -> None:
 
 def test_a_group_held_at_max_lr_decays_from_it() -> None:
     """Capped after the decay, a group whose lr_base x F lies above max_lr stayed at max_lr until the multiplier
-    fell below max_lr / (lr_base x F) and ended at 10 % of it here, where the other group ended at 1 %."""
+    fell below max_lr / (lr_base x F) and ended at half of it here, where the other group ended at 5 %."""
     torch.manual_seed(0)
     small, large = torch.nn.Parameter(torch.zeros(10)), torch.nn.Parameter(torch.zeros(10))
     optimizer = torch.optim.SGD([{"params": [small], "lr": 1e-3}, {"params": [large], "lr": 1e-2}])
@@ -261,6 +261,39 @@ def test_a_state_without_the_anneal_warns_where_the_resume_anneals_at_once() -> 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         resuming.load_state_dict(run({"anneal": False}, steps=20)[0].state_dict())  # its next step runs at 1
+
+
+def test_a_second_fit_on_the_same_trainer_anneals_over_its_own_steps(
+    make_module: Any, trainer_kwargs: dict[str, Any]
+) -> None:
+    """A second fit continues the Trainer's step count (8 -> 24): its fresh controllers run over the 16 left."""
+    callback = CLARACallback(**PINNED, hold_after=2)
+    trainer, module = make_trainer(trainer_kwargs, [callback], max_epochs=1), make_module(sgd(BASE))
+    trainer.fit(module)
+    trainer.fit_loop.max_epochs = 3
+    trainer.fit(module)
+    clara = callback.controllers[0]
+    assert (trainer.global_step, clara.total_steps, clara.num_adapted_steps) == (24, 16, 16)
+    assert clara.lr_used[0] == pytest.approx(BASE * (16 - 15) / (16 - 8))  # the last step of the window [8, 16]
+
+
+@pytest.mark.parametrize(
+    ("global_step", "state", "expected"),
+    [
+        (0, None, 100),  # attached at the run's start
+        (30, None, 70),  # made at step 30 without a state: the steps left
+        (100, None, 1),  # at the end: at least one
+        (30, {"config": {"total_steps": 100}, "num_run_steps": 30}, 100),  # its own state, attached at the start
+        (50, {"config": {"total_steps": 70}, "num_run_steps": 20}, 70),  # attached at step 30: keeps its offset
+        (50, {"config": {"total_steps": 20}, "num_run_steps": 20}, 70),  # the run grew since (80 -> 100)
+        (30, {"config": {"total_steps": None}, "num_run_steps": 30}, 100),  # saved without a length
+    ],
+)
+def test_the_run_length_of_a_controller_made_mid_run(global_step: int, state: Any, expected: int) -> None:
+    from lightning_clara.checkpoint import run_length
+
+    assert run_length(100, global_step, state) == expected
+    assert run_length(None, global_step, state) is None
 
 
 def test_the_callback_anneals_a_constant_lr_fit(make_module: Any, trainer_kwargs: dict[str, Any]) -> None:
