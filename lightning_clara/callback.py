@@ -201,7 +201,7 @@ class CLARACallback(Callback):
             self._fit_options = dataclasses.replace(self._fit_options, total_steps=estimated_steps(trainer))
         total, saved = self._fit_options.total_steps, _states_to_load(self._to_restore, len(self.controllers))
         for controller, state in zip(self.controllers, saved, strict=True):  # one made mid-fit: the fit's rest
-            controller.set_total_steps(run_length(total, trainer.global_step, state))
+            controller.set_total_steps(*run_length(total, trainer.global_step, state))
         self._train_started = True
         self._load_pending()
 
@@ -230,8 +230,7 @@ class CLARACallback(Callback):
 
     def _attach_late(self, optimizer: Optimizer, trainer: pl.Trainer) -> CLARA:
         rank_zero_warn(f"CLARACallback: optimizer {type(optimizer).__name__} was created after fit start")
-        left = run_length(self._fit_options.total_steps, trainer.global_step)  # its find and anneal: the fit's rest
-        return CLARA(optimizer, dataclasses.replace(self._fit_options, total_steps=left))
+        return _made_at(CLARA(optimizer, self._fit_options), trainer.global_step)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -369,6 +368,12 @@ class CLARACallback(Callback):
 
 
 CLARACallback.__doc__ = with_option_docs(CLARACallback.__doc__, CALLBACK_OPTIONS, docs=_CALLBACK_DOCS)
+
+
+def _made_at(controller: CLARA, global_step: int) -> CLARA:
+    """A controller made at the fit's ``global_step``: its find and anneal run over the fit's rest (``run_length``)."""
+    controller.set_total_steps(*run_length(controller.total_steps, global_step))
+    return controller
 
 
 def _states_to_load(pending: dict[str, Any] | None, count: int) -> list[Any]:

@@ -52,6 +52,7 @@ _CONFIG_KEYS = (
     "sample",
     "total_steps",
     "anneal",
+    "run_offset",
 )
 
 
@@ -170,6 +171,8 @@ def check_state(state_dict: Any, settings: Settings, optimizer: Optimizer) -> No
             f"CLARA state: config['scope'] is {config['scope']!r} (the scope it was saved with), "
             f"this controller has scope={settings.scope!r}"
         )
+    if "run_offset" in config:  # the run's steps before the controller attached (absent in older states)
+        _number("config['run_offset']", config["run_offset"], 0, math.inf, integer=True)
     scopes = 1 if settings.scope == "optimizer" else len(optimizer.param_groups)
     for j, value in enumerate(_sequence("log_factors", state_dict["log_factors"], scopes)):
         _number(f"log_factors[{j}]", value, -_LOG_FACTOR_RANGE, _LOG_FACTOR_RANGE)
@@ -213,27 +216,26 @@ def run_steps(state_dict: dict[str, Any]) -> int:
     return int(state_dict["num_adapted_steps"]) + int(state_dict.get("num_skipped_updates", 0))
 
 
-def run_length(total_steps: int | None, global_step: int, state_dict: Any = None) -> int | None:
-    """The ``total_steps`` of a controller made at a trainer's ``global_step`` of a run of ``total_steps`` steps.
+def run_length(total_steps: int | None, global_step: int, state_dict: Any = None) -> tuple[int | None, int]:
+    """The ``(total_steps, run_offset)`` of a controller made at a trainer's ``global_step`` of a run of
+    ``total_steps`` steps (``state_dict``: the state it will load, or None).
 
-    A controller counts its steps (the anneal's clock) from when it attached. One made at the run's start, or
-    resuming the state of one that was, runs the whole length. One made later without a state (an optimizer
-    made mid-fit, a resume from a checkpoint saved without CLARA, a second ``fit``) gets the steps left, so that
-    its find and anneal run over the rest of the run; a state saved by such a controller resumes with the length
-    it had, the run's less the steps taken before it attached (``state_dict``: the state it will load, or None).
+    A controller counts its steps (the anneal's clock) from when it attached. One made later than the run's
+    first step without a state (an optimizer made mid-fit, a resume from a checkpoint saved without CLARA, a
+    second ``fit``) gets the steps left, so that its find and anneal run over the rest of the run; a state
+    resumes with the offset it was saved with (``config['run_offset']``, 0 in older states), so a controller
+    made mid-run keeps its length, and one made at the start gets the whole run (skipped steps never shift it).
+    A malformed offset counts as 0 here: the state's check refuses it when it loads.
     """
-    if total_steps is None or global_step <= 0:
-        return total_steps
     if state_dict is None:
-        return max(1, total_steps - global_step)
-    config = state_dict.get("config") if isinstance(state_dict, dict) else None
-    if not isinstance(config, dict) or config.get("total_steps") in (None, total_steps):
-        return total_steps  # attached at the run's start (a state that fails its checks is refused when it loads)
-    try:
-        before = global_step - run_steps(state_dict)
-    except (KeyError, TypeError, ValueError):
-        return total_steps
-    return max(1, total_steps - before) if before > 0 else total_steps
+        offset = max(0, global_step)
+    else:
+        config = state_dict.get("config") if isinstance(state_dict, dict) else None
+        saved = config.get("run_offset", 0) if isinstance(config, dict) else 0
+        offset = saved if isinstance(saved, int) and not isinstance(saved, bool) and saved > 0 else 0
+    if total_steps is None or offset == 0:
+        return total_steps, offset
+    return max(1, total_steps - offset), offset
 
 
 def _anneal_stopped(state_dict: dict[str, Any]) -> int | None:

@@ -194,10 +194,10 @@ class CLARATrainerCallback(TrainerCallback):
                 stacklevel=3,
             )
             # the Trainer's max_steps counts from its first step, a fresh controller from 0: the steps left
-            self.controller.set_total_steps(run_length(self.controller.total_steps, state.global_step))
+            self.controller.set_total_steps(*run_length(self.controller.total_steps, state.global_step))
             return
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        self.controller.set_total_steps(run_length(self.controller.total_steps, state.global_step, saved))
+        self.controller.set_total_steps(*run_length(self.controller.total_steps, state.global_step, saved))
         self.controller.load_state_dict(saved)
 
     def metrics(self) -> dict[str, float]:

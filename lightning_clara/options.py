@@ -129,6 +129,9 @@ class Settings:
     max_factor: float | None
     min_lr: float | None
     max_lr: float | None
+    #: The run's steps before this controller attached (``total_steps`` is what was left of the run then): not an
+    #: option; a callback that makes a controller mid-run sets it with the length (``set_total_steps``).
+    run_offset: int = 0
 
     @cached_property
     def schedule(self) -> Schedule:

@@ -65,13 +65,19 @@ class ResolvedOptions:
     max_factor: _Setting[float | None] = _Setting()
     min_lr: _Setting[float | None] = _Setting()
     max_lr: _Setting[float | None] = _Setting()
+    run_offset: _Setting[int] = _Setting()
 
-    def set_total_steps(self, total_steps: int | None) -> None:
+    def set_total_steps(self, total_steps: int | None, run_offset: int = 0) -> None:
         """Give the run's length once known (``CLARACallback`` does, in ``on_train_start``): ``d`` and ``hold_after``
-        left unset take :func:`~lightning_clara.options.run_length_defaults`, and the anneal its window."""
+        left unset take :func:`~lightning_clara.options.run_length_defaults`, and the anneal its window.
+
+        ``run_offset``: the run's steps taken before this controller attached, where ``total_steps`` is what was
+        left of the run then (a callback's controller made mid-run); its state keeps it for a resume.
+        """
         self.options = dataclasses.replace(self.options, total_steps=total_steps)
         new = self.options.resolve()  # only the schedule moves: the safeguard's detector and the paths stay
-        self.settings = dataclasses.replace(self.settings, **{k: getattr(new, k) for k in _RUN_LENGTH_FIELDS})
+        fields = {k: getattr(new, k) for k in _RUN_LENGTH_FIELDS}
+        self.settings = dataclasses.replace(self.settings, **fields, run_offset=run_offset)
 
 
 #: The settings the run's length decides (``set_total_steps``).

@@ -280,20 +280,32 @@ def test_a_second_fit_on_the_same_trainer_anneals_over_its_own_steps(
 @pytest.mark.parametrize(
     ("global_step", "state", "expected"),
     [
-        (0, None, 100),  # attached at the run's start
-        (30, None, 70),  # made at step 30 without a state: the steps left
-        (100, None, 1),  # at the end: at least one
-        (30, {"config": {"total_steps": 100}, "num_run_steps": 30}, 100),  # its own state, attached at the start
-        (50, {"config": {"total_steps": 70}, "num_run_steps": 20}, 70),  # attached at step 30: keeps its offset
-        (50, {"config": {"total_steps": 20}, "num_run_steps": 20}, 70),  # the run grew since (80 -> 100)
-        (30, {"config": {"total_steps": None}, "num_run_steps": 30}, 100),  # saved without a length
+        (0, None, (100, 0)),  # made at the run's start
+        (30, None, (70, 30)),  # made at step 30 without a state: the steps left
+        (100, None, (1, 100)),  # at the end: at least one
+        (30, {"config": {"total_steps": 100}, "num_run_steps": 30}, (100, 0)),  # a state saved before offsets
+        (50, {"config": {"total_steps": 70, "run_offset": 30}, "num_run_steps": 20}, (70, 30)),  # keeps its offset
+        (50, {"config": {"total_steps": 50, "run_offset": 30}, "num_run_steps": 20}, (70, 30)),  # the run grew
+        # skipped steps GradScaler never showed CLARA (its clock 45 at the trainer's 50) do not shift the length
+        (50, {"config": {"total_steps": 80, "run_offset": 0}, "num_run_steps": 45}, (100, 0)),
+        (50, {"config": {"total_steps": 70, "run_offset": "30"}}, (100, 0)),  # malformed: refused when it loads
     ],
 )
-def test_the_run_length_of_a_controller_made_mid_run(global_step: int, state: Any, expected: int) -> None:
+def test_the_run_length_of_a_controller_made_mid_run(global_step: int, state: Any, expected: tuple[int, int]) -> None:
     from lightning_clara.checkpoint import run_length
 
     assert run_length(100, global_step, state) == expected
-    assert run_length(None, global_step, state) is None
+    assert run_length(None, global_step, state) == (None, expected[1])
+
+
+def test_the_run_offset_is_checkpointed_and_checked() -> None:
+    clara, _, _ = run({}, steps=5)
+    clara.set_total_steps(TOTAL - 10, run_offset=10)
+    saved = clara.state_dict()
+    assert saved["config"]["run_offset"] == 10
+    for wrong in (-1, 2.5, "10", True):
+        with pytest.raises(ValueError, match="run_offset"):
+            clara.load_state_dict({**saved, "config": {**saved["config"], "run_offset": wrong}})
 
 
 def test_the_callback_anneals_a_constant_lr_fit(make_module: Any, trainer_kwargs: dict[str, Any]) -> None:
