@@ -199,9 +199,7 @@ class CLARACallback(Callback):
         # train dataloader before a resumed fit restores it; before a resumed state loads here (it checks the length).
         if self.options.total_steps is None and self.controllers:
             self._fit_options = dataclasses.replace(self._fit_options, total_steps=estimated_steps(trainer))
-        total, saved = self._fit_options.total_steps, _states_to_load(self._to_restore, len(self.controllers))
-        for controller, state in zip(self.controllers, saved, strict=True):  # one made mid-fit: the fit's rest
-            controller.set_total_steps(*run_length(total, trainer.global_step, state))
+        _set_run_lengths(self.controllers, self._fit_options.total_steps, trainer.global_step, self._to_restore)
         self._train_started = True
         self._load_pending()
 
@@ -362,6 +360,7 @@ class CLARACallback(Callback):
             self._load_controllers(restored)
 
     def _load_controllers(self, state_dict: dict[str, Any]) -> None:
+        _set_run_lengths(self.controllers, self._fit_options.total_steps, 0, state_dict)  # each state's run_offset
         load_states(self.controllers, state_dict)
         if self._fit_summary is not None:
             self._fit_summary.restart()
@@ -376,10 +375,14 @@ def _made_at(controller: CLARA, global_step: int) -> CLARA:
     return controller
 
 
-def _states_to_load(pending: dict[str, Any] | None, count: int) -> list[Any]:
-    """Each controller's state the fit will load, or None for each where it loads none (no state, a tuner's)."""
-    saved = (pending or {}).get("controllers")
-    return list(saved) if isinstance(saved, (list, tuple)) and len(saved) == count else [None] * count
+def _set_run_lengths(controllers: list[CLARA], total: int | None, global_step: int, pending: Any) -> None:
+    """Each controller's length and offset (``run_length``) before ``pending``'s states load: the saved offset for
+    one that loads a state (also where it loads without on_train_start: a fit resumed at its end), the fit's rest
+    for one made mid-fit without one (``pending`` None, or a tuner's state of no controllers)."""
+    saved = pending.get("controllers") if isinstance(pending, dict) else None
+    states = list(saved) if isinstance(saved, (list, tuple)) and len(saved) == len(controllers) else None
+    for controller, state in zip(controllers, states or [None] * len(controllers), strict=True):
+        controller.set_total_steps(*run_length(total, global_step, state))
 
 
 def _is_rank_zero() -> bool:

@@ -55,7 +55,10 @@ def test_a_replaced_optimizer_is_let_go_and_its_successor_adapted_from_its_first
     make_trainer(trainer_kwargs, [resumed], max_epochs=3).fit(make_module(sgd()), ckpt_path=path)
     assert resumed.controllers[0].num_adapted_steps > STEPS_PER_EPOCH
     # it attached 8 steps into the fit: resumed, it keeps that offset (24 - 8), not the whole fit's 24
-    assert resumed.controllers[0].total_steps == 2 * STEPS_PER_EPOCH
+    assert (resumed.controllers[0].total_steps, resumed.controllers[0].run_offset) == (2 * STEPS_PER_EPOCH, 8)
+    at_end = CLARACallback(summary=False)  # a fit resumed at its end: the state loads in on_fit_end
+    make_trainer(trainer_kwargs, [at_end], max_epochs=2).fit(make_module(sgd()), ckpt_path=path)
+    assert at_end.controllers[0].run_offset == STEPS_PER_EPOCH  # kept for the next save
 
 
 class SaveAtTrainStart(Callback):
