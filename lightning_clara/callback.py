@@ -371,7 +371,7 @@ CLARACallback.__doc__ = with_option_docs(CLARACallback.__doc__, CALLBACK_OPTIONS
 
 def _made_at(controller: CLARA, global_step: int) -> CLARA:
     """A controller made at the fit's ``global_step``: its find and anneal run over the fit's rest (``run_length``)."""
-    controller.set_total_steps(*run_length(controller.total_steps, global_step))
+    _set_run_lengths([controller], controller.total_steps, global_step, None)
     return controller
 
 

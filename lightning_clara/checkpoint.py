@@ -252,10 +252,11 @@ def _warn_if_the_run_length_moved(state_dict: dict[str, Any], settings: Settings
     starts at max(hold_after, total_steps / 2), 240 steps in at the least with the defaults) loses nothing."""
     config, steps = state_dict["config"], run_steps(state_dict)
     saved = config.get("total_steps")
-    if settings.anneal and settings.total_steps and not (config.get("anneal") and saved):
+    annealing = bool(settings.anneal and settings.total_steps)  # this run has an anneal's window
+    if annealing and not (config.get("anneal") and saved):
         _warn_if_an_anneal_begins_at_once(state_dict, settings, steps)
         return
-    if not (settings.anneal and config.get("anneal") and saved) or saved == settings.total_steps:
+    if not (annealing and config.get("anneal") and saved) or saved == settings.total_steps:
         return
     stopped = state_dict.get("anneal_stopped")
     last = steps - 1 if stopped is None else min(steps - 1, int(stopped))  # the clock of the last step taken
@@ -273,10 +274,11 @@ def _warn_if_the_run_length_moved(state_dict: dict[str, Any], settings: Settings
 def _warn_if_an_anneal_begins_at_once(state_dict: dict[str, Any], settings: Settings, steps: int) -> None:
     """A state saved without an anneal (``anneal=False``, or the run's length unknown) resumed into a run that
     anneals, at a step already inside its window: the lr used drops at once to the window's multiplier."""
-    start, multiplier = anneal_start(settings.hold_after, settings.total_steps or 0), annealed(settings.schedule, steps)
+    multiplier = annealed(settings.schedule, steps)
     if _anneal_stopped(state_dict) is None and multiplier < 1 and is_rank_zero():  # the next step runs below 1
         warnings.warn(
-            f"CLARA: the checkpoint was saved by a run without the anneal; this run anneals from step {start} of "
+            "CLARA: the checkpoint was saved by a run without the anneal; this run anneals from step "
+            f"{settings.schedule.anneal_from} of "
             f"total_steps={settings.total_steps} and resumes at step {steps}: the lr used drops at once to "
             f"{multiplier:.3g} x the lr held; pass anneal=False to keep the lr the rule holds",
             RuntimeWarning,

@@ -206,11 +206,13 @@ def test_a_resume_with_another_run_length_warns_that_the_window_moved() -> None:
     with pytest.warns(RuntimeWarning, match="anneal's window moves"):
         longer.load_state_dict(saved)
     same, _, _ = run({}, steps=0)
+    unknown, _, _ = run({"total_steps": None}, steps=0)  # this run has no anneal: no window to move
     early = run({}, steps=15)[0].state_dict()  # before the window's start (20): nothing had been annealed
     at_start = run({}, steps=21)[0].state_dict()  # its last step (20) still ran at the multiplier 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         same.load_state_dict(saved)
+        unknown.load_state_dict(saved)
         longer.load_state_dict(early)
         longer.load_state_dict(at_start)
     with pytest.warns(RuntimeWarning, match="anneal's window moves"):  # its last step (21) ran at 0.95
